@@ -1,0 +1,9 @@
+.PHONY: quickstart test unit crd
+quickstart:  ## set up everything and run the main job
+	bash deploy/local/quickstart.sh
+test:        ## set up everything and run the whole test suite
+	bash deploy/local/test.sh
+unit:        ## unit tests only (no control plane, no S3)
+	bash deploy/local/test.sh -m "not controlplane and not s3"
+crd:         ## regenerate crds/inferencemodel.yaml from the Python model
+	.venv/bin/python -m plansmith.crd > crds/inferencemodel.yaml

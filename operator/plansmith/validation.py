@@ -1,0 +1,226 @@
+"""Turning untrusted YAML/dicts into a valid InferenceModel, or a list of problems with field paths.
+
+Two layers: the structural rules the CRD schema also enforces (types, enums, minimums,
+unknown fields) come from pydantic; the rules that relate several fields, which an
+OpenAPI schema on Kubernetes 1.20 cannot express, are `semantic_problems`. Both report
+`Problem(path, message)` with paths as a user writes them: `spec.model.inputs[0].maxShape`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import yaml
+from pydantic import ValidationError
+
+from plansmith.spec import (
+    COMPUTE_CAPABILITY_PATTERN,
+    MIG_PROFILE_PATTERN,
+    SHA256_PATTERN,
+    STORAGE_URI_PATTERN,
+    InferenceModel,
+    InferenceModelSpec,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# What a pattern means, in words a user understands better than the regular expression.
+PATTERN_MEANINGS = {
+    STORAGE_URI_PATTERN: "must be s3://bucket/key or file:///absolute/path",
+    SHA256_PATTERN: "must be 64 lowercase hex digits",
+    COMPUTE_CAPABILITY_PATTERN: "must look like 8.0 or 9.0",
+    MIG_PROFILE_PATTERN: "must be a MIG profile such as 1g.10gb or 3g.40gb",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class InvalidSpec(ValueError):
+    """The object is not a valid InferenceModel; `problems` says where and why."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+def format_path(loc: Iterable[str | int]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _pydantic_problems(error: ValidationError, prefix: tuple[str | int, ...]) -> list[Problem]:
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = prefix + tuple(item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        elif item["type"] == "string_pattern_mismatch" and item["ctx"]["pattern"] in PATTERN_MEANINGS:
+            message = f"{PATTERN_MEANINGS[item['ctx']['pattern']]} (got {item['input']!r})"
+        elif "input" in item and item["type"] not in ("model_type", "dict_type"):
+            message = f"{message} (got {item['input']!r})"
+        problems.append(Problem(format_path(loc), message))
+    return problems
+
+
+def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
+    """Rules between fields that the CRD schema cannot express. Pure; returns all problems."""
+    problems: list[Problem] = []
+    add = lambda path, message: problems.append(Problem(path, message))  # noqa: E731
+
+    seen_inputs: set[str] = set()
+    for i, shape in enumerate(spec.model.inputs):
+        at = f"spec.model.inputs[{i}]"
+        if shape.name in seen_inputs:
+            add(f"{at}.name", f"input {shape.name!r} is listed twice")
+        seen_inputs.add(shape.name)
+        ranks = {len(shape.min_shape), len(shape.opt_shape), len(shape.max_shape)}
+        if len(ranks) != 1:
+            add(at, "minShape, optShape and maxShape must have the same number of dimensions")
+            continue
+        for d, (lo, opt, hi) in enumerate(zip(shape.min_shape, shape.opt_shape, shape.max_shape)):
+            if not lo <= opt <= hi:
+                add(f"{at}.optShape[{d}]", f"need minShape <= optShape <= maxShape, got {lo} <= {opt} <= {hi}")
+        if spec.serving.max_batch_size > shape.max_shape[0]:
+            add(
+                "spec.serving.maxBatchSize",
+                f"{spec.serving.max_batch_size} exceeds maxShape[0]={shape.max_shape[0]} of input {shape.name!r}",
+            )
+
+    build = spec.build
+    if build.precision in ("int8", "fp8"):
+        if build.quantization is None and build.calibration is None:
+            add(
+                "spec.build.calibration",
+                f"{build.precision} needs calibration data, or quantization: explicit for a model with "
+                "QuantizeLinear/DequantizeLinear nodes"
+                + (", or quantization: dynamic (onnxruntime)" if build.precision == "int8" else ""),
+            )
+        if build.quantization == "calibrated" and build.calibration is None:
+            add("spec.build.calibration", "quantization: calibrated needs build.calibration")
+    elif build.quantization == "dynamic":
+        add("spec.build.quantization", "dynamic quantization is int8 only")
+    if build.quantization == "dynamic" and build.backend == "tensorrt":
+        add("spec.build.quantization", "TensorRT has no dynamic quantization; use calibrated or explicit")
+    if build.quantization == "dynamic" and build.precision == "fp8":
+        add("spec.build.quantization", "fp8 cannot be quantized dynamically")
+    if build.precision == "fp8" and build.backend == "onnxruntime":
+        add("spec.build.precision", "the onnxruntime backend has no fp8 engines; use backend tensorrt or auto")
+
+    seen_targets: set[tuple[str | None, str | None]] = set()
+    for i, target in enumerate(spec.targets):
+        if target.gpu_product is None and target.compute_capability is None:
+            add(f"spec.targets[{i}]", "give gpuProduct, computeCapability or both")
+        ident = (target.gpu_product, target.compute_capability)
+        if ident in seen_targets:
+            add(f"spec.targets[{i}]", "this target is listed twice")
+        seen_targets.add(ident)
+
+    serving = spec.serving
+    batching = serving.dynamic_batching
+    if batching is not None:
+        if serving.max_batch_size == 0:
+            add("spec.serving.dynamicBatching", "dynamic batching needs maxBatchSize >= 1")
+        for j, size in enumerate(batching.preferred_batch_sizes):
+            if size > serving.max_batch_size:
+                add(
+                    f"spec.serving.dynamicBatching.preferredBatchSizes[{j}]",
+                    f"{size} is larger than maxBatchSize {serving.max_batch_size}",
+                )
+        if len(set(batching.preferred_batch_sizes)) != len(batching.preferred_batch_sizes):
+            add("spec.serving.dynamicBatching.preferredBatchSizes", "sizes must be distinct")
+    for kind in ("requests", "limits"):
+        for name in getattr(serving.resources, kind):
+            if name == GPU_RESOURCE or name.startswith("nvidia.com/mig-"):
+                add(
+                    f"spec.serving.resources.{kind}",
+                    f"{name} is added by plansmith per target; use serving.mig for MIG slices",
+                )
+
+    storage = spec.storage
+    if storage.uri and storage.uri.startswith("file://"):
+        if storage.secret_ref is not None:
+            add("spec.storage.secretRef", "credentials apply to s3:// storage only")
+        if storage.endpoint is not None:
+            add("spec.storage.endpoint", "an endpoint applies to s3:// storage only")
+    return problems
+
+
+def parse_spec(raw: Any, *, path_prefix: tuple[str, ...] = ("spec",)) -> InferenceModelSpec:
+    """Validate a spec dict (as the API server stores it); raise InvalidSpec with every problem."""
+    if not isinstance(raw, dict):
+        raise InvalidSpec([Problem(format_path(path_prefix), "must be a mapping")])
+    try:
+        spec = InferenceModelSpec.model_validate(raw)
+    except ValidationError as error:
+        raise InvalidSpec(_pydantic_problems(error, path_prefix)) from None
+    problems = semantic_problems(spec)
+    if problems:
+        raise InvalidSpec(problems)
+    return spec
+
+
+def parse_object(raw: Any) -> InferenceModel:
+    """Validate a whole InferenceModel object (apiVersion, kind, metadata, spec)."""
+    if not isinstance(raw, dict):
+        raise InvalidSpec([Problem("", f"expected an InferenceModel mapping, got {type(raw).__name__}")])
+    head: list[Problem] = []
+    if raw.get("apiVersion") != "plansmith.io/v1alpha1":
+        head.append(Problem("apiVersion", f"must be plansmith.io/v1alpha1 (got {raw.get('apiVersion')!r})"))
+    if raw.get("kind") != "InferenceModel":
+        head.append(Problem("kind", f"must be InferenceModel (got {raw.get('kind')!r})"))
+    if head:
+        raise InvalidSpec(head)
+    try:
+        obj = InferenceModel.model_validate(raw)
+    except ValidationError as error:
+        raise InvalidSpec(_pydantic_problems(error, ())) from None
+    problems = semantic_problems(obj.spec)
+    if problems:
+        raise InvalidSpec(problems)
+    return obj
+
+
+def load_documents(text: str, source: str = "<input>") -> list[Any]:
+    """Parse YAML text into documents; malformed YAML becomes InvalidSpec with line and column."""
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        reason = getattr(error, "problem", None) or str(error)
+        raise InvalidSpec([Problem("", f"{where}: malformed YAML: {reason}")]) from None
+    if not documents:
+        raise InvalidSpec([Problem("", f"{source}: no YAML document found")])
+    return documents
+
+
+def load_models(text: str, source: str = "<input>") -> list[InferenceModel]:
+    """Every InferenceModel in a YAML file; all problems of all documents in one InvalidSpec."""
+    models: list[InferenceModel] = []
+    problems: list[Problem] = []
+    documents = load_documents(text, source)
+    for index, document in enumerate(documents):
+        try:
+            models.append(parse_object(document))
+        except InvalidSpec as error:
+            prefix = f"document {index + 1}: " if len(documents) > 1 else ""
+            problems.extend(Problem(p.path, prefix + p.message) for p in error.problems)
+    if problems:
+        raise InvalidSpec(problems)
+    return models

@@ -1,0 +1,1 @@
+"""The serving runtime: KServe v2 / Triton protocol over HTTP and gRPC with a dynamic batcher."""

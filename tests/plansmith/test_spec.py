@@ -1,0 +1,146 @@
+"""The spec model: defaults, wire names, and the rules between fields."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from plansmith.spec import InferenceModelSpec
+from plansmith.validation import InvalidSpec, parse_spec, semantic_problems
+
+MINIMAL = {"model": {"uri": "s3://models/m.onnx"}}
+
+
+def spec_with(**overrides) -> dict:
+    raw = copy.deepcopy(MINIMAL)
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return raw
+
+
+def problem_paths(raw: dict) -> list[str]:
+    with pytest.raises(InvalidSpec) as caught:
+        parse_spec(raw)
+    return [p.path for p in caught.value.problems]
+
+
+def test_minimal_spec_gets_documented_defaults():
+    spec = parse_spec(MINIMAL)
+    assert spec.build.backend == "auto"
+    assert spec.build.precision == "fp16"
+    assert spec.build.workspace_mi_b == 4096
+    assert spec.build.accuracy.min_cosine == 0.99
+    assert spec.serving.replicas == 1
+    assert spec.serving.max_batch_size == 8
+    assert spec.serving.dynamic_batching is None
+    assert spec.targets == []
+
+
+def test_wire_names_are_camel_case_and_round_trip():
+    raw = spec_with(build__workspaceMiB=512, serving__dynamicBatching={"maxQueueDelayMicroseconds": 50})
+    spec = parse_spec(raw)
+    wire = spec.to_api()
+    assert wire["build"]["workspaceMiB"] == 512
+    assert wire["serving"]["dynamicBatching"]["maxQueueDelayMicroseconds"] == 50
+    assert "max_batch_size" not in wire["serving"] and "maxBatchSize" in wire["serving"]
+    assert InferenceModelSpec.model_validate(wire) == spec
+
+
+def test_example_manifest_is_valid(repo_root):
+    document = yaml.safe_load((repo_root / "deploy/examples/model.yaml").read_text())
+    spec = parse_spec(document["spec"])
+    assert spec.serving.dynamic_batching.preferred_batch_sizes == [8, 32]
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        (spec_with(model__uri="https://example.com/m.onnx"), "spec.model.uri"),
+        (spec_with(model__sha256="ABC"), "spec.model.sha256"),
+        (spec_with(build__precision="fp64"), "spec.build.precision"),
+        (spec_with(build__optimizationLevel=6), "spec.build.optimizationLevel"),
+        (spec_with(build__workspaceMiB="lots"), "spec.build.workspaceMiB"),
+        (spec_with(build__turbo=True), "spec.build.turbo"),
+        (spec_with(serving__replicas=-1), "spec.serving.replicas"),
+        (spec_with(serving__mig={"profile": "big"}), "spec.serving.mig.profile"),
+        (spec_with(targets=[{"computeCapability": "nine"}]), "spec.targets[0].computeCapability"),
+        (spec_with(storage__uri="gs://bucket/engines"), "spec.storage.uri"),
+        ({"build": {}}, "spec.model"),
+    ],
+)
+def test_structural_problems_name_the_field(raw, path):
+    assert path in problem_paths(raw)
+
+
+def test_shape_ranges_must_be_ordered_and_of_equal_rank():
+    inputs = [
+        {"name": "a", "minShape": [1, 3], "optShape": [8, 3], "maxShape": [4, 3]},
+        {"name": "b", "minShape": [1], "optShape": [1, 1], "maxShape": [1, 1]},
+    ]
+    paths = problem_paths(spec_with(model__inputs=inputs, serving__maxBatchSize=1))
+    assert paths == ["spec.model.inputs[0].optShape[0]", "spec.model.inputs[1]"]
+
+
+def test_max_batch_size_cannot_exceed_the_inputs_max_batch():
+    inputs = [{"name": "x", "minShape": [1, 4], "optShape": [2, 4], "maxShape": [4, 4]}]
+    assert problem_paths(spec_with(model__inputs=inputs, serving__maxBatchSize=16)) == ["spec.serving.maxBatchSize"]
+    assert parse_spec(spec_with(model__inputs=inputs, serving__maxBatchSize=4)).serving.max_batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("build", "valid"),
+    [
+        ({"precision": "int8"}, False),
+        ({"precision": "int8", "calibration": {"uri": "s3://models/calib.npz"}}, True),
+        ({"precision": "int8", "quantization": "explicit"}, True),
+        ({"precision": "int8", "quantization": "dynamic", "backend": "onnxruntime"}, True),
+        ({"precision": "int8", "quantization": "dynamic", "backend": "tensorrt"}, False),
+        ({"precision": "int8", "quantization": "calibrated"}, False),
+        ({"precision": "fp16", "quantization": "dynamic"}, False),
+        ({"precision": "fp8", "quantization": "explicit", "backend": "onnxruntime"}, False),
+        ({"precision": "fp8", "quantization": "explicit"}, True),
+    ],
+)
+def test_int8_and_fp8_need_a_source_of_scales(build, valid):
+    raw = spec_with(build=build)
+    if valid:
+        parse_spec(raw)
+    else:
+        assert any(path.startswith("spec.build") for path in problem_paths(raw))
+
+
+def test_batching_rules():
+    assert problem_paths(spec_with(serving={"maxBatchSize": 4, "dynamicBatching": {"preferredBatchSizes": [2, 8]}})) == [
+        "spec.serving.dynamicBatching.preferredBatchSizes[1]"
+    ]
+    assert problem_paths(spec_with(serving={"maxBatchSize": 0, "dynamicBatching": {}})) == ["spec.serving.dynamicBatching"]
+    assert problem_paths(spec_with(serving={"dynamicBatching": {"preferredBatchSizes": [2, 2]}})) == [
+        "spec.serving.dynamicBatching.preferredBatchSizes"
+    ]
+
+
+def test_targets_need_an_identity_and_no_duplicates():
+    paths = problem_paths(spec_with(targets=[{}, {"computeCapability": "9.0"}, {"computeCapability": "9.0"}]))
+    assert paths == ["spec.targets[0]", "spec.targets[2]"]
+
+
+def test_gpu_resources_are_plansmiths_to_add():
+    raw = spec_with(serving__resources={"limits": {"nvidia.com/gpu": 1, "memory": "1Gi"}})
+    assert problem_paths(raw) == ["spec.serving.resources.limits"]
+
+
+def test_file_storage_takes_no_credentials():
+    raw = spec_with(storage={"uri": "file:///var/engines", "secretRef": {"name": "s3"}, "endpoint": "http://x:9000"})
+    assert problem_paths(raw) == ["spec.storage.secretRef", "spec.storage.endpoint"]
+
+
+def test_semantic_problems_is_pure_and_empty_for_a_good_spec():
+    spec = parse_spec(MINIMAL)
+    assert semantic_problems(spec) == []
+    assert semantic_problems(spec) == []
