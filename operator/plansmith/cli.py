@@ -1,14 +1,23 @@
-"""The `plansmith` command. Each subcommand lives in its own module and registers itself here."""
+"""The `plansmith` command.
+
+`validate` is defined here; every other subcommand lives in its own module, listed in
+SUBCOMMAND_MODULES, which exposes `register(subparsers)` and imports its heavy dependencies
+(onnxruntime, kopf, ...) only inside its handler, so `plansmith validate` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 import yaml
 
 from plansmith.validation import InvalidSpec, load_models
+
+
+SUBCOMMAND_MODULES: list[str] = []
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -55,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE.yaml", help="InferenceModel manifest(s); - for stdin")
     validate.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
     validate.set_defaults(handler=cmd_validate)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -1,0 +1,171 @@
+"""The engine key: the content address of a built engine.
+
+An engine's bytes are determined by the ONNX model, the build options that change the plan, the
+backend and its version, and the hardware it was built for. The key is the sha256 of a canonical
+JSON document of exactly those things, so
+
+- the same model built the same way for the same target has the same key, in any namespace, on
+  any machine, in any process (no dict ordering, no floats, no timestamps in the document);
+- a new TensorRT version, a new GPU type (compute capability), another precision, other shape
+  ranges or other calibration data give a new key, hence a rebuild;
+- things that do not change the bytes (serving replicas, batching, the accuracy gate, the build
+  deadline, the model's URI) do not change the key.
+
+The builder and the operator both call `engine_key`, so the operator can find a cached engine
+without launching a Job. Engines live at `<storage>/engines/<key>/` with `manifest.json` last.
+
+Key document (version 1), before hashing:
+
+    {"keyVersion": 1, "source": {"sha256": ...}, "backend": {"name": ..., "version": ...},
+     "target": {...}, "options": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from plansmith.spec import BuildSpec, InputShape
+
+KEY_VERSION = 1
+KEY_HEX_LENGTH = 32  # 128 bits: collision-free in practice, short enough for object paths and names
+
+Backend = Literal["tensorrt", "onnxruntime"]
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    """The hardware an engine is built for.
+
+    GPU targets are identified by compute capability (the product name is kept for humans and node
+    affinity but is not part of the key: GPUs of one compute capability run the same plans). CPU
+    targets by architecture and the widest SIMD extension, which decides the kernels ONNX Runtime
+    bakes into an optimized model (e.g. "x86_64-avx512_vnni")."""
+
+    device: Literal["gpu", "cpu"]
+    compute_capability: str | None = None
+    gpu_product: str | None = None
+    cpu_isa: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device == "gpu" and not self.compute_capability:
+            raise ValueError("a GPU target needs its compute capability")
+        if self.device == "cpu" and not self.cpu_isa:
+            raise ValueError("a CPU target needs its ISA, e.g. x86_64-avx2")
+
+    @property
+    def name(self) -> str:
+        """A short human name: 'sm90 (NVIDIA-H100-80GB-HBM3)' or 'cpu x86_64-avx2'."""
+        if self.device == "cpu":
+            return f"cpu {self.cpu_isa}"
+        sm = "sm" + (self.compute_capability or "").replace(".", "")
+        return f"{sm} ({self.gpu_product})" if self.gpu_product else sm
+
+
+def target_document(target: EngineTarget, hardware_compatibility: str) -> dict[str, str]:
+    """What of the target goes into the key. With hardware compatibility `ampere+` one plan runs on
+    every Ampere-or-newer GPU, so the compute capability drops out of the key."""
+    if target.device == "cpu":
+        return {"device": "cpu", "isa": target.cpu_isa or ""}
+    if hardware_compatibility == "ampere+":
+        return {"device": "gpu", "hardwareCompatibility": "ampere+"}
+    return {"device": "gpu", "computeCapability": target.compute_capability or ""}
+
+
+def effective_quantization(build: BuildSpec) -> str | None:
+    """`quantization` with its documented default applied (calibrated when calibration is given)."""
+    if build.precision not in ("int8", "fp8"):
+        return None
+    if build.quantization is not None:
+        return build.quantization
+    return "calibrated" if build.calibration is not None else None
+
+
+def build_options(
+    build: BuildSpec,
+    inputs: list[InputShape],
+    backend: Backend,
+    *,
+    calibration_sha256: str | None = None,
+) -> dict[str, Any]:
+    """The build options that change the engine's bytes for `backend`, as canonical plain data.
+
+    The calibration data enters by content (its sha256), not by URI. TensorRT-only knobs
+    (workspace, hardware compatibility) are left out for ONNX Runtime, where they change nothing.
+    """
+    quantization = effective_quantization(build)
+    options: dict[str, Any] = {
+        "precision": build.precision,
+        "quantization": quantization,
+        "optimizationLevel": build.optimization_level,
+        "inputs": [
+            {"name": s.name, "minShape": list(s.min_shape), "optShape": list(s.opt_shape), "maxShape": list(s.max_shape)}
+            for s in sorted(inputs, key=lambda s: s.name)
+        ],
+    }
+    if quantization == "calibrated":
+        if not calibration_sha256:
+            raise ValueError("calibrated quantization needs the calibration data's sha256 for the key")
+        options["calibration"] = {"sha256": calibration_sha256, "samples": build.calibration.samples}
+    if backend == "tensorrt":
+        options["workspaceMiB"] = build.workspace_mi_b
+        options["hardwareCompatibility"] = build.hardware_compatibility
+    return options
+
+
+def key_document(
+    *,
+    source_sha256: str,
+    options: dict[str, Any],
+    backend: Backend,
+    backend_version: str,
+    target: EngineTarget,
+    hardware_compatibility: str = "none",
+) -> dict[str, Any]:
+    if len(source_sha256) != 64 or any(c not in "0123456789abcdef" for c in source_sha256):
+        raise ValueError(f"source sha256 must be 64 lowercase hex digits, got {source_sha256!r}")
+    return {
+        "keyVersion": KEY_VERSION,
+        "source": {"sha256": source_sha256},
+        "backend": {"name": backend, "version": backend_version},
+        "target": target_document(target, hardware_compatibility),
+        "options": options,
+    }
+
+
+def canonical_json(document: Any) -> str:
+    """Sorted keys, no whitespace, ASCII only: the same bytes for the same document everywhere."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def engine_key(
+    *,
+    source_sha256: str,
+    build: BuildSpec,
+    inputs: list[InputShape],
+    backend: Backend,
+    backend_version: str,
+    target: EngineTarget,
+    calibration_sha256: str | None = None,
+) -> str:
+    """The content address of the engine these inputs produce (32 lowercase hex digits)."""
+    document = key_document(
+        source_sha256=source_sha256,
+        options=build_options(build, inputs, backend, calibration_sha256=calibration_sha256),
+        backend=backend,
+        backend_version=backend_version,
+        target=target,
+        hardware_compatibility=build.hardware_compatibility,
+    )
+    return hashlib.sha256(canonical_json(document).encode("ascii")).hexdigest()[:KEY_HEX_LENGTH]
+
+
+def engine_prefix(storage_uri: str, key: str) -> str:
+    """Where the engine with this key lives: <storage>/engines/<key>."""
+    return storage_uri.rstrip("/") + f"/engines/{key}"
+
+
+def manifest_uri(storage_uri: str, key: str) -> str:
+    return engine_prefix(storage_uri, key) + "/manifest.json"
