@@ -72,6 +72,12 @@ class Store(Protocol):
         ...
     def write_bytes(self, uri: str, data: bytes) -> None: ...
     def delete(self, uri: str) -> None: ...
+    def version(self, uri: str) -> str:
+        """A token that changes whenever the object's bytes change (ETag+size, mtime+size)."""
+        ...
+    def sha256(self, uri: str) -> str:
+        """sha256 of the object, streamed (nothing written to disk)."""
+        ...
 
 
 # --------------------------------------------------------------------------- file://
@@ -132,6 +138,19 @@ class FileStore:
     def delete(self, uri: str) -> None:
         self._path(uri).unlink(missing_ok=True)
 
+    def version(self, uri: str) -> str:
+        try:
+            stat = self._path(uri).stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(uri) from None
+        return f"{stat.st_mtime_ns}:{stat.st_size}"
+
+    def sha256(self, uri: str) -> str:
+        path = self._path(uri)
+        if not path.is_file():
+            raise ObjectNotFound(uri)
+        return sha256_file(path)
+
 
 # --------------------------------------------------------------------------- s3://
 
@@ -141,6 +160,10 @@ class S3Store:
     """s3://bucket/key objects through boto3 against AWS or any S3-compatible endpoint."""
 
     endpoint: str | None = None
+    # explicit credentials (the operator reads them from the model's Secret); default: the environment
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str | None = None
 
     def __post_init__(self) -> None:
         import boto3
@@ -158,7 +181,9 @@ class S3Store:
         )
         self._client = boto3.client(
             "s3", endpoint_url=endpoint, config=config,
-            region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+            region_name=self.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
         )
 
     @staticmethod
@@ -249,6 +274,23 @@ class S3Store:
     def delete(self, uri: str) -> None:
         bucket, key = self._split(uri)
         self._call(uri, lambda: self._client.delete_object(Bucket=bucket, Key=key))
+
+    def version(self, uri: str) -> str:
+        bucket, key = self._split(uri)
+        head = self._call(uri, lambda: self._client.head_object(Bucket=bucket, Key=key))
+        return f"{head.get('ETag', '')}:{head.get('ContentLength')}"
+
+    def sha256(self, uri: str) -> str:
+        bucket, key = self._split(uri)
+        response = self._call(uri, lambda: self._client.get_object(Bucket=bucket, Key=key))
+        digest = hashlib.sha256()
+
+        def stream() -> None:
+            for chunk in response["Body"].iter_chunks(CHUNK):
+                digest.update(chunk)
+
+        self._call(uri, stream)
+        return digest.hexdigest()
 
 
 def open_store(uri: str, endpoint: str | None = None) -> Store:

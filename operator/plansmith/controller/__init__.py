@@ -1,0 +1,1 @@
+"""The operator: kopf handlers (handlers.py) around pure decisions (targets, rendering, status)."""

@@ -1,0 +1,387 @@
+"""kopf handlers: the operator's wiring of watches, indexes and the reconcile loop.
+
+Watches (no polling): InferenceModels, plansmith's Jobs and Deployments (by label) and Nodes are
+kept in kopf indexes. A model is reconciled when it is created, changed or resumed after a restart,
+when one of its build Jobs or serving Deployments changes, and when the cluster's set of GPU
+types changes. Reconciling reads the indexes (no API calls), looks engines up in storage (cached
+per key), creates what is missing and writes status only when it differs.
+
+Status is written through the status subresource by `KubeApi.patch_status` rather than kopf's
+`patch.status`, because most reconciles are triggered by a child's event, where kopf has no patch
+object for the parent; one path for every trigger keeps the status consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+from typing import Any
+
+import kopf
+
+from plansmith.controller import rendering
+from plansmith.controller.catalog import CatalogError, Credentials, EngineCatalog
+from plansmith.controller.kube import KubeApi
+from plansmith.controller.settings import OperatorSettings
+from plansmith.controller.status import Observation, TargetObservation, compute_status
+from plansmith.controller.targets import NodeInfo, Target, discover_targets, node_info
+from plansmith.engine_key import effective_quantization, engine_key, manifest_uri
+from plansmith.manifest import Manifest
+from plansmith.spec import API_GROUP, API_VERSION, PLURAL, InferenceModelSpec
+from plansmith.validation import InvalidSpec, parse_spec
+
+BUILD_LABELS = {**rendering.MANAGED_BY, rendering.COMPONENT_LABEL: "build"}
+SERVING_LABELS = {**rendering.MANAGED_BY, rendering.COMPONENT_LABEL: "serving"}
+NODES = "nodes"  # the single key of the node index
+SPEC_HASH_ANNOTATION = "plansmith.io/spec-hash"
+
+
+class Operator:
+    """Process-wide state: settings, API adapter, storage catalog, per-model locks."""
+
+    def __init__(self) -> None:
+        self.settings = OperatorSettings.from_env()
+        self.kube = KubeApi()
+        self.catalog = EngineCatalog()
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.gpu_types: frozenset[tuple[str | None, str | None]] = frozenset()
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self.locks.setdefault((namespace, name), asyncio.Lock())
+
+
+OPERATOR: Operator | None = None
+
+
+def state() -> Operator:
+    assert OPERATOR is not None, "the startup handler creates the operator state"
+    return OPERATOR
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    global OPERATOR
+    OPERATOR = Operator()
+    settings.posting.level = logging.INFO
+    settings.persistence.finalizer = "plansmith.io/finalizer"
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    settings.execution.max_workers = 8
+    logger.info("plansmith operator: builder %s (%s %s), runtime %s, storage %s",
+                OPERATOR.settings.builder_image, OPERATOR.settings.builder_backend,
+                OPERATOR.settings.builder_backend_version, OPERATOR.settings.runtime_image,
+                OPERATOR.settings.storage_uri or "(per model)")
+
+
+# ----------------------------------------------------------------------------- indexes
+
+
+@kopf.index(API_GROUP, API_VERSION, PLURAL)
+def model_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace, name): model_of(body)}
+
+
+def model_of(body: kopf.Body) -> dict[str, Any]:
+    """A plain copy of the InferenceModel (owner references and Events need apiVersion and kind)."""
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "InferenceModel", "metadata": dict(body.metadata),
+            "spec": dict(body.spec), "status": dict(body.status)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=BUILD_LABELS)
+def build_job_index(namespace: str, name: str, status: kopf.Status, labels: kopf.Labels, **_: Any) -> dict:
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    finished = "Complete" if "Complete" in conditions else "Failed" if "Failed" in conditions else None
+    return {(namespace, name): {
+        "key": labels.get(rendering.KEY_LABEL), "model": labels.get(rendering.MODEL_LABEL),
+        "finished": finished, "failureReason": conditions.get("Failed", {}).get("reason"),
+        "failureMessage": conditions.get("Failed", {}).get("message"),
+    }}
+
+
+@kopf.index("apps", "v1", "deployments", labels=SERVING_LABELS)
+def serving_index(namespace: str, name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
+                  meta: kopf.Meta, **_: Any) -> dict:
+    template_annotations = spec.get("template", {}).get("metadata", {}).get("annotations", {}) or {}
+    rolled_out = (status.get("observedGeneration", 0) >= meta.get("generation", 0)
+                  and status.get("updatedReplicas", 0) >= spec.get("replicas", 1))
+    return {(namespace, labels.get(rendering.MODEL_LABEL)): {
+        "name": name, "target": labels.get(rendering.TARGET_LABEL),
+        "key": template_annotations.get(rendering.KEY_LABEL), "replicas": spec.get("replicas", 1),
+        "readyReplicas": status.get("readyReplicas", 0) or 0, "rolledOut": rolled_out,
+        "specHash": (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION),
+    }}
+
+
+@kopf.index("", "v1", "nodes")
+def node_index(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
+    return {NODES: node_info(dict(body))}
+
+
+# ----------------------------------------------------------------------------- triggers
+
+
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-resume")
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL, id="reconcile")
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-change", field="spec")
+async def reconcile_model(namespace: str, name: str, body: kopf.Body, logger: logging.Logger,
+                          node_index: kopf.Index, build_job_index: kopf.Index, serving_index: kopf.Index,
+                          **_: Any) -> None:
+    model = model_of(body)
+    await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=BUILD_LABELS)
+async def build_job_changed(namespace: str, labels: kopf.Labels, type: str | None, logger: logging.Logger,
+                            model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
+                            serving_index: kopf.Index, **_: Any) -> None:
+    """A build Job changed: reconcile every model of the namespace still waiting for an engine
+    (models share engines by key), and models anywhere waiting for a build slot."""
+    if type is None:  # the initial listing: resume handlers already reconcile every model
+        return
+    for (ns, name), store in list(model_index.items()):
+        for model in store:
+            waiting = model["status"].get("phase") in (None, "Pending", "Building")
+            if (ns == namespace and (waiting or name == labels.get(rendering.MODEL_LABEL))) or _waits_for_slot(model):
+                await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
+async def serving_changed(namespace: str, labels: kopf.Labels, type: str | None, logger: logging.Logger,
+                          model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
+                          serving_index: kopf.Index, **_: Any) -> None:
+    if type is None:
+        return
+    name = labels.get(rendering.MODEL_LABEL)
+    for model in model_index.get((namespace, name), []):
+        await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_changed(type: str | None, logger: logging.Logger, model_index: kopf.Index, node_index: kopf.Index,
+                       build_job_index: kopf.Index, serving_index: kopf.Index, **_: Any) -> None:
+    """Reconcile every model when the set of GPU types changes (a node of a new type joined, the last
+    node of a type left); node heartbeats and other status updates change nothing here."""
+    operator = state()
+    settings = operator.settings
+    gpu_types = frozenset(
+        (n.labels.get(settings.gpu_product_label), n.labels.get(settings.gpu_compute_major_label))
+        for n in node_index.get(NODES, []) if n.ready and not n.unschedulable)
+    if gpu_types == operator.gpu_types:
+        return
+    operator.gpu_types = gpu_types
+    if type is None:
+        return
+    logger.info("GPU types in the cluster changed: %s", sorted(map(str, gpu_types)))
+    for (ns, name), store in list(model_index.items()):
+        for model in store:
+            await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+
+
+def _waits_for_slot(model: dict[str, Any]) -> bool:
+    return any(t.get("reason") == "WaitingForBuildSlot" for t in model["status"].get("targets", []))
+
+
+# ----------------------------------------------------------------------------- reconcile
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def reconcile(namespace: str, name: str, model: dict[str, Any], logger: logging.Logger,
+                    node_index: kopf.Index, build_job_index: kopf.Index, serving_index: kopf.Index) -> None:
+    operator = state()
+    async with operator.lock(namespace, name):
+        observation = await observe_and_act(operator, namespace, name, model, logger,
+                                            node_index, build_job_index, serving_index)
+        previous = model.get("status") or {}
+        status = compute_status(observation, previous.get("conditions", []), _now())
+        _post_transitions(model, previous, status)
+        if _differs(previous, status):
+            await asyncio.to_thread(operator.kube.patch_status, namespace, name, status)
+            model["status"] = status  # our copy of the index entry, until the watch delivers the new one
+
+
+def _differs(previous: dict[str, Any], status: dict[str, Any]) -> bool:
+    return any(previous.get(k) != v for k, v in status.items())
+
+
+def _post_transitions(model: dict[str, Any], previous: dict[str, Any], status: dict[str, Any]) -> None:
+    """An Event for each condition that changed and each target whose state changed."""
+    before = {c["type"]: c for c in previous.get("conditions", [])}
+    ref = model
+    for c in status["conditions"]:
+        old = before.get(c["type"])
+        if old is None or old.get("status") != c["status"] or old.get("reason") != c["reason"]:
+            kind = "Normal" if c["status"] == "True" or c["reason"] in ("Building", "WaitingForEngines", "RollingOut") else "Warning"
+            kopf.event(ref, type=kind, reason=c["reason"], message=f"{c['type']}={c['status']}: {c['message']}")
+    old_targets = {t.get("engineKey"): t.get("state") for t in previous.get("targets", [])}
+    for target in status.get("targets", []):
+        if old_targets.get(target.get("engineKey")) != target.get("state"):
+            kind = "Warning" if target.get("state") == "Failed" else "Normal"
+            kopf.event(ref, type=kind, reason=f"Engine{target.get('state')}",
+                       message=f"{target.get('gpuProduct') or 'cpu'} ({target.get('computeCapability') or '-'}): "
+                               f"engine {target.get('engineKey')} {target.get('state')}"
+                               + (f" - {target.get('reason')}: {target.get('message')}" if target.get("reason") else ""))
+
+
+async def observe_and_act(operator: Operator, namespace: str, name: str, model: dict[str, Any],
+                          logger: logging.Logger, node_index: kopf.Index, build_job_index: kopf.Index,
+                          serving_index: kopf.Index) -> Observation:
+    settings = operator.settings
+    generation = model["metadata"].get("generation", 1)
+    try:
+        spec = parse_spec(model.get("spec"))
+    except InvalidSpec as error:
+        return Observation(generation, valid=False, invalid_reason="InvalidSpec", invalid_message=str(error))
+    storage = rendering.storage_uri(spec, settings)
+    if not storage:
+        return Observation(generation, valid=False, invalid_reason="NoStorage",
+                           invalid_message="spec.storage.uri is unset and the operator has no default storage")
+    if spec.build.backend not in ("auto", settings.builder_backend):
+        return Observation(generation, valid=False, invalid_reason="BackendUnavailable",
+                           invalid_message=f"build.backend {spec.build.backend} requested, but the builder image "
+                                           f"{settings.builder_image} builds with {settings.builder_backend}")
+
+    discovery = discover_targets(node_index.get(NODES, []), spec, settings)
+    endpoint = spec.storage.endpoint or settings.s3_endpoint
+    try:
+        credentials = await _credentials(operator, namespace, spec)
+        source_sha = spec.model.sha256 or await asyncio.to_thread(
+            operator.catalog.sha256_of, spec.model.uri, endpoint, credentials)
+        calibration_sha = None
+        if effective_quantization(spec.build) == "calibrated":
+            calibration_sha = await asyncio.to_thread(
+                operator.catalog.sha256_of, spec.build.calibration.uri, endpoint, credentials)
+    except CatalogError as error:
+        raise kopf.TemporaryError(f"cannot read the model from storage: {error}", delay=30) from None
+
+    observation = Observation(generation, unmatched=discovery.unmatched,
+                              endpoint=f"{rendering.service_name(name)}.{namespace}.svc:{rendering.HTTP_PORT}")
+    active_builds = sum(1 for store in build_job_index.values() for job in store if not job["finished"])
+    plans: list[tuple[Target, str, Manifest | None]] = []
+    for target in discovery.targets:
+        key = engine_key(source_sha256=source_sha, build=spec.build, inputs=spec.model.inputs,
+                         backend=settings.builder_backend, backend_version=settings.builder_backend_version,
+                         target=target.engine_target(), calibration_sha256=calibration_sha)
+        record: dict[str, Any] = {"gpuProduct": target.gpu_product, "computeCapability": target.compute_capability,
+                                  "engineKey": key, "engineUri": manifest_uri(storage, key),
+                                  "backend": settings.builder_backend,
+                                  "backendVersion": settings.builder_backend_version}
+        try:
+            manifest = await asyncio.to_thread(operator.catalog.find_manifest, storage, key, endpoint, credentials)
+        except CatalogError as error:
+            raise kopf.TemporaryError(str(error), delay=30) from None
+        job_name = rendering.job_name(key)
+        job = next(iter(build_job_index.get((namespace, job_name), [])), None)
+        if manifest is not None:
+            _record_engine(record, manifest, spec)
+            if job:
+                record["jobName"] = job_name
+        elif job is not None:
+            record["jobName"] = job_name
+            if job["finished"] is None:
+                record["state"] = "Building"
+            else:
+                result = await asyncio.to_thread(operator.kube.job_termination, namespace, job_name)
+                record["state"] = "Failed"
+                if job["finished"] == "Complete":
+                    record["reason"] = "ManifestMissing"
+                    record["message"] = result.get("message") or "the build Job completed but published no manifest"
+                else:
+                    record["reason"] = result.get("reason") or job["failureReason"] or "BuildFailed"
+                    record["message"] = result.get("message") or job["failureMessage"] or "the build Job failed"
+        elif active_builds >= settings.build_concurrency:
+            record.update(state="Pending", reason="WaitingForBuildSlot",
+                          message=f"{active_builds} builds running (limit {settings.build_concurrency})")
+        else:
+            body = rendering.render_build_job(name=name, namespace=namespace, spec=spec, target=target, key=key,
+                                              settings=settings)
+            kopf.adopt(body, owner=model)
+            created = await asyncio.to_thread(operator.kube.create_job, body)
+            if created:
+                active_builds += 1
+                logger.info("build Job %s launched for %s (engine %s)", job_name, target.slug, key)
+            record.update(state="Building", jobName=job_name)
+        plans.append((target, key, manifest if record.get("state") == "Built" else None))
+        observation.targets.append(TargetObservation(target.slug, {k: v for k, v in record.items() if v is not None}))
+
+    deployments = {d["target"]: d for d in serving_index.get((namespace, name), [])}
+    all_built = bool(plans) and all(m is not None for _, _, m in plans)
+    if all_built:
+        await _roll_out(operator, namespace, name, model, spec, plans, deployments, logger)
+    for obs, (target, key, _) in zip(observation.targets, plans):
+        deployment = deployments.get(target.slug)
+        obs.serving_wanted = spec.serving.replicas
+        if deployment is not None:
+            obs.serving_ready = deployment["readyReplicas"]
+            obs.serving_current = deployment["key"] == key and deployment["rolledOut"]
+            if obs.serving_current and obs.record.get("state") == "Built" and obs.serving_ready > 0:
+                obs.record["state"] = "Serving"
+    return observation
+
+
+def _record_engine(record: dict[str, Any], manifest: Manifest, spec: InferenceModelSpec) -> None:
+    engine = manifest.artifact("engine")
+    record.update(state="Built", sha256=engine.sha256, backend=manifest.backend, backendVersion=manifest.backend_version)
+    if manifest.accuracy:
+        record["accuracy"] = {"cosine": manifest.accuracy.cosine, "maxAbsError": manifest.accuracy.max_abs_error}
+        gate = spec.build.accuracy
+        too_far = gate.max_abs_error is not None and manifest.accuracy.max_abs_error > gate.max_abs_error
+        if manifest.accuracy.cosine < gate.min_cosine or too_far:
+            record.update(state="Failed", reason="AccuracyGateFailed",
+                          message=f"engine {manifest.key} measured cosine {manifest.accuracy.cosine:.6f}, "
+                                  f"max abs error {manifest.accuracy.max_abs_error:.3g}; the gate wants cosine >= "
+                                  f"{gate.min_cosine}" + (f", max abs error <= {gate.max_abs_error}" if gate.max_abs_error is not None else ""))
+    if manifest.benchmark:
+        b1 = manifest.benchmark.batch1
+        record["latency"] = {"p50Ms": b1.p50_ms, "p95Ms": b1.p95_ms, "p99Ms": b1.p99_ms}
+        best = manifest.benchmark.max_batch or b1
+        record["throughput"] = best.throughput
+
+
+async def _credentials(operator: Operator, namespace: str, spec: InferenceModelSpec) -> Credentials:
+    secret = spec.storage.secret_ref.name if spec.storage.secret_ref else operator.settings.storage_secret
+    if not secret:
+        return Credentials()
+    try:
+        data = await asyncio.to_thread(operator.kube.secret_data, namespace, secret)
+    except Exception as error:  # noqa: BLE001 - reported as a retryable condition
+        raise kopf.TemporaryError(f"cannot read Secret {namespace}/{secret}: {error}", delay=30) from None
+    return Credentials(data.get("AWS_ACCESS_KEY_ID"), data.get("AWS_SECRET_ACCESS_KEY"), data.get("AWS_DEFAULT_REGION"))
+
+
+async def _roll_out(operator: Operator, namespace: str, name: str, model: dict[str, Any], spec: InferenceModelSpec,
+                    plans: list[tuple[Target, str, Manifest | None]], deployments: dict[str, dict[str, Any]],
+                    logger: logging.Logger) -> None:
+    """Every target has a verified engine: make the Deployments and the Service say so.
+    Deployments already running the right engine with the right settings are left alone."""
+    settings = operator.settings
+    storage = rendering.storage_uri(spec, settings)
+    for target, key, _ in plans:
+        body = rendering.render_deployment(name=name, namespace=namespace, spec=spec, target=target, key=key,
+                                           manifest_uri=manifest_uri(storage, key), settings=settings)
+        current = deployments.get(target.slug)
+        if current and current.get("specHash") == _spec_hash(body):
+            continue
+        body["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = _spec_hash(body)
+        kopf.adopt(body, owner=model)
+        action = await asyncio.to_thread(operator.kube.apply, body)
+        logger.info("Deployment %s %s (engine %s)", body["metadata"]["name"], action, key)
+    service = rendering.render_service(name=name, namespace=namespace)
+    kopf.adopt(service, owner=model)
+    if not deployments:
+        await asyncio.to_thread(operator.kube.apply, service)
+    wanted = {t.slug for t, _, _ in plans}
+    for slug, deployment in deployments.items():
+        if slug not in wanted:
+            logger.info("Deployment %s removed: its GPU type is no longer a target", deployment["name"])
+            await asyncio.to_thread(operator.kube.delete_deployment, namespace, deployment["name"])
+
+
+def _spec_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body["spec"], sort_keys=True).encode()).hexdigest()[:16]

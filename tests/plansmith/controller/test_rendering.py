@@ -1,0 +1,122 @@
+"""Rendered build Jobs, Deployments and the Service: names, pinning, resources, security, secrets."""
+
+from __future__ import annotations
+
+import json
+
+from plansmith.controller import rendering
+from plansmith.controller.settings import OperatorSettings
+from plansmith.controller.targets import Target
+from plansmith.validation import parse_spec
+
+SETTINGS = OperatorSettings(builder_backend_version="1.0", builder_image="plansmith/builder:dev")
+H100 = Target("gpu", "NVIDIA-H100-80GB-HBM3", "9.0", "nvidia.com/gpu", ("h1",))
+MIG = Target("gpu", "NVIDIA-A100-SXM4-40GB", "8.0", "nvidia.com/mig-1g.10gb", ("m1",))
+KEY = "0123456789abcdef0123456789abcdef"
+SPEC = parse_spec({
+    "model": {"uri": "s3://models/m.onnx", "inputs": [{"name": "x", "minShape": [1, 4], "optShape": [4, 4], "maxShape": [16, 4]}]},
+    "build": {"timeoutSeconds": 900},
+    "serving": {"replicas": 2, "maxBatchSize": 16, "instances": 2,
+                "dynamicBatching": {"preferredBatchSizes": [4, 8], "maxQueueDelayMicroseconds": 200},
+                "resources": {"limits": {"memory": "2Gi"}},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "storage": {"uri": "s3://engines/prod", "secretRef": {"name": "s3-creds"}, "endpoint": "http://minio:9000"},
+})
+
+
+def job(target=H100):
+    return rendering.render_build_job(name="resnet", namespace="ml", spec=SPEC, target=target, key=KEY, settings=SETTINGS)
+
+
+def test_job_is_named_from_the_key_and_labelled():
+    body = job()
+    assert body["metadata"]["name"] == "plansmith-build-0123456789abcdef01234567"
+    labels = body["metadata"]["labels"]
+    assert labels["plansmith.io/engine-key"] == KEY and labels["plansmith.io/model"] == "resnet"
+    assert body["spec"]["template"]["metadata"]["labels"] == labels
+
+
+def test_job_is_pinned_to_the_gpu_type_and_requests_it():
+    spec = job()["spec"]
+    assert spec["backoffLimit"] == 1 and spec["activeDeadlineSeconds"] == 900
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {(e["key"], e["values"][0]) for e in terms[0]["matchExpressions"]} == {
+        ("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"), ("nvidia.com/gpu.compute.major", "9"),
+        ("nvidia.com/gpu.compute.minor", "0")}
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert job(MIG)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": 1}
+
+
+def test_job_runs_the_builder_for_that_target_with_credentials_only_by_reference():
+    container = job()["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["build", "env:PLANSMITH_MODEL", "--store", "s3://engines/prod", "--backend",
+                                 "onnxruntime", "--target", "9.0"]
+    env = {e["name"]: e for e in container["env"]}
+    assert json.loads(env["PLANSMITH_MODEL"]["value"])["spec"]["model"]["uri"] == "s3://models/m.onnx"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["PLANSMITH_S3_ENDPOINT"]["value"] == "http://minio:9000"
+    assert "value" not in env["AWS_ACCESS_KEY_ID"]
+
+
+def restricted(pod: dict) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in pod["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True
+    assert all(set(v) <= {"name", "emptyDir"} for v in pod.get("volumes", []))
+
+
+def test_every_pod_is_restricted():
+    restricted(job()["spec"]["template"]["spec"])
+    restricted(deployment()["spec"]["template"]["spec"])
+
+
+def deployment(target=H100, key=KEY):
+    return rendering.render_deployment(name="resnet", namespace="ml", spec=SPEC, target=target, key=key,
+                                       manifest_uri=f"s3://engines/prod/engines/{key}/manifest.json", settings=SETTINGS)
+
+
+def test_deployment_serves_the_engine_with_the_batching_settings():
+    body = deployment()
+    assert body["metadata"]["name"] == "resnet-sm90-nvidia-h100-80gb-hbm3"
+    assert body["spec"]["replicas"] == 2
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[:3] == ["serve", "--manifest", f"s3://engines/prod/engines/{KEY}/manifest.json"]
+    assert args[args.index("--preferred-batch-sizes") + 1] == "4,8"
+    assert args[args.index("--max-queue-delay-us") + 1] == "200"
+    assert args[args.index("--instances") + 1] == "2"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert [p["containerPort"] for p in container["ports"]] == [8000, 8001, 8002]
+    assert container["resources"]["limits"] == {"memory": "2Gi", "nvidia.com/gpu": 1}
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+
+
+def test_a_new_engine_changes_the_pod_template_so_the_deployment_rolls():
+    old, new = deployment(key=KEY), deployment(key="f" * 32)
+    assert old["spec"]["template"] != new["spec"]["template"]
+    assert old["spec"]["selector"] == new["spec"]["selector"]
+
+
+def test_batching_off_is_passed_on():
+    spec = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "storage": {"uri": "s3://engines"}})
+    args = rendering.runtime_args("m", spec, "s3://engines/engines/k/manifest.json")
+    assert "--no-batching" in args
+
+
+def test_service_selects_all_targets_of_the_model():
+    service = rendering.render_service(name="resnet", namespace="ml")
+    assert service["spec"]["selector"] == {"plansmith.io/model": "resnet", "app.kubernetes.io/component": "serving"}
+    assert {p["port"] for p in service["spec"]["ports"]} == {8000, 8001, 8002}
+    assert set(deployment()["spec"]["template"]["metadata"]["labels"].items()) >= set(service["spec"]["selector"].items())
+
+
+def test_long_names_stay_valid_dns_labels():
+    name = rendering.dns_name("a" * 60, "sm90-nvidia-h100-80gb-hbm3")
+    assert len(name) <= 63 and name == rendering.dns_name("a" * 60, "sm90-nvidia-h100-80gb-hbm3")

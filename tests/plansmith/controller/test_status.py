@@ -1,0 +1,62 @@
+"""Status from observations: conditions, phase, counts, transition times."""
+
+from __future__ import annotations
+
+from plansmith.controller.status import Observation, TargetObservation, compute_status
+
+
+def target(state, slug="sm90", **record):
+    return TargetObservation(slug, {"state": state, "engineKey": slug, **record})
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_invalid_spec_fails_everything_with_the_message():
+    status = compute_status(Observation(3, valid=False, invalid_reason="InvalidSpec", invalid_message="spec.x: bad"), [], "T1")
+    assert status["phase"] == "Failed" and status["observedGeneration"] == 3
+    assert conditions(status)["Valid"] == ("False", "InvalidSpec")
+    assert next(c for c in status["conditions"] if c["type"] == "Valid")["message"] == "spec.x: bad"
+
+
+def test_building_then_deploying_then_ready():
+    building = compute_status(Observation(1, targets=[target("Building"), target("Built", "sm80")]), [], "T1")
+    assert building["phase"] == "Building" and building["enginesReady"] == 1 and building["targetCount"] == 2
+    assert conditions(building)["EnginesReady"] == ("False", "Building")
+
+    built = [target("Built", "sm90", ), target("Built", "sm80")]
+    for t in built:
+        t.serving_wanted, t.serving_ready, t.serving_current = 2, 0, True
+    deploying = compute_status(Observation(1, targets=built), building["conditions"], "T2")
+    assert deploying["phase"] == "Deploying"
+    assert conditions(deploying)["EnginesReady"] == ("True", "EnginesVerified")
+    assert conditions(deploying)["ServingReady"] == ("False", "RollingOut")
+
+    for t in built:
+        t.serving_ready = 2
+    ready = compute_status(Observation(1, targets=built, endpoint="m.ns.svc:8000"), deploying["conditions"], "T3")
+    assert ready["phase"] == "Ready" and conditions(ready)["Ready"] == ("True", "Serving")
+    assert ready["serving"] == {"endpoint": "m.ns.svc:8000", "replicas": 4, "readyReplicas": 4}
+    engines = next(c for c in ready["conditions"] if c["type"] == "EnginesReady")
+    assert engines["lastTransitionTime"] == "T2"  # unchanged since it turned True
+
+
+def test_old_pods_do_not_count_as_serving_the_new_engine():
+    t = target("Built")
+    t.serving_wanted, t.serving_ready, t.serving_current = 1, 1, False
+    status = compute_status(Observation(2, targets=[t]), [], "T")
+    assert conditions(status)["ServingReady"] == ("False", "RollingOut")
+
+
+def test_a_failed_target_names_the_builder_reason():
+    status = compute_status(Observation(1, targets=[target("Failed", reason="AccuracyGateFailed", message="cosine 0.2")]), [], "T")
+    assert status["phase"] == "Failed"
+    assert conditions(status)["EnginesReady"] == ("False", "AccuracyGateFailed")
+    assert conditions(status)["Ready"] == ("False", "AccuracyGateFailed")
+
+
+def test_no_matching_nodes_is_a_condition_not_a_crash():
+    status = compute_status(Observation(1, unmatched=["no schedulable node with gpuProduct=NVIDIA-L4"]), [], "T")
+    assert conditions(status)["EnginesReady"] == ("False", "NoMatchingNodes")
+    assert status["phase"] == "Pending"

@@ -1,0 +1,89 @@
+"""Target discovery over Node objects: GPU types from GFD labels, eligibility, MIG, spec.targets, CPU fallback."""
+
+from __future__ import annotations
+
+from plansmith.controller.settings import OperatorSettings
+from plansmith.controller.targets import NodeInfo, Taint, discover_targets, node_info
+from plansmith.validation import parse_spec
+
+SETTINGS = OperatorSettings(builder_backend_version="1.0")
+H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.compute.major": "9",
+        "nvidia.com/gpu.compute.minor": "0"}
+A100 = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB", "nvidia.com/gpu.compute.major": "8",
+        "nvidia.com/gpu.compute.minor": "0"}
+
+
+def gpu_node(name, labels, gpus="4", **kw) -> NodeInfo:
+    return NodeInfo(name=name, labels={"kubernetes.io/arch": "amd64", **labels},
+                    allocatable={"cpu": "8", "nvidia.com/gpu": gpus, **kw.pop("extra", {})}, **kw)
+
+
+def spec(**serving_and_more):
+    raw = {"model": {"uri": "s3://models/m.onnx"}, **serving_and_more}
+    return parse_spec(raw)
+
+
+def test_groups_nodes_by_gpu_type():
+    nodes = [gpu_node("h1", H100), gpu_node("h2", H100), gpu_node("a1", A100), NodeInfo("cpu1", {}, {"cpu": "4"})]
+    found = discover_targets(nodes, spec(), SETTINGS)
+    assert [(t.gpu_product, t.compute_capability, t.nodes) for t in found.targets] == [
+        ("NVIDIA-A100-SXM4-40GB", "8.0", ("a1",)),
+        ("NVIDIA-H100-80GB-HBM3", "9.0", ("h1", "h2")),
+    ]
+    assert {t.slug for t in found.targets} == {"sm80-nvidia-a100-sxm4-40gb", "sm90-nvidia-h100-80gb-hbm3"}
+    assert found.unmatched == []
+
+
+def test_nodes_a_pod_cannot_use_are_ignored():
+    nodes = [
+        gpu_node("cordoned", H100, unschedulable=True),
+        gpu_node("notready", H100, ready=False),
+        gpu_node("full", H100, gpus="0"),
+        gpu_node("tainted", A100, taints=(Taint("dedicated", "ml", "NoSchedule"),)),
+    ]
+    found = discover_targets(nodes, spec(), SETTINGS)
+    assert found.targets == [] and found.unmatched
+    tolerant = spec(serving={"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]})
+    assert [t.nodes for t in discover_targets(nodes, tolerant, SETTINGS).targets] == [("tainted",)]
+
+
+def test_node_selector_narrows_the_nodes():
+    nodes = [gpu_node("h1", {**H100, "pool": "a"}), gpu_node("h2", {**H100, "pool": "b"})]
+    found = discover_targets(nodes, spec(serving={"nodeSelector": {"pool": "b"}}), SETTINGS)
+    assert [t.nodes for t in found.targets] == [("h2",)]
+
+
+def test_spec_targets_select_and_report_what_is_missing():
+    nodes = [gpu_node("h1", H100), gpu_node("a1", A100)]
+    found = discover_targets(nodes, spec(targets=[{"computeCapability": "9.0"}, {"gpuProduct": "NVIDIA-L4"}]), SETTINGS)
+    assert [t.compute_capability for t in found.targets] == ["9.0"]
+    assert found.unmatched == ["no schedulable node with gpuProduct=NVIDIA-L4"]
+
+
+def test_mig_mixed_needs_the_slice_resource_single_needs_the_mig_product():
+    mixed = gpu_node("m", {**A100, "nvidia.com/mig.strategy": "mixed"}, gpus="0", extra={"nvidia.com/mig-1g.10gb": "7"})
+    whole = gpu_node("w", A100)
+    found = discover_targets([mixed, whole], spec(serving={"mig": {"profile": "1g.10gb"}}), SETTINGS)
+    assert [(t.nodes, t.resource) for t in found.targets] == [(("m",), "nvidia.com/mig-1g.10gb")]
+
+    single = gpu_node("s", {**A100, "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.10gb",
+                            "nvidia.com/mig.strategy": "single"})
+    found = discover_targets([single, whole], spec(serving={"mig": {"profile": "1g.10gb"}}), SETTINGS)
+    assert [(t.nodes, t.resource) for t in found.targets] == [(("s",), "nvidia.com/gpu")]
+
+
+def test_cpu_only_cluster_gets_a_cpu_target_unless_tensorrt_is_required():
+    nodes = [NodeInfo("c1", {"kubernetes.io/arch": "amd64"}, {"cpu": "4"})]
+    found = discover_targets(nodes, spec(), SETTINGS)
+    assert [(t.device, t.cpu_arch, t.builder_target_arg) for t in found.targets] == [("cpu", "x86_64", "cpu:x86_64")]
+    found = discover_targets(nodes, spec(build={"backend": "tensorrt"}), SETTINGS)
+    assert found.targets == [] and "no GPU node" in found.unmatched[0]
+
+
+def test_node_info_reads_a_node_object():
+    node = {"metadata": {"name": "n", "labels": H100},
+            "spec": {"taints": [{"key": "k", "effect": "NoExecute"}], "unschedulable": True},
+            "status": {"allocatable": {"nvidia.com/gpu": 2}, "conditions": [{"type": "Ready", "status": "True"}]}}
+    info = node_info(node)
+    assert info.ready and info.unschedulable and info.allocatable["nvidia.com/gpu"] == "2"
+    assert info.taints == (Taint("k", None, "NoExecute"),)
