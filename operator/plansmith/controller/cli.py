@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     import plansmith.controller.handlers  # noqa: F401 - registers the handlers
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    for noisy in ("kubernetes", "botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     kopf.run(
         standalone=args.peering is None,
         peering_name=args.peering,

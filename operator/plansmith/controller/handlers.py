@@ -47,7 +47,17 @@ class Operator:
         self.kube = KubeApi()
         self.catalog = EngineCatalog()
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self.gpu_types: frozenset[tuple[str | None, str | None]] = frozenset()
+        self.node_signature: frozenset[tuple] = frozenset()
+        # build slots: Jobs launched by this process that the Job index has not shown yet, and one
+        # lock around "count running builds, then launch", so concurrent reconciles cannot overshoot
+        self.launched: set[tuple[str, str]] = set()
+        self.build_slots = asyncio.Lock()
+
+    def running_builds(self, build_job_index: kopf.Index) -> int:
+        indexed = {key: store for key, store in build_job_index.items()}
+        self.launched = {job for job in self.launched if job not in indexed}
+        running = sum(1 for store in indexed.values() for job in store if not job["finished"])
+        return running + len(self.launched)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault((namespace, name), asyncio.Lock())
@@ -124,9 +134,9 @@ def node_index(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
 # ----------------------------------------------------------------------------- triggers
 
 
-@kopf.on.resume(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-resume")
-@kopf.on.create(API_GROUP, API_VERSION, PLURAL, id="reconcile")
-@kopf.on.update(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-change", field="spec")
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-resume", backoff=10)
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL, id="reconcile", backoff=10)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-change", field="spec", backoff=10)
 async def reconcile_model(namespace: str, name: str, body: kopf.Body, logger: logging.Logger,
                           node_index: kopf.Index, build_job_index: kopf.Index, serving_index: kopf.Index,
                           **_: Any) -> None:
@@ -163,22 +173,25 @@ async def serving_changed(namespace: str, labels: kopf.Labels, type: str | None,
 @kopf.on.event("", "v1", "nodes")
 async def node_changed(type: str | None, logger: logging.Logger, model_index: kopf.Index, node_index: kopf.Index,
                        build_job_index: kopf.Index, serving_index: kopf.Index, **_: Any) -> None:
-    """Reconcile every model when the set of GPU types changes (a node of a new type joined, the last
-    node of a type left); node heartbeats and other status updates change nothing here."""
+    """Reconcile every model when anything target discovery reads changes on any node (GPU labels,
+    GPU and MIG allocatable, taints, schedulability, readiness); heartbeats change none of it."""
     operator = state()
-    settings = operator.settings
-    gpu_types = frozenset(
-        (n.labels.get(settings.gpu_product_label), n.labels.get(settings.gpu_compute_major_label))
-        for n in node_index.get(NODES, []) if n.ready and not n.unschedulable)
-    if gpu_types == operator.gpu_types:
+    signature = frozenset(_discovery_signature(n) for n in node_index.get(NODES, []))
+    if signature == operator.node_signature:
         return
-    operator.gpu_types = gpu_types
+    operator.node_signature = signature
     if type is None:
         return
-    logger.info("GPU types in the cluster changed: %s", sorted(map(str, gpu_types)))
+    logger.info("schedulable GPU capacity changed; reconciling every model")
     for (ns, name), store in list(model_index.items()):
         for model in store:
             await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+
+
+def _discovery_signature(node: NodeInfo) -> tuple:
+    return (node.name, tuple(sorted((k, v) for k, v in node.labels.items() if k.startswith("nvidia.com/") or k == "kubernetes.io/arch")),
+            tuple(sorted((k, v) for k, v in node.allocatable.items() if k.startswith("nvidia.com/"))),
+            node.taints, node.unschedulable, node.ready)
 
 
 def _waits_for_slot(model: dict[str, Any]) -> bool:
@@ -262,7 +275,6 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
 
     observation = Observation(generation, unmatched=discovery.unmatched,
                               endpoint=f"{rendering.service_name(name)}.{namespace}.svc:{rendering.HTTP_PORT}")
-    active_builds = sum(1 for store in build_job_index.values() for job in store if not job["finished"])
     plans: list[tuple[Target, str, Manifest | None]] = []
     for target in discovery.targets:
         key = engine_key(source_sha256=source_sha, build=spec.build, inputs=spec.model.inputs,
@@ -295,18 +307,9 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                 else:
                     record["reason"] = result.get("reason") or job["failureReason"] or "BuildFailed"
                     record["message"] = result.get("message") or job["failureMessage"] or "the build Job failed"
-        elif active_builds >= settings.build_concurrency:
-            record.update(state="Pending", reason="WaitingForBuildSlot",
-                          message=f"{active_builds} builds running (limit {settings.build_concurrency})")
         else:
-            body = rendering.render_build_job(name=name, namespace=namespace, spec=spec, target=target, key=key,
-                                              settings=settings)
-            kopf.adopt(body, owner=model)
-            created = await asyncio.to_thread(operator.kube.create_job, body)
-            if created:
-                active_builds += 1
-                logger.info("build Job %s launched for %s (engine %s)", job_name, target.slug, key)
-            record.update(state="Building", jobName=job_name)
+            record.update(await _launch_build(operator, namespace, name, model, spec, target, key,
+                                              build_job_index, logger))
         plans.append((target, key, manifest if record.get("state") == "Built" else None))
         observation.targets.append(TargetObservation(target.slug, {k: v for k, v in record.items() if v is not None}))
 
@@ -323,6 +326,26 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
             if obs.serving_current and obs.record.get("state") == "Built" and obs.serving_ready > 0:
                 obs.record["state"] = "Serving"
     return observation
+
+
+async def _launch_build(operator: Operator, namespace: str, name: str, model: dict[str, Any],
+                        spec: InferenceModelSpec, target: Target, key: str, build_job_index: kopf.Index,
+                        logger: logging.Logger) -> dict[str, Any]:
+    """Launch the build Job for `key` if a build slot is free; the target's state either way."""
+    settings = operator.settings
+    job_name = rendering.job_name(key)
+    async with operator.build_slots:
+        running = operator.running_builds(build_job_index)
+        if running >= settings.build_concurrency:
+            return {"state": "Pending", "reason": "WaitingForBuildSlot",
+                    "message": f"{running} builds running (limit {settings.build_concurrency})"}
+        body = rendering.render_build_job(name=name, namespace=namespace, spec=spec, target=target, key=key,
+                                          settings=settings)
+        kopf.adopt(body, owner=model)
+        if await asyncio.to_thread(operator.kube.create_job, body):
+            operator.launched.add((namespace, job_name))
+            logger.info("build Job %s launched for %s (engine %s)", job_name, target.slug, key)
+    return {"state": "Building", "jobName": job_name}
 
 
 def _record_engine(record: dict[str, Any], manifest: Manifest, spec: InferenceModelSpec) -> None:

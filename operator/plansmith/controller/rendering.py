@@ -97,7 +97,7 @@ def container_security_context() -> dict[str, Any]:
 
 
 def _gpu_limits(target: Target) -> dict[str, Any]:
-    return {target.resource: 1} if target.resource else {}
+    return {target.resource: "1"} if target.resource else {}
 
 
 def _scheduling(spec: InferenceModelSpec, target: Target, settings: OperatorSettings) -> dict[str, Any]:

@@ -45,9 +45,9 @@ def test_job_is_pinned_to_the_gpu_type_and_requests_it():
     assert {(e["key"], e["values"][0]) for e in terms[0]["matchExpressions"]} == {
         ("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"), ("nvidia.com/gpu.compute.major", "9"),
         ("nvidia.com/gpu.compute.minor", "0")}
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert job(MIG)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": 1}
+    assert job(MIG)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
 
 
 def test_job_runs_the_builder_for_that_target_with_credentials_only_by_reference():
@@ -94,7 +94,7 @@ def test_deployment_serves_the_engine_with_the_batching_settings():
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert [p["containerPort"] for p in container["ports"]] == [8000, 8001, 8002]
-    assert container["resources"]["limits"] == {"memory": "2Gi", "nvidia.com/gpu": 1}
+    assert container["resources"]["limits"] == {"memory": "2Gi", "nvidia.com/gpu": "1"}
     assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
 
 
