@@ -100,6 +100,11 @@ class Manifest(ManifestModel):
     target: ManifestTarget
     precision: str
     quantization: str | None = None
+    effective_precision: str | None = Field(
+        default=None,
+        description="Precision the engine's kernels actually use when it differs from `precision` (the spec's "
+        "lowest allowed precision), e.g. fp32 for an fp16 spec on a CPU target",
+    )
     build_options: dict = Field(description="The options document that went into the key")
     source: SourceModel
     inputs: list[TensorSpec]

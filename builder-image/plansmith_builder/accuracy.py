@@ -1,0 +1,125 @@
+"""The accuracy gate: the built engine against an FP32 ONNX Runtime run of the original model.
+
+Both run the same inputs: the calibration data when the spec gives it, else `samples` batches
+drawn (seeded) within the declared shapes and dtypes. Per output we report the lowest cosine
+similarity over the batches, the largest absolute error and the largest relative error
+(|engine - reference| / max(|reference|, 1e-6)), and the worst output decides the gate.
+
+Computed with numpy rather than polygraphy's comparators: polygraphy's CompareFunc reports
+absolute/relative error statistics but no cosine similarity (the gate's main figure), and it
+wants its own RunResults wrapping; the figures here are three lines each.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+from plansmith.manifest import AccuracyResult, OutputAccuracy
+from plansmith.spec import AccuracyGate
+from plansmith_builder.calibration import batches
+from plansmith_builder.modelcheck import ModelSignature
+
+Feeds = dict[str, np.ndarray]
+Runner = Callable[[Feeds], dict[str, np.ndarray]]
+
+RELATIVE_FLOOR = 1e-6
+
+
+def random_feeds(signature: ModelSignature, samples: int, seed: int = 0) -> list[Feeds]:
+    """`samples` input batches at the optimum shape: standard normal floats, small non-negative
+    integers (valid indices for any embedding), random booleans."""
+    rng = np.random.default_rng(seed)
+    result = []
+    for _ in range(samples):
+        feeds = {}
+        for tensor in signature.inputs:
+            shape = signature.feed_shape(tensor)
+            dtype = np.dtype(tensor.dtype)
+            if dtype.kind == "f":
+                feeds[tensor.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype.kind in "iu":
+                feeds[tensor.name] = rng.integers(0, 2, size=shape).astype(dtype)
+            elif dtype.kind == "b":
+                feeds[tensor.name] = rng.random(shape) < 0.5
+            else:
+                raise ValueError(f"cannot draw inputs of dtype {dtype} for {tensor.name!r}")
+        result.append(feeds)
+    return result
+
+
+def gate_feeds(signature: ModelSignature, samples: int, calibration: dict[str, np.ndarray] | None,
+               seed: int = 0) -> list[Feeds]:
+    """The inputs the gate compares on: calibration batches (up to `samples` of them) or random ones."""
+    if calibration is None:
+        return random_feeds(signature, samples, seed)
+    fixed_batch = any(t.shape[0] != -1 for t in signature.inputs)
+    batch = min(signature.feed_shape(t)[0] for t in signature.inputs)
+    feeds = list(batches(calibration, batch, exact=fixed_batch))[:samples]
+    return feeds or random_feeds(signature, samples, seed)
+
+
+def cosine(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Cosine similarity of two flattened tensors; 1.0 for two all-zero tensors, 0.0 when either
+    holds NaN or infinity (an engine producing them is broken)."""
+    a = reference.astype(np.float64).ravel()
+    b = actual.astype(np.float64).ravel()
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return 0.0
+    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+    if norm_a == 0 and norm_b == 0:
+        return 1.0
+    if norm_a == 0 or norm_b == 0:
+        return 0.0
+    return float(np.clip(a @ b / (norm_a * norm_b), -1.0, 1.0))
+
+
+def compare_batch(reference: np.ndarray, actual: np.ndarray) -> OutputAccuracy:
+    if reference.shape != actual.shape:
+        raise ValueError(f"engine output shape {list(actual.shape)} differs from the reference's {list(reference.shape)}")
+    a = reference.astype(np.float64)
+    b = actual.astype(np.float64)
+    diff = np.abs(a - b)
+    if not np.all(np.isfinite(diff)):
+        return OutputAccuracy(cosine=0.0, max_abs_error=float("inf"), max_rel_error=float("inf"))
+    rel = diff / np.maximum(np.abs(a), RELATIVE_FLOOR)
+    return OutputAccuracy(cosine=cosine(a, b), max_abs_error=float(diff.max(initial=0.0)),
+                          max_rel_error=float(rel.max(initial=0.0)))
+
+
+def worst(items: Iterable[OutputAccuracy]) -> OutputAccuracy:
+    items = list(items)
+    return OutputAccuracy(cosine=min(i.cosine for i in items), max_abs_error=max(i.max_abs_error for i in items),
+                          max_rel_error=max(i.max_rel_error for i in items))
+
+
+def measure(reference: Runner, engine: Runner, feeds: list[Feeds], gate: AccuracyGate) -> AccuracyResult:
+    """Run both on every batch and summarise per output and overall."""
+    per_output: dict[str, list[OutputAccuracy]] = {}
+    for batch in feeds:
+        expected = reference(batch)
+        actual = engine(batch)
+        for name, value in expected.items():
+            if name not in actual:
+                raise ValueError(f"the engine has no output {name!r}")
+            per_output.setdefault(name, []).append(compare_batch(np.asarray(value), np.asarray(actual[name])))
+    summary = {name: worst(values) for name, values in per_output.items()}
+    overall = worst(summary.values())
+    return AccuracyResult(
+        cosine=overall.cosine, max_abs_error=overall.max_abs_error, max_rel_error=overall.max_rel_error,
+        samples=len(feeds), per_output=summary, min_cosine=gate.min_cosine, max_abs_error_allowed=gate.max_abs_error,
+    )
+
+
+def gate_failure(result: AccuracyResult, gate: AccuracyGate) -> str | None:
+    """Why `result` fails `gate` (naming the worst output), or None when it passes."""
+    problems = []
+    for name, figures in sorted(result.per_output.items()):
+        if not figures.cosine >= gate.min_cosine:
+            problems.append(f"output {name!r} cosine {figures.cosine:.6f} < minCosine {gate.min_cosine}")
+        if gate.max_abs_error is not None and not figures.max_abs_error <= gate.max_abs_error:
+            problems.append(f"output {name!r} max abs error {figures.max_abs_error:.6g} > maxAbsError {gate.max_abs_error}")
+    if not result.per_output and not result.cosine >= gate.min_cosine:
+        problems.append(f"cosine {result.cosine:.6f} < minCosine {gate.min_cosine}")
+    return "; ".join(problems) or None

@@ -1,0 +1,250 @@
+"""One engine build, end to end: the Python API behind `plansmith build` (and the operator and
+`plansmith up`, which call `run_build` directly).
+
+    fetch model (verify sha256) -> check ONNX and shapes -> target -> backend -> engine key
+    -> cache hit?  yes: verify artifacts, report `hit` (nothing written)
+                   no:  build -> accuracy gate -> benchmark -> upload artifacts -> manifest (last)
+
+Every failure is a `BuildResult` with status `failed` and a reason (see `errors`); nothing is
+published for a failed build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from plansmith import __version__ as PLANSMITH_VERSION
+from plansmith.engine_key import build_options, effective_quantization, engine_key, manifest_uri
+from plansmith.manifest import Manifest, ManifestTarget, SourceModel
+from plansmith.spec import InferenceModelSpec
+from plansmith.storage import (
+    IntegrityError,
+    InvalidStorageUri,
+    ObjectNotFound,
+    StorageUnavailable,
+    open_store,
+)
+from plansmith_builder.accuracy import gate_failure, gate_feeds, measure
+from plansmith_builder.backends import BuildContext, resolve_backend
+from plansmith_builder.backends.ort_backend import runner as ort_runner, session as ort_session
+from plansmith_builder.benchmark import BenchmarkBudget, benchmark
+from plansmith_builder.calibration import load_calibration
+from plansmith_builder.errors import BuildError
+from plansmith_builder.modelcheck import inspect_model, load_model
+from plansmith_builder.progress import Progress
+from plansmith_builder.publish import artifact_for, find_engine, publish
+from plansmith_builder.target import DetectedTarget, detect_target, target_from_override
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildRequest:
+    spec: InferenceModelSpec
+    store_uri: str | None = None  # default: spec.storage.uri
+    endpoint: str | None = None  # default: spec.storage.endpoint, then the environment
+    backend: str | None = None  # auto | tensorrt | onnxruntime; default: spec.build.backend
+    target: str = "auto"  # auto | cpu | a compute capability such as 9.0
+    workdir: Path | None = None  # default: a temporary folder, removed afterwards
+    benchmark: BenchmarkBudget = field(default_factory=BenchmarkBudget)
+    detected: DetectedTarget | None = None  # default: detect_target()
+    progress: Progress | None = None
+
+
+@dataclass
+class BuildResult:
+    status: str  # built | hit | failed
+    key: str | None = None
+    manifest_uri: str | None = None
+    reason: str | None = None
+    message: str = ""
+    manifest: Manifest | None = None
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "key": self.key, "manifestUri": self.manifest_uri,
+                "reason": self.reason, "message": self.message}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False, separators=(",", ":"))
+
+
+def run_build(request: BuildRequest) -> BuildResult:
+    """Build (or find) the engine for `request`; never raises for a build failure."""
+    progress = request.progress or Progress(tty=False)
+    state: dict[str, str | None] = {"key": None, "manifest_uri": None}
+    try:
+        if request.workdir is not None:
+            request.workdir.mkdir(parents=True, exist_ok=True)
+            return _run(request, Path(request.workdir), progress, state)
+        with tempfile.TemporaryDirectory(prefix="plansmith-build-") as workdir:
+            return _run(request, Path(workdir), progress, state)
+    except BuildError as error:
+        return BuildResult("failed", state["key"], state["manifest_uri"], error.reason, error.message)
+    except StorageUnavailable as error:
+        return BuildResult("failed", state["key"], state["manifest_uri"], "StorageUnavailable", str(error))
+    except IntegrityError as error:
+        return BuildResult("failed", state["key"], state["manifest_uri"], "IntegrityError", str(error))
+    except ObjectNotFound as error:  # the engine store's bucket is missing: an operator may still create it
+        return BuildResult("failed", state["key"], state["manifest_uri"], "StorageUnavailable",
+                           f"engine store not found: {error}")
+    except Exception as error:  # a bug or an unexpected library failure: reported, never a bare traceback
+        log.error("unexpected build failure\n%s", traceback.format_exc())
+        return BuildResult("failed", state["key"], state["manifest_uri"], "BuildFailed",
+                           f"{type(error).__name__}: {error}")
+
+
+def _fetch(store, uri: str, dest: Path, progress: Progress, what: str) -> str:
+    callback = progress.transfer(f"download {what}")
+    try:
+        digest = store.download(uri, dest, callback)
+    except ObjectNotFound:
+        raise BuildError("ModelNotFound", f"{what} not found at {uri}") from None
+    finally:
+        progress.end_transfer()
+    return digest
+
+
+def _open(uri: str, endpoint: str | None, field_path: str):
+    try:
+        return open_store(uri, endpoint)
+    except InvalidStorageUri as error:
+        raise BuildError("InvalidSpec", f"{field_path}: {error}") from None
+
+
+def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) -> BuildResult:
+    started = time.monotonic()
+    spec = request.spec
+    build = spec.build
+    storage_uri = request.store_uri or spec.storage.uri
+    if not storage_uri:
+        raise BuildError("InvalidSpec", "no engine store: set spec.storage.uri or pass --store")
+    endpoint = request.endpoint or spec.storage.endpoint
+    engine_store = _open(storage_uri, endpoint, "--store" if request.store_uri else "spec.storage.uri")
+
+    detected = request.detected or detect_target()
+    try:
+        detected = target_from_override(request.target, detected)
+    except ValueError as error:
+        raise BuildError("InvalidSpec", str(error)) from None
+    target = detected.target
+    backend = resolve_backend(request.backend or build.backend, target)
+    backend.check(build, target)
+    backend_version = backend.version()
+    progress.info("target and backend", target=target.name, backend=backend.name, version=backend_version)
+
+    # ---- the model
+    progress.phase("fetch", uri=spec.model.uri)
+    model_store = _open(spec.model.uri, endpoint, "spec.model.uri")
+    source_path = workdir / "source.onnx"
+    source_sha256 = _fetch(model_store, spec.model.uri, source_path, progress, "model")
+    if spec.model.sha256 and source_sha256 != spec.model.sha256:
+        raise BuildError("IntegrityError", f"model at {spec.model.uri} has sha256 {source_sha256}, "
+                                           f"spec.model.sha256 is {spec.model.sha256}")
+    progress.done("fetch", sha256=source_sha256, bytes=source_path.stat().st_size)
+    progress.phase("check")
+    model = load_model(source_path.read_bytes())
+    signature = inspect_model(model, spec.model.inputs)
+    del model
+    progress.done("check", opset=signature.opset, inputs=",".join(t.name for t in signature.inputs),
+                  maxBatch=signature.max_batch_size)
+
+    calibration = None
+    calibration_sha256 = None
+    if build.calibration is not None:
+        progress.phase("fetch-calibration", uri=build.calibration.uri)
+        calibration_path = workdir / "calibration.npz"
+        calibration_store = _open(build.calibration.uri, endpoint, "spec.build.calibration.uri")
+        calibration_sha256 = _fetch(calibration_store, build.calibration.uri, calibration_path, progress,
+                                    "calibration data")
+        calibration = load_calibration(calibration_path.read_bytes(), signature.inputs, build.calibration.samples)
+        progress.done("fetch-calibration", sha256=calibration_sha256)
+
+    # ---- the key, and a cache hit
+    key_sha = calibration_sha256 if effective_quantization(build) == "calibrated" else None
+    key = engine_key(source_sha256=source_sha256, build=build, inputs=spec.model.inputs, backend=backend.name,
+                     backend_version=backend_version, target=target, calibration_sha256=key_sha)
+    state["key"] = key
+    state["manifest_uri"] = manifest_uri(storage_uri, key)
+    progress.phase("lookup", key=key)
+    existing = find_engine(engine_store, storage_uri, key, workdir)
+    if existing.manifest is not None:
+        recorded = existing.manifest.accuracy
+        if recorded is not None:
+            failure = gate_failure(recorded, build.accuracy)
+            if failure:
+                raise BuildError("AccuracyGateFailed", f"the cached engine {key} (same bytes a rebuild would give) "
+                                                       f"fails this spec's accuracy gate: {failure}")
+        progress.done("lookup", result="hit")
+        return BuildResult("hit", key, state["manifest_uri"], None, "engine already built and verified",
+                           existing.manifest)
+    if existing.problem:
+        log.warning("rebuilding %s: %s", key, existing.problem)
+    progress.done("lookup", result="miss")
+
+    # ---- build, gate, benchmark
+    progress.phase("build", backend=backend.name, precision=build.precision)
+    build_dir = workdir / "build"
+    build_dir.mkdir(exist_ok=True)
+    built = backend.build(BuildContext(model_path=source_path, signature=signature, build=build, target=target,
+                                       workdir=build_dir, calibration=calibration, store=engine_store,
+                                       storage_uri=storage_uri))
+    build_seconds = time.monotonic() - started
+    progress.done("build", engine=built.files[0].name, bytes=built.files[0].path.stat().st_size)
+
+    progress.phase("accuracy", samples=build.accuracy.samples)
+    reference = ort_runner(ort_session(source_path, "CPUExecutionProvider"))
+    feeds = gate_feeds(signature, build.accuracy.samples, calibration)
+    try:
+        accuracy = measure(reference, built.runner, feeds, build.accuracy)
+    except ValueError as error:
+        raise BuildError("BuildFailed", f"the engine's outputs do not match the model's: {error}") from None
+    failure = gate_failure(accuracy, build.accuracy)
+    if failure:
+        raise BuildError("AccuracyGateFailed", f"engine fails the accuracy gate against the FP32 reference: {failure}")
+    progress.done("accuracy", cosine=round(accuracy.cosine, 6), maxAbsError=f"{accuracy.max_abs_error:.3g}")
+
+    progress.phase("benchmark")
+    figures = benchmark(built.runner, reference, signature, request.benchmark)
+    progress.done("benchmark", p50Ms=figures.batch1.p50_ms,
+                  throughput=(figures.max_batch or figures.batch1).throughput)
+
+    # ---- publish, manifest last
+    progress.phase("publish", uri=state["manifest_uri"])
+    artifacts = [artifact_for(f.path, f.name, f.role) for f in built.files]
+    manifest = Manifest(
+        key=key,
+        backend=backend.name,
+        backend_version=backend_version,
+        target=ManifestTarget(
+            device=target.device, compute_capability=target.compute_capability, gpu_product=target.gpu_product,
+            driver_version=detected.driver_version, cpu_isa=target.cpu_isa, cpu_vendor=detected.cpu_vendor,
+            hardware_compatibility=build.hardware_compatibility, execution_provider=built.execution_provider,
+        ),
+        precision=build.precision,
+        quantization=effective_quantization(build),
+        effective_precision=built.effective_precision if built.effective_precision != build.precision else None,
+        build_options=build_options(build, spec.model.inputs, backend.name, calibration_sha256=key_sha),
+        source=SourceModel(uri=spec.model.uri, sha256=source_sha256, opset=signature.opset),
+        inputs=signature.inputs,
+        outputs=signature.outputs,
+        max_batch_size=signature.max_batch_size,
+        artifacts=artifacts,
+        accuracy=accuracy,
+        benchmark=figures,
+        build_seconds=round(build_seconds, 3),
+        builder_version=PLANSMITH_VERSION,
+        created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    uri = publish(engine_store, storage_uri, manifest, {f.name: f.path for f in built.files}, workdir, progress)
+    progress.done("publish", seconds_total=round(time.monotonic() - started, 3))
+    message = f"built {backend.name} {built.effective_precision} engine for {target.name}"
+    if built.notes:
+        message += " (" + "; ".join(built.notes) + ")"
+    return BuildResult("built", key, uri, None, message, manifest)

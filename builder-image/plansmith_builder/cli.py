@@ -1,0 +1,105 @@
+"""`plansmith build MODEL.yaml`: build (or find) the engine for one InferenceModel on this machine.
+
+    plansmith build MODEL.yaml [--store URI] [--endpoint URL] [--backend auto|tensorrt|onnxruntime]
+                               [--target auto|cpu|<compute capability>] [--workdir DIR] [--quick-benchmark]
+
+Prints one JSON line on stdout, and writes it to /dev/termination-log when that file is writable
+(Kubernetes shows it as the container's termination message):
+
+    {"status": "built"|"hit"|"failed", "key": ..., "manifestUri": ..., "reason": ..., "message": ...}
+
+Exit codes:
+    0   built, or hit (a verified engine with this key already exists; nothing written)
+    1   permanent failure: InvalidSpec, ModelNotFound, IntegrityError, UnsupportedModel,
+        AccuracyGateFailed, BackendUnavailable, BuildFailed (the same inputs fail again)
+    2   command-line usage error
+    75  retryable failure: StorageUnavailable (the store could not be reached; run again later)
+
+Progress goes to stderr: phases and byte counts on a terminal, key=value log lines otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "build",
+        help="build the engine for an InferenceModel on this machine and publish it to the engine store",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.yaml", help="an InferenceModel manifest (- for stdin)")
+    parser.add_argument("--store", metavar="URI", help="engine store (s3://bucket/prefix or file:///path); "
+                                                       "default: spec.storage.uri")
+    parser.add_argument("--endpoint", metavar="URL", help="S3-compatible endpoint; default: spec.storage.endpoint, "
+                                                          "then PLANSMITH_S3_ENDPOINT / AWS_ENDPOINT_URL_S3")
+    parser.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"),
+                        help="engine backend; default: spec.build.backend")
+    parser.add_argument("--target", default="auto", metavar="auto|cpu|CC",
+                        help="auto: this machine's GPU, else its CPU; cpu; or a compute capability such as 9.0")
+    parser.add_argument("--workdir", metavar="DIR", type=Path, help="keep intermediate files here (default: a "
+                                                                     "temporary folder, removed afterwards)")
+    parser.add_argument("--quick-benchmark", action="store_true",
+                        help="time fewer runs (0.2 s per figure instead of 2 s): for tests and demos")
+    parser.add_argument("--termination-log", metavar="PATH", type=Path, default=TERMINATION_LOG,
+                        help=argparse.SUPPRESS)
+    parser.set_defaults(handler=cmd_build)
+
+
+def _load_spec(name: str):
+    """The InferenceModel's spec, or a BuildError(InvalidSpec) naming every problem."""
+    from plansmith.validation import InvalidSpec, load_models
+    from plansmith_builder.errors import BuildError
+
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BuildError("InvalidSpec", f"{name}: cannot read: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        models = load_models(text, source=name)
+    except InvalidSpec as error:
+        raise BuildError("InvalidSpec", f"{name}: " + "; ".join(str(p) for p in error.problems)) from None
+    if len(models) != 1:
+        raise BuildError("InvalidSpec", f"{name}: expected one InferenceModel, found {len(models)}")
+    return models[0].spec
+
+
+def _write_termination_log(path: Path, line: str) -> None:
+    try:
+        if path.is_file() and os.access(path, os.W_OK):  # Kubernetes creates it; never create it elsewhere
+            path.write_text(line + "\n", encoding="utf-8")
+    except OSError:
+        pass  # outside Kubernetes the file is usually absent or read-only; stdout has the result
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from plansmith_builder.benchmark import BenchmarkBudget
+    from plansmith_builder.build import BuildRequest, BuildResult, run_build
+    from plansmith_builder.errors import BuildError, exit_code
+    from plansmith_builder.progress import Progress
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        spec = _load_spec(args.model)
+    except BuildError as error:
+        result = BuildResult("failed", reason=error.reason, message=error.message)
+    else:
+        budget = BenchmarkBudget(warmup=2, min_iterations=5, max_iterations=50, seconds=0.2) \
+            if args.quick_benchmark else BenchmarkBudget()
+        result = run_build(BuildRequest(spec=spec, store_uri=args.store, endpoint=args.endpoint,
+                                        backend=args.backend, target=args.target, workdir=args.workdir,
+                                        benchmark=budget, progress=Progress()))
+    line = result.to_json()
+    print(line, flush=True)
+    _write_termination_log(args.termination_log, line)
+    return exit_code(result.status, result.reason)

@@ -1,0 +1,91 @@
+"""The storage adapter against a real S3 endpoint (moto) and the local file system."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import pytest
+
+from plansmith.devcluster.processes import free_port
+from plansmith.storage import (
+    IntegrityError,
+    InvalidStorageUri,
+    ObjectNotFound,
+    StorageUnavailable,
+    open_store,
+    sha256_file,
+)
+
+
+@pytest.fixture
+def s3_base(s3_server, monkeypatch):
+    import boto3
+
+    for name, value in s3_server.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"storage-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/prefix"
+
+
+@pytest.fixture(params=["s3", "file"])
+def base(request, tmp_path):
+    if request.param == "s3":
+        return request.getfixturevalue("s3_base")
+    return (tmp_path / "store").as_uri()
+
+
+def test_upload_verifies_and_download_streams(base, tmp_path):
+    store = open_store(base)
+    payload = tmp_path / "engine.plan"
+    payload.write_bytes(b"plan bytes " * 50_000)
+    digest = sha256_file(payload)
+    uploaded: list[int] = []
+    store.upload(payload, f"{base}/engines/k/model.plan", digest, uploaded.append)
+    assert sum(uploaded) == payload.stat().st_size
+    assert store.exists(f"{base}/engines/k/model.plan")
+    copy = tmp_path / "copy"
+    assert store.download(f"{base}/engines/k/model.plan", copy) == digest
+    assert copy.read_bytes() == payload.read_bytes()
+    store.write_bytes(f"{base}/engines/k/manifest.json", b"{}")
+    assert store.read_bytes(f"{base}/engines/k/manifest.json") == b"{}"
+    store.delete(f"{base}/engines/k/manifest.json")
+    assert not store.exists(f"{base}/engines/k/manifest.json")
+
+
+def test_upload_with_the_wrong_sha256_is_refused_and_leaves_nothing(base, tmp_path):
+    store = open_store(base)
+    payload = tmp_path / "engine.plan"
+    payload.write_bytes(b"real bytes")
+    wrong = hashlib.sha256(b"other bytes").hexdigest()
+    # the stored bytes are checked after the upload and removed when they do not match
+    with pytest.raises(IntegrityError):
+        store.upload(payload, f"{base}/x/model.plan", wrong)
+    assert not store.exists(f"{base}/x/model.plan")
+
+
+def test_missing_objects_are_object_not_found(base, tmp_path):
+    store = open_store(base)
+    with pytest.raises(ObjectNotFound):
+        store.read_bytes(f"{base}/nothing/here")
+    with pytest.raises(ObjectNotFound):
+        store.download(f"{base}/nothing/here", tmp_path / "x")
+    assert store.exists(f"{base}/nothing/here") is False
+
+
+def test_unreachable_endpoint_is_storage_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store = open_store("s3://bucket/p", endpoint=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageUnavailable):
+        store.read_bytes("s3://bucket/p/manifest.json")
+    with pytest.raises(StorageUnavailable):
+        store.exists("s3://bucket/p/manifest.json")
+
+
+def test_bad_uris_are_refused():
+    with pytest.raises(InvalidStorageUri):
+        open_store("http://example.com/x")
+    with pytest.raises(InvalidStorageUri):
+        open_store("file:///tmp").read_bytes("s3://bucket/key")
