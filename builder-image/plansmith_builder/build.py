@@ -40,7 +40,7 @@ from plansmith_builder.errors import BuildError
 from plansmith_builder.modelcheck import inspect_model, load_model
 from plansmith_builder.progress import Progress
 from plansmith_builder.publish import artifact_for, find_engine, publish
-from plansmith_builder.target import DetectedTarget, detect_target, target_from_override
+from plansmith_builder.target import DetectedTarget, cpu_target, detect_target, target_from_override
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class BuildRequest:
     benchmark: BenchmarkBudget = field(default_factory=BenchmarkBudget)
     detected: DetectedTarget | None = None  # default: detect_target()
     progress: Progress | None = None
+    # the GPU named by `target` is simulated (plansmith dev-cluster): key the engine for it, but build
+    # and run it on this machine's CPU, and say so in the manifest
+    simulated_gpu: bool = False
 
 
 @dataclass
@@ -133,9 +136,15 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
         detected = target_from_override(request.target, detected)
     except ValueError as error:
         raise BuildError("InvalidSpec", str(error)) from None
-    target = detected.target
-    backend = resolve_backend(request.backend or build.backend, target)
-    backend.check(build, target)
+    target = detected.target  # what the engine is for: its key and the manifest's target
+    run_target = target  # what it is built for and runs on
+    if request.simulated_gpu:
+        if target.device != "gpu":
+            raise BuildError("InvalidSpec", "--simulated-gpu needs --target <compute capability>")
+        run_target = cpu_target().target
+        progress.info("simulated GPU", target=target.name, runsOn=run_target.name)
+    backend = resolve_backend(request.backend or build.backend, run_target)
+    backend.check(build, run_target)
     backend_version = backend.version()
     progress.info("target and backend", target=target.name, backend=backend.name, version=backend_version)
 
@@ -192,7 +201,7 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
     progress.phase("build", backend=backend.name, precision=build.precision)
     build_dir = workdir / "build"
     build_dir.mkdir(exist_ok=True)
-    built = backend.build(BuildContext(model_path=source_path, signature=signature, build=build, target=target,
+    built = backend.build(BuildContext(model_path=source_path, signature=signature, build=build, target=run_target,
                                        workdir=build_dir, calibration=calibration, store=engine_store,
                                        storage_uri=storage_uri))
     build_seconds = time.monotonic() - started

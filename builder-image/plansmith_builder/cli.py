@@ -1,7 +1,16 @@
 """`plansmith build MODEL.yaml`: build (or find) the engine for one InferenceModel on this machine.
 
     plansmith build MODEL.yaml [--store URI] [--endpoint URL] [--backend auto|tensorrt|onnxruntime]
-                               [--target auto|cpu|<compute capability>] [--workdir DIR] [--quick-benchmark]
+                               [--target auto|cpu|cpu:<isa>|<compute capability>] [--simulated-gpu]
+                               [--workdir DIR] [--quick-benchmark]
+
+MODEL.yaml may be `-` (stdin) or `env:NAME`: the manifest in environment variable NAME, which is how
+the operator's build Jobs pass it (PLANSMITH_MODEL).
+
+--target names the hardware the engine is for, and thus its key: the operator passes the GPU type
+it pinned the Job to (9.0) or `cpu:<arch>` for CPU-only clusters. --simulated-gpu is for clusters
+whose GPUs are simulated (plansmith dev-cluster): the engine is keyed for the GPU type but built for
+and run on the CPU, and its manifest says so (target.executionProvider CPUExecutionProvider).
 
 Prints one JSON line on stdout, and writes it to /dev/termination-log when that file is writable
 (Kubernetes shows it as the container's termination message):
@@ -36,15 +45,19 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL.yaml", help="an InferenceModel manifest (- for stdin)")
+    parser.add_argument("model", metavar="MODEL.yaml", help="an InferenceModel manifest (- for stdin, env:NAME for "
+                                                            "an environment variable)")
     parser.add_argument("--store", metavar="URI", help="engine store (s3://bucket/prefix or file:///path); "
                                                        "default: spec.storage.uri")
     parser.add_argument("--endpoint", metavar="URL", help="S3-compatible endpoint; default: spec.storage.endpoint, "
                                                           "then PLANSMITH_S3_ENDPOINT / AWS_ENDPOINT_URL_S3")
     parser.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"),
                         help="engine backend; default: spec.build.backend")
-    parser.add_argument("--target", default="auto", metavar="auto|cpu|CC",
-                        help="auto: this machine's GPU, else its CPU; cpu; or a compute capability such as 9.0")
+    parser.add_argument("--target", default="auto", metavar="auto|cpu|cpu:ISA|CC",
+                        help="auto: this machine's GPU, else its CPU; cpu; cpu:<isa> such as cpu:x86_64; "
+                             "or a compute capability such as 9.0")
+    parser.add_argument("--simulated-gpu", action="store_true",
+                        help="the GPU named by --target is simulated: key the engine for it, build and run it on the CPU")
     parser.add_argument("--workdir", metavar="DIR", type=Path, help="keep intermediate files here (default: a "
                                                                      "temporary folder, removed afterwards)")
     parser.add_argument("--quick-benchmark", action="store_true",
@@ -60,7 +73,14 @@ def _load_spec(name: str):
     from plansmith_builder.errors import BuildError
 
     try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        if name == "-":
+            text = sys.stdin.read()
+        elif name.startswith("env:"):
+            text = os.environ.get(name[4:])
+            if text is None:
+                raise BuildError("InvalidSpec", f"environment variable {name[4:]} is not set")
+        else:
+            text = Path(name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise BuildError("InvalidSpec", f"{name}: cannot read: {getattr(error, 'strerror', None) or error}") from None
     try:
@@ -98,6 +118,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             if args.quick_benchmark else BenchmarkBudget()
         result = run_build(BuildRequest(spec=spec, store_uri=args.store, endpoint=args.endpoint,
                                         backend=args.backend, target=args.target, workdir=args.workdir,
+                                        simulated_gpu=args.simulated_gpu,
                                         benchmark=budget, progress=Progress()))
     line = result.to_json()
     print(line, flush=True)

@@ -105,14 +105,21 @@ def detect_target() -> DetectedTarget:
 
 
 def target_from_override(value: str, detected: DetectedTarget) -> DetectedTarget:
-    """Apply `--target`: 'auto' keeps what was detected, 'cpu' forces the CPU, '9.0' forces a GPU
-    compute capability (a cross-build; the product name is kept only when the detected GPU has it)."""
+    """Apply `--target`: 'auto' keeps what was detected, 'cpu' forces the CPU, 'cpu:<isa>' names the CPU
+    target as the operator does (e.g. cpu:x86_64 for any x86-64 node), '9.0' forces a GPU compute
+    capability (a cross-build; the product name is kept only when the detected GPU has it)."""
     if value in ("", "auto"):
         return detected
     if value == "cpu":
         return detected if detected.target.device == "cpu" else cpu_target()
+    if value.startswith("cpu:"):
+        isa = value[4:]
+        if not re.fullmatch(r"[A-Za-z0-9_]+(-[A-Za-z0-9_]+)?", isa):
+            raise ValueError(f"--target cpu:<isa> needs an ISA such as cpu:x86_64 or cpu:x86_64-avx2, got {value!r}")
+        cpu = detected if detected.target.device == "cpu" else cpu_target()
+        return replace(cpu, target=EngineTarget(device="cpu", cpu_isa=isa))
     if not re.fullmatch(COMPUTE_CAPABILITY_PATTERN, value):
-        raise ValueError(f"--target must be auto, cpu or a compute capability such as 9.0, got {value!r}")
+        raise ValueError(f"--target must be auto, cpu, cpu:<isa> or a compute capability such as 9.0, got {value!r}")
     same = detected.target.device == "gpu" and detected.target.compute_capability == value
     product = detected.target.gpu_product if same else None
     return replace(
@@ -120,3 +127,9 @@ def target_from_override(value: str, detected: DetectedTarget) -> DetectedTarget
         target=EngineTarget(device="gpu", compute_capability=value, gpu_product=product),
         driver_version=detected.driver_version if same else None,
     )
+
+
+def portable_cpu_target(target: EngineTarget) -> bool:
+    """A CPU target named by architecture only (cpu:x86_64): the engine must run on any CPU of that
+    architecture, so nothing tied to this CPU's SIMD extensions may be baked into it."""
+    return target.device == "cpu" and "-" not in (target.cpu_isa or "")

@@ -21,6 +21,7 @@ from typing import Literal
 from plansmith.engine_key import EngineTarget, effective_quantization
 from plansmith.spec import BuildSpec
 from plansmith_builder.errors import BuildError
+from plansmith_builder.target import portable_cpu_target
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -53,6 +54,10 @@ def plan_ort_build(build: BuildSpec, target: EngineTarget) -> OrtPlan:
     gpu = target.device == "gpu"
     provider = CUDA_PROVIDER if gpu else CPU_PROVIDER
     level = graph_level(build.optimization_level)
+    if level == "ORT_ENABLE_ALL" and portable_cpu_target(target):
+        # ALL adds layout transformations tied to this CPU's SIMD width (NCHWc blocks); ONNX Runtime
+        # documents such saved models as valid on the same hardware only. The runtime applies ALL online.
+        level = "ORT_ENABLE_EXTENDED"
     simplify = build.optimization_level > 0
     precision = build.precision
     if precision in ("bf16", "fp8"):

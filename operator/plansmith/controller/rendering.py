@@ -122,6 +122,8 @@ def render_build_job(*, name: str, namespace: str, spec: InferenceModelSpec, tar
     store = storage_uri(spec, settings)
     args = ["build", "env:PLANSMITH_MODEL", "--store", store, "--backend", settings.builder_backend,
             "--target", target.builder_target_arg]
+    if settings.simulated_gpus and target.device == "gpu":
+        args.append("--simulated-gpu")
     container = {
         "name": "builder",
         "image": settings.builder_image_for(settings.builder_backend_version),

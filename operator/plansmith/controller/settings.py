@@ -19,6 +19,7 @@
 | PLANSMITH_GPU_PRODUCT_LABEL | node label with the GPU product | nvidia.com/gpu.product |
 | PLANSMITH_GPU_COMPUTE_MAJOR_LABEL / _MINOR_LABEL | node labels with the compute capability | nvidia.com/gpu.compute.major / .minor |
 | PLANSMITH_CPU_FALLBACK | build an onnxruntime CPU engine when the cluster has no GPU node | true |
+| PLANSMITH_SIMULATED_GPUS | the cluster's GPUs are simulated (plansmith dev-cluster): engines are keyed per GPU type but built and served on the CPU (`plansmith build --simulated-gpu`) | false |
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class OperatorSettings:
     gpu_compute_minor_label: str = "nvidia.com/gpu.compute.minor"
     mig_strategy_label: str = "nvidia.com/mig.strategy"
     cpu_fallback: bool = True
+    simulated_gpus: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorSettings":
@@ -91,6 +93,7 @@ class OperatorSettings:
             gpu_compute_minor_label=get("GPU_COMPUTE_MINOR_LABEL", cls.gpu_compute_minor_label),
             mig_strategy_label=get("MIG_STRATEGY_LABEL", cls.mig_strategy_label),
             cpu_fallback=get("CPU_FALLBACK", "true").lower() in ("1", "true", "yes"),
+            simulated_gpus=get("SIMULATED_GPUS", "false").lower() in ("1", "true", "yes"),
         )
 
     def builder_image_for(self, backend_version: str) -> str:

@@ -61,6 +61,15 @@ def test_job_runs_the_builder_for_that_target_with_credentials_only_by_reference
     assert "value" not in env["AWS_ACCESS_KEY_ID"]
 
 
+def test_simulated_gpu_clusters_build_on_the_cpu_under_the_gpu_key():
+    from dataclasses import replace
+
+    settings = replace(SETTINGS, simulated_gpus=True)
+    body = rendering.render_build_job(name="resnet", namespace="ml", spec=SPEC, target=H100, key=KEY, settings=settings)
+    assert body["spec"]["template"]["spec"]["containers"][0]["args"][-3:] == ["--target", "9.0", "--simulated-gpu"]
+    assert "--simulated-gpu" not in job()["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 def restricted(pod: dict) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
