@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVICE_MARKERS = {"control_plane": "controlplane", "s3_server": "s3"}
+SERVICE_MARKERS = {"control_plane": "controlplane", "s3_server": "s3", "dev_cluster": "cluster"}
+# the dev cluster runs a control plane and S3 too: `-m "not controlplane and not s3"` skips it
+IMPLIED_MARKERS = {"cluster": ("controlplane", "s3")}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         for fixture, marker in SERVICE_MARKERS.items():
             if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(getattr(pytest.mark, marker))
+                for name in (marker, *IMPLIED_MARKERS.get(marker, ())):
+                    item.add_marker(getattr(pytest.mark, name))
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +55,19 @@ def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def dev_cluster():
+    """The local cluster with real pods (`plansmith dev-cluster up`): reused when already up (and
+    then left running), otherwise started for this session and stopped at its end."""
+    from plansmith.devcluster import cluster
+
+    running = cluster.status()
+    started = running is None
+    dev = running or cluster.up(say=lambda line: print(line, flush=True))
+    if running:
+        cluster.refresh_images(dev)  # the plansmith images follow the working tree
+    yield dev
+    if started:
+        cluster.down(say=lambda _: None)

@@ -55,12 +55,15 @@ class ControlPlane:
     bind_address: str = "127.0.0.1"
     api_port: int = field(default_factory=free_port)
     daemons: list[Daemon] = field(default_factory=list)
+    # more token users, name -> groups (the dev cluster adds its kubelets and kube-proxy)
+    extra_users: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.bin = kubernetes_bin_dir()
         self.advertise_address = host_address()
         self.tokens = {user: secrets.token_hex(16) for user in ("admin", "controller-manager", "scheduler")}
+        self.tokens.update({user: secrets.token_hex(16) for user in self.extra_users})
 
     @property
     def server(self) -> str:
@@ -78,6 +81,10 @@ class ControlPlane:
     def ca_cert(self) -> Path:
         return self.workdir / "pki" / "ca.crt"
 
+    def user_kubeconfig(self, user: str, path: Path) -> Path:
+        """A kubeconfig for one of `extra_users` (written after start())."""
+        return write_kubeconfig(path, server=self.server, ca=self.ca_cert, user=user, token=self.tokens[user])
+
     def _get(self, path: str) -> bytes:
         context = ssl.create_default_context(cafile=str(self.ca_cert))
         request = urllib.request.Request(self.server + path, headers={"Authorization": f"Bearer {self.tokens['admin']}"})
@@ -93,6 +100,8 @@ class ControlPlane:
             f'{self.tokens["admin"]},admin,admin,"system:masters"\n'
             f'{self.tokens["controller-manager"]},system:kube-controller-manager,kcm\n'
             f'{self.tokens["scheduler"]},system:kube-scheduler,scheduler\n'
+            + "".join(f'{self.tokens[user]},{user},{user}' + (f',"{",".join(groups)}"' if groups else "") + "\n"
+                      for user, groups in self.extra_users.items())
         )
         token_file.chmod(0o600)
         write_kubeconfig(self.kubeconfig, server=self.server, ca=keys.ca_cert, user="admin", token=self.tokens["admin"])
