@@ -1,0 +1,380 @@
+"""Serving benchmark: `plansmith serve` under load, batching on vs off, against the in-process ceiling.
+
+    .venv/bin/python bench/serve.py [--duration 4] [--concurrency 1,8,64] [--models mlp,small_cnn] [--no-http]
+
+For each generated model (an MLP 256-512-10 whose compute is tens of microseconds, and the test
+CNN, compute-dominated) the engine is built with the real builder, then served twice, batching on
+and off, and driven at each concurrency by
+  - gRPC: asyncio generators (grpc.aio, calling GRPCInferenceService/ModelInfer with a request
+    built once from tritonclient's service_pb2, raw_input_contents) spread over processes;
+  - HTTP: `wrk` (Debian package) with a Lua script posting a binary-tensor infer request.
+It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
+  MLP: batching on / off throughput at c=64 (target >= 5x, with lower p99);
+  CNN: served items/s at c=64 / in-process ceiling (direct ONNX Runtime at its best batch size; target >= 80%);
+  c=1: gRPC p50 minus a direct session.run p50 on the same input (target <= 1 ms).
+Everything runs on this machine at once (server, generators, ceiling), side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
+MAX_BATCH = 32
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = "{header_length}"
+local f = io.open("{body_path}", "rb")
+wrk.body = f:read("*all")
+f:close()
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float, float]:
+    if not latencies:
+        return float("nan"), float("nan"), float("nan")
+    array = np.asarray(latencies) * 1000
+    return tuple(float(np.percentile(array, q)) for q in (50, 95, 99))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- server
+
+
+class Server:
+    def __init__(self, manifest_uri: str, batching: bool, log_path: Path, extra: list[str]) -> None:
+        for attempt in range(3):  # free ports can be taken by another process before the server binds them
+            if self._start(manifest_uri, batching, log_path, extra):
+                return
+        raise RuntimeError(f"server did not become ready: {log_path.read_text()}")
+
+    def _start(self, manifest_uri: str, batching: bool, log_path: Path, extra: list[str]) -> bool:
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        args = [PLANSMITH, "serve", "--manifest", manifest_uri, "--host", "127.0.0.1", "--http-port", str(self.http),
+                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--max-batch-size", str(MAX_BATCH),
+                "--max-queue-size", "4096", "--log-level", "WARNING"]
+        if not batching:
+            args.append("--no-batching")
+        args += extra
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        return False
+
+    def batch_stats(self) -> tuple[float, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
+        values = dict(re.findall(r"^(nv_inference_(?:count|exec_count))\{[^}]*\} (\S+)$", text, re.M))
+        return float(values.get("nv_inference_count", 0)), float(values.get("nv_inference_exec_count", 0))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+# --------------------------------------------------------------------------- gRPC generator
+
+
+def _grpc_worker(url: str, model_name: str, input_name: str, array: np.ndarray, concurrency: int,
+                 duration: float, start_at: float, results) -> None:
+    """One generator process: `concurrency` coroutines calling ModelInfer back to back through
+    tritonclient's GRPCInferenceService stub on one channel. The request is serialized once (as a
+    client with a fixed input would), so the generator spends its CPU on the calls, not on
+    rebuilding the same message."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model_name)
+    request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
+    request.raw_input_contents.append(array.tobytes())
+    payload = request.SerializeToString()
+
+    async def main():
+        channel = grpc.aio.insecure_channel(url)
+        # the method tritonclient.grpc.service_pb2_grpc.GRPCInferenceServiceStub.ModelInfer calls
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=lambda body: body,
+                                   response_deserializer=service_pb2.ModelInferResponse.FromString)
+        latencies: list[float] = []
+        errors = 0
+        first = await call(payload)  # connect (and check the answer) before the clock starts
+        assert first.raw_output_contents, "the server returned no outputs"
+        while time.time() < start_at:
+            await asyncio.sleep(0.001)
+        stop_at = start_at + duration
+
+        async def loop():
+            nonlocal errors
+            while time.time() < stop_at:
+                begin = time.perf_counter()
+                try:
+                    await call(payload)
+                    latencies.append(time.perf_counter() - begin)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await channel.close()
+        results.put((latencies, errors))
+
+    asyncio.run(main())
+
+
+def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, concurrency: int,
+              duration: float, processes: int) -> dict:
+    processes = max(1, min(processes, concurrency))
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + 2.0
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    workers = [context.Process(target=_grpc_worker, args=(url, model_name, input_name, array, share, duration,
+                                                           start_at, results)) for share in shares]
+    for worker in workers:
+        worker.start()
+    latencies: list[float] = []
+    errors = 0
+    for _ in workers:
+        part, failed = results.get(timeout=duration + 60)
+        latencies += part
+        errors += failed
+    for worker in workers:
+        worker.join()
+    p50, p95, p99 = percentiles(latencies)
+    return {"rps": len(latencies) / duration, "p50": p50, "p95": p95, "p99": p99, "errors": errors}
+
+
+def grpc_floor(url: str, duration: float) -> float:
+    """p50 of a bare ServerLive round trip at concurrency 1 with the same client stack: the part
+    of the c=1 latency that is the gRPC client and transport, not inference."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    async def main() -> list[float]:
+        channel = grpc.aio.insecure_channel(url)
+        call = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                   request_serializer=service_pb2.ServerLiveRequest.SerializeToString,
+                                   response_deserializer=service_pb2.ServerLiveResponse.FromString)
+        await call(service_pb2.ServerLiveRequest())
+        latencies = []
+        stop_at = time.perf_counter() + duration
+        while time.perf_counter() < stop_at:
+            begin = time.perf_counter()
+            await call(service_pb2.ServerLiveRequest())
+            latencies.append(time.perf_counter() - begin)
+        await channel.close()
+        return latencies
+
+    return percentiles(asyncio.run(main()))[0]
+
+
+# --------------------------------------------------------------------------- HTTP generator (wrk)
+
+
+def http_load(port: int, model_name: str, input_name: str, array: np.ndarray, concurrency: int,
+              duration: float, workdir: Path) -> dict | None:
+    wrk = shutil.which("wrk")
+    if not wrk:
+        return None
+    header = json.dumps({"inputs": [{"name": input_name, "datatype": "FP32", "shape": list(array.shape),
+                                     "parameters": {"binary_data_size": array.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    body_path = workdir / f"body-{model_name}.bin"
+    body_path.write_bytes(header + array.tobytes())
+    script = workdir / "infer.lua"
+    script.write_text(WRK_SCRIPT.replace("{header_length}", str(len(header))).replace("{body_path}", str(body_path)))
+    threads = 1 if concurrency < 8 else 2
+    completed = subprocess.run(
+        [wrk, f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script),
+         f"http://127.0.0.1:{port}/v2/models/{model_name}/infer"], capture_output=True, text=True, timeout=duration + 60)
+    match = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", completed.stdout)
+    if not match:
+        raise RuntimeError(f"wrk failed: {completed.stdout}\n{completed.stderr}")
+    requests, duration_us, p50, p95, p99, status_errors, socket_errors = map(int, match.groups())
+    return {"rps": requests / (duration_us / 1e6), "p50": p50 / 1000, "p95": p95 / 1000, "p99": p99 / 1000,
+            "errors": status_errors + socket_errors}
+
+
+# --------------------------------------------------------------------------- in-process ceiling
+
+
+def direct_figures(engine_path: Path, input_name: str, array: np.ndarray, duration: float) -> dict:
+    """Direct ONNX Runtime in this process: batch-1 latency on the same input, and the best
+    items/s over batch sizes up to the serving max (the ceiling)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(engine_path), providers=["CPUExecutionProvider"])
+    for _ in range(50):
+        session.run(None, {input_name: array})
+    latencies = []
+    stop_at = time.perf_counter() + duration / 2
+    while time.perf_counter() < stop_at:
+        begin = time.perf_counter()
+        session.run(None, {input_name: array})
+        latencies.append(time.perf_counter() - begin)
+    best = (0.0, 1)
+    for batch in (1, 4, 8, 16, 32):
+        feeds = {input_name: np.repeat(array, batch, axis=0)}
+        for _ in range(5):
+            session.run(None, feeds)
+        count = 0
+        begin = time.perf_counter()
+        while time.perf_counter() - begin < duration / 5:
+            session.run(None, feeds)
+            count += batch
+        rate = count / (time.perf_counter() - begin)
+        best = max(best, (rate, batch))
+    return {"p50": percentiles(latencies)[0], "ceiling": best[0], "ceiling_batch": best[1]}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build(kind: str, workdir: Path) -> tuple[str, Path, str, np.ndarray]:
+    from plansmith import testmodels
+    from plansmith.validation import parse_spec
+    from plansmith_builder.build import BuildRequest, run_build
+
+    info = getattr(testmodels, kind)(workdir / f"{kind}.onnx")
+    spec = parse_spec({"model": {"uri": f"file://{info.path}", "inputs": info.spec_inputs()},
+                       "build": {"backend": "onnxruntime", "precision": "fp32"},
+                       "storage": {"uri": f"file://{workdir}/store"}})
+    result = run_build(BuildRequest(spec=spec, workdir=workdir / f"build-{kind}"))
+    if result.status not in ("built", "hit"):
+        raise SystemExit(f"build of {kind} failed: {result.to_json()}")
+    engine = Path(result.manifest_uri.removeprefix("file://")).parent / "model.onnx"
+    return result.manifest_uri, engine, info.input_name, info.sample_inputs(batch=1, seed=3)[info.input_name]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--models", default="mlp,small_cnn")
+    parser.add_argument("--processes", type=int, default=2, help="gRPC generator processes")
+    parser.add_argument("--no-http", action="store_true", help="skip the wrk HTTP runs")
+    parser.add_argument("--batching", default="on,off", help="on, off or both")
+    parser.add_argument("--server-args", default="", help="extra `plansmith serve` flags, e.g. '--instances 2'")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="plansmith-bench-"))
+    rows: list[dict] = []
+    summary: dict = {}
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the run", flush=True)
+    for kind in args.models.split(","):
+        manifest_uri, engine, input_name, array = build(kind, workdir)
+        direct = direct_figures(engine, input_name, array, args.duration)
+        summary[kind] = {"direct": direct}
+        print(f"\n{kind}: direct session.run p50 {direct['p50']:.3f} ms; in-process ceiling "
+              f"{direct['ceiling']:.0f} items/s at batch {direct['ceiling_batch']}", flush=True)
+        for batching in [mode == "on" for mode in args.batching.split(",")]:
+            server = Server(manifest_uri, batching, workdir / f"{kind}-{batching}.log", args.server_args.split())
+            try:
+                if batching and 1 in levels:
+                    summary[kind]["floor"] = grpc_floor(f"127.0.0.1:{server.grpc}", args.duration / 2)
+                for concurrency in levels:
+                    before = server.batch_stats()
+                    figures = {"grpc": grpc_load(f"127.0.0.1:{server.grpc}", "model", input_name, array, concurrency,
+                                                 args.duration, args.processes)}
+                    if not args.no_http:
+                        figures["http"] = http_load(server.http, "model", input_name, array, concurrency,
+                                                    args.duration, workdir)
+                    after = server.batch_stats()
+                    executions = after[1] - before[1]
+                    mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
+                    for protocol, result in figures.items():
+                        if result is None:
+                            continue
+                        row = {"model": kind, "batching": "on" if batching else "off", "c": concurrency,
+                               "protocol": protocol, "mean_batch": mean_batch, **result}
+                        rows.append(row)
+                        print(f"  {kind:9s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:4s} "
+                              f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
+                              f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {mean_batch:.1f} over both)",
+                              flush=True)
+            finally:
+                server.stop()
+        # The machine is shared: measure the ceiling again after the served runs and keep the
+        # higher one, so the served/ceiling ratio is not flattered by a slow first measurement.
+        again = direct_figures(engine, input_name, array, args.duration)
+        if again["ceiling"] > direct["ceiling"]:
+            direct.update(ceiling=again["ceiling"], ceiling_batch=again["ceiling_batch"])
+        direct["p50"] = min(direct["p50"], again["p50"])
+        print(f"  {kind}: ceiling measured again after the runs: {again['ceiling']:.0f} items/s "
+              f"(batch {again['ceiling_batch']}); using {direct['ceiling']:.0f}", flush=True)
+
+    def find(model, batching, c, protocol="grpc"):
+        for row in rows:
+            if (row["model"], row["batching"], row["c"], row["protocol"]) == (model, batching, c, protocol):
+                return row
+        return None
+
+    print("\nRatios (targets in brackets):")
+    top = max(levels)
+    for protocol in ("grpc", "http"):
+        on, off = find("mlp", "on", top, protocol), find("mlp", "off", top, protocol)
+        if on and off:
+            print(f"  MLP {protocol} c={top}: batching on/off throughput {on['rps'] / off['rps']:.2f}x [>= 5x]; "
+                  f"p99 on {on['p99']:.2f} ms vs off {off['p99']:.2f} ms [on lower]")
+        cnn = find("small_cnn", "on", top, protocol)
+        if cnn and "small_cnn" in summary:
+            ceiling = summary["small_cnn"]["direct"]["ceiling"]
+            print(f"  CNN {protocol} c={top}: {cnn['rps']:.0f} items/s = {100 * cnn['rps'] / ceiling:.0f}% of the "
+                  f"in-process ceiling {ceiling:.0f} items/s [>= 80%]")
+    for kind in summary:
+        row = find(kind, "on", 1) or find(kind, "off", 1)
+        if row:
+            added = row["p50"] - summary[kind]["direct"]["p50"]
+            floor = summary[kind].get("floor")
+            print(f"  {kind} c=1 gRPC p50 {row['p50']:.3f} ms vs direct session.run {summary[kind]['direct']['p50']:.3f} ms:"
+                  f" added {added:.3f} ms [<= 1 ms]" + (f"; of which a bare gRPC ServerLive round trip with the same"
+                                                       f" client is {floor:.3f} ms" if floor else ""))
+    print(f"\nload average after the run {os.getloadavg()[0]:.2f} (the machine is shared; figures move with it)")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""`plansmith serve`: serve one engine over KServe v2 / Triton HTTP and gRPC.
+
+    plansmith serve MODEL.yaml                       # settings from spec.serving, engine via the builder
+    plansmith serve --manifest s3://b/engines/K/manifest.json --max-batch-size 32 --preferred-batch-sizes 8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+RESERVED_LOG_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in RESERVED_LOG_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError("batch sizes must be >= 1")
+    return sizes
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve an engine over the KServe v2 / Triton protocol (HTTP, gRPC, metrics)",
+        description="Load the engine a manifest names (verifying every sha256 and that it fits this machine), warm it "
+                    "up, and serve it. Serving settings come from MODEL.yaml's spec.serving; flags override them.")
+    parser.add_argument("spec", nargs="?", metavar="MODEL.yaml", help="InferenceModel file (settings, name, engine)")
+    parser.add_argument("--manifest", metavar="URI", help="engine manifest (s3:// or file://, or its engine folder)")
+    parser.add_argument("--model-name", help="name on the wire (default: metadata.name, else 'model')")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--endpoint", help="S3 endpoint URL (default: the spec's, then PLANSMITH_S3_ENDPOINT)")
+    parser.add_argument("--cache-dir", type=Path, help="where to keep the downloaded artifacts (default: a temp dir)")
+    batching = parser.add_argument_group("batching (override spec.serving)")
+    batching.add_argument("--max-batch-size", type=int)
+    batching.add_argument("--no-batching", action="store_true", help="run every request on its own")
+    batching.add_argument("--preferred-batch-sizes", type=_sizes, metavar="N,N")
+    batching.add_argument("--max-queue-delay-us", type=int)
+    batching.add_argument("--max-queue-size", type=int)
+    batching.add_argument("--timeout-us", type=int, help="reject requests queued longer than this")
+    batching.add_argument("--instances", type=int, help="execution instances running batches concurrently")
+    batching.add_argument("--intra-op-threads", type=int, default=0, help="threads per ONNX Runtime session (0: default)")
+    batching.add_argument("--warmup-iterations", type=int)
+    batching.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM: time to finish in-flight requests")
+    parser.add_argument("--log-level", default="INFO")
+    parser.set_defaults(handler=cmd_serve)
+
+
+def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
+    """Spec settings (or defaults: batching on, max batch from the flags) with flags applied."""
+    from dataclasses import replace
+
+    from plansmith.spec import DynamicBatching, ServingSpec
+    from plansmith_runtime.config import ServingConfig, policy_from_spec
+
+    serving = spec_serving or ServingSpec(dynamic_batching=DynamicBatching())
+    policy = policy_from_spec(serving)
+    overrides = {}
+    if args.max_batch_size is not None:
+        overrides["max_batch_size"] = args.max_batch_size
+    if args.preferred_batch_sizes is not None:
+        overrides["preferred_batch_sizes"] = tuple(sorted(set(args.preferred_batch_sizes)))
+    if args.max_queue_delay_us is not None:
+        overrides["max_queue_delay_us"] = args.max_queue_delay_us
+    if args.max_queue_size is not None:
+        overrides["max_queue_size"] = args.max_queue_size
+    if args.timeout_us is not None:
+        overrides["timeout_us"] = args.timeout_us
+    if args.no_batching:
+        overrides["enabled"] = False
+    policy = replace(policy, **overrides)
+    return ServingConfig(
+        model_name=args.model_name or default_name,
+        policy=policy,
+        instances=args.instances or serving.instances,
+        warmup_enabled=serving.warmup.enabled and not args.no_warmup,
+        warmup_iterations=args.warmup_iterations or serving.warmup.iterations,
+        intra_op_threads=args.intra_op_threads,
+        grace_seconds=args.grace_seconds,
+        max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
+    )
+
+
+def find_manifest_with_builder(model, args) -> str:
+    """The engine for this spec on this machine, through the builder's API (a cache hit only
+    verifies; a miss builds and publishes it, so `plansmith serve MODEL.yaml` works locally)."""
+    try:
+        from plansmith_builder.build import BuildRequest, run_build
+    except ImportError:
+        raise SystemExit("plansmith serve: give --manifest URI (the builder is not installed to find the engine)") from None
+    result = run_build(BuildRequest(spec=model.spec, endpoint=args.endpoint))
+    if result.status == "failed" or not result.manifest_uri:
+        raise SystemExit(f"plansmith serve: no engine for {args.spec}: {result.reason}: {result.message}")
+    logging.getLogger(__name__).info("engine found through the builder",
+                                     extra={"status": result.status, "manifest": result.manifest_uri})
+    return result.manifest_uri
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+
+    from plansmith.validation import InvalidSpec, load_models
+    from plansmith_runtime.config import ConfigError
+    from plansmith_runtime.model import LoadOptions
+    from plansmith_runtime.server import Listen, run
+
+    model = None
+    if args.spec:
+        try:
+            models = load_models(Path(args.spec).read_text(encoding="utf-8"), source=args.spec)
+        except (OSError, UnicodeDecodeError) as error:
+            print(f"{args.spec}: cannot read: {error}", file=sys.stderr)
+            return 1
+        except InvalidSpec as error:
+            print(f"{args.spec}: invalid InferenceModel:", file=sys.stderr)
+            for problem in error.problems:
+                print(f"  {problem}", file=sys.stderr)
+            return 1
+        if len(models) != 1:
+            print(f"{args.spec}: expected one InferenceModel, found {len(models)}", file=sys.stderr)
+            return 1
+        model = models[0]
+    elif not args.manifest:
+        print("plansmith serve: give MODEL.yaml or --manifest URI", file=sys.stderr)
+        return 2
+    try:
+        config = serving_config(args, model.spec.serving if model else None,
+                                model.metadata.name if model else "model")
+    except (ConfigError, ValueError) as error:
+        print(f"plansmith serve: {error}", file=sys.stderr)
+        return 2
+    endpoint = args.endpoint or (model.spec.storage.endpoint if model else None)
+    manifest = args.manifest or find_manifest_with_builder(model, args)
+    listen = Listen(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    try:
+        return run(config, LoadOptions(manifest, args.cache_dir, endpoint), listen)
+    except OSError as error:  # a port in use or an address that is not ours
+        print(f"plansmith serve: cannot listen: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,162 @@
+"""TensorRT executor (TensorRT 10 API): deserialize_cuda_engine, an optimization profile chosen by
+the batch's shapes, execute_async_v3 on the instance's own CUDA stream, pinned host buffers.
+
+TensorRT and cuda-python are imported lazily: this module imports on machines without them, and
+its pure logic (profile selection, buffer sizing) is unit-tested there. The device code path
+only runs where NVIDIA's runtime image provides TensorRT.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from plansmith_runtime.executors import ExecutorError
+from plansmith_runtime.loader import LoadedEngine
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ProfileRange:
+    """One optimization profile: per input name, its (min, opt, max) shapes."""
+
+    shapes: Mapping[str, tuple[Shape, Shape, Shape]]
+
+    def accepts(self, feeds: Mapping[str, Shape]) -> bool:
+        for name, shape in feeds.items():
+            if name not in self.shapes:
+                return False
+            low, _, high = self.shapes[name]
+            if len(shape) != len(low) or any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
+                return False
+        return True
+
+    def max_batch(self) -> int:
+        return min(high[0] for _, _, high in self.shapes.values()) if self.shapes else 0
+
+
+class NoProfileFits(ExecutorError):
+    pass
+
+
+def select_profile(profiles: Sequence[ProfileRange], feeds: Mapping[str, Shape]) -> int:
+    """The profile to run these input shapes with: among those whose ranges contain every shape, the
+    one with the smallest maximum batch (a tight profile's kernels are tuned closest to the batch),
+    ties broken by the opt batch nearest the actual one, then by index."""
+    candidates = [i for i, profile in enumerate(profiles) if profile.accepts(feeds)]
+    if not candidates:
+        raise NoProfileFits(f"no optimization profile accepts input shapes {dict(feeds)}")
+    batch = next(iter(feeds.values()))[0] if feeds else 0
+
+    def rank(index: int) -> tuple[int, int, int]:
+        profile = profiles[index]
+        opt_batch = min(opt[0] for _, opt, _ in profile.shapes.values())
+        return profile.max_batch(), abs(opt_batch - batch), index
+
+    return min(candidates, key=rank)
+
+
+def buffer_bytes(max_shape: Shape, dtype: np.dtype) -> int:
+    """Bytes to allocate once so any shape up to `max_shape` fits."""
+    return int(np.prod(max_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def largest_shapes(profiles: Sequence[ProfileRange]) -> dict[str, Shape]:
+    """Per input, the element-wise maximum over all profiles' max shapes (for buffer sizing)."""
+    largest: dict[str, Shape] = {}
+    for profile in profiles:
+        for name, (_, _, high) in profile.shapes.items():
+            current = largest.get(name)
+            largest[name] = high if current is None else tuple(max(a, b) for a, b in zip(current, high))
+    return largest
+
+
+def _check_cuda(result) -> object:
+    """cuda-python calls return (error, *values); raise on a non-zero error."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if int(error) != 0:
+        raise ExecutorError(f"CUDA error {error}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class TensorRTExecutor:
+    def __init__(self, engine: LoadedEngine) -> None:
+        try:
+            import tensorrt as trt  # type: ignore[import-not-found]
+            from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+        except ImportError as error:
+            raise ExecutorError(f"TensorRT engines need the tensorrt and cuda-python packages: {error}") from None
+        self._trt, self._cudart = trt, cudart
+        logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(logger)
+        self._engine = self._runtime.deserialize_cuda_engine(engine.path("engine").read_bytes())
+        if self._engine is None:
+            raise ExecutorError("TensorRT could not deserialize the plan (built by another TensorRT version or for another GPU?)")
+        self._context = self._engine.create_execution_context()
+        self._stream = _check_cuda(cudart.cudaStreamCreate())  # a cudaStream_t object for cuda-python calls
+        self._stream_handle = int(self._stream)  # TensorRT takes the raw handle
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        self.inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
+        self.profiles = [
+            ProfileRange({n: tuple(tuple(s) for s in self._engine.get_tensor_profile_shape(n, p)) for n in self.inputs})
+            for p in range(self._engine.num_optimization_profiles)
+        ]
+        self._profile = -1
+        # Device buffers and pinned host buffers sized for the largest shapes any profile accepts.
+        largest = largest_shapes(self.profiles)
+        max_batch = max((s[0] for s in largest.values()), default=1)
+        self._device: dict[str, int] = {}
+        self._host: dict[str, np.ndarray] = {}
+        for name in names:
+            if name in largest:
+                shape = largest[name]
+            else:
+                shape = tuple(max_batch if d < 0 else d for d in self._engine.get_tensor_shape(name))
+            size = buffer_bytes(shape, self._dtypes[name])
+            self._device[name] = _check_cuda(cudart.cudaMalloc(size))
+            host_pointer = _check_cuda(cudart.cudaMallocHost(size))
+            self._host[name] = np.ctypeslib.as_array(
+                (np.ctypeslib.ctypes.c_byte * size).from_address(host_pointer)).view(self._dtypes[name])
+            self._context.set_tensor_address(name, self._device[name])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart = self._cudart
+        shapes = {name: tuple(array.shape) for name, array in feeds.items()}
+        profile = select_profile(self.profiles, shapes)
+        if profile != self._profile:
+            self._context.set_optimization_profile_async(profile, self._stream_handle)
+            self._profile = profile
+        kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name, array in feeds.items():
+            staged = self._host[name][: array.size]
+            staged[:] = array.reshape(-1)
+            self._context.set_input_shape(name, array.shape)
+            _check_cuda(cudart.cudaMemcpyAsync(self._device[name], staged.ctypes.data, array.nbytes, kind_h2d, self._stream))
+        if not self._context.execute_async_v3(self._stream_handle):
+            raise ExecutorError("TensorRT execute_async_v3 failed")
+        results = {}
+        for name in self.outputs:
+            shape = tuple(self._context.get_tensor_shape(name))
+            count = int(np.prod(shape, dtype=np.int64))
+            staged = self._host[name][:count]
+            _check_cuda(cudart.cudaMemcpyAsync(staged.ctypes.data, self._device[name], staged.nbytes, kind_d2h, self._stream))
+            results[name] = staged
+        _check_cuda(cudart.cudaStreamSynchronize(self._stream))
+        return {name: array.reshape(tuple(self._context.get_tensor_shape(name))).copy() for name, array in results.items()}
+
+    def close(self) -> None:
+        cudart = self._cudart
+        for pointer in self._device.values():
+            cudart.cudaFree(pointer)
+        for array in self._host.values():
+            cudart.cudaFreeHost(array.ctypes.data)
+        cudart.cudaStreamDestroy(self._stream)

@@ -1,0 +1,225 @@
+"""One served model: loading (fetch, verify, check the machine, create executors, warm up),
+readiness, and inference through the batcher. The HTTP and gRPC front ends both call `infer`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from plansmith.manifest import Manifest, TensorSpec
+from plansmith_runtime import compatibility
+from plansmith_runtime.batching import signature_of
+from plansmith_runtime.config import ServingConfig, check_against_engine
+from plansmith_runtime.executors import Executor, create_executor
+from plansmith_runtime.loader import fetch_engine
+from plansmith_runtime.metrics import Metrics
+from plansmith_runtime.protocol import InvalidRequest, Signature, check_inputs
+from plansmith_runtime.scheduler import DynamicBatcher
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+
+
+class ModelNotReady(Exception):
+    """The model is loading, failed to load, or the server is stopping: HTTP 503 / gRPC UNAVAILABLE."""
+
+
+@dataclass
+class LoadOptions:
+    manifest_uri: str
+    cache_dir: Path | None = None
+    endpoint: str | None = None
+
+
+def warmup_inputs(inputs: list[TensorSpec], batch: int, has_batch_dim: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the given batch size; dynamic non-batch dims take the opt (else min) shape."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in inputs:
+        hint = tensor.opt_shape or tensor.min_shape or []
+        shape = []
+        for index, dim in enumerate(tensor.shape):
+            if index == 0 and has_batch_dim:
+                shape.append(batch)
+            elif dim >= 0:
+                shape.append(dim)
+            else:
+                shape.append(hint[index] if index < len(hint) else 1)
+        dtype = np.dtype(tensor.dtype)
+        if dtype.kind == "f":
+            feeds[tensor.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[tensor.name] = np.zeros(shape, dtype)
+    return feeds
+
+
+def inline_max_items(warm_compute_us: dict[int, float], limit_us: float | None = None) -> int:
+    """The largest batch that may run in the event loop thread: every warmed batch size up to it
+    computed in under `limit_us` (compute grows with the batch, so sizes between two warmed ones
+    are bounded by the larger). 0 without warmup figures: every batch goes to an executor thread."""
+    from plansmith_runtime.scheduler import INLINE_MAX_US
+
+    limit = INLINE_MAX_US if limit_us is None else limit_us
+    largest = 0
+    for size in sorted(warm_compute_us):
+        if warm_compute_us[size] >= limit:
+            break
+        largest = size
+    return largest
+
+
+def intra_op_threads(requested: int, instances: int, cpus: int) -> int:
+    """Threads per session: as asked, else share the CPUs between the instances (0: the backend's
+    default, which uses every core, for a single instance)."""
+    if requested:
+        return requested
+    return max(1, cpus // instances) if instances > 1 else 0
+
+
+class ServedModel:
+    def __init__(self, config: ServingConfig) -> None:
+        self.config = config
+        self.name = config.model_name
+        self.version = VERSION
+        self.state = "LOADING"
+        self.reason = "loading the engine"
+        self.metrics = Metrics(self.name, self.version)
+        self.manifest: Manifest | None = None
+        self.signature: Signature | None = None
+        self.batcher: DynamicBatcher | None = None
+        self._executors: list[Executor] = []
+        self._warm_compute_us: dict[int, float] = {}  # batch size -> fastest warmup run
+        self._model_config = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+    # ------------------------------------------------------------------ loading
+
+    async def load(self, options: LoadOptions) -> None:
+        """Load in a worker thread; on any failure stay NOT READY with the reason logged."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._load_blocking, options)
+        except Exception as error:  # every load failure keeps the server up and not ready
+            for executor in self._executors:
+                executor.close()
+            self._executors = []
+            self.state = "UNAVAILABLE"
+            self.reason = f"{type(error).__name__}: {error}"
+            log.error("model not ready: %s", self.reason, extra={"model": self.name, "manifest": options.manifest_uri})
+            return
+        self.batcher = DynamicBatcher(self.config.policy, self._executors, self.metrics, self.config.queue_limit,
+                                      inline_max_items(self._warm_compute_us))
+        self.batcher.start()
+        self.state = "READY"
+        self.reason = ""
+        log.info("model ready", extra={"model": self.name, "engine": self.manifest.key, "backend": self.manifest.backend,
+                                       "instances": len(self._executors), "inline_max_items": self.batcher.inline_max_items})
+
+    def _load_blocking(self, options: LoadOptions) -> None:
+        directory = options.cache_dir or Path(tempfile.mkdtemp(prefix="plansmith-engine-"))
+        engine = fetch_engine(options.manifest_uri, directory, options.endpoint)
+        manifest = engine.manifest
+        found = compatibility.problems(manifest, compatibility.this_machine())
+        if found:
+            raise compatibility.IncompatibleEngine("; ".join(found))
+        self.config = self.config.for_engine(manifest.max_batch_size)
+        check_against_engine(self.config.policy, manifest.max_batch_size)
+        self.manifest = manifest
+        self.signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs), self.config.policy.max_batch_size)
+        threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, os.cpu_count() or 1)
+        self._executors = [create_executor(engine, intra_op_threads=threads) for _ in range(self.config.instances)]
+        if self.config.warmup_enabled:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        assert self.manifest is not None
+        has_batch = self.config.policy.max_batch_size > 0
+        started = time.perf_counter()
+        for size in self.config.warmup_batch_sizes():
+            feeds = warmup_inputs(self.manifest.inputs, size, has_batch)
+            for executor in self._executors:
+                for _ in range(self.config.warmup_iterations):
+                    begin = time.perf_counter()
+                    executor.run(feeds)
+                    elapsed_us = (time.perf_counter() - begin) * 1e6
+                    self._warm_compute_us[max(size, 1)] = min(elapsed_us, self._warm_compute_us.get(max(size, 1), elapsed_us))
+        log.info("warmup done", extra={"model": self.name, "batch_sizes": self.config.warmup_batch_sizes(),
+                                       "seconds": round(time.perf_counter() - started, 3)})
+
+    def model_config(self):
+        if self._model_config is None and self.manifest is not None:
+            from plansmith_runtime.model_config import build_model_config
+
+            self._model_config = build_model_config(self.name, self.manifest, self.config)
+        return self._model_config
+
+    def metadata(self) -> dict:
+        if self.signature is None:
+            raise ModelNotReady(f"model '{self.name}' is not ready: {self.reason}")
+        from plansmith_runtime.model_config import platform_of
+        from plansmith_runtime.protocol import datatype_of
+
+        def shape(tensor: TensorSpec) -> list[int]:
+            dims = list(tensor.shape)
+            if self.signature.has_batch_dim:
+                dims[0] = -1
+            return dims
+
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": platform_of(self.manifest),
+            "inputs": [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": shape(t)} for t in self.signature.inputs],
+            "outputs": [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": shape(t)} for t in self.signature.outputs],
+        }
+
+    # ------------------------------------------------------------------ inference
+
+    def check_version(self, version: str | None) -> None:
+        if version and version != self.version:
+            raise InvalidRequest(f"model '{self.name}' has no version {version} (serving version {self.version})")
+
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str], timeout_us: int = 0) -> dict[str, np.ndarray]:
+        received = time.monotonic_ns()
+        stats = self.metrics.stats
+        self.metrics.in_flight.inc()
+        try:
+            if not self.ready or self.batcher is None or self.signature is None:
+                raise ModelNotReady(f"model '{self.name}' is not ready: {self.reason or self.state}")
+            batch = check_inputs(self.signature, inputs)
+            known = {t.name for t in self.signature.outputs}
+            for name in outputs:
+                if name not in known:
+                    raise InvalidRequest(f"unexpected inference output '{name}', the model has {sorted(known)}")
+            pending = await self.batcher.submit(inputs, batch, signature_of(inputs, self.signature.has_batch_dim), timeout_us)
+        except BaseException:
+            stats.failure += 1
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+        result = pending.future.result()
+        stats.success += 1
+        stats.request_us += (time.monotonic_ns() - received) / 1000
+        stats.queue_us += pending.queue_us
+        stats.compute_us += pending.compute_us
+        if outputs:
+            return {name: result[name] for name in outputs}
+        return result
+
+    async def stop(self, grace_seconds: float) -> None:
+        self.state = "STOPPING"
+        self.reason = "the server is shutting down"
+        if self.batcher:
+            await self.batcher.close(grace_seconds)
+        for executor in self._executors:
+            executor.close()

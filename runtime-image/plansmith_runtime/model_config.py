@@ -1,0 +1,76 @@
+"""Triton's model configuration (model_config.proto) for an engine and its serving settings.
+
+One function builds the `ModelConfig` message; the runtime returns it from
+/v2/models/{name}/config (as JSON) and gRPC ModelConfig, and the Triton repository renderer
+writes it as config.pbtxt, so what our runtime reports and what stock Triton would load agree.
+"""
+
+from __future__ import annotations
+
+from plansmith.manifest import Manifest, TensorSpec
+from plansmith_runtime.config import ServingConfig
+from plansmith_runtime.protocol import DATATYPE_TO_CONFIG, datatype_of
+
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
+
+
+def platform_of(manifest: Manifest) -> str:
+    return PLATFORMS[manifest.backend]
+
+
+def config_dims(tensor: TensorSpec, has_batch_dim: bool) -> list[int]:
+    """Triton leaves the batch dimension out of dims when max_batch_size > 0."""
+    return list(tensor.shape[1:] if has_batch_dim else tensor.shape)
+
+
+def _warmup_dims(tensor: TensorSpec, has_batch_dim: bool) -> list[int]:
+    dims = config_dims(tensor, has_batch_dim)
+    hint = (tensor.opt_shape or tensor.min_shape or [])
+    hint = hint[1:] if has_batch_dim else hint
+    return [d if d >= 0 else (hint[i] if i < len(hint) else 1) for i, d in enumerate(dims)]
+
+
+def build_model_config(name: str, manifest: Manifest, serving: ServingConfig, *, kind_gpu: bool | None = None,
+                       default_model_filename: str | None = None, cc_model_filenames: dict[str, str] | None = None):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    policy = serving.policy
+    has_batch_dim = policy.max_batch_size > 0
+    config = mc.ModelConfig(name=name, platform=platform_of(manifest), max_batch_size=policy.max_batch_size)
+    for tensor in manifest.inputs:
+        config.input.add(name=tensor.name, data_type=getattr(mc, DATATYPE_TO_CONFIG[datatype_of(tensor.dtype)]),
+                         dims=config_dims(tensor, has_batch_dim))
+    for tensor in manifest.outputs:
+        config.output.add(name=tensor.name, data_type=getattr(mc, DATATYPE_TO_CONFIG[datatype_of(tensor.dtype)]),
+                          dims=config_dims(tensor, has_batch_dim))
+    if policy.batching:
+        dynamic = config.dynamic_batching
+        dynamic.preferred_batch_size.extend(policy.preferred_batch_sizes)
+        dynamic.max_queue_delay_microseconds = policy.max_queue_delay_us
+        dynamic.default_queue_policy.max_queue_size = serving.queue_limit
+        if policy.timeout_us:
+            dynamic.default_queue_policy.default_timeout_microseconds = policy.timeout_us
+            dynamic.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    gpu = manifest.target.device == "gpu" if kind_gpu is None else kind_gpu
+    config.instance_group.add(count=serving.instances,
+                              kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+    if serving.warmup_enabled:
+        for size in serving.warmup_batch_sizes():
+            warmup = config.model_warmup.add(name=f"warmup_batch_{size}", batch_size=max(size, 1),
+                                             count=serving.warmup_iterations)
+            for tensor in manifest.inputs:
+                warmup.inputs[tensor.name].data_type = getattr(mc, DATATYPE_TO_CONFIG[datatype_of(tensor.dtype)])
+                warmup.inputs[tensor.name].dims.extend(_warmup_dims(tensor, has_batch_dim))
+                warmup.inputs[tensor.name].random_data = True
+    if default_model_filename:
+        config.default_model_filename = default_model_filename
+    for capability, filename in (cc_model_filenames or {}).items():
+        config.cc_model_filenames[capability] = filename
+    return config
+
+
+def config_as_json(config) -> dict:
+    """Triton's JSON rendering of a model config (what GET /v2/models/{name}/config returns)."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)

@@ -1,0 +1,241 @@
+"""KServe v2 / Triton protocol pieces that do not depend on HTTP or gRPC: datatypes, request
+validation against the model's signature, and the HTTP body format (JSON plus Triton's binary
+tensor extension). All pure; the servers are thin adapters around these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from plansmith.manifest import TensorSpec
+
+# KServe v2 datatype <-> numpy dtype name (BYTES is not supported: engines take numeric tensors)
+DATATYPE_TO_NUMPY = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64",
+}
+NUMPY_TO_DATATYPE = {value: key for key, value in DATATYPE_TO_NUMPY.items()}
+# Triton's model config enum names (model_config.proto DataType)
+DATATYPE_TO_CONFIG = {
+    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64",
+}
+
+HEADER_CONTENT_LENGTH = "Inference-Header-Content-Length"
+
+
+class InvalidRequest(ValueError):
+    """A request the model cannot run: HTTP 400 / gRPC INVALID_ARGUMENT."""
+
+
+class ModelNotFound(InvalidRequest):
+    pass
+
+
+def datatype_of(dtype: str) -> str:
+    try:
+        return NUMPY_TO_DATATYPE[np.dtype(dtype).name]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no KServe v2 datatype") from None
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's inputs and outputs as the protocol shows them. With a batch dimension the shapes
+    are the engine's shapes with dim 0 as -1."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+
+    @property
+    def has_batch_dim(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorSpec:
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        raise InvalidRequest(f"unexpected inference input '{name}', the model expects {[t.name for t in self.inputs]}")
+
+
+@dataclass
+class InferRequest:
+    """A decoded request: numpy inputs by name, the outputs wanted, and how to return them."""
+
+    id: str
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]  # empty: all
+    binary_outputs: dict[str, bool] = field(default_factory=dict)
+    binary_default: bool = False
+    batch: int = 1
+
+
+def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
+    """Check names, dtypes and shapes against the model; return the request's batch size."""
+    for name in arrays:
+        signature.input(name)  # raises for a name the model does not have
+    missing = [t.name for t in signature.inputs if t.name not in arrays]
+    if missing:
+        raise InvalidRequest(f"expected {len(signature.inputs)} inputs but got {len(arrays)}; missing {missing}")
+    batch = None
+    for name, array in arrays.items():
+        spec = signature.input(name)
+        if array.dtype != np.dtype(spec.dtype):
+            raise InvalidRequest(
+                f"input '{name}' has datatype {datatype_of(array.dtype.name)}, the model expects {datatype_of(spec.dtype)}")
+        if len(array.shape) != len(spec.shape):
+            raise InvalidRequest(f"input '{name}' has shape {list(array.shape)}, the model expects {spec.shape}")
+        for index, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if index == 0 and signature.has_batch_dim:
+                continue
+            if want >= 0 and got != want:
+                raise InvalidRequest(f"input '{name}' has shape {list(array.shape)}, the model expects {spec.shape}")
+            if want < 0 and spec.min_shape and spec.max_shape and not spec.min_shape[index] <= got <= spec.max_shape[index]:
+                raise InvalidRequest(f"input '{name}' dimension {index} is {got}, the engine accepts "
+                                     f"{spec.min_shape[index]} to {spec.max_shape[index]}")
+        if signature.has_batch_dim:
+            if batch is None:
+                batch = array.shape[0]
+            elif array.shape[0] != batch:
+                raise InvalidRequest("all inputs must have the same batch size (dimension 0)")
+    if not signature.has_batch_dim:
+        return 1
+    if batch is None or batch < 1:
+        raise InvalidRequest("batch size (dimension 0) must be at least 1")
+    if batch > signature.max_batch_size:
+        raise InvalidRequest(
+            f"inference request batch-size must be <= {signature.max_batch_size} for this model, got {batch}")
+    return batch
+
+
+def array_from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview) -> np.ndarray:
+    dtype = _numpy_dtype(name, datatype)
+    shape = _shape(name, shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidRequest(
+            f"input '{name}': {len(data)} bytes of data for shape {list(shape)} {datatype}, expected {expected}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def array_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
+    dtype = _numpy_dtype(name, datatype)
+    shape = _shape(name, shape)
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(f"input '{name}': data is not {datatype}: {error}") from None
+    if array.size != int(np.prod(shape, dtype=np.int64)):
+        raise InvalidRequest(f"input '{name}': {array.size} values for shape {list(shape)}")
+    return array.reshape(shape)
+
+
+def _numpy_dtype(name: str, datatype: Any) -> np.dtype:
+    if datatype not in DATATYPE_TO_NUMPY:
+        raise InvalidRequest(f"input '{name}': unsupported datatype {datatype!r}")
+    return np.dtype(DATATYPE_TO_NUMPY[datatype])
+
+
+def _shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+# --------------------------------------------------------------------------- HTTP bodies
+
+
+def decode_http_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse a POST .../infer body: JSON, or JSON followed by binary tensors when the
+    Inference-Header-Content-Length header gives the JSON's length."""
+    if header_length is not None:
+        try:
+            json_length = int(header_length)
+        except ValueError:
+            raise InvalidRequest(f"{HEADER_CONTENT_LENGTH} is not an integer: {header_length!r}") from None
+        if not 0 <= json_length <= len(body):
+            raise InvalidRequest(f"{HEADER_CONTENT_LENGTH} {json_length} is outside the body ({len(body)} bytes)")
+    else:
+        json_length = len(body)
+    try:
+        document = json.loads(body[:json_length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"failed to parse the request JSON: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
+        raise InvalidRequest("the request JSON must be an object with an 'inputs' list")
+    binary = memoryview(body)[json_length:]
+    offset = 0
+    inputs: dict[str, np.ndarray] = {}
+    for tensor in document["inputs"]:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise InvalidRequest("each input must be an object with a 'name'")
+        name = tensor["name"]
+        if name in inputs:
+            raise InvalidRequest(f"input '{name}' is given twice")
+        parameters = tensor.get("parameters") or {}
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidRequest(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
+            inputs[name] = array_from_bytes(name, tensor.get("datatype"), tensor.get("shape"), binary[offset:offset + size])
+            offset += size
+        elif "data" in tensor:
+            inputs[name] = array_from_json(name, tensor.get("datatype"), tensor.get("shape"), tensor["data"])
+        else:
+            raise InvalidRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+    if offset != len(binary):
+        raise InvalidRequest(f"{len(binary) - offset} unexpected bytes after the binary inputs")
+    request_parameters = document.get("parameters") or {}
+    binary_default = bool(request_parameters.get("binary_data_output", False)) if isinstance(request_parameters, dict) else False
+    outputs: list[str] = []
+    binary_outputs: dict[str, bool] = {}
+    for tensor in document.get("outputs") or []:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise InvalidRequest("each requested output must be an object with a 'name'")
+        outputs.append(tensor["name"])
+        parameters = tensor.get("parameters") or {}
+        if isinstance(parameters, dict) and "binary_data" in parameters:
+            binary_outputs[tensor["name"]] = bool(parameters["binary_data"])
+    request_id = document.get("id", "")
+    return InferRequest(id=str(request_id) if request_id is not None else "", inputs=inputs, outputs=outputs,
+                        binary_outputs=binary_outputs, binary_default=binary_default)
+
+
+def encode_http_response(model_name: str, version: str, request: InferRequest,
+                         outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+    """The response body and, when some outputs are binary, the JSON header's length."""
+    tensors = []
+    blobs: list[bytes] = []
+    for name, array in outputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype.name), "shape": list(array.shape)}
+        if request.binary_outputs.get(name, request.binary_default):
+            raw = np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        tensors.append(entry)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": tensors}
+    if request.id:
+        document["id"] = request.id
+    header = json.dumps(document, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def select_outputs(signature: Signature, wanted: list[str], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not wanted:
+        return outputs
+    known = {t.name for t in signature.outputs}
+    for name in wanted:
+        if name not in known:
+            raise InvalidRequest(f"unexpected inference output '{name}', the model has {sorted(known)}")
+    return {name: outputs[name] for name in wanted}

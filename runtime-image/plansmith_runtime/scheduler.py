@@ -1,0 +1,204 @@
+"""The dynamic batcher: a bounded queue in the event loop, `instances` executors, and one dispatch
+loop that forms the next batch (plan_batch) whenever an executor is free. Executors run in a
+thread pool (ONNX Runtime and TensorRT release the GIL while they compute)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from plansmith_runtime.batching import concatenate, plan_batch, split
+from plansmith_runtime.config import BatchingPolicy
+from plansmith_runtime.executors import Executor
+from plansmith_runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SHORT_WAIT_US = 2000
+# A batch whose measured compute is shorter than this runs in the event loop thread: handing it to
+# an executor thread and back costs more (~150-200 us of thread wake-ups measured on 2 shared
+# cores) than the computation, which releases the GIL but blocks the loop only this long.
+INLINE_MAX_US = 150
+
+
+class QueueFull(Exception):
+    """The batcher's queue is at maxQueueSize: HTTP 503 / gRPC UNAVAILABLE."""
+
+
+class RequestTimedOut(Exception):
+    """The request waited in the queue longer than its timeout."""
+
+
+class ShuttingDown(Exception):
+    """The server stopped accepting requests."""
+
+
+class ExecutionFailed(Exception):
+    """The executor raised while running the batch holding this request."""
+
+
+@dataclass
+class Pending:
+    inputs: dict[str, np.ndarray]
+    batch: int
+    signature: tuple
+    future: asyncio.Future
+    enqueued_ns: int
+    deadline_ns: int | None = None
+    queue_us: float = field(default=0.0)
+    compute_us: float = field(default=0.0)
+
+
+class DynamicBatcher:
+    def __init__(self, policy: BatchingPolicy, executors: Sequence[Executor], metrics: Metrics,
+                 queue_limit: int, inline_max_items: int = 0) -> None:
+        self.policy = policy
+        self.inline_max_items = inline_max_items  # batches up to this many items run in the loop thread
+        self.metrics = metrics
+        self.queue_limit = queue_limit
+        self._queue: deque[Pending] = deque()
+        self._executors = list(executors)
+        self._pool = ThreadPoolExecutor(max_workers=len(self._executors), thread_name_prefix="instance")
+        self._idle: asyncio.Queue[Executor] = asyncio.Queue()
+        for executor in self._executors:
+            self._idle.put_nowait(executor)
+        self._arrived = asyncio.Event()
+        self._running: set[asyncio.Task] = set()
+        self._closing = False
+        self._loop_task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name="batcher")
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, inputs: dict[str, np.ndarray], batch: int, signature: tuple,
+                     timeout_us: int = 0) -> Pending:
+        """Queue a request and wait for its outputs (set on the returned Pending's future)."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        if len(self._queue) >= self.queue_limit:
+            self.metrics.rejected.inc()
+            raise QueueFull(f"exceeds maximum queue size {self.queue_limit}")
+        now = time.monotonic_ns()
+        timeout_us = timeout_us or self.policy.timeout_us
+        pending = Pending(inputs, batch, signature, asyncio.get_running_loop().create_future(), now,
+                          now + timeout_us * 1000 if timeout_us else None)
+        self._queue.append(pending)
+        self.metrics.set_queue_depth(len(self._queue))
+        self._arrived.set()
+        await pending.future
+        return pending
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            executor = await self._idle.get()
+            batch = await self._next_batch()
+            if batch is None:
+                self._idle.put_nowait(executor)
+                return
+            task = asyncio.get_running_loop().create_task(self._execute(executor, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _expire(self, now: int) -> None:
+        if not any(p.deadline_ns is not None for p in self._queue):
+            return
+        kept: deque[Pending] = deque()
+        for pending in self._queue:
+            if pending.deadline_ns is not None and now >= pending.deadline_ns:
+                if not pending.future.done():
+                    pending.future.set_exception(RequestTimedOut("request timeout expired while queued"))
+            else:
+                kept.append(pending)
+        self._queue = kept
+
+    async def _next_batch(self) -> list[Pending] | None:
+        while True:
+            now = time.monotonic_ns()
+            self._expire(now)
+            if not self._queue:
+                if self._closing:
+                    return None
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            # While shutting down nothing new arrives: send what is queued without waiting out the delay.
+            waited_us = float("inf") if self._closing else (now - self._queue[0].enqueued_ns) / 1000
+            decision = plan_batch(self._queue, waited_us, self.policy)
+            if decision.take:
+                batch = [self._queue.popleft() for _ in range(decision.take)]
+                self.metrics.set_queue_depth(len(self._queue))
+                return batch
+            wait_us = decision.wait_us or 0
+            deadlines = [p.deadline_ns for p in self._queue if p.deadline_ns is not None]
+            if deadlines:  # wake up in time to reject a request whose timeout comes first
+                wait_us = min(wait_us, max(0.0, (min(deadlines) - now) / 1000))
+            if wait_us < SHORT_WAIT_US:
+                # The selector's timeout has millisecond resolution (epoll), so a 100 us timer
+                # would wait 1 ms: for short delays yield to the loop instead, which reads any
+                # request already on the sockets, and decide again. time.sleep(0) lets other
+                # threads take the GIL (gRPC's poller thread delivers requests through it), which
+                # a loop spinning with the GIL held would otherwise starve.
+                time.sleep(0)
+                await asyncio.sleep(0)
+                continue
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait_us / 1e6)
+            except TimeoutError:
+                pass
+
+    async def _execute(self, executor: Executor, batch: list[Pending]) -> None:
+        start = time.monotonic_ns()
+        try:
+            feeds = concatenate([p.inputs for p in batch])
+            if sum(p.batch for p in batch) <= self.inline_max_items:
+                outputs = executor.run(feeds)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._pool, executor.run, feeds)
+            parts = split(outputs, [p.batch for p in batch])
+        except Exception as error:  # any backend failure fails this batch's requests, not the server
+            log.exception("batch execution failed")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(ExecutionFailed(str(error)))
+            return
+        finally:
+            self._idle.put_nowait(executor)
+        compute_us = (time.monotonic_ns() - start) / 1000
+        items = sum(p.batch for p in batch)
+        stats = self.metrics.stats
+        stats.exec_count += 1
+        stats.inference_count += items
+        self.metrics.batch_size.observe(items)
+        for pending, part in zip(batch, parts):
+            pending.queue_us = (start - pending.enqueued_ns) / 1000
+            pending.compute_us = compute_us
+            if not pending.future.done():
+                pending.future.set_result(part)
+
+    async def close(self, grace_seconds: float) -> None:
+        """Stop taking requests, finish the queued and running ones (bounded by the grace period)."""
+        self._closing = True
+        self._arrived.set()
+        try:
+            if self._loop_task:
+                await asyncio.wait_for(asyncio.shield(self._loop_task), grace_seconds)
+            if self._running:
+                await asyncio.wait_for(asyncio.gather(*self._running, return_exceptions=True), grace_seconds)
+        except TimeoutError:
+            log.warning("grace period over with requests still queued or running")
+            for pending in self._queue:
+                if not pending.future.done():
+                    pending.future.set_exception(ShuttingDown("the server shut down before this request ran"))
+        self._pool.shutdown(wait=False)

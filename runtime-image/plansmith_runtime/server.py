@@ -1,0 +1,82 @@
+"""The serving process: HTTP, gRPC and metrics listeners in one asyncio loop, the model loading in
+the background (live at once, ready once loaded and warmed up), and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from plansmith_runtime.config import ServingConfig
+from plansmith_runtime.grpc_api import create_server
+from plansmith_runtime.http_api import HttpApi, metrics_app
+from plansmith_runtime.model import LoadOptions, ServedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+
+
+class Server:
+    def __init__(self, config: ServingConfig, load: LoadOptions, listen: Listen) -> None:
+        self.config, self.load_options, self.listen = config, load, listen
+        self.model = ServedModel(config)
+        self.accepting = True
+
+    def is_ready(self) -> bool:
+        return self.accepting and self.model.ready
+
+    async def run(self) -> int:
+        host = self.listen.host
+        grace = self.config.grace_seconds
+        http_runner = web.AppRunner(HttpApi(self.model, self.is_ready).app(), access_log=None, shutdown_timeout=grace)
+        metrics_runner = web.AppRunner(metrics_app(self.model), access_log=None, shutdown_timeout=1.0)
+        await http_runner.setup()
+        await metrics_runner.setup()
+        await web.TCPSite(http_runner, host, self.listen.http_port, backlog=2048).start()
+        await web.TCPSite(metrics_runner, host, self.listen.metrics_port).start()
+        grpc_server = create_server(self.model, self.is_ready, f"{host}:{self.listen.grpc_port}")
+        await grpc_server.start()
+        log.info("listening", extra={"http": self.listen.http_port, "grpc": self.listen.grpc_port,
+                                     "metrics": self.listen.metrics_port, "host": host, "model": self.model.name})
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loader = loop.create_task(self.model.load(self.load_options))
+        await stop.wait()
+
+        log.info("shutting down: not ready, finishing in-flight requests", extra={"grace_seconds": grace})
+        self.accepting = False
+        # Listeners close first and wait for the requests they accepted; the batcher keeps running
+        # until then so those requests complete; then the batcher drains and the executors close.
+        await asyncio.gather(grpc_server.stop(grace), http_runner.cleanup(), return_exceptions=True)
+        await self.model.stop(grace)
+        await metrics_runner.cleanup()
+        if not loader.done():
+            loader.cancel()
+        log.info("stopped")
+        return 0
+
+
+def run(config: ServingConfig, load: LoadOptions, listen: Listen) -> int:
+    server = Server(config, load, listen)
+    if os.environ.get("PLANSMITH_EVENT_LOOP", "uvloop") == "uvloop":
+        try:  # uvloop's libuv transports cut the per-request socket cost of the default loop
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(server.run())
+    return asyncio.run(server.run())

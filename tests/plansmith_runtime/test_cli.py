@@ -1,0 +1,53 @@
+"""`plansmith serve` argument handling (no server is started for these)."""
+
+import pytest
+
+from plansmith.cli import main
+
+
+def test_serve_needs_a_spec_or_a_manifest(capsys):
+    assert main(["serve"]) == 2
+    assert "give MODEL.yaml or --manifest URI" in capsys.readouterr().err
+
+
+def test_invalid_spec_names_the_problem(tmp_path, capsys):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("apiVersion: plansmith.io/v1alpha1\nkind: InferenceModel\nmetadata: {name: m}\n"
+                    "spec: {model: {uri: 'file:///m.onnx'}, serving: {maxBatchSize: -1}}\n")
+    assert main(["serve", str(spec)]) == 1
+    assert "spec.serving.maxBatchSize" in capsys.readouterr().err
+
+
+def test_bad_batch_size_list_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--manifest", "file:///x", "--preferred-batch-sizes", "4,x"])
+    assert exit_info.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_port_in_use_is_reported(engines, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--manifest", engines["mlp"].manifest_uri, "--host", "127.0.0.1",
+                     "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0"])
+    assert code == 1
+    assert "cannot listen" in capsys.readouterr().err
+
+
+def test_grpc_port_in_use_is_reported(engines, capsys):
+    import socket
+
+    from plansmith.devcluster.processes import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--manifest", engines["mlp"].manifest_uri, "--host", "127.0.0.1",
+                     "--http-port", str(free_port()), "--grpc-port", str(port), "--metrics-port", str(free_port())])
+    assert code == 1
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

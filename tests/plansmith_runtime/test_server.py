@@ -1,0 +1,370 @@
+"""`plansmith serve` as users see it: real server processes serving the builder's engines, driven
+by stock tritonclient over HTTP and gRPC (sync and asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.http as httpclient
+import tritonclient.http.aio as httpaio
+from tritonclient.utils import InferenceServerException
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cnn_server(engines, module_server):
+    return module_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
+                         "--max-batch-size", "16", "--preferred-batch-sizes", "4,8", "--max-queue-delay-us", "2000",
+                         "--instances", "2", "--warmup-iterations", "1").wait_ready()
+
+
+def http_input(array: np.ndarray, name: str = "input", binary: bool = True, module=httpclient):
+    tensor = module.InferInput(name, list(array.shape), "FP32")
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def grpc_input(array: np.ndarray, name: str = "input", module=grpcclient, datatype: str = "FP32"):
+    tensor = module.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server):
+    session = engines["small_cnn"].session()
+    x = engines["small_cnn"].model.sample_inputs(batch=3, seed=11)["input"]
+    expected = session.run(None, {"input": x})[0]
+
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    binary = http.infer("cnn", [http_input(x)]).as_numpy("logits")
+    as_json = http.infer("cnn", [http_input(x, binary=False)],
+                         outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)]).as_numpy("logits")
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    over_grpc = rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits")
+
+    async def asynchronous():
+        async with httpaio.InferenceServerClient(cnn_server.http_url) as client:
+            a = (await client.infer("cnn", [http_input(x, module=httpaio)])).as_numpy("logits")
+        client = grpcaio.InferenceServerClient(cnn_server.grpc_url)
+        try:
+            b = (await client.infer("cnn", [grpc_input(x, module=grpcaio)])).as_numpy("logits")
+        finally:
+            await client.close()
+        return a, b
+
+    http_aio, grpc_aio = asyncio.run(asynchronous())
+    for result in (binary, as_json, over_grpc, http_aio, grpc_aio):
+        assert result.shape == (3, 10)
+        np.testing.assert_allclose(result, expected, **TOLERANCE)
+
+
+def test_health_metadata_and_config_like_triton(cnn_server):
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    assert http.is_server_live() and http.is_server_ready() and http.is_model_ready("cnn")
+    assert "binary_tensor_data" in http.get_server_metadata()["extensions"]
+    metadata = http.get_model_metadata("cnn")
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    config = http.get_model_config("cnn")
+    assert config["max_batch_size"] == 16 and config["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    assert rpc.is_server_live() and rpc.is_server_ready() and rpc.is_model_ready("cnn")
+    assert list(rpc.get_model_metadata("cnn").outputs[0].shape) == [-1, 10]
+    grpc_config = rpc.get_model_config("cnn").config
+    assert grpc_config.platform == "onnxruntime_onnx" and grpc_config.instance_group[0].count == 2
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        rpc.get_model_metadata("nope")
+    # warmup ran every batch size the batcher forms (1, the preferred sizes, the maximum) before ready
+    assert '"batch_sizes": [1, 4, 8, 16]' in cnn_server.log()
+
+
+def test_concurrent_clients_get_their_own_results_in_batches(engines, cnn_server):
+    session = engines["small_cnn"].session()
+    before = cnn_server.metrics()
+    count = 48
+    inputs = [engines["small_cnn"].model.sample_inputs(batch=1 + i % 2, seed=100 + i)["input"] for i in range(count)]
+    expected = [session.run(None, {"input": x})[0] for x in inputs]
+
+    async def one(client, index):
+        result = await client.infer("cnn", [grpc_input(inputs[index], module=grpcaio)])
+        return index, result.as_numpy("logits")
+
+    async def run_all():
+        client = grpcaio.InferenceServerClient(cnn_server.grpc_url)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(count)))
+        finally:
+            await client.close()
+
+    http_results: dict[int, np.ndarray] = {}
+
+    def http_worker(indices):
+        client = httpclient.InferenceServerClient(cnn_server.http_url)
+        for index in indices:
+            http_results[index] = client.infer("cnn", [http_input(inputs[index])]).as_numpy("logits")
+
+    threads = [threading.Thread(target=http_worker, args=(range(k, count, 4),)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    grpc_results = dict(asyncio.run(run_all()))
+    for thread in threads:
+        thread.join()
+    for index in range(count):  # each client got the outputs of its own input, not a neighbour's
+        np.testing.assert_allclose(grpc_results[index], expected[index], **TOLERANCE)
+        np.testing.assert_allclose(http_results[index], expected[index], **TOLERANCE)
+
+    after = cnn_server.metrics()
+    label = '{model="cnn",version="1"}'
+    requests = after[f"nv_inference_request_success{label}"] - before.get(f"nv_inference_request_success{label}", 0)
+    items = after[f"nv_inference_count{label}"] - before.get(f"nv_inference_count{label}", 0)
+    executions = after[f"nv_inference_exec_count{label}"] - before.get(f"nv_inference_exec_count{label}", 0)
+    assert requests == 2 * count
+    assert items == 2 * sum(x.shape[0] for x in inputs)
+    assert executions < requests, "concurrent requests should have been batched"
+    single = after['plansmith_batch_size_bucket{le="1.0",model="cnn",version="1"}']
+    assert after['plansmith_batch_size_count{model="cnn",version="1"}'] > single, "no batch larger than 1"
+    assert after[f"nv_inference_queue_duration_us{label}"] > 0
+    assert after[f"nv_inference_pending_request_count{label}"] == 0  # all answered, nothing left queued
+    assert after['plansmith_queue_depth{model="cnn",version="1"}'] == 0
+    assert after[f"nv_inference_compute_infer_duration_us{label}"] > 0
+
+
+def test_malformed_requests_get_400_and_the_server_keeps_serving(engines, cnn_server):
+    x = engines["small_cnn"].model.sample_inputs(batch=1)["input"]
+    url = f"http://{cnn_server.http_url}/v2/models/cnn/infer"
+
+    def post(body: bytes, headers=None) -> tuple[int, dict]:
+        request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    status, body = post(b"{this is not json")
+    assert status == 400 and "failed to parse" in body["error"]
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    status, body = post(header + x.tobytes()[:-4], {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "runs past the end" in body["error"]
+    status, body = post(b'{"inputs": []}', {})
+    assert status == 400 and "missing ['input']" in body["error"]
+
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    for bad, message in [
+        (lambda: http.infer("cnn", [http_input(x, name="image")]), "unexpected inference input 'image'"),
+        (lambda: http.infer("cnn", [http_input(x[:, :, :16])]), "shape"),
+        (lambda: http.infer("cnn", [http_input(np.zeros((17, 3, 32, 32), np.float32))]), "batch-size must be <= 16"),
+        (lambda: http.infer("missing", [http_input(x)]), "unknown model"),
+    ]:
+        with pytest.raises(InferenceServerException, match=message) as error:
+            bad()
+        assert error.value.status() == "400"
+
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    wrong_dtype = grpcclient.InferInput("input", list(x.shape), "FP64")
+    wrong_dtype.set_data_from_numpy(x.astype(np.float64))
+    for bad, message in [
+        (lambda: rpc.infer("cnn", [grpc_input(x, name="image")]), "unexpected inference input"),
+        (lambda: rpc.infer("cnn", [wrong_dtype]), "datatype FP64"),
+        (lambda: rpc.infer("cnn", [grpc_input(x[:, :2])]), "shape"),
+    ]:
+        with pytest.raises(InferenceServerException, match=message) as error:
+            bad()
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+    assert http.is_server_ready() and rpc.is_model_ready("cnn")
+    assert rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits").shape == (1, 10)
+    metrics = cnn_server.metrics()
+    assert metrics['nv_inference_request_failure{model="cnn",version="1"}'] >= 6
+
+
+def test_queue_full_is_503_and_unavailable(engines, start_server):
+    server = start_server("--manifest", engines["mlp"].manifest_uri, "--max-batch-size", "32",
+                          "--max-queue-delay-us", "1500000", "--max-queue-size", "2", "--no-warmup").wait_ready()
+    x = engines["mlp"].model.sample_inputs(batch=1)["input"]
+    expected = engines["mlp"].session().run(None, {"input": x})[0]
+
+    async def scenario():
+        client = grpcaio.InferenceServerClient(server.grpc_url)
+        try:
+            waiting = [asyncio.ensure_future(client.infer("model", [grpc_input(x, module=grpcaio)])) for _ in range(2)]
+            await asyncio.sleep(0.5)  # both queued, waiting for the 1.5 s batching delay
+            with pytest.raises(InferenceServerException) as grpc_error:
+                await client.infer("model", [grpc_input(x, module=grpcaio)])
+            async with httpaio.InferenceServerClient(server.http_url) as http:
+                with pytest.raises(InferenceServerException) as http_error:
+                    await http.infer("model", [http_input(x, module=httpaio)])
+            results = await asyncio.gather(*waiting)
+            return grpc_error.value, http_error.value, results
+        finally:
+            await client.close()
+
+    started = time.monotonic()
+    grpc_error, http_error, results = asyncio.run(scenario())
+    assert grpc_error.status() == "StatusCode.UNAVAILABLE" and "maximum queue size" in grpc_error.message()
+    assert http_error.status() == "503" and "maximum queue size" in http_error.message()
+    assert time.monotonic() - started < 5
+    for result in results:  # the queued requests still complete
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, **TOLERANCE)
+
+
+def test_tampered_artifact_keeps_the_server_not_ready(engines, start_server, tmp_path):
+    import shutil
+
+    source = engines["mlp"].engine_path.parent
+    copy = tmp_path / "engine"
+    shutil.copytree(source, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF  # flip bits in a weight
+    (copy / "model.onnx").write_bytes(bytes(data))
+
+    server = start_server("--manifest", f"file://{copy}/manifest.json")
+    server.wait_live()
+    deadline = time.monotonic() + 20
+    while "model not ready" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "has sha256" in server.log() and "refusing to serve a modified engine" in server.log()
+    assert server.get("/v2/health/live")[0] == 200
+    assert server.get("/v2/health/ready")[0] == 503
+    http = httpclient.InferenceServerClient(server.http_url)
+    assert not http.is_model_ready("model")
+    rpc = grpcclient.InferenceServerClient(server.grpc_url)
+    assert rpc.is_server_live() and not rpc.is_server_ready()
+    with pytest.raises(InferenceServerException, match="not ready") as error:
+        rpc.infer("model", [grpc_input(np.zeros((1, 256), np.float32))])
+    assert error.value.status() == "StatusCode.UNAVAILABLE"
+    assert server.process.poll() is None  # stays up answering health, no crash loop
+
+
+def test_engine_for_another_cpu_is_refused(engines, start_server, tmp_path):
+    import shutil
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engines["mlp"].engine_path.parent, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"]["cpuIsa"] = "aarch64-sve2"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    server = start_server("--manifest", f"file://{copy}")
+    server.wait_live()
+    deadline = time.monotonic() + 20
+    while "model not ready" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "engine is for CPU architecture aarch64" in server.log()
+    assert server.get("/v2/health/ready")[0] == 503
+
+
+def test_sigterm_finishes_accepted_requests_and_exits_0(engines, start_server):
+    server = start_server("--manifest", engines["mlp"].manifest_uri, "--max-batch-size", "32",
+                          "--max-queue-delay-us", "800000", "--no-warmup").wait_ready()
+    model = engines["mlp"].model
+    session = engines["mlp"].session()
+    inputs = [model.sample_inputs(batch=1, seed=i)["input"] for i in range(12)]
+    outcomes: dict[int, object] = {}
+
+    def http_call(index):
+        try:
+            client = httpclient.InferenceServerClient(server.http_url, network_timeout=30)
+            outcomes[index] = client.infer("model", [http_input(inputs[index])]).as_numpy("logits")
+        except Exception as error:  # recorded and asserted on below
+            outcomes[index] = error
+
+    def grpc_call(index):
+        try:
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            outcomes[index] = client.infer("model", [grpc_input(inputs[index])]).as_numpy("logits")
+        except Exception as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=http_call if i % 2 else grpc_call, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while server.metrics().get('nv_inference_pending_request_count{model="model",version="1"}', 0) < len(inputs):
+        assert time.monotonic() < deadline, "requests were not queued"
+        time.sleep(0.02)
+    # every request is accepted and queued (waiting for the batching delay): now stop the server
+    code = server.terminate(timeout=20)
+    for thread in threads:
+        thread.join(10)
+    assert code == 0, server.log()
+    for index, x in enumerate(inputs):
+        assert not isinstance(outcomes[index], Exception), f"request {index} lost: {outcomes[index]!r}"
+        np.testing.assert_allclose(outcomes[index], session.run(None, {"input": x})[0], **TOLERANCE)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{server.http_url}/v2/health/live", timeout=2)
+    assert '"stopped"' in server.log()
+
+
+def test_serve_from_model_yaml_takes_settings_and_engine_from_the_spec(engines, start_server, tmp_path):
+    import yaml
+
+    info = engines["mlp"].model
+    store = engines["mlp"].manifest_uri.split("/engines/")[0]
+    spec_file = tmp_path / "mlp.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "apiVersion": "plansmith.io/v1alpha1", "kind": "InferenceModel", "metadata": {"name": "tiny-mlp"},
+        "spec": {"model": {"uri": f"file://{info.path}", "inputs": info.spec_inputs()},
+                 "build": {"backend": "onnxruntime", "precision": "fp32"},
+                 "serving": {"maxBatchSize": 32, "instances": 1,
+                             "dynamicBatching": {"preferredBatchSizes": [8, 16], "maxQueueDelayMicroseconds": 300}},
+                 "storage": {"uri": store}}}))
+    server = start_server(str(spec_file)).wait_ready()
+    assert "engine found through the builder" in server.log() and '"status": "hit"' in server.log()
+    http = httpclient.InferenceServerClient(server.http_url)
+    config = http.get_model_config("tiny-mlp")
+    assert config["dynamic_batching"]["preferred_batch_size"] == [8, 16]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "300"
+    x = info.sample_inputs(batch=2, seed=5)["input"]
+    np.testing.assert_allclose(http.infer("tiny-mlp", [http_input(x)]).as_numpy("logits"),
+                               engines["mlp"].session().run(None, {"input": x})[0], **TOLERANCE)
+
+
+def test_serves_an_engine_from_s3(s3_server, start_server, tmp_path, monkeypatch):
+    import boto3
+
+    from tests.plansmith_runtime.conftest import build_engine
+
+    for key, value in s3_server.credentials_env().items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(Bucket="engines")
+    info, uri = build_engine("mlp", tmp_path, "s3://engines/plansmith", s3_server.endpoint)
+    assert uri.startswith("s3://engines/plansmith/engines/")
+    server = start_server("--manifest", uri, "--endpoint", s3_server.endpoint,
+                          env=s3_server.credentials_env()).wait_ready()
+    x = info.sample_inputs(batch=1)["input"]
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(str(info.path)).run(None, {"input": x})[0]
+    rpc = grpcclient.InferenceServerClient(server.grpc_url)
+    result = rpc.infer("model", [grpc_input(x)])
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, **TOLERANCE)
+    # --manifest alone: batching on with the defaults, up to the batch size the engine accepts
+    config = rpc.get_model_config("model").config
+    assert config.max_batch_size == 32 and config.dynamic_batching.max_queue_delay_microseconds == 100
+
+
+def test_request_timeout_rejects_requests_left_in_the_queue(engines, start_server):
+    server = start_server("--manifest", engines["mlp"].manifest_uri, "--max-batch-size", "32",
+                          "--max-queue-delay-us", "5000000", "--timeout-us", "200000", "--no-warmup").wait_ready()
+    x = engines["mlp"].model.sample_inputs(batch=1)["input"]
+    rpc = grpcclient.InferenceServerClient(server.grpc_url)
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException, match="timeout") as error:
+        rpc.infer("model", [grpc_input(x)])
+    assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert 0.15 < time.monotonic() - started < 3  # rejected at its 200 ms timeout, not after the 5 s delay
+    http = httpclient.InferenceServerClient(server.http_url)
+    with pytest.raises(InferenceServerException, match="timeout") as error:
+        http.infer("model", [http_input(x)])
+    assert error.value.status() == "503"
+    assert http.is_server_ready()

@@ -1,0 +1,86 @@
+"""Rendering a stock Triton model repository; config.pbtxt must parse as Triton's ModelConfig."""
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from plansmith.manifest import Manifest
+from plansmith.validation import parse_spec
+from plansmith_runtime.triton_repo import RepositoryError, render_repository
+
+SPEC = parse_spec({
+    "model": {"uri": "s3://models/cnn/model.onnx", "inputs": [
+        {"name": "input", "minShape": [1, 3, 32, 32], "optShape": [8, 3, 32, 32], "maxShape": [32, 3, 32, 32]}]},
+    "serving": {"runtime": "triton", "maxBatchSize": 16, "instances": 2, "warmup": {"iterations": 3},
+                "dynamicBatching": {"preferredBatchSizes": [4, 8], "maxQueueDelayMicroseconds": 200,
+                                    "maxQueueSize": 64, "timeoutMicroseconds": 5000}},
+})
+
+
+def manifest(backend="tensorrt", cc="9.0", key="k90") -> Manifest:
+    target = {"device": "gpu", "computeCapability": cc} if backend == "tensorrt" else {"device": "cpu", "cpuIsa": "x86_64-avx2"}
+    name = "model.plan" if backend == "tensorrt" else "model.onnx"
+    return Manifest.model_validate({
+        "key": key, "backend": backend, "backendVersion": "10.3.0", "target": target, "precision": "fp16",
+        "buildOptions": {}, "source": {"uri": "s3://models/cnn/model.onnx", "sha256": "0" * 64},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32], "optShape": [8, 3, 32, 32]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}], "maxBatchSize": 32,
+        "artifacts": [{"name": name, "sha256": "1" * 64, "bytes": 10}], "buildSeconds": 1, "builderVersion": "0",
+        "createdAt": "now"})
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def test_one_plan_renders_a_tensorrt_model():
+    repo = render_repository("cnn", SPEC, [manifest()])
+    config = parse(repo.files["cnn/config.pbtxt"])
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
+    assert list(config.input[0].dims) == [3, 32, 32] and config.input[0].data_type == mc.TYPE_FP32
+    assert list(config.output[0].dims) == [10]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 200
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 64
+    assert config.dynamic_batching.default_queue_policy.default_timeout_microseconds == 5000
+    assert config.instance_group[0].count == 2 and config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert [w.batch_size for w in config.model_warmup] == [1, 4, 8, 16]
+    assert all(w.count == 3 and list(w.inputs["input"].dims) == [3, 32, 32] for w in config.model_warmup)
+    assert config.default_model_filename == "model.plan"
+    assert list(repo.engines) == ["cnn/1/model.plan"]
+
+
+def test_plans_for_several_compute_capabilities_use_cc_model_filenames():
+    repo = render_repository("cnn", SPEC, [manifest(cc="9.0", key="a"), manifest(cc="8.6", key="b")])
+    config = parse(repo.files["cnn/config.pbtxt"])
+    assert dict(config.cc_model_filenames) == {"9.0": "model_sm90.plan", "8.6": "model_sm86.plan"}
+    assert repo.engines["cnn/1/model_sm86.plan"].manifest.key == "b"
+
+
+def test_onnxruntime_engine_renders_onnxruntime_onnx_on_cpu():
+    config = parse(render_repository("cnn", SPEC, [manifest("onnxruntime")]).files["cnn/config.pbtxt"])
+    assert config.platform == "onnxruntime_onnx"
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_mixed_or_duplicate_engines_are_refused():
+    with pytest.raises(RepositoryError, match="mix backends"):
+        render_repository("cnn", SPEC, [manifest(), manifest("onnxruntime")])
+    with pytest.raises(RepositoryError, match="two engines for compute capability 9.0"):
+        render_repository("cnn", SPEC, [manifest(key="a"), manifest(key="b")])
+
+
+def test_repository_is_written_with_verified_engines(engines, tmp_path):
+    from plansmith.manifest import parse_manifest
+    from plansmith_runtime.triton_repo import write_repository
+
+    built = engines["mlp"]
+    manifest = parse_manifest(open(built.manifest_uri.removeprefix("file://"), "rb").read())
+    store = built.manifest_uri.split("/engines/")[0]
+    spec = parse_spec({"model": {"uri": f"file://{built.model.path}", "inputs": built.model.spec_inputs()},
+                       "serving": {"runtime": "triton", "maxBatchSize": 32, "dynamicBatching": {}}})
+    written = write_repository(render_repository("mlp", spec, [manifest]), tmp_path / "repo", store)
+    assert sorted(p.relative_to(tmp_path / "repo").as_posix() for p in written) == ["mlp/1/model.onnx", "mlp/config.pbtxt"]
+    assert (tmp_path / "repo/mlp/1/model.onnx").read_bytes() == built.engine_path.read_bytes()
+    config = parse((tmp_path / "repo/mlp/config.pbtxt").read_text())
+    assert config.platform == "onnxruntime_onnx" and list(config.input[0].dims) == [256]
