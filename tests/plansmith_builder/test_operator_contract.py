@@ -42,8 +42,8 @@ def test_cpu_target_job_builds_under_the_operators_key(tmp_path, models, cli, mo
     target = Target("cpu", None, None, None, ("n1",), cpu_arch="x86_64")
     spec, settings, env, args = job_env_and_args(tmp_path, models, target)
     monkeypatch.setenv("PLANSMITH_MODEL", env["PLANSMITH_MODEL"])
-    assert args[:2] == ["build", "env:PLANSMITH_MODEL"]
-    run = cli(*args[1:])
+    assert args[0] == "env:PLANSMITH_MODEL"  # arguments of the image's entrypoint, `plansmith build`
+    run = cli(*args)
     assert run.exit_code == 0, run.result
     assert run.result["key"] == operator_key(spec, settings, target)
     manifest = parse_manifest((tmp_path / "store" / "engines" / run.result["key"] / "manifest.json").read_bytes())
@@ -63,10 +63,10 @@ def test_simulated_gpu_is_keyed_for_the_gpu_type_and_runs_on_the_cpu(tmp_path, m
     spec, settings, env, args = job_env_and_args(tmp_path, models, target)
     monkeypatch.setenv("PLANSMITH_MODEL", env["PLANSMITH_MODEL"])
     assert args[-2:] == ["--target", "9.0"]
-    refused = cli(*args[1:])  # a GPU target on a machine without CUDA, not declared simulated
+    refused = cli(*args)  # a GPU target on a machine without CUDA, not declared simulated
     assert refused.exit_code == EXIT_PERMANENT and refused.result["reason"] == "BackendUnavailable"
 
-    run = cli(*args[1:], "--simulated-gpu")
+    run = cli(*args, "--simulated-gpu")
     assert run.exit_code == 0, run.result
     assert run.result["key"] == operator_key(spec, settings, target)
     manifest = parse_manifest((tmp_path / "store" / "engines" / run.result["key"] / "manifest.json").read_bytes())

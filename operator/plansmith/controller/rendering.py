@@ -120,7 +120,8 @@ def render_build_job(*, name: str, namespace: str, spec: InferenceModelSpec, tar
                      settings: OperatorSettings) -> dict[str, Any]:
     labels = {**MANAGED_BY, COMPONENT_LABEL: "build", MODEL_LABEL: name, TARGET_LABEL: target.slug, KEY_LABEL: key}
     store = storage_uri(spec, settings)
-    args = ["build", "env:PLANSMITH_MODEL", "--store", store, "--backend", settings.builder_backend,
+    # the builder image's entrypoint is `plansmith build`: these are its arguments
+    args = ["env:PLANSMITH_MODEL", "--store", store, "--backend", settings.builder_backend,
             "--target", target.builder_target_arg]
     if settings.simulated_gpus and target.device == "gpu":
         args.append("--simulated-gpu")
@@ -162,8 +163,9 @@ def render_build_job(*, name: str, namespace: str, spec: InferenceModelSpec, tar
 
 
 def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list[str]:
+    """Arguments of the runtime image's entrypoint, `plansmith serve`."""
     serving = spec.serving
-    args = ["serve", "--manifest", manifest_uri, "--model-name", name,
+    args = ["--manifest", manifest_uri, "--model-name", name,
             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
             "--instances", str(serving.instances), "--max-batch-size", str(serving.max_batch_size)]
     batching = serving.dynamic_batching
@@ -175,7 +177,7 @@ def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list
                  "--timeout-us", str(batching.timeout_microseconds)]
         if batching.preferred_batch_sizes:
             args += ["--preferred-batch-sizes", ",".join(map(str, batching.preferred_batch_sizes))]
-    args += ["--warmup-iterations", str(serving.warmup.iterations) if serving.warmup.enabled else "0"]
+    args += ["--warmup-iterations", str(serving.warmup.iterations)] if serving.warmup.enabled else ["--no-warmup"]
     return args
 
 

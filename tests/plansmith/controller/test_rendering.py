@@ -52,7 +52,7 @@ def test_job_is_pinned_to_the_gpu_type_and_requests_it():
 
 def test_job_runs_the_builder_for_that_target_with_credentials_only_by_reference():
     container = job()["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["build", "env:PLANSMITH_MODEL", "--store", "s3://engines/prod", "--backend",
+    assert container["args"] == ["env:PLANSMITH_MODEL", "--store", "s3://engines/prod", "--backend",
                                  "onnxruntime", "--target", "9.0"]
     env = {e["name"]: e for e in container["env"]}
     assert json.loads(env["PLANSMITH_MODEL"]["value"])["spec"]["model"]["uri"] == "s3://models/m.onnx"
@@ -96,7 +96,7 @@ def test_deployment_serves_the_engine_with_the_batching_settings():
     assert body["spec"]["replicas"] == 2
     container = body["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
-    assert args[:3] == ["serve", "--manifest", f"s3://engines/prod/engines/{KEY}/manifest.json"]
+    assert args[:2] == ["--manifest", f"s3://engines/prod/engines/{KEY}/manifest.json"]
     assert args[args.index("--preferred-batch-sizes") + 1] == "4,8"
     assert args[args.index("--max-queue-delay-us") + 1] == "200"
     assert args[args.index("--instances") + 1] == "2"
@@ -117,6 +117,9 @@ def test_batching_off_is_passed_on():
     spec = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "storage": {"uri": "s3://engines"}})
     args = rendering.runtime_args("m", spec, "s3://engines/engines/k/manifest.json")
     assert "--no-batching" in args
+    assert args[args.index("--warmup-iterations") + 1] == "2"
+    no_warmup = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"warmup": {"enabled": False}}})
+    assert "--no-warmup" in rendering.runtime_args("m", no_warmup, "s3://engines/engines/k/manifest.json")
 
 
 def test_service_selects_all_targets_of_the_model():
