@@ -43,8 +43,9 @@ class GpuProfile:
         return capacity
 
 
-H100 = GpuProfile("NVIDIA-H100-80GB-HBM3", 9, 0, 81559, count=2, mig_strategy="mixed", mig_devices={"mig-1g.10gb": 7})
-A10G = GpuProfile("NVIDIA-A10G", 8, 6, 23028, count=1)
+# 8 GPUs a node, as on a DGX H100 or an AWS g5.48xlarge: room for several models' build and serving pods
+H100 = GpuProfile("NVIDIA-H100-80GB-HBM3", 9, 0, 81559, count=8, mig_strategy="mixed", mig_devices={"mig-1g.10gb": 7})
+A10G = GpuProfile("NVIDIA-A10G", 8, 6, 23028, count=8)
 
 
 def status_patch(profile: GpuProfile) -> list[dict]:

@@ -162,12 +162,21 @@ def _try_get(url: str):
         return None
 
 
-def gpu_pod(name: str, product: str, resource: str = "nvidia.com/gpu") -> dict:
+def gpu_pod(name: str, product: str, resource: str = "nvidia.com/gpu", count: int = 1) -> dict:
     affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": [product]}]}]}}}
     return {"metadata": {"name": name}, "spec": {
         "affinity": affinity, "terminationGracePeriodSeconds": 1, "restartPolicy": "Never",
-        "containers": [container("gpu", SLEEP, resources={"limits": {resource: "1"}})]}}
+        "containers": [container("gpu", SLEEP, resources={"limits": {resource: str(count)}})]}}
+
+
+def free_gpus(core, node: str) -> int:
+    """GPUs of `node` not requested by a running or pending pod (other tests' pods may hold some)."""
+    allocatable = int(core.read_node(node).status.allocatable["nvidia.com/gpu"])
+    pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+    used = sum(int((c.resources.limits or {}).get("nvidia.com/gpu", 0)) for p in pods
+               if p.status.phase in ("Pending", "Running") for c in p.spec.containers)
+    return allocatable - used
 
 
 def phase(core, name: str) -> str:
@@ -176,13 +185,14 @@ def phase(core, name: str) -> str:
 
 def test_gpu_pods_land_on_the_matching_gpu_type_and_wait_when_none_is_free(core):
     a10g, h100 = cluster_module.NODES[1], cluster_module.NODES[0]
-    assert a10g.gpus.count == 1
     first, second, mig = unique("a10g"), unique("a10g"), unique("mig")
-    core.create_namespaced_pod(NAMESPACE, gpu_pod(first, a10g.gpus.product))
+    free = free_gpus(core, a10g.name)
+    assert free >= 1
+    core.create_namespaced_pod(NAMESPACE, gpu_pod(first, a10g.gpus.product, count=free))
     wait_for(lambda: phase(core, first) == "Running", 60, "the first GPU pod to run")
     assert core.read_namespaced_pod(first, NAMESPACE).spec.node_name == a10g.name
 
-    # the only A10G is taken; the H100 node has free GPUs but the affinity rules it out
+    # every A10G is taken; the H100 node has free GPUs but the affinity rules it out
     core.create_namespaced_pod(NAMESPACE, gpu_pod(second, a10g.gpus.product))
     events = wait_for(lambda: [e for e in core.list_namespaced_event(
         NAMESPACE, field_selector=f"involvedObject.name={second}").items if e.reason == "FailedScheduling"],

@@ -10,10 +10,10 @@ def test_gpu_feature_discovery_labels_and_status_patch():
     labels = H100.labels()
     assert labels["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     assert (labels["nvidia.com/gpu.compute.major"], labels["nvidia.com/gpu.compute.minor"]) == ("9", "0")
-    assert labels["nvidia.com/gpu.count"] == "2" and labels["nvidia.com/mig.strategy"] == "mixed"
+    assert labels["nvidia.com/gpu.count"] == "8" and labels["nvidia.com/mig.strategy"] == "mixed"
     assert labels["plansmith.io/simulated-gpus"] == "true"
     ops = {op["path"]: op["value"] for op in status_patch(H100)}
-    assert ops == {"/status/capacity/nvidia.com~1gpu": "2", "/status/allocatable/nvidia.com~1gpu": "2",
+    assert ops == {"/status/capacity/nvidia.com~1gpu": "8", "/status/allocatable/nvidia.com~1gpu": "8",
                    "/status/capacity/nvidia.com~1mig-1g.10gb": "7", "/status/allocatable/nvidia.com~1mig-1g.10gb": "7"}
 
 
