@@ -52,6 +52,10 @@ class Operator:
         # lock around "count running builds, then launch", so concurrent reconciles cannot overshoot
         self.launched: set[tuple[str, str]] = set()
         self.build_slots = asyncio.Lock()
+        # the status this process last wrote, by model uid: the watch delivers it a moment later, and a
+        # reconcile in between (a Job event right after launch) must not take the older copy for the
+        # current one and post every transition's Event twice
+        self.written_status: dict[str, dict[str, Any]] = {}
 
     def running_builds(self, build_job_index: kopf.Index) -> int:
         indexed = {key: store for key, store in build_job_index.items()}
@@ -144,6 +148,15 @@ async def reconcile_model(namespace: str, name: str, body: kopf.Body, logger: lo
     await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
 
 
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def model_deleted(namespace: str, name: str, uid: str, type: str | None, **_: Any) -> None:
+    """Forget what this process kept for a deleted model (its children go by ownerReferences)."""
+    if type == "DELETED":
+        operator = state()
+        operator.written_status.pop(uid, None)
+        operator.locks.pop((namespace, name), None)
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=BUILD_LABELS)
 async def build_job_changed(namespace: str, labels: kopf.Labels, type: str | None, logger: logging.Logger,
                             model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
@@ -154,7 +167,7 @@ async def build_job_changed(namespace: str, labels: kopf.Labels, type: str | Non
         return
     for (ns, name), store in list(model_index.items()):
         for model in store:
-            waiting = model["status"].get("phase") in (None, "Pending", "Building")
+            waiting = latest_status(model).get("phase") in (None, "Pending", "Building")
             if (ns == namespace and (waiting or name == labels.get(rendering.MODEL_LABEL))) or _waits_for_slot(model):
                 await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
 
@@ -195,10 +208,15 @@ def _discovery_signature(node: NodeInfo) -> tuple:
 
 
 def _waits_for_slot(model: dict[str, Any]) -> bool:
-    return any(t.get("reason") == "WaitingForBuildSlot" for t in model["status"].get("targets", []))
+    return any(t.get("reason") == "WaitingForBuildSlot" for t in latest_status(model).get("targets", []))
 
 
 # ----------------------------------------------------------------------------- reconcile
+
+
+def latest_status(model: dict[str, Any]) -> dict[str, Any]:
+    """The model's status as this process last wrote it, or as the watch last delivered it."""
+    return state().written_status.get(model["metadata"].get("uid")) or model.get("status") or {}
 
 
 def _now() -> str:
@@ -211,12 +229,12 @@ async def reconcile(namespace: str, name: str, model: dict[str, Any], logger: lo
     async with operator.lock(namespace, name):
         observation = await observe_and_act(operator, namespace, name, model, logger,
                                             node_index, build_job_index, serving_index)
-        previous = model.get("status") or {}
+        previous = latest_status(model)
         status = compute_status(observation, previous.get("conditions", []), _now())
         _post_transitions(model, previous, status)
         if _differs(previous, status):
             await asyncio.to_thread(operator.kube.patch_status, namespace, name, status)
-            model["status"] = status  # our copy of the index entry, until the watch delivers the new one
+            operator.written_status[model["metadata"]["uid"]] = status
 
 
 def _differs(previous: dict[str, Any], status: dict[str, Any]) -> bool:
