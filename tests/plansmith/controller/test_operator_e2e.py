@@ -1,0 +1,259 @@
+"""The whole product on the local cluster with real pods: the operator reconciles an InferenceModel into
+build Jobs that run the real builder image on each simulated GPU type, engines land in (moto) S3,
+serving Deployments run the real runtime image, and tritonclient gets correct answers through the
+Service. Then: the cache across models, a replicas change, a failing accuracy gate that leaves the
+serving pods alone, an operator restart mid-build, and deletion.
+
+GPUs here are simulated (docs/local-cluster.md): engines are keyed per GPU type and run on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import numpy as np
+import onnxruntime
+import pytest
+import yaml
+from kubernetes import client, config
+
+from plansmith import testmodels
+from plansmith.spec import API_GROUP, API_VERSION, PLURAL
+
+BUCKET = "plansmith-models"
+# per run: engines of earlier runs on a long-lived dev cluster would be cache hits, and an earlier
+# run's namespace may still be terminating
+PREFIX = NAMESPACE = f"e2e-{uuid.uuid4().hex[:8]}"
+STORE = f"s3://plansmith-engines/{PREFIX}"
+pytestmark = pytest.mark.timeout(1500)
+
+
+def wait_for(what, check, timeout=240.0, interval=1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+class Operator:
+    def __init__(self, env: dict[str, str], log: Path):
+        self.env, self.log, self.process = env, log, None
+
+    def start(self):
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "plansmith.cli", "operator", "--namespace", NAMESPACE],
+                                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        return self
+
+    def kill(self):
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def e2e(dev_cluster, repo_root, tmp_path_factory):
+    api = config.new_client_from_config(config_file=str(dev_cluster.kubeconfig))
+    workdir = tmp_path_factory.mktemp("e2e")
+    # a fresh discovery cache: one from an earlier cluster at the same address would not know the CRD
+    kubectl = [str(dev_cluster.kubectl), "--kubeconfig", str(dev_cluster.kubeconfig), "--cache-dir", str(workdir / "kube")]
+    subprocess.run([*kubectl, "apply", "-f", str(repo_root / "crds/inferencemodel.yaml")], check=True, capture_output=True)
+    subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/inferencemodels.plansmith.io"], check=True,
+                   capture_output=True)
+    dev_cluster.ensure_s3_secret(NAMESPACE)
+
+    model = testmodels.small_cnn(workdir / "cnn.onnx")
+    credentials = dev_cluster.s3_credentials()
+    s3 = boto3.client("s3", endpoint_url=dev_cluster.s3_endpoint, region_name="us-east-1",
+                      aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"])
+    s3.upload_file(str(model.path), BUCKET, "e2e/cnn.onnx")
+
+    env = {"KUBECONFIG": str(dev_cluster.kubeconfig),
+           "PLANSMITH_BUILDER_IMAGE": "docker.io/plansmith/builder:dev",
+           "PLANSMITH_RUNTIME_IMAGE": "docker.io/plansmith/runtime:dev",
+           "PLANSMITH_IMAGE_PULL_POLICY": "Never",
+           "PLANSMITH_BUILDER_BACKEND": "onnxruntime",
+           "PLANSMITH_BUILDER_BACKEND_VERSION": onnxruntime.__version__,  # the images install the same wheels
+           "PLANSMITH_S3_ENDPOINT": dev_cluster.s3_endpoint,
+           "PLANSMITH_SIMULATED_GPUS": "true",
+           **credentials}
+    operator = Operator(env, workdir / "operator.log").start()
+    yield {"api": api, "kubectl": kubectl, "operator": operator, "model": model, "s3": s3, "workdir": workdir}
+    operator.stop()
+    Path("/tmp/plansmith-operator-e2e.log").write_text((workdir / "operator.log").read_text(errors="replace"))
+    subprocess.run([*kubectl, "delete", "namespace", NAMESPACE, "--wait=false"], capture_output=True)
+
+
+def body(name: str, e2e, **overrides) -> dict:
+    spec = {
+        "model": {"uri": f"s3://{BUCKET}/e2e/cnn.onnx", "inputs": e2e["model"].spec_inputs()},
+        "build": {"precision": "fp32", "timeoutSeconds": 600, "accuracy": {"minCosine": 0.999, "samples": 4}},
+        "serving": {"replicas": 1, "maxBatchSize": 8, "instances": 1,
+                    "dynamicBatching": {"maxQueueDelayMicroseconds": 500, "preferredBatchSizes": [4, 8]},
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                    "warmup": {"iterations": 1}},
+        "storage": {"uri": STORE, "secretRef": {"name": "plansmith-s3"}},
+    }
+    for section, value in overrides.items():
+        spec[section] = {**spec[section], **value}
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "InferenceModel",
+            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
+
+
+def objects(e2e):
+    return client.CustomObjectsApi(e2e["api"])
+
+
+def get(e2e, name):
+    return objects(e2e).get_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, name)
+
+
+def jobs(e2e):
+    return client.BatchV1Api(e2e["api"]).list_namespaced_job(NAMESPACE, label_selector="app.kubernetes.io/component=build").items
+
+
+def events(e2e, name):
+    return client.CoreV1Api(e2e["api"]).list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={name}").items
+
+
+def condition(model, type_):
+    return next((c for c in model.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def ready(e2e, name):
+    model = get(e2e, name)
+    status = model.get("status", {})
+    failed = [t for t in status.get("targets", []) if t.get("state") == "Failed"]
+    if failed:  # a failed build ends the wait with its reason and the builder's log
+        logs = subprocess.run([*e2e["kubectl"], "logs", "-n", NAMESPACE, f"job/{failed[0].get('jobName')}", "--tail=30"],
+                              capture_output=True, text=True)
+        raise AssertionError(f"{failed[0].get('reason')}: {failed[0].get('message')}\n{logs.stdout}{logs.stderr}")
+    return condition(model, "Ready").get("status") == "True" and status.get("observedGeneration") == model["metadata"]["generation"] and model
+
+
+def infer(host: str, model_name: str, batch: np.ndarray) -> np.ndarray:
+    import tritonclient.http as httpclient
+
+    triton = httpclient.InferenceServerClient(f"{host}:8000")
+    inputs = [httpclient.InferInput("input", list(batch.shape), "FP32")]
+    inputs[0].set_data_from_numpy(batch, binary_data=True)
+    return triton.infer(model_name, inputs).as_numpy("logits")
+
+
+def test_model_is_built_per_gpu_type_served_and_answers(e2e):
+    objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body("cnn", e2e))
+    launched = wait_for("two build Jobs", lambda: len(jobs(e2e)) == 2 and jobs(e2e), timeout=60)
+    # kopf posts Events in the background: a process killed the instant its Jobs exist may take them along
+    wait_for("the EngineBuilding Events", lambda: len([e for e in events(e2e, "cnn") if e.reason == "EngineBuilding"]) >= 2,
+             timeout=30, interval=0.1)
+
+    # the operator dies mid-build and comes back: no duplicate Job, tracking resumes
+    e2e["operator"].kill()
+    e2e["operator"].start()
+
+    model = wait_for("Ready", lambda: ready(e2e, "cnn"), timeout=420)
+    assert sorted(j.metadata.name for j in jobs(e2e)) == sorted(j.metadata.name for j in launched)
+    pods = client.CoreV1Api(e2e["api"]).list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=build").items
+    nodes = {p.metadata.labels["plansmith.io/target"]: p.spec.node_name for p in pods}
+    assert nodes == {"sm90-nvidia-h100-80gb-hbm3": "plansmith-dev-h100", "sm86-nvidia-a10g": "plansmith-dev-a10g"}
+
+    status = model["status"]
+    assert status["phase"] == "Ready" and status["targetCount"] == 2 and status["enginesReady"] == 2
+    for target in status["targets"]:
+        assert target["state"] == "Serving" and len(target["sha256"]) == 64
+        assert target["accuracy"]["cosine"] >= 0.999 and target["latency"]["p50Ms"] > 0
+        manifest = e2e["s3"].get_object(Bucket="plansmith-engines", Key=f"{PREFIX}/engines/{target['engineKey']}/manifest.json")
+        assert b'"CPUExecutionProvider"' in manifest["Body"].read()  # simulated GPUs: honest about where it runs
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Valid": "True", "EnginesReady": "True", "ServingReady": "True", "Ready": "True"}
+
+    deployments = client.AppsV1Api(e2e["api"]).list_namespaced_deployment(NAMESPACE).items
+    assert sorted(d.metadata.name for d in deployments) == ["cnn-sm86-nvidia-a10g", "cnn-sm90-nvidia-h100-80gb-hbm3"]
+    serving_pods = client.CoreV1Api(e2e["api"]).list_namespaced_pod(
+        NAMESPACE, label_selector="app.kubernetes.io/component=serving").items
+    assert {p.spec.node_name for p in serving_pods} == {"plansmith-dev-h100", "plansmith-dev-a10g"}
+
+    service = client.CoreV1Api(e2e["api"]).read_namespaced_service("cnn", NAMESPACE)
+    batch = np.random.default_rng(7).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    expected = onnxruntime.InferenceSession(str(e2e["model"].path)).run(None, {"input": batch})[0]
+    for _ in range(4):  # the Service spreads requests over both GPU types' pods
+        np.testing.assert_allclose(infer(service.spec.cluster_ip, "cnn", batch), expected, rtol=1e-4, atol=1e-4)
+
+    printed = subprocess.run([*e2e["kubectl"], "get", "im", "cnn", "-n", NAMESPACE], capture_output=True, text=True)
+    assert printed.stdout.splitlines()[1:2] and printed.stdout.splitlines()[1].split()[:5] == [
+        "cnn", "True", "Ready", "2", "2"], printed.stdout + printed.stderr
+    wanted = {"EngineBuilding", "EngineBuilt", "EnginesVerified", "ReplicasReady", "Serving"}
+    wait_for(f"Events {sorted(wanted)}", lambda: wanted <= {e.reason for e in events(e2e, "cnn")}, timeout=30)
+    posted = [(e.reason, e.message) for e in events(e2e, "cnn")]
+    assert len(posted) == len(set(posted)), f"an Event posted twice: {sorted(posted)}"  # one per transition
+
+
+def test_a_second_model_with_the_same_engine_inputs_builds_nothing(e2e):
+    before = len(jobs(e2e))
+    objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body("cnn-copy", e2e))
+    model = wait_for("the copy Ready", lambda: ready(e2e, "cnn-copy"), timeout=240)
+    assert len(jobs(e2e)) == before
+    assert {t["engineKey"] for t in model["status"]["targets"]} == {t["engineKey"] for t in get(e2e, "cnn")["status"]["targets"]}
+
+
+def test_replicas_change_rebuilds_nothing(e2e):
+    before = len(jobs(e2e))
+    objects(e2e).patch_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, "cnn-copy",
+                                                {"spec": {"serving": {"replicas": 2}}})
+    model = wait_for("2 replicas per GPU type ready", lambda: (m := ready(e2e, "cnn-copy"))
+                     and m["status"]["serving"]["readyReplicas"] == 4 and m, timeout=240)
+    assert model["status"]["serving"]["replicas"] == 4
+    assert len(jobs(e2e)) == before
+
+
+def test_an_impossible_accuracy_gate_fails_and_leaves_serving_alone(e2e):
+    serving_before = {d.metadata.name: d.spec.template.metadata.annotations["plansmith.io/engine-key"]
+                      for d in client.AppsV1Api(e2e["api"]).list_namespaced_deployment(
+                          NAMESPACE, label_selector="plansmith.io/model=cnn").items}
+    objects(e2e).patch_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, "cnn", {"spec": {"build": {
+        "precision": "int8", "quantization": "dynamic", "backend": "onnxruntime", "accuracy": {"minCosine": 1.0}}}})
+
+    def failed():
+        model = get(e2e, "cnn")
+        return model.get("status", {}).get("phase") == "Failed" and model
+
+    model = wait_for("Failed", failed, timeout=300)
+    target = next(t for t in model["status"]["targets"] if t["state"] == "Failed")
+    assert target["reason"] == "AccuracyGateFailed" and "cosine" in target["message"]
+    assert condition(model, "EnginesReady")["reason"] == "AccuracyGateFailed"
+    serving_after = {d.metadata.name: d.spec.template.metadata.annotations["plansmith.io/engine-key"]
+                     for d in client.AppsV1Api(e2e["api"]).list_namespaced_deployment(
+                         NAMESPACE, label_selector="plansmith.io/model=cnn").items}
+    assert serving_after == serving_before  # still the old, good engines
+    service = client.CoreV1Api(e2e["api"]).read_namespaced_service("cnn", NAMESPACE)
+    batch = np.ones((1, 3, 32, 32), dtype=np.float32)
+    assert infer(service.spec.cluster_ip, "cnn", batch).shape == (1, 10)
+
+
+def test_deleting_a_model_removes_its_children_and_keeps_the_engines(e2e):
+    keys = {t["engineKey"] for t in get(e2e, "cnn-copy")["status"]["targets"]}
+    objects(e2e).delete_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, "cnn-copy")
+    apps = client.AppsV1Api(e2e["api"])
+    wait_for("Deployments garbage-collected", lambda: not apps.list_namespaced_deployment(
+        NAMESPACE, label_selector="plansmith.io/model=cnn-copy").items, timeout=120)
+    for key in keys:  # engines are shared by key: they stay
+        e2e["s3"].head_object(Bucket="plansmith-engines", Key=f"{PREFIX}/engines/{key}/manifest.json")
