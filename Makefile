@@ -1,6 +1,8 @@
-.PHONY: quickstart test unit crd
+.PHONY: quickstart down test unit crd
 quickstart:  ## set up everything and run the main job
 	bash deploy/local/quickstart.sh
+down:        ## tear down what quickstart started (the model, the Helm release, the dev cluster)
+	.venv/bin/python -m plansmith.devcluster.quickstart down
 test:        ## set up everything and run the whole test suite
 	bash deploy/local/test.sh
 unit:        ## unit tests only (no control plane, no S3)
