@@ -98,12 +98,10 @@ ALLOWED = [
     ("get", "", "pods/log", "anywhere"),
     ("watch", "", "nodes", None),
     ("create", "", "events", "anywhere"),
-    ("patch", "events.k8s.io", "events", "anywhere"),
     ("list", "apiextensions.k8s.io", "customresourcedefinitions", None),
     ("watch", "", "namespaces", None),
     ("get", "", "secrets", "chart-rbac"),
     ("get", "", "secrets", "chart-team-a"),
-    ("watch", "", "configmaps", "chart-rbac"),
 ]
 DENIED = [
     ("delete", "plansmith.io", "inferencemodels", "anywhere"),
@@ -113,7 +111,8 @@ DENIED = [
     ("update", "apps", "deployments", "anywhere"),
     ("get", "", "secrets", "chart-other"),
     ("list", "", "secrets", "chart-rbac"),
-    ("get", "", "configmaps", "chart-other"),
+    ("get", "", "configmaps", "chart-rbac"),  # settings come from the environment, not ConfigMaps
+    ("patch", "", "events", "anywhere"),  # Events are created, never updated
     ("patch", "", "nodes", None),
     ("create", "rbac.authorization.k8s.io", "clusterroles", None),
     ("patch", "kopf.dev", "clusterkopfpeerings", None),  # peering is off with one replica

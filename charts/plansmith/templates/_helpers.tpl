@@ -40,12 +40,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if gt (int .Values.replicaCount) 1 -}}true{{- end -}}
 {{- end -}}
 
-{{/* Namespaces that get a Role: the operator's own (its settings), every watched namespace and
-     rbac.secretNamespaces (the operator reads storage Secrets in the InferenceModel's namespace),
-     deduplicated; only its own when rbac.clusterWideSecrets already grants Secrets everywhere. */}}
+{{/* Namespaces that get a Role to read storage Secrets (the operator reads them in the InferenceModel's
+     namespace): the operator's own (storage.secretName), every watched namespace and rbac.secretNamespaces,
+     deduplicated; none when rbac.clusterWideSecrets already grants Secrets everywhere. */}}
 {{- define "plansmith.roleNamespaces" -}}
 {{- if .Values.rbac.clusterWideSecrets -}}
-{{- list .Release.Namespace | toJson -}}
+{{- list | toJson -}}
 {{- else -}}
 {{- concat (list .Release.Namespace) .Values.watchNamespaces .Values.rbac.secretNamespaces | uniq | toJson -}}
 {{- end -}}

@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--priority", type=int, default=None,
                         help="this replica's peering priority (default: derived from its identity, so that "
                              "replicas differ; kopf freezes every replica when the highest priority is shared)")
+    parser.add_argument("--health-port", type=int, default=None, metavar="PORT",
+                        help="serve kopf's liveness endpoint at http://0.0.0.0:PORT/healthz (for a livenessProbe)")
     parser.add_argument("--verbose", action="store_true")
     parser.set_defaults(handler=run)
 
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         priority=args.priority if args.priority is not None else peering_priority(identity),
         identity=identity,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
         namespaces=args.namespace or None,
         clusterwide=not args.namespace,
     )
