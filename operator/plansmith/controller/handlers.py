@@ -14,10 +14,12 @@ object for the parent; one path for every trigger keeps the status consistent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -48,26 +50,37 @@ class Operator:
         self.catalog = EngineCatalog()
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.node_signature: frozenset[tuple] = frozenset()
-        # build slots: Jobs launched by this process that the Job index has not shown yet, and one
-        # lock around "count running builds, then launch", so concurrent reconciles cannot overshoot
-        self.launched: set[tuple[str, str]] = set()
+        # build slots: Jobs launched by this process that the Job watch has not shown yet (with when),
+        # and one lock around "count running builds, then launch", so concurrent reconciles cannot overshoot
+        self.launched: dict[tuple[str, str], float] = {}
         self.build_slots = asyncio.Lock()
         # the status this process last wrote, by model uid: the watch delivers it a moment later, and a
         # reconcile in between (a Job event right after launch) must not take the older copy for the
         # current one and post every transition's Event twice
         self.written_status: dict[str, dict[str, Any]] = {}
+        # uids of models deleted while a reconcile of them may still be queued behind the model's lock:
+        # without a finalizer nothing else marks them, and acting on them would re-create their children
+        self.deleted: collections.OrderedDict[str, None] = collections.OrderedDict()
 
-    def running_builds(self, build_job_index: kopf.Index) -> int:
+    def running_builds(self, build_job_index: kopf.Index, now: float) -> int:
+        """Unfinished build Jobs: those indexed, plus those launched so recently that the watch has not
+        delivered them. A launched Job the watch saw come and go (deleted with its model) is forgotten by
+        `job_seen`; LAUNCH_VISIBLE_SECONDS bounds the wait for one the watch never reported."""
         indexed = {key: store for key, store in build_job_index.items()}
-        self.launched = {job for job in self.launched if job not in indexed}
+        self.launched = {job: at for job, at in self.launched.items()
+                         if job not in indexed and now - at < LAUNCH_VISIBLE_SECONDS}
         running = sum(1 for store in indexed.values() for job in store if not job["finished"])
         return running + len(self.launched)
+
+    def job_seen(self, namespace: str, name: str) -> None:
+        self.launched.pop((namespace, name), None)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault((namespace, name), asyncio.Lock())
 
 
 OPERATOR: Operator | None = None
+LAUNCH_VISIBLE_SECONDS = 60.0
 
 
 def state() -> Operator:
@@ -154,22 +167,24 @@ def model_deleted(namespace: str, name: str, uid: str, type: str | None, **_: An
     if type == "DELETED":
         operator = state()
         operator.written_status.pop(uid, None)
-        operator.locks.pop((namespace, name), None)
+        operator.deleted[uid] = None
+        while len(operator.deleted) > 10_000:
+            operator.deleted.popitem(last=False)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=BUILD_LABELS)
-async def build_job_changed(namespace: str, labels: kopf.Labels, type: str | None, logger: logging.Logger,
+async def build_job_changed(namespace: str, name: str, labels: kopf.Labels, type: str | None, logger: logging.Logger,
                             model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
                             serving_index: kopf.Index, **_: Any) -> None:
     """A build Job changed: reconcile every model of the namespace still waiting for an engine
     (models share engines by key), and models anywhere waiting for a build slot."""
+    state().job_seen(namespace, name)
     if type is None:  # the initial listing: resume handlers already reconcile every model
         return
-    for (ns, name), store in list(model_index.items()):
-        for model in store:
-            waiting = latest_status(model).get("phase") in (None, "Pending", "Building")
-            if (ns == namespace and (waiting or name == labels.get(rendering.MODEL_LABEL))) or _waits_for_slot(model):
-                await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+    for ns, name, model in indexed_models(model_index):
+        waiting = latest_status(model).get("phase") in (None, "Pending", "Building")
+        if (ns == namespace and (waiting or name == labels.get(rendering.MODEL_LABEL))) or _waits_for_slot(model):
+            await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
@@ -179,7 +194,7 @@ async def serving_changed(namespace: str, labels: kopf.Labels, type: str | None,
     if type is None:
         return
     name = labels.get(rendering.MODEL_LABEL)
-    for model in model_index.get((namespace, name), []):
+    for model in list(model_index.get((namespace, name), [])):
         await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
 
 
@@ -196,9 +211,14 @@ async def node_changed(type: str | None, logger: logging.Logger, model_index: ko
     if type is None:
         return
     logger.info("schedulable GPU capacity changed; reconciling every model")
-    for (ns, name), store in list(model_index.items()):
-        for model in store:
-            await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+    for ns, name, model in indexed_models(model_index):
+        await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+
+
+def indexed_models(model_index: kopf.Index) -> list[tuple[str, str, dict[str, Any]]]:
+    """(namespace, name, model) of every indexed model, copied first: kopf updates the index while a
+    handler awaits, and iterating a live store then fails with 'dictionary changed size'."""
+    return [(ns, name, model) for (ns, name), store in list(model_index.items()) for model in list(store)]
 
 
 def _discovery_signature(node: NodeInfo) -> tuple:
@@ -227,6 +247,8 @@ async def reconcile(namespace: str, name: str, model: dict[str, Any], logger: lo
                     node_index: kopf.Index, build_job_index: kopf.Index, serving_index: kopf.Index) -> None:
     operator = state()
     async with operator.lock(namespace, name):
+        if model["metadata"].get("uid") in operator.deleted:
+            return
         observation = await observe_and_act(operator, namespace, name, model, logger,
                                             node_index, build_job_index, serving_index)
         previous = latest_status(model)
@@ -353,7 +375,7 @@ async def _launch_build(operator: Operator, namespace: str, name: str, model: di
     settings = operator.settings
     job_name = rendering.job_name(key)
     async with operator.build_slots:
-        running = operator.running_builds(build_job_index)
+        running = operator.running_builds(build_job_index, time.monotonic())
         if running >= settings.build_concurrency:
             return {"state": "Pending", "reason": "WaitingForBuildSlot",
                     "message": f"{running} builds running (limit {settings.build_concurrency})"}
@@ -361,7 +383,7 @@ async def _launch_build(operator: Operator, namespace: str, name: str, model: di
                                           settings=settings)
         kopf.adopt(body, owner=model)
         if await asyncio.to_thread(operator.kube.create_job, body):
-            operator.launched.add((namespace, job_name))
+            operator.launched[(namespace, job_name)] = time.monotonic()
             logger.info("build Job %s launched for %s (engine %s)", job_name, target.slug, key)
     return {"state": "Building", "jobName": job_name}
 

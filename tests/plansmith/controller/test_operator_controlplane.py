@@ -322,3 +322,19 @@ def test_build_concurrency_is_a_limit_across_models(cluster):
     assert {t.get("reason") for t in targets if t["state"] == "Pending"} == {"WaitingForBuildSlot"}
     time.sleep(2)
     assert len(build_jobs(cluster)) == running + 1
+
+
+def test_deleting_the_model_that_holds_the_build_slot_lets_the_waiting_one_build(cluster):
+    # continues the previous test: one of limited-a/-b holds the only free slot, the other waits for it
+    building = {name: [t for t in get_model(cluster, name)["status"]["targets"] if t["state"] == "Building"]
+                for name in ("limited-a", "limited-b")}
+    holder, waiting = sorted(building, key=lambda name: not building[name])
+    assert building[holder] and not building[waiting]
+    custom(cluster).delete_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, holder)
+
+    wait_for(f"{waiting} to get the freed build slot",
+             lambda: any(t["state"] == "Building" for t in get_model(cluster, waiting)["status"]["targets"]), timeout=60)
+    wait_for(f"{holder}'s Job to be garbage-collected", lambda: not build_jobs(cluster, holder), timeout=60)
+    time.sleep(3)
+    assert not build_jobs(cluster, holder)  # a deleted model's children are not re-created
+    assert len(build_jobs(cluster, waiting)) == 1
