@@ -9,8 +9,15 @@ from typing import Final
 
 from plansmith.engine_key import EngineTarget
 from plansmith.spec import BuildSpec
+from plansmith.onnxruntime_providers import (
+    CUDA_PROVIDER,
+    CUDA_PROVIDER_OPTIONS,
+    ProviderUnavailable,
+    check_providers,
+    preload_cuda_libraries,
+)
 from plansmith_builder.backends.base import BuildContext, BuiltEngine, BuiltFile, Runner
-from plansmith_builder.backends.ort_plan import CUDA_PROVIDER, plan_ort_build
+from plansmith_builder.backends.ort_plan import plan_ort_build
 from plansmith_builder.calibration import batch_size_for, ort_reader
 from plansmith_builder.errors import BuildError
 
@@ -29,10 +36,25 @@ def session(path: Path, provider: str, level: str = "ORT_ENABLE_ALL", optimized_
     options.log_severity_level = 3  # errors only: the hardware-specific-layout warning is expected here
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    providers: list = [provider]
+    if provider == CUDA_PROVIDER:
+        preload_cuda_libraries()
+        providers = [(provider, CUDA_PROVIDER_OPTIONS)]  # gate and time the engine as the runtime runs it
     try:
-        return ort.InferenceSession(str(path), options, providers=[provider])
+        sess = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # onnxruntime's Fail / InvalidGraph / NotImplemented exceptions
         raise BuildError("UnsupportedModel", f"ONNX Runtime cannot load the model: {_first_line(error)}") from None
+    require_active(provider, sess.get_providers())
+    return sess
+
+
+def require_active(provider: str, active: list[str]) -> None:
+    """ONNX Runtime silently falls back to the CPU when the CUDA provider cannot load (missing CUDA
+    or cuDNN libraries): an engine meant for the GPU must not be built, gated and timed on the CPU."""
+    try:
+        check_providers(provider, active)
+    except ProviderUnavailable as error:
+        raise BuildError("BackendUnavailable", str(error)) from None
 
 
 def runner(sess) -> Runner:
@@ -62,6 +84,7 @@ class OnnxRuntimeBackend:
             return
         import onnxruntime
 
+        preload_cuda_libraries()
         if CUDA_PROVIDER not in onnxruntime.get_available_providers():
             raise BuildError("BackendUnavailable", f"target {target.name} needs ONNX Runtime's CUDA execution provider "
                                                    "(onnxruntime-gpu), which is not installed here")

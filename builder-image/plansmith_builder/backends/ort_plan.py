@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from plansmith.engine_key import EngineTarget, effective_quantization
+from plansmith.onnxruntime_providers import CPU_PROVIDER, CUDA_PROVIDER
 from plansmith.spec import BuildSpec
 from plansmith_builder.errors import BuildError
 from plansmith_builder.target import portable_cpu_target
 
-CPU_PROVIDER = "CPUExecutionProvider"
-CUDA_PROVIDER = "CUDAExecutionProvider"
 
 GraphLevel = Literal["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"]
 
