@@ -1,0 +1,688 @@
+"""Issue 7: plansmith's ONNX Runtime CUDA engines on a GPU, measured against PyTorch eager.
+
+    bench/gpu/run.sh [--cpu-smoke] [--phase all|build|serve] [--out DIR] [--workdir DIR]
+
+run.sh installs the carried wheels (onnxruntime-gpu, plansmith and its missing dependencies) into a
+target folder and runs this file. Phases (state is kept in WORKDIR/state.json, so the two device
+calls of one session can share it):
+
+  build  export ResNet-50 (torchvision, random weights) and a BERT-base-sized encoder (transformers
+         BertModel, random weights, sequence 128, pooled output) to ONNX; check the target NVML
+         reports; `plansmith build --backend onnxruntime --target auto` for fp32 and fp16; then, in
+         this process, the engines through plansmith's executor (IO binding, inputs already on the
+         GPU as OrtValues) and PyTorch eager FP32 / FP16 (channels-last for the CNN) at batch 1, 64, 256.
+  serve  each engine behind `plansmith serve` on loopback, driven through tritonclient's gRPC
+         service definitions (KServe v2 ModelInfer) at the given concurrencies, batching on and off;
+         payload bytes/s (request + response messages) are reported with the throughput.
+  all    both.
+
+The table (markdown) is printed last and written to OUT/table.md, every figure to OUT/results.json.
+--cpu-smoke runs the same code on the CPU with small shapes and short timings, to find bugs before
+any device time is spent: its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import serve as serve_bench  # noqa: E402  (bench/serve.py: the `plansmith serve` process wrapper)
+
+MODELS = ("resnet50", "bert")
+PRECISIONS = ("fp32", "fp16")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def settings(smoke: bool) -> dict:
+    if smoke:
+        return {"device": "cpu", "batches": [1, 4], "max_batch": 4, "opt_batch": 2, "seq": 32, "seconds": 0.3,
+                "serve_seconds": 1.5, "concurrency": [1, 8], "processes": 2, "samples": 2,
+                "bert": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2,
+                         "intermediate_size": 512}}
+    return {"device": "cuda", "batches": [1, 64, 256], "max_batch": 64, "opt_batch": 8, "seq": 128, "seconds": 1.5,
+            "serve_seconds": 4.0, "concurrency": [1, 64], "processes": 4, "samples": 8, "bert": {}}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def export_resnet50(path: Path, cfg: dict) -> dict:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    example = torch.randn(2, 3, 224, 224)
+    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return {"inputs": [{"name": "input", "shape": [3, 224, 224], "dtype": "float32"}]}
+
+
+class PooledBert:
+    """BertModel returning its pooled output only ([batch, hidden]: a small answer on the wire)."""
+
+    @staticmethod
+    def create(cfg: dict):
+        import torch
+        from transformers import BertConfig, BertModel
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = BertModel(BertConfig(**cfg["bert"]), add_pooling_layer=True)
+
+            def forward(self, input_ids, attention_mask):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+        torch.manual_seed(0)
+        return Wrapper().eval()
+
+
+def export_bert(path: Path, cfg: dict) -> dict:
+    import torch
+
+    model = PooledBert.create(cfg)
+    seq = cfg["seq"]
+    ids = torch.randint(0, model.bert.config.vocab_size, (2, seq))
+    mask = torch.ones(2, seq, dtype=torch.int64)
+    torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["pooled"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "pooled": {0: "batch"}})
+    return {"inputs": [{"name": "input_ids", "shape": [seq], "dtype": "int64"},
+                       {"name": "attention_mask", "shape": [seq], "dtype": "int64"}],
+            "vocab": model.bert.config.vocab_size}
+
+
+def sample_inputs(meta: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in meta["inputs"]:
+        shape = [batch, *tensor["shape"]]
+        if tensor["name"] == "input_ids":
+            feeds[tensor["name"]] = rng.integers(0, meta["vocab"], size=shape, dtype=np.int64)
+        elif tensor["name"] == "attention_mask":
+            feeds[tensor["name"]] = np.ones(shape, np.int64)
+        else:
+            feeds[tensor["name"]] = rng.standard_normal(shape).astype(tensor["dtype"])
+    return feeds
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_calls(fn, batch: int, seconds: float, warmup: int = 3, min_iterations: int = 5) -> dict:
+    """Synchronous calls (each returns when its results are on the host): p50/p99 and items/s."""
+    for _ in range(warmup):
+        fn()
+    latencies = []
+    started = time.perf_counter()
+    while len(latencies) < min_iterations or time.perf_counter() - started < seconds:
+        begin = time.perf_counter()
+        fn()
+        latencies.append(time.perf_counter() - begin)
+    values = np.asarray(latencies) * 1000
+    return {"batch": batch, "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
+            "items_per_s": batch * len(values) / (values.sum() / 1000), "iterations": len(values)}
+
+
+def mixed_sizes(run, feeds_by_size: dict[int, dict], seconds: float, seed: int = 1) -> dict:
+    """Batches of random sizes (1..max), as a dynamic batcher forms them, with no warmup per size:
+    what a shape-specialising backend pays on the first batch of each size shows up here."""
+    rng = np.random.default_rng(seed)
+    sizes = sorted(feeds_by_size)
+    items = runs = 0
+    slowest = 0.0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        size = int(rng.choice(sizes))
+        begin = time.perf_counter()
+        run(feeds_by_size[size])
+        slowest = max(slowest, time.perf_counter() - begin)
+        items += size
+        runs += 1
+    elapsed = time.perf_counter() - started
+    return {"items_per_s": items / elapsed, "runs": runs, "mean_batch": items / max(runs, 1),
+            "slowest_ms": slowest * 1000, "seconds": elapsed}
+
+
+def device_feeds(meta: dict, batches, device: str) -> dict[int, dict]:
+    import onnxruntime as ort
+
+    return {batch: {name: ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+                    for name, array in sample_inputs(meta, batch, seed=batch).items()} for batch in batches}
+
+
+def executor_figures(manifest_uri: str, meta: dict, cfg: dict, workdir: Path) -> dict:
+    """plansmith's executor in this process; on a GPU, inputs are OrtValues already on the device."""
+    import onnxruntime as ort
+
+    from plansmith_runtime.executors import create_executor
+    from plansmith_runtime.loader import fetch_engine
+
+    engine = fetch_engine(manifest_uri, workdir)
+    executor = create_executor(engine)
+    figures = {"providers": executor.session.get_providers(), "io_binding": getattr(executor, "io_binding", False)}
+    try:
+        for batch in cfg["batches"]:
+            host = sample_inputs(meta, batch, seed=batch)
+            device = "cuda" if figures["io_binding"] else "cpu"
+            feeds = {name: ort.OrtValue.ortvalue_from_numpy(array, device, 0) for name, array in host.items()}
+            first = executor.run(feeds)
+            if not all(np.all(np.isfinite(value)) for value in first.values()):
+                raise RuntimeError(f"non-finite outputs at batch {batch}")
+            figures[f"b{batch}"] = time_calls(lambda: executor.run(feeds), batch, cfg["seconds"])
+            print(f"    executor b{batch}: {fmt_time(figures[f'b{batch}'])}", flush=True)
+        # host arrays, as the server hands them over
+        pool = {batch: sample_inputs(meta, batch, seed=batch) for batch in range(1, cfg["max_batch"] + 1)}
+        figures["mixed"] = mixed_sizes(executor.run, pool, 2 * cfg["seconds"])
+        figures["buckets"] = list(getattr(executor, "batch_sizes", ()))
+        print(f"    executor, host inputs, random batch sizes 1-{cfg['max_batch']}: {fmt_mixed(figures['mixed'])}; "
+              f"buckets {figures['buckets']}", flush=True)
+        del pool
+    finally:
+        executor.close()
+    return figures
+
+
+def provider_variants(engine_path: Path, meta: dict, cfg: dict) -> dict:
+    """Raw ONNX Runtime sessions on the same engine file with other CUDA provider options than the
+    executor's: the executor's previous ones (ONNX Runtime's defaults: exhaustive cuDNN algorithm
+    search per input shape, NCHW), and CUDA graph capture at batch 1 (enable_cuda_graph; it needs
+    the same bound input and output buffers on every run)."""
+    import onnxruntime as ort
+
+    from plansmith.onnxruntime_providers import CUDA_PROVIDER_OPTIONS
+
+    gpu = cfg["device"] == "cuda"
+    device = "cuda" if gpu else "cpu"
+    variants = {"previous options (EXHAUSTIVE, NCHW)": {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "0"},
+                "cuda_graph": {**CUDA_PROVIDER_OPTIONS, "enable_cuda_graph": "1"}}
+    figures = {}
+    for label, options in variants.items():
+        try:
+            providers = [("CUDAExecutionProvider", options)] if gpu else ["CPUExecutionProvider"]
+            session = ort.InferenceSession(str(engine_path), providers=providers)
+            outputs = [o.name for o in session.get_outputs()]
+            graph = "enable_cuda_graph" in options
+            for batch in cfg["batches"][:1] if graph else cfg["batches"]:
+                feeds = device_feeds(meta, [batch], device)[batch]
+                binding = session.io_binding()
+                for name, value in feeds.items():
+                    binding.bind_ortvalue_input(name, value)
+                probe = session.run(outputs, sample_inputs(meta, batch, seed=batch))
+                bound = [ort.OrtValue.ortvalue_from_shape_and_type(list(value.shape), value.dtype, device, 0)
+                         for value in probe]
+                for name, value in zip(outputs, bound):
+                    binding.bind_ortvalue_output(name, value)
+
+                def call():
+                    session.run_with_iobinding(binding)
+                    return [value.numpy() for value in bound]
+
+                figures[f"{label} b{batch}"] = time_calls(call, batch, cfg["seconds"])
+                print(f"    variant {label} b{batch}: {fmt_time(figures[f'{label} b{batch}'])}", flush=True)
+            if not graph:
+                def run(feeds):
+                    binding = session.io_binding()
+                    for name, value in feeds.items():
+                        binding.bind_cpu_input(name, value)
+                    for name in outputs:
+                        binding.bind_output(name, device, 0)
+                    session.run_with_iobinding(binding)
+                    return binding.copy_outputs_to_cpu()
+
+                pool = {batch: sample_inputs(meta, batch, seed=batch) for batch in range(1, cfg["max_batch"] + 1)}
+                figures[f"{label} mixed"] = mixed_sizes(run, pool, 2 * cfg["seconds"])
+                print(f"    variant {label} host inputs, random batch sizes 1-{cfg['max_batch']}: "
+                      f"{fmt_mixed(figures[f'{label} mixed'])}", flush=True)
+                del pool
+            session = None  # free the GPU memory before the next variant
+        except Exception as error:
+            figures[label] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            print(f"    variant {label} failed: {figures[label]['error']}", flush=True)
+    return figures
+
+
+def torch_figures(model_name: str, meta: dict, cfg: dict, half: bool) -> dict:
+    """PyTorch eager on the same device, inputs already there, outputs copied to the host (as the
+    executor's are)."""
+    import torch
+    import torchvision
+
+    device = torch.device(cfg["device"])
+    torch.manual_seed(0)
+    if model_name == "resnet50":
+        model = torchvision.models.resnet50(weights=None).eval().to(device)
+        if half:
+            model = model.half().to(memory_format=torch.channels_last)
+    else:
+        model = PooledBert.create(cfg).to(device)
+        if half:
+            model = model.half()
+    figures = {"torch": torch.__version__, "variant": ("fp16" + (" channels-last" if model_name == "resnet50" else ""))
+               if half else "fp32"}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for batch in cfg["batches"]:
+        host = sample_inputs(meta, batch, seed=batch)
+        inputs = []
+        for name, array in host.items():
+            tensor = torch.from_numpy(array).to(device)
+            if half and tensor.is_floating_point():
+                tensor = tensor.half()
+                if tensor.dim() == 4:
+                    tensor = tensor.contiguous(memory_format=torch.channels_last)
+            inputs.append(tensor)
+
+        def call():
+            with torch.inference_mode():
+                out = model(*inputs)
+            out.float().cpu()
+            sync()
+
+        figures[f"b{batch}"] = time_calls(call, batch, cfg["seconds"])
+        print(f"    torch {figures['variant']} b{batch}: {fmt_time(figures[f'b{batch}'])}", flush=True)
+    model = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return figures
+
+
+def fmt_mixed(f: dict) -> str:
+    return (f"{f['items_per_s']:.0f} items/s over {f['runs']} runs (mean batch {f['mean_batch']:.1f}, "
+            f"slowest run {f['slowest_ms']:.1f} ms)")
+
+
+def fmt_time(f: dict) -> str:
+    return f"p50 {f['p50_ms']:.3f} ms, p99 {f['p99_ms']:.3f} ms, {f['items_per_s']:.0f} items/s ({f['iterations']} runs)"
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment(cfg: dict) -> dict:
+    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
+            "python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        query = "name,driver_version,memory.total,compute_cap,clocks.max.sm,mig.mode.current"
+        done = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True)
+        info["nvidia_smi"] = done.stdout.strip() or done.stderr.strip()
+    import onnxruntime as ort
+
+    info["onnxruntime"] = ort.__version__
+    info["onnxruntime_providers"] = ort.get_available_providers()
+    info["onnxruntime_cuda"] = getattr(ort, "cuda_version", None)
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        if torch.cuda.is_available():
+            info["torch_device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        info["torch"] = None
+    for name in ("transformers", "torchvision", "onnx", "numpy", "tritonclient", "grpc"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            info[name] = None
+    from plansmith_builder.target import detect_target
+
+    detected = detect_target()
+    info["detected_target"] = {"device": detected.target.device, "compute_capability": detected.target.compute_capability,
+                               "gpu_product": detected.target.gpu_product, "driver": detected.driver_version,
+                               "cpu_isa": detected.target.cpu_isa, "name": detected.target.name}
+    return info
+
+
+# --------------------------------------------------------------------------- build phase
+
+
+def spec_yaml(name: str, model_path: Path, meta: dict, precision: str, cfg: dict, store: Path) -> str:
+    inputs = []
+    for tensor in meta["inputs"]:
+        inputs.append({"name": tensor["name"], "minShape": [1, *tensor["shape"]],
+                       "optShape": [cfg["opt_batch"], *tensor["shape"]],
+                       "maxShape": [cfg["max_batch"], *tensor["shape"]]})
+    doc = {"apiVersion": "plansmith.io/v1alpha1", "kind": "InferenceModel", "metadata": {"name": name},
+           "spec": {"model": {"uri": f"file://{model_path}", "inputs": inputs},
+                    "build": {"backend": "onnxruntime", "precision": precision,
+                              "accuracy": {"minCosine": 0.99, "samples": cfg["samples"]}},
+                    "serving": {"maxBatchSize": cfg["max_batch"], "dynamicBatching": {}},
+                    "storage": {"uri": f"file://{store}"}}}
+    return json.dumps(doc, indent=2)  # JSON is YAML
+
+
+def run_build(spec_path: Path, log_path: Path) -> tuple[dict, float, str]:
+    command = ["plansmith", "build", str(spec_path), "--backend", "onnxruntime", "--target", "auto",
+               "--quick-benchmark"]
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    seconds = time.perf_counter() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"status": "failed", "message": done.stdout}
+    return result, seconds, shlex.join(command)
+
+
+def build_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precisions: list[str]) -> None:
+    from plansmith.manifest import parse_manifest
+
+    store = workdir / "store"
+    for model_name in models:
+        print(f"\n== {model_name}", flush=True)
+        path = workdir / f"{model_name}.onnx"
+        started = time.perf_counter()
+        meta = (export_resnet50 if model_name == "resnet50" else export_bert)(path, cfg)
+        print(f"  exported {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s",
+              flush=True)
+        entry = state.setdefault("models", {}).setdefault(model_name, {})
+        entry["meta"] = meta
+        for precision in precisions:
+            spec_path = workdir / f"{model_name}-{precision}.yaml"
+            spec_path.write_text(spec_yaml(f"{model_name}-{precision}", path, meta, precision, cfg, store))
+            result, seconds, command = run_build(spec_path, workdir / f"build-{model_name}-{precision}.log")
+            row = entry.setdefault(precision, {})
+            row.update(build=result, build_wall_s=seconds, build_command=command)
+            print(f"  {command}\n    -> {result.get('status')} {result.get('reason') or ''} {result.get('message', '')[:300]}"
+                  f" ({seconds:.1f} s)", flush=True)
+            if result.get("status") not in ("built", "hit"):
+                log_text = (workdir / f"build-{model_name}-{precision}.log").read_text()[-3000:]
+                print(f"    build log tail:\n{log_text}", flush=True)
+                continue
+            manifest = parse_manifest(Path(result["manifestUri"].removeprefix("file://")).read_bytes())
+            row["manifest_uri"] = result["manifestUri"]
+            row["manifest"] = {
+                "target": manifest.target.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "effective_precision": manifest.effective_precision or manifest.precision,
+                "build_seconds": manifest.build_seconds,
+                "accuracy": {"cosine": manifest.accuracy.cosine, "max_abs_error": manifest.accuracy.max_abs_error},
+                "benchmark": manifest.benchmark.model_dump(mode="json", by_alias=True, exclude_none=True),
+            }
+            print(f"    target {row['manifest']['target']}", flush=True)
+            print(f"    accuracy cosine {manifest.accuracy.cosine:.6f} max abs {manifest.accuracy.max_abs_error:.3g}; "
+                  f"build {manifest.build_seconds:.1f} s", flush=True)
+            try:
+                row["executor"] = executor_figures(result["manifestUri"], meta, cfg,
+                                                   workdir / f"engine-{model_name}-{precision}")
+            except Exception as error:  # report and go on: the other figures are still worth having
+                row["executor_error"] = f"{type(error).__name__}: {error}"
+                print(f"    executor failed: {row['executor_error']}", flush=True)
+            if precision == "fp16" and not cfg.get("skip_variants"):
+                engine_file = Path(result["manifestUri"].removeprefix("file://")).parent / "model.onnx"
+                row["variants"] = provider_variants(engine_file, meta, cfg)
+        for half in (False, True):
+            if cfg.get("skip_torch") or (half and cfg["device"] == "cpu"):
+                continue  # fp16 eager on the CPU is neither fast nor the baseline
+            key = "torch_fp16" if half else "torch_fp32"
+            try:
+                entry[key] = torch_figures(model_name, meta, cfg, half)
+            except Exception as error:
+                entry[key] = {"error": f"{type(error).__name__}: {error}"}
+                print(f"    torch {key} failed: {entry[key]['error']}", flush=True)
+        save(state, workdir)
+
+
+# --------------------------------------------------------------------------- serve phase
+
+
+def _load_worker(url: str, model: str, arrays: dict, concurrency: int, duration: float, start_at: float,
+                 results) -> None:
+    """`concurrency` coroutines calling ModelInfer back to back on one channel (the request built
+    once with tritonclient's service definitions, binary tensors in raw_input_contents)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import np_to_triton_dtype
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, array in arrays.items():
+        request.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    payload = request.SerializeToString()
+
+    async def main():
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        channel = grpc.aio.insecure_channel(url, options=options)
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        first = service_pb2.ModelInferResponse.FromString(await call(payload))
+        assert first.raw_output_contents, "the server returned no outputs"
+        response_bytes = 0
+        latencies: list[float] = []
+        errors = 0
+        while time.time() < start_at:
+            await asyncio.sleep(0.001)
+        stop_at = start_at + duration
+
+        async def loop():
+            nonlocal errors, response_bytes
+            while time.time() < stop_at:
+                begin = time.perf_counter()
+                try:
+                    answer = await call(payload)
+                    latencies.append(time.perf_counter() - begin)
+                    response_bytes += len(answer)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await channel.close()
+        results.put((latencies, errors, len(payload) * len(latencies), response_bytes))
+
+    asyncio.run(main())
+
+
+def load(url: str, model: str, arrays: dict, concurrency: int, duration: float, processes: int) -> dict:
+    processes = max(1, min(processes, concurrency))
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + 3.0
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    workers = [context.Process(target=_load_worker, args=(url, model, arrays, share, duration, start_at, results))
+               for share in shares]
+    for worker in workers:
+        worker.start()
+    latencies: list[float] = []
+    errors = sent = received = 0
+    for _ in workers:
+        part, failed, out_bytes, in_bytes = results.get(timeout=duration + 120)
+        latencies += part
+        errors += failed
+        sent += out_bytes
+        received += in_bytes
+    for worker in workers:
+        worker.join()
+    p50, p95, p99 = serve_bench.percentiles(latencies)
+    batch = next(iter(arrays.values())).shape[0]
+    return {"rps": len(latencies) / duration, "items_per_s": batch * len(latencies) / duration, "p50": p50,
+            "p99": p99, "errors": errors, "payload_bytes_per_s": (sent + received) / duration,
+            "request_bytes": sent // max(1, len(latencies)), "response_bytes": received // max(1, len(latencies))}
+
+
+def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precisions: list[str]) -> None:
+    serve_bench.PLANSMITH = shutil.which("plansmith") or serve_bench.PLANSMITH
+    serve_bench.MAX_BATCH = cfg["max_batch"]
+    for model_name in models:
+        entry = state.get("models", {}).get(model_name)
+        if not entry:
+            continue
+        arrays = sample_inputs(entry["meta"], 1, seed=5)
+        for precision in precisions:
+            row = entry.get(precision, {})
+            if "manifest_uri" not in row:
+                continue
+            served = row.setdefault("served", {})
+            for batching in (True, False):
+                mode = "on" if batching else "off"
+                log_path = workdir / f"serve-{model_name}-{precision}-{mode}.log"
+                try:
+                    server = serve_bench.Server(row["manifest_uri"], batching, log_path, [])
+                except RuntimeError as error:
+                    served[mode] = {"error": str(error)[-2000:]}
+                    print(f"  {model_name} {precision} batching {mode}: server failed: {str(error)[-2000:]}", flush=True)
+                    continue
+                try:
+                    for concurrency in cfg["concurrency"]:
+                        before = server.batch_stats()
+                        figures = load(f"127.0.0.1:{server.grpc}", "model", arrays, concurrency,
+                                       cfg["serve_seconds"], cfg["processes"])
+                        after = server.batch_stats()
+                        executions = after[1] - before[1]
+                        figures["mean_batch"] = (after[0] - before[0]) / executions if executions else float("nan")
+                        served.setdefault(mode, {})[f"c{concurrency}"] = figures
+                        print(f"  {model_name:8s} {precision} batching {mode:3s} c={concurrency:<3d} "
+                              f"{figures['items_per_s']:8.0f} items/s  p50 {figures['p50']:7.2f} ms  p99 "
+                              f"{figures['p99']:7.2f} ms  {figures['payload_bytes_per_s'] / 1e6:8.1f} MB/s payload  "
+                              f"mean batch {figures['mean_batch']:.1f}  errors {figures['errors']}", flush=True)
+                finally:
+                    server.stop()
+        save(state, workdir)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _get(d: dict | None, *keys, default=None):
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def table(state: dict, cfg: dict) -> str:
+    small, mid, big = cfg["batches"][0], cfg["batches"][1], cfg["batches"][-1]
+    top = max(cfg["concurrency"])
+    header = (f"| model | engine | build s | cosine | max abs err | b{small} p50 / p99 ms | b{mid} items/s | "
+              f"b{big} items/s | × PyTorch FP32 b{mid} / b{big} | × PyTorch FP16 b{mid} / b{big} | "
+              f"served c={top} batching on items/s | off items/s | on/off | payload MB/s on / off |")
+    lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
+
+    def num(value, digits=0):
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    def ratio(a, b):
+        return "-" if a is None or not b else f"{a / b:.2f}"
+
+    for model_name, entry in state.get("models", {}).items():
+        t32, t16 = entry.get("torch_fp32"), entry.get("torch_fp16")
+        for label, figures in (("PyTorch eager FP32", t32), ("PyTorch eager FP16" + (" channels-last" if model_name == "resnet50" else ""), t16)):
+            if not figures or "error" in figures:
+                if figures:
+                    lines.append(f"| {model_name} | {label} | | | | error: {figures['error'][:80]} | | | | | | | | |")
+                continue
+            lines.append(f"| {model_name} | {label} | | | | {num(_get(figures, f'b{small}', 'p50_ms'), 2)} / "
+                         f"{num(_get(figures, f'b{small}', 'p99_ms'), 2)} | {num(_get(figures, f'b{mid}', 'items_per_s'))} | "
+                         f"{num(_get(figures, f'b{big}', 'items_per_s'))} | | | | | | |")
+        for precision in PRECISIONS:
+            row = entry.get(precision)
+            if not row:
+                continue
+            if "manifest" not in row:
+                lines.append(f"| {model_name} | plansmith ORT {precision} | build {row['build'].get('status')}: "
+                             f"{row['build'].get('reason')} | | | | | | | | | | | |")
+                continue
+            m = row["manifest"]
+            ex = row.get("executor", {})
+            ex_mid, ex_big = _get(ex, f"b{mid}", "items_per_s"), _get(ex, f"b{big}", "items_per_s")
+            on = _get(row, "served", "on", f"c{top}")
+            off = _get(row, "served", "off", f"c{top}")
+            on_rate, off_rate = _get(on, "items_per_s"), _get(off, "items_per_s")
+            lines.append(
+                f"| {model_name} | plansmith ORT {precision} ({m['effective_precision']}) | {m['build_seconds']:.1f} | "
+                f"{m['accuracy']['cosine']:.6f} | {m['accuracy']['max_abs_error']:.3g} | "
+                f"{num(_get(ex, f'b{small}', 'p50_ms'), 2)} / {num(_get(ex, f'b{small}', 'p99_ms'), 2)} | "
+                f"{num(ex_mid)} | {num(ex_big)} | "
+                f"{ratio(ex_mid, _get(t32, f'b{mid}', 'items_per_s'))} / {ratio(ex_big, _get(t32, f'b{big}', 'items_per_s'))} | "
+                f"{ratio(ex_mid, _get(t16, f'b{mid}', 'items_per_s'))} / {ratio(ex_big, _get(t16, f'b{big}', 'items_per_s'))} | "
+                f"{num(on_rate)} | {num(off_rate)} | {ratio(on_rate, off_rate)} | "
+                f"{num(_get(on, 'payload_bytes_per_s', default=0) / 1e6 if on else None, 1)} / "
+                f"{num(_get(off, 'payload_bytes_per_s', default=0) / 1e6 if off else None, 1)} |")
+    variants = []
+    for model_name, entry in state.get("models", {}).items():
+        for precision in PRECISIONS:
+            mixed = _get(entry, precision, "executor", "mixed")
+            if mixed:
+                variants.append(f"- {model_name} {precision} executor, host inputs, random batch sizes 1-{cfg['max_batch']}: "
+                                f"{mixed['items_per_s']:,.0f} items/s (slowest run {mixed['slowest_ms']:.1f} ms)")
+        for label, figures in _get(entry, "fp16", "variants", default={}).items():
+            if "error" in figures:
+                variants.append(f"- {model_name} fp16 engine, {label}: failed: {figures['error']}")
+            elif "p50_ms" in figures:
+                variants.append(f"- {model_name} fp16 engine, {label}: p50 {figures['p50_ms']:.2f} ms, "
+                                f"{figures['items_per_s']:,.0f} items/s")
+            else:
+                variants.append(f"- {model_name} fp16 engine, {label}: {figures['items_per_s']:,.0f} items/s "
+                                f"(slowest run {figures['slowest_ms']:.1f} ms)")
+    if variants:
+        lines += ["", "Executor with random batch sizes (as the dynamic batcher forms them), and raw ONNX Runtime "
+                      "sessions on the fp16 engine with other CUDA provider options (inputs and outputs on the device):",
+                  *variants]
+    return "\n".join(lines)
+
+
+def save(state: dict, workdir: Path) -> None:
+    (workdir / "state.json").write_text(json.dumps(state, indent=1, default=str))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="small shapes on the CPU: a rehearsal, not a measurement")
+    parser.add_argument("--phase", choices=("all", "build", "serve"), default="all")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/plansmith-gpu-bench"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/plansmith-gpu-out")))
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--concurrency", help="comma-separated concurrencies (default: 1,64; smoke 1,8)")
+    parser.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline (kept from an earlier run)")
+    parser.add_argument("--skip-variants", action="store_true", help="no raw-session provider-option variants")
+    args = parser.parse_args()
+    cfg = settings(args.cpu_smoke)
+    cfg.update(skip_torch=args.skip_torch, skip_variants=args.skip_variants)
+    if args.concurrency:
+        cfg["concurrency"] = [int(c) for c in args.concurrency.split(",")]
+    models, precisions = args.models.split(","), args.precisions.split(",")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_path = args.workdir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}  # runs for other models add to it
+    state["settings"] = cfg
+    if args.phase in ("all", "build"):
+        state["environment"] = environment(cfg)
+        print(json.dumps(state["environment"], indent=1), flush=True)
+        detected = state["environment"]["detected_target"]
+        if not args.cpu_smoke and detected["compute_capability"] != "9.0":
+            print(f"WARNING: NVML target is {detected}, not compute capability 9.0", flush=True)
+        build_phase(cfg, state, args.workdir, models, precisions)
+    if args.phase in ("all", "serve"):
+        serve_phase(cfg, state, args.workdir, models, precisions)
+    save(state, args.workdir)
+    text = table(state, cfg)
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(state, indent=1, default=str))
+    print("\n" + text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
