@@ -167,9 +167,11 @@ def _ranges(inputs: tuple[TensorInfo, ...]) -> tuple[InputShape, ...]:
 # --------------------------------------------------------------------------- models
 
 
-def small_cnn(path: str | Path, batch: int | None = None, *, seed: int = 0) -> TestModel:
+def small_cnn(path: str | Path, batch: int | None = None, *, seed: int = 0, image_size: int = 32) -> TestModel:
     """Three Conv+BatchNormalization+Relu blocks (32, 64, 128 channels) with MaxPool between,
-    GlobalAveragePool, Flatten and a Gemm classifier. `batch=None` makes dimension 0 dynamic."""
+    GlobalAveragePool, Flatten and a Gemm classifier, on 3 x image_size x image_size images (the
+    weights do not depend on the size; compute grows with its square). `batch=None` makes
+    dimension 0 dynamic."""
     batch = _batch_dim(batch)
     graph = _Graph(seed)
     x = "input"
@@ -193,7 +195,7 @@ def small_cnn(path: str | Path, batch: int | None = None, *, seed: int = 0) -> T
     b = graph.const("fc_b", np.zeros(10, np.float32))
     x = graph.node("Gemm", [x, w, b], transB=1)
 
-    inputs = (TensorInfo("input", "float32", (batch, 3, 32, 32)),)
+    inputs = (TensorInfo("input", "float32", (batch, 3, image_size, image_size)),)
     outputs = (TensorInfo("logits", "float32", (batch, 10)),)
     _finish(graph, name="small_cnn", inputs=[_value_info(t) for t in inputs],
             outputs=[_value_info(t) for t in outputs], last=x, output_name="logits", path=path)
