@@ -1,6 +1,7 @@
 """The ONNX Runtime executor: provider choice, and a real session behind the executor interface."""
 
 import numpy as np
+import pytest
 
 from plansmith_runtime.executors import create_executor
 from plansmith_runtime.executors.onnxruntime import is_device_value, providers_for, uses_io_binding
@@ -44,3 +45,28 @@ def test_executor_takes_ortvalues_and_binds_io(engines, tmp_path):
         assert isinstance(outputs["logits"], np.ndarray)
         np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5)
     executor.close()
+
+
+class FallbackSession:
+    """What onnxruntime.InferenceSession gives when the CUDA provider could not load."""
+
+    def __init__(self, path, options=None, providers=None):
+        self.asked = providers
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+def test_a_cuda_engine_whose_session_fell_back_to_the_cpu_is_refused(engines, tmp_path, monkeypatch):
+    import dataclasses
+
+    import onnxruntime
+
+    from plansmith_runtime.executors import ExecutorError
+
+    loaded = fetch_engine(engines["small_cnn"].manifest_uri, tmp_path / "engine")
+    manifest = loaded.manifest.model_copy(update={"target": loaded.manifest.target.model_copy(
+        update={"execution_provider": "CUDAExecutionProvider"})})
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FallbackSession)
+    with pytest.raises(ExecutorError, match="CUDAExecutionProvider is not active"):
+        create_executor(dataclasses.replace(loaded, manifest=manifest))
