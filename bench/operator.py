@@ -40,7 +40,7 @@ import onnxruntime
 from kubernetes import client, config, watch
 
 from plansmith import testmodels
-from plansmith.controller.rendering import COMPONENT_LABEL, MODEL_LABEL
+from plansmith.controller.rendering import MODEL_LABEL
 from plansmith.controller.settings import OperatorSettings
 from plansmith.controller.targets import discover_targets, node_info
 from plansmith.devcluster import cluster

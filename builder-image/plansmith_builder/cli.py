@@ -69,7 +69,7 @@ def register(subparsers) -> None:
 
 def _load_spec(name: str):
     """The InferenceModel's spec, or a BuildError(InvalidSpec) naming every problem."""
-    from plansmith.validation import InvalidSpec, load_models
+    from plansmith.validation import InvalidSpec, single_model
     from plansmith_builder.errors import BuildError
 
     try:
@@ -84,12 +84,9 @@ def _load_spec(name: str):
     except (OSError, UnicodeDecodeError) as error:
         raise BuildError("InvalidSpec", f"{name}: cannot read: {getattr(error, 'strerror', None) or error}") from None
     try:
-        models = load_models(text, source=name)
+        return single_model(text, source=name).spec
     except InvalidSpec as error:
         raise BuildError("InvalidSpec", f"{name}: " + "; ".join(str(p) for p in error.problems)) from None
-    if len(models) != 1:
-        raise BuildError("InvalidSpec", f"{name}: expected one InferenceModel, found {len(models)}")
-    return models[0].spec
 
 
 def _write_termination_log(path: Path, line: str) -> None:

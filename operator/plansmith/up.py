@@ -31,23 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from plansmith.cli import main as plansmith
-    from plansmith.validation import InvalidSpec, load_models
+    from plansmith.validation import SpecFileError, read_single_model
     from plansmith_builder.build import BuildRequest, run_build
     from plansmith_builder.errors import exit_code
     from plansmith_builder.progress import Progress
 
     try:
-        (model,) = load_models(Path(args.spec).read_text(encoding="utf-8"), source=args.spec)
-    except (OSError, UnicodeDecodeError) as error:
-        print(f"{args.spec}: cannot read: {error}", file=sys.stderr)
-        return 1
-    except InvalidSpec as error:
-        print(f"{args.spec}: invalid InferenceModel:", file=sys.stderr)
-        for problem in error.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    except ValueError:
-        print(f"{args.spec}: plansmith up takes a file with exactly one InferenceModel", file=sys.stderr)
+        model = read_single_model(args.spec)
+    except SpecFileError as error:
+        print(error, file=sys.stderr)
         return 1
     store = args.store or model.spec.storage.uri or DEFAULT_STORE.as_uri()
     result = run_build(BuildRequest(spec=model.spec, store_uri=store, endpoint=args.endpoint, progress=Progress()))

@@ -9,6 +9,7 @@ OpenAPI schema on Kubernetes 1.20 cannot express, are `semantic_problems`. Both 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
@@ -224,3 +225,27 @@ def load_models(text: str, source: str = "<input>") -> list[InferenceModel]:
     if problems:
         raise InvalidSpec(problems)
     return models
+
+
+def single_model(text: str, source: str = "<input>") -> InferenceModel:
+    """The one InferenceModel a YAML text must hold (the builder, the runtime and `plansmith up` take one)."""
+    models = load_models(text, source)
+    if len(models) != 1:
+        raise InvalidSpec([Problem("", f"expected one InferenceModel, found {len(models)}")])
+    return models[0]
+
+
+class SpecFileError(Exception):
+    """A model file that cannot be used; the message says why, in lines meant for a terminal."""
+
+
+def read_single_model(path: str) -> InferenceModel:
+    """The one InferenceModel in the file at `path`, or SpecFileError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecFileError(f"{path}: cannot read: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        return single_model(text, path)
+    except InvalidSpec as error:
+        raise SpecFileError("\n".join([f"{path}: invalid InferenceModel:", *(f"  {p}" for p in error.problems)])) from None

@@ -123,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
 
-    from plansmith.validation import InvalidSpec, load_models
+    from plansmith.validation import SpecFileError, read_single_model
     from plansmith_runtime.config import ConfigError
     from plansmith_runtime.model import LoadOptions
     from plansmith_runtime.server import Listen, run
@@ -131,19 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = None
     if args.spec:
         try:
-            models = load_models(Path(args.spec).read_text(encoding="utf-8"), source=args.spec)
-        except (OSError, UnicodeDecodeError) as error:
-            print(f"{args.spec}: cannot read: {error}", file=sys.stderr)
+            model = read_single_model(args.spec)
+        except SpecFileError as error:
+            print(error, file=sys.stderr)
             return 1
-        except InvalidSpec as error:
-            print(f"{args.spec}: invalid InferenceModel:", file=sys.stderr)
-            for problem in error.problems:
-                print(f"  {problem}", file=sys.stderr)
-            return 1
-        if len(models) != 1:
-            print(f"{args.spec}: expected one InferenceModel, found {len(models)}", file=sys.stderr)
-            return 1
-        model = models[0]
     elif not args.manifest:
         print("plansmith serve: give MODEL.yaml or --manifest URI", file=sys.stderr)
         return 2
