@@ -61,7 +61,10 @@ class NodeHeartbeats:
     def run(self):
         while not self.stop.wait(3):
             for name in list(self.names):
-                self.renew(name)
+                try:
+                    self.renew(name)
+                except Exception as error:  # the API server restarting (a test does it): a kubelet retries too
+                    print(f"lease renewal of {name} failed, retrying: {error.__class__.__name__}")
 
     def renew(self, name: str):
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -148,7 +151,7 @@ def cluster(control_plane, kube_client, s3_server, repo_root, tmp_path_factory):
            "PLANSMITH_S3_ENDPOINT": s3_server.endpoint, "PLANSMITH_BUILD_CONCURRENCY": "50"}
     operator = OperatorProcess(control_plane.kubeconfig, workdir / "operator.log", env).start()
     yield {"api": kube_client, "operator": operator, "heartbeats": heartbeats, "model": model, "s3": s3,
-           "log": workdir / "operator.log"}
+           "log": workdir / "operator.log", "plane": control_plane}
     operator.stop()
     heartbeats.stop.set()
     # keep the operator's log where a failing run can be read after pytest rotates its temp dirs
@@ -338,3 +341,21 @@ def test_deleting_the_model_that_holds_the_build_slot_lets_the_waiting_one_build
     time.sleep(3)
     assert not build_jobs(cluster, holder)  # a deleted model's children are not re-created
     assert len(build_jobs(cluster, waiting)) == 1
+
+
+def test_the_operator_survives_an_api_server_restart(cluster):
+    # kopf retries its watches from their last resourceVersion; etcd's history is compacted meanwhile,
+    # so those resumed watches get 410 Gone and kopf has to start them over
+    log_before = cluster["log"].read_text(errors="replace")
+    cluster["plane"].restart_api_server(down_seconds=10, compact_history=True)
+    assert cluster["operator"].process.poll() is None, "the operator exited while the API server was down"
+    wait_for("kopf to restart a watch after 410 Gone", lambda: "Restarting the watch-stream" in
+             cluster["log"].read_text(errors="replace")[len(log_before):], timeout=60)
+
+    custom(cluster).create_namespaced_custom_object(
+        API_GROUP, API_VERSION, NAMESPACE, PLURAL, model_body("after-restart", cluster, build={"precision": "fp16"}))
+    model = wait_for("the operator to reconcile a model created after the restart",
+                     lambda: (m := get_model(cluster, "after-restart")).get("status", {}).get("targets") and m, timeout=90)
+    assert {c["type"]: c["status"] for c in model["status"]["conditions"]}["Valid"] == "True"
+    nodes = {n.metadata.labels.get("nvidia.com/gpu.product") for n in client.CoreV1Api(cluster["api"]).list_node().items}
+    assert {t["gpuProduct"] for t in model["status"]["targets"]} == nodes - {None}
