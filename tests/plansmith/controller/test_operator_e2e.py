@@ -78,6 +78,8 @@ def e2e(dev_cluster, repo_root, tmp_path_factory):
     subprocess.run([*kubectl, "apply", "-f", str(repo_root / "crds/inferencemodel.yaml")], check=True, capture_output=True)
     subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/inferencemodels.plansmith.io"], check=True,
                    capture_output=True)
+    # a discovery cache filled before the CRD existed would not know `im` for its 10 minutes
+    kubectl = [*kubectl[:-1], str(workdir / "kube-with-crd")]
     dev_cluster.ensure_s3_secret(NAMESPACE)
 
     model = testmodels.small_cnn(workdir / "cnn.onnx")
@@ -223,6 +225,36 @@ def test_replicas_change_rebuilds_nothing(e2e):
                      and m["status"]["serving"]["readyReplicas"] == 4 and m, timeout=240)
     assert model["status"]["serving"]["replicas"] == 4
     assert len(jobs(e2e)) == before
+
+
+def test_a_node_whose_gpu_type_changes_gets_one_build_and_its_own_deployment(e2e):
+    """The A10G node is relabelled as an L4 node (as when a node pool is replaced): one new build for
+    the new type (the two models share engines), a Deployment for it, and the A10G Deployment goes;
+    relabelling it back rebuilds nothing (the A10G engine is still in storage)."""
+    from plansmith.devcluster.gpus import A10G, GpuProfile
+
+    core, apps = client.CoreV1Api(e2e["api"]), client.AppsV1Api(e2e["api"])
+    l4 = GpuProfile("NVIDIA-L4", 8, 9, 23034, count=A10G.count)
+    before = len(jobs(e2e))
+
+    def serving_types():
+        model = ready(e2e, "cnn-copy")
+        return model and model["status"]["serving"]["readyReplicas"] == 4 and {
+            t["gpuProduct"] for t in model["status"]["targets"] if t["state"] == "Serving"}
+
+    core.patch_node("plansmith-dev-a10g", {"metadata": {"labels": l4.labels()}})
+    try:
+        wait_for("cnn-copy served on H100 and L4", lambda: serving_types() == {"NVIDIA-H100-80GB-HBM3", "NVIDIA-L4"},
+                 timeout=360)
+        assert len(jobs(e2e)) == before + 1  # one build for the new type, shared by cnn and cnn-copy
+        names = {d.metadata.name for d in apps.list_namespaced_deployment(
+            NAMESPACE, label_selector="plansmith.io/model=cnn-copy").items}
+        assert names == {"cnn-copy-sm90-nvidia-h100-80gb-hbm3", "cnn-copy-sm89-nvidia-l4"}
+    finally:
+        core.patch_node("plansmith-dev-a10g", {"metadata": {"labels": A10G.labels()}})
+    wait_for("cnn-copy served on H100 and A10G again",
+             lambda: serving_types() == {"NVIDIA-H100-80GB-HBM3", "NVIDIA-A10G"}, timeout=360)
+    assert len(jobs(e2e)) == before + 1
 
 
 def test_an_impossible_accuracy_gate_fails_and_leaves_serving_alone(e2e):
