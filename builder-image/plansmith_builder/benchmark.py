@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from plansmith.manifest import BenchmarkResult, LatencyFigures
+from plansmith.onnxruntime_providers import CPU_PROVIDER, CUDA_PROVIDER
 from plansmith_builder.accuracy import Feeds, Runner, random_feeds
 from plansmith_builder.modelcheck import ModelSignature
 
@@ -66,3 +67,14 @@ def benchmark(engine: Runner, reference: Runner | None, signature: ModelSignatur
         if large is not None:
             result["reference_max_batch"] = time_runner(reference, large, signature.max_batch_size, budget)
     return BenchmarkResult(**result)
+
+
+def reference_timing_provider(execution_provider: str | None, available: list[str]) -> str | None:
+    """Where the FP32 reference model is timed: on the engine's own device, so the manifest's engine
+    and reference figures compare like with like (a GPU engine against the same model in FP32 on that
+    GPU, not against a CPU run at the max batch). ONNX Runtime engines name their provider; TensorRT
+    engines (no provider) are compared with ONNX Runtime's CUDA provider when it is installed, else
+    the reference is not timed. The accuracy gate's reference stays on the CPU: FP32, no TF32."""
+    if execution_provider in (CPU_PROVIDER, CUDA_PROVIDER):
+        return execution_provider
+    return CUDA_PROVIDER if CUDA_PROVIDER in available else None

@@ -34,7 +34,7 @@ from plansmith.storage import (
 from plansmith_builder.accuracy import gate_failure, gate_feeds, measure
 from plansmith_builder.backends import BuildContext, resolve_backend
 from plansmith_builder.backends.ort_backend import runner as ort_runner, session as ort_session
-from plansmith_builder.benchmark import BenchmarkBudget, benchmark
+from plansmith_builder.benchmark import BenchmarkBudget, benchmark, reference_timing_provider
 from plansmith_builder.calibration import load_calibration
 from plansmith_builder.errors import BuildError
 from plansmith_builder.modelcheck import inspect_model, load_model
@@ -220,7 +220,8 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
     progress.done("accuracy", cosine=round(accuracy.cosine, 6), maxAbsError=f"{accuracy.max_abs_error:.3g}")
 
     progress.phase("benchmark")
-    figures = benchmark(built.runner, reference, signature, request.benchmark)
+    figures = benchmark(built.runner, _timed_reference(source_path, built.execution_provider, reference), signature,
+                        request.benchmark)
     progress.done("benchmark", p50Ms=figures.batch1.p50_ms,
                   throughput=(figures.max_batch or figures.batch1).throughput)
 
@@ -257,3 +258,15 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
     if built.notes:
         message += " (" + "; ".join(built.notes) + ")"
     return BuildResult("built", key, uri, None, message, manifest)
+
+
+def _timed_reference(source_path: Path, execution_provider: str | None, cpu_reference):
+    """The FP32 reference to time beside the engine, on the engine's device (None: not timed)."""
+    import onnxruntime
+
+    provider = reference_timing_provider(execution_provider, onnxruntime.get_available_providers())
+    if provider is None:
+        return None
+    if provider == "CPUExecutionProvider":
+        return cpu_reference  # the accuracy gate's session, already loaded
+    return ort_runner(ort_session(source_path, provider))

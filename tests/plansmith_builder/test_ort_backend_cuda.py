@@ -41,3 +41,13 @@ def test_a_cpu_session_is_accepted_and_runs(tmp_path):
     outputs = ort_backend.runner(sess)(feeds)
     assert set(outputs) == {o.name for o in sess.get_outputs()}
     assert all(np.all(np.isfinite(v)) for v in outputs.values())
+
+
+def test_the_reference_is_timed_on_the_engines_own_device():
+    from plansmith_builder.benchmark import reference_timing_provider
+
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert reference_timing_provider(cpu, [cpu]) == cpu
+    assert reference_timing_provider(cuda, [cuda, cpu]) == cuda  # not a CPU run at the max batch
+    assert reference_timing_provider(None, [cuda, cpu]) == cuda  # TensorRT engines: ORT's CUDA provider
+    assert reference_timing_provider(None, [cpu]) is None  # no FP32 run on that GPU here: not timed
