@@ -24,7 +24,6 @@ import argparse
 import base64
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from plansmith.controller.targets import discover_targets, node_info
 from plansmith.devcluster import cluster
 from plansmith.devcluster.audit import read_audit_log
 from plansmith.devcluster.controlplane import write_kubeconfig
+from plansmith.devcluster.operator_process import OperatorProcess
 from plansmith.spec import API_GROUP, API_VERSION, PLURAL, InferenceModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def main() -> int:
         model_body("x", namespace, models[0][0], models[0][1], store, 1)["spec"]), settings).targets)
     print(f"dev cluster: {len(nodes)} nodes, {expected_targets} GPU types; namespace {namespace}", flush=True)
 
-    env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig(dev, api, namespace, workdir / "operator.kubeconfig")),
+    env = {"KUBECONFIG": str(operator_kubeconfig(dev, api, namespace, workdir / "operator.kubeconfig")),
            "PLANSMITH_BUILDER_IMAGE": "docker.io/plansmith/builder:dev",
            "PLANSMITH_RUNTIME_IMAGE": "docker.io/plansmith/runtime:dev",
            "PLANSMITH_IMAGE_PULL_POLICY": "Never",
@@ -232,9 +232,7 @@ def main() -> int:
            "PLANSMITH_BUILD_CONCURRENCY": str(max(4, expected_targets)),
            **credentials}
     log = workdir / "operator.log"
-    with open(log, "wb") as out:
-        operator = subprocess.Popen([sys.executable, "-m", "plansmith.cli", "operator", "--namespace", namespace],
-                                    stdout=out, stderr=subprocess.STDOUT, env=env)
+    operator = OperatorProcess(namespace, log, env).start()
     timeline, stop = Timeline(), threading.Event()
     watch_children(api, namespace, timeline, stop)
     rss_samples: list[float] = []
@@ -307,11 +305,7 @@ def main() -> int:
         minutes = (until - since).total_seconds() / 60
     finally:
         stop.set()
-        operator.terminate()
-        try:
-            operator.wait(20)
-        except subprocess.TimeoutExpired:
-            operator.kill()
+        operator.stop()
         subprocess.run([*kubectl, "delete", "namespace", namespace, "--wait=false"], capture_output=True)
         client.RbacAuthorizationV1Api(api).delete_cluster_role_binding(namespace)
         if started:

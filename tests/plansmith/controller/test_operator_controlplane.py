@@ -10,10 +10,6 @@ recovery, reaction to new GPU types and to a new builder version.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +20,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from plansmith import testmodels
+from plansmith.devcluster.operator_process import OperatorProcess
 from plansmith.spec import API_GROUP, API_VERSION, PLURAL
 
 NAMESPACE = "operator-tests"
@@ -93,33 +90,6 @@ def add_gpu_node(api: client.ApiClient, heartbeats: NodeHeartbeats, name: str, p
     heartbeats.names.add(name)
 
 
-class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str]):
-        self.kubeconfig, self.log, self.env = kubeconfig, log, env
-        self.process: subprocess.Popen | None = None
-
-    def start(self, **extra_env: str) -> "OperatorProcess":
-        env = {**os.environ, **self.env, **extra_env, "KUBECONFIG": str(self.kubeconfig)}
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "plansmith.cli", "operator", "--namespace", NAMESPACE, "--verbose"],
-                stdout=out, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    def kill(self):
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture(scope="module")
 def cluster(control_plane, kube_client, s3_server, repo_root, tmp_path_factory):
     import yaml
@@ -149,7 +119,8 @@ def cluster(control_plane, kube_client, s3_server, repo_root, tmp_path_factory):
     env = {"PLANSMITH_BUILDER_IMAGE": "plansmith/builder:dev", "PLANSMITH_BUILDER_BACKEND": "onnxruntime",
            "PLANSMITH_BUILDER_BACKEND_VERSION": "1.0-test", "PLANSMITH_RUNTIME_IMAGE": "plansmith/runtime:dev",
            "PLANSMITH_S3_ENDPOINT": s3_server.endpoint, "PLANSMITH_BUILD_CONCURRENCY": "50"}
-    operator = OperatorProcess(control_plane.kubeconfig, workdir / "operator.log", env).start()
+    operator = OperatorProcess(NAMESPACE, workdir / "operator.log", {**env, "KUBECONFIG": str(control_plane.kubeconfig)},
+                               verbose=True).start()
     yield {"api": kube_client, "operator": operator, "heartbeats": heartbeats, "model": model, "s3": s3,
            "log": workdir / "operator.log", "plane": control_plane}
     operator.stop()
@@ -348,7 +319,7 @@ def test_the_operator_survives_an_api_server_restart(cluster):
     # so those resumed watches get 410 Gone and kopf has to start them over
     log_before = cluster["log"].read_text(errors="replace")
     cluster["plane"].restart_api_server(down_seconds=10, compact_history=True)
-    assert cluster["operator"].process.poll() is None, "the operator exited while the API server was down"
+    assert cluster["operator"].running(), "the operator exited while the API server was down"
     wait_for("kopf to restart a watch after 410 Gone", lambda: "Restarting the watch-stream" in
              cluster["log"].read_text(errors="replace")[len(log_before):], timeout=60)
 

@@ -9,9 +9,7 @@ GPUs here are simulated (docs/local-cluster.md): engines are keyed per GPU type 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,10 +18,10 @@ import boto3
 import numpy as np
 import onnxruntime
 import pytest
-import yaml
 from kubernetes import client, config
 
 from plansmith import testmodels
+from plansmith.devcluster.operator_process import OperatorProcess
 from plansmith.spec import API_GROUP, API_VERSION, PLURAL
 
 BUCKET = "plansmith-models"
@@ -43,30 +41,6 @@ def wait_for(what, check, timeout=240.0, interval=1.0):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
-class Operator:
-    def __init__(self, env: dict[str, str], log: Path):
-        self.env, self.log, self.process = env, log, None
-
-    def start(self):
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "plansmith.cli", "operator", "--namespace", NAMESPACE],
-                                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
-        return self
-
-    def kill(self):
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +72,7 @@ def e2e(dev_cluster, repo_root, tmp_path_factory):
            "PLANSMITH_S3_ENDPOINT": dev_cluster.s3_endpoint,
            "PLANSMITH_SIMULATED_GPUS": "true",
            **credentials}
-    operator = Operator(env, workdir / "operator.log").start()
+    operator = OperatorProcess(NAMESPACE, workdir / "operator.log", env).start()
     yield {"api": api, "kubectl": kubectl, "operator": operator, "model": model, "s3": s3, "workdir": workdir}
     operator.stop()
     Path("/tmp/plansmith-operator-e2e.log").write_text((workdir / "operator.log").read_text(errors="replace"))
