@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 
 
 class KubeApi:
-    def __init__(self) -> None:
+    def __init__(self, kubeconfig: str | None = None) -> None:
+        """In a pod, the pod's ServiceAccount; elsewhere `kubeconfig`, by default $KUBECONFIG or ~/.kube/config."""
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            config.load_kube_config(config_file=kubeconfig)
         self.api = client.ApiClient()
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
