@@ -23,6 +23,7 @@ from pathlib import Path
 from plansmith import __version__ as PLANSMITH_VERSION
 from plansmith.engine_key import build_options, effective_quantization, engine_key, manifest_uri
 from plansmith.manifest import Manifest, ManifestTarget, SourceModel
+from plansmith.onnxruntime_providers import CPU_PROVIDER
 from plansmith.spec import InferenceModelSpec
 from plansmith.storage import (
     IntegrityError,
@@ -208,7 +209,7 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
     progress.done("build", engine=built.files[0].name, bytes=built.files[0].path.stat().st_size)
 
     progress.phase("accuracy", samples=build.accuracy.samples)
-    reference = ort_runner(ort_session(source_path, "CPUExecutionProvider"))
+    reference = ort_runner(ort_session(source_path, CPU_PROVIDER))
     feeds = gate_feeds(signature, build.accuracy.samples, calibration)
     try:
         accuracy = measure(reference, built.runner, feeds, build.accuracy)
@@ -267,6 +268,6 @@ def _timed_reference(source_path: Path, execution_provider: str | None, cpu_refe
     provider = reference_timing_provider(execution_provider, onnxruntime.get_available_providers())
     if provider is None:
         return None
-    if provider == "CPUExecutionProvider":
+    if provider == CPU_PROVIDER:
         return cpu_reference  # the accuracy gate's session, already loaded
     return ort_runner(ort_session(source_path, provider))

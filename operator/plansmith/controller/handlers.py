@@ -161,15 +161,14 @@ async def reconcile_model(namespace: str, name: str, body: kopf.Body, logger: lo
     await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
 
 
-@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-def model_deleted(namespace: str, name: str, uid: str, type: str | None, **_: Any) -> None:
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL, when=lambda type, **_: type == "DELETED")
+def model_deleted(uid: str, **_: Any) -> None:
     """Forget what this process kept for a deleted model (its children go by ownerReferences)."""
-    if type == "DELETED":
-        operator = state()
-        operator.written_status.pop(uid, None)
-        operator.deleted[uid] = None
-        while len(operator.deleted) > 10_000:
-            operator.deleted.popitem(last=False)
+    operator = state()
+    operator.written_status.pop(uid, None)
+    operator.deleted[uid] = None
+    while len(operator.deleted) > 10_000:
+        operator.deleted.popitem(last=False)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=BUILD_LABELS)

@@ -49,7 +49,7 @@ def test_a_reconcile_queued_behind_a_deleted_model_creates_nothing(operator_stat
         await lock.acquire()  # a reconcile of the model is running
         queued = asyncio.create_task(handlers.reconcile(NAMESPACE, "gone", model, logging.getLogger("test"), **indexes))
         await asyncio.sleep(0.1)  # another one queues behind it
-        handlers.model_deleted(namespace=NAMESPACE, name="gone", uid=model["metadata"]["uid"], type="DELETED")
+        handlers.model_deleted(uid=model["metadata"]["uid"])  # kopf calls it for DELETED events
         lock.release()
         try:
             await queued
