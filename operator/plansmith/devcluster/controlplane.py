@@ -58,6 +58,7 @@ class ControlPlane:
     daemons: list[Daemon] = field(default_factory=list)
     # more token users, name -> groups (the dev cluster adds its kubelets and kube-proxy)
     extra_users: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    etcd_endpoint: str = field(default="", init=False)  # set by start()
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
