@@ -171,7 +171,15 @@ def gpu_pod(name: str, product: str, resource: str = "nvidia.com/gpu", count: in
 
 
 def free_gpus(core, node: str) -> int:
-    """GPUs of `node` not requested by a running or pending pod (other tests' pods may hold some)."""
+    """GPUs of `node` not requested by a running or pending pod (other tests' pods may hold some).
+    Counted once nothing is being deleted: GPUs still held by the pods of a namespace an earlier test
+    deleted would be freed under this test's feet."""
+    def settled():
+        terminating_namespaces = [n for n in core.list_namespace().items if n.status.phase == "Terminating"]
+        terminating_pods = [p for p in core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+                            if p.metadata.deletion_timestamp]
+        return not terminating_namespaces and not terminating_pods
+    wait_for(settled, 180, f"pods on {node} and namespaces being deleted to be gone")
     allocatable = int(core.read_node(node).status.allocatable["nvidia.com/gpu"])
     pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
     used = sum(int((c.resources.limits or {}).get("nvidia.com/gpu", 0)) for p in pods
