@@ -118,7 +118,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, error)
         response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in outputs.items():
-            response.outputs.add(name=name, datatype=datatype_of(array.dtype.name), shape=array.shape)
+            response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
             response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
         return response
 

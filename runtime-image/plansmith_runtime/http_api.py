@@ -1,12 +1,16 @@
-"""The KServe v2 HTTP/REST front end (aiohttp), as Triton speaks it, plus the metrics endpoint."""
+"""The KServe v2 HTTP/REST front end, as Triton speaks it (served by `http_transport`), plus the
+metrics endpoint (aiohttp: a scrape every few seconds needs no fast path)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from plansmith_runtime import __version__ as runtime_version
+from plansmith_runtime.http_transport import HttpRequest, HttpResponse, error_response
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, decode_http_request,
                                         encode_http_response)
@@ -17,6 +21,7 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "plansmith"
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 MAX_BODY_BYTES = 256 << 20
+_HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
 
 
 def error_status(error: BaseException) -> int:
@@ -27,12 +32,48 @@ def error_status(error: BaseException) -> int:
     return 500
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _json(payload: object, status: int = 200) -> HttpResponse:
+    return HttpResponse(status, json.dumps(payload).encode())
 
 
 def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": runtime_version, "extensions": EXTENSIONS}
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: str  # live, ready, server_metadata, model_metadata, model_ready, model_config, infer
+    model: str | None = None
+    version: str | None = None
+
+
+MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "infer": "infer"}
+METHODS = {"infer": "POST"}  # every other endpoint is GET
+
+
+def route(path: str) -> Route | None:
+    """The endpoint a request path names (Triton's KServe v2 paths), None for an unknown path."""
+    parts = path.rstrip("/").split("/")
+    if parts[:2] != ["", "v2"]:
+        return None
+    rest = parts[2:]
+    if not rest:
+        return Route("server_metadata")
+    if rest == ["health", "live"]:
+        return Route("live")
+    if rest == ["health", "ready"]:
+        return Route("ready")
+    if rest[0] != "models" or len(rest) < 2 or not rest[1]:
+        return None
+    name, rest = rest[1], rest[2:]
+    version = None
+    if rest[:1] == ["versions"]:
+        if len(rest) < 2 or not rest[1]:
+            return None
+        version, rest = rest[1], rest[2:]
+    if len(rest) > 1 or (rest and rest[0] not in MODEL_ENDPOINTS):
+        return None
+    return Route(MODEL_ENDPOINTS[rest[0] if rest else ""], name, version)
 
 
 class HttpApi:
@@ -40,78 +81,70 @@ class HttpApi:
         self.model = model
         self.is_ready = is_ready  # callable: server accepting requests and model ready
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.add_routes([
-            web.get("/v2/health/live", self.live),
-            web.get("/v2/health/ready", self.ready),
-            web.get("/v2", self.server_metadata),
-            web.get("/v2/models/{name}", self.model_metadata),
-            web.get("/v2/models/{name}/versions/{version}", self.model_metadata),
-            web.get("/v2/models/{name}/ready", self.model_ready),
-            web.get("/v2/models/{name}/versions/{version}/ready", self.model_ready),
-            web.get("/v2/models/{name}/config", self.model_config),
-            web.get("/v2/models/{name}/versions/{version}/config", self.model_config),
-            web.post("/v2/models/{name}/infer", self.infer),
-            web.post("/v2/models/{name}/versions/{version}/infer", self.infer),
-        ])
-        return app
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        target = route(request.path)
+        if target is None:
+            return error_response(404, f"no endpoint at {request.path}")
+        method = METHODS.get(target.endpoint, "GET")
+        if request.method != method:
+            return HttpResponse(405, json.dumps({"error": f"{request.path} takes {method}"}).encode(),
+                                headers=(("Allow", method),))
+        if target.endpoint == "infer":
+            return await self.infer(target, request)
+        return getattr(self, target.endpoint)(target)
 
-    def _model(self, request: web.Request) -> ServedModel:
-        name = request.match_info["name"]
-        if name != self.model.name:
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
-        self.model.check_version(request.match_info.get("version"))
+    def _model(self, target: Route) -> ServedModel:
+        if target.model != self.model.name:
+            raise ModelNotFound(f"Request for unknown model: '{target.model}' is not found")
+        self.model.check_version(target.version)
         return self.model
 
-    async def live(self, request: web.Request) -> web.Response:
-        return web.json_response({"live": True})
+    def live(self, target: Route) -> HttpResponse:
+        return _json({"live": True})
 
-    async def ready(self, request: web.Request) -> web.Response:
+    def ready(self, target: Route) -> HttpResponse:
         ready = self.is_ready()
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        return _json({"ready": ready}, 200 if ready else 503)
 
-    async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(server_metadata())
+    def server_metadata(self, target: Route) -> HttpResponse:
+        return _json(server_metadata())
 
-    async def model_metadata(self, request: web.Request) -> web.Response:
+    def model_metadata(self, target: Route) -> HttpResponse:
         try:
-            return web.json_response(self._model(request).metadata())
+            return _json(self._model(target).metadata())
         except (InvalidRequest, ModelNotReady) as error:
-            return _error(error_status(error), str(error))
+            return error_response(error_status(error), str(error))
 
-    async def model_ready(self, request: web.Request) -> web.Response:
+    def model_ready(self, target: Route) -> HttpResponse:
         try:
-            model = self._model(request)
+            model = self._model(target)
         except InvalidRequest as error:
-            return _error(400, str(error))
+            return error_response(400, str(error))
         ready = model.ready and self.is_ready()
-        return web.json_response({"name": model.name, "ready": ready}, status=200 if ready else 503)
+        return _json({"name": model.name, "ready": ready}, 200 if ready else 503)
 
-    async def model_config(self, request: web.Request) -> web.Response:
+    def model_config(self, target: Route) -> HttpResponse:
         from plansmith_runtime.model_config import config_as_json
 
         try:
-            config = self._model(request).model_config()
+            config = self._model(target).model_config()
         except InvalidRequest as error:
-            return _error(400, str(error))
+            return error_response(400, str(error))
         if config is None:
-            return _error(503, f"model '{self.model.name}' is not ready: {self.model.reason}")
-        return web.json_response(config_as_json(config))
+            return error_response(503, f"model '{self.model.name}' is not ready: {self.model.reason}")
+        return _json(config_as_json(config))
 
-    async def infer(self, request: web.Request) -> web.Response:
+    async def infer(self, target: Route, request: HttpRequest) -> HttpResponse:
         try:
-            model = self._model(request)
-            body = await request.read()
-            decoded = decode_http_request(body, request.headers.get(HEADER_CONTENT_LENGTH))
+            model = self._model(target)
+            decoded = decode_http_request(request.body, request.headers.get(_HEADER_CONTENT_LENGTH))
             outputs = await model.infer(decoded.inputs, decoded.outputs)
             payload, header_length = encode_http_response(model.name, model.version, decoded, outputs)
         except (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, RequestTimedOut, ExecutionFailed) as error:
-            return _error(error_status(error), str(error))
+            return error_response(error_status(error), str(error))
         if header_length is None:
-            return web.Response(body=payload, content_type="application/json")
-        return web.Response(body=payload, content_type="application/octet-stream",
-                            headers={HEADER_CONTENT_LENGTH: str(header_length)})
+            return HttpResponse(200, payload)
+        return HttpResponse(200, payload, "application/octet-stream", ((HEADER_CONTENT_LENGTH, str(header_length)),))
 
 
 def metrics_app(model: ServedModel) -> web.Application:

@@ -6,6 +6,7 @@ tensor extension). All pure; the servers are thin adapters around these.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -19,7 +20,7 @@ DATATYPE_TO_NUMPY = {
     "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
     "FP16": "float16", "FP32": "float32", "FP64": "float64",
 }
-NUMPY_TO_DATATYPE = {value: key for key, value in DATATYPE_TO_NUMPY.items()}
+_DTYPE_TO_DATATYPE = {np.dtype(value): key for key, value in DATATYPE_TO_NUMPY.items()}
 # Triton's model config enum names (model_config.proto DataType)
 DATATYPE_TO_CONFIG = {
     "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
@@ -38,10 +39,10 @@ class ModelNotFound(InvalidRequest):
     pass
 
 
-def datatype_of(dtype: str) -> str:
-    try:
-        return NUMPY_TO_DATATYPE[np.dtype(dtype).name]
-    except KeyError:
+def datatype_of(dtype: str | np.dtype) -> str:
+    try:  # keyed by dtype objects: dtype.name is a Python-level property, slow on the request path
+        return _DTYPE_TO_DATATYPE[np.dtype(dtype)]
+    except (KeyError, TypeError):
         raise ValueError(f"dtype {dtype} has no KServe v2 datatype") from None
 
 
@@ -89,7 +90,7 @@ def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
         spec = signature.input(name)
         if array.dtype != np.dtype(spec.dtype):
             raise InvalidRequest(
-                f"input '{name}' has datatype {datatype_of(array.dtype.name)}, the model expects {datatype_of(spec.dtype)}")
+                f"input '{name}' has datatype {datatype_of(array.dtype)}, the model expects {datatype_of(spec.dtype)}")
         if len(array.shape) != len(spec.shape):
             raise InvalidRequest(f"input '{name}' has shape {list(array.shape)}, the model expects {spec.shape}")
         for index, (got, want) in enumerate(zip(array.shape, spec.shape)):
@@ -118,7 +119,7 @@ def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
 def array_from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview) -> np.ndarray:
     dtype = _numpy_dtype(name, datatype)
     shape = _shape(name, shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise InvalidRequest(
             f"input '{name}': {len(data)} bytes of data for shape {list(shape)} {datatype}, expected {expected}")
@@ -132,7 +133,7 @@ def array_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -
         array = np.asarray(data, dtype=dtype)
     except (TypeError, ValueError) as error:
         raise InvalidRequest(f"input '{name}': data is not {datatype}: {error}") from None
-    if array.size != int(np.prod(shape, dtype=np.int64)):
+    if array.size != math.prod(shape):
         raise InvalidRequest(f"input '{name}': {array.size} values for shape {list(shape)}")
     return array.reshape(shape)
 
@@ -214,7 +215,7 @@ def encode_http_response(model_name: str, version: str, request: InferRequest,
     tensors = []
     blobs: list[bytes] = []
     for name, array in outputs.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype.name), "shape": list(array.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
         if request.binary_outputs.get(name, request.binary_default):
             raw = np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}

@@ -13,7 +13,8 @@ from aiohttp import web
 
 from plansmith_runtime.config import ServingConfig
 from plansmith_runtime.grpc_api import create_server
-from plansmith_runtime.http_api import HttpApi, metrics_app
+from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi, metrics_app
+from plansmith_runtime.http_transport import HttpServer
 from plansmith_runtime.model import LoadOptions, ServedModel
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,10 @@ class Server:
     async def run(self) -> int:
         host = self.listen.host
         grace = self.config.grace_seconds
-        http_runner = web.AppRunner(HttpApi(self.model, self.is_ready).app(), access_log=None, shutdown_timeout=grace)
+        http_server = HttpServer(HttpApi(self.model, self.is_ready).handle, MAX_BODY_BYTES)
         metrics_runner = web.AppRunner(metrics_app(self.model), access_log=None, shutdown_timeout=1.0)
-        await http_runner.setup()
         await metrics_runner.setup()
-        await web.TCPSite(http_runner, host, self.listen.http_port, backlog=2048).start()
+        await http_server.start(host, self.listen.http_port, backlog=2048)
         await web.TCPSite(metrics_runner, host, self.listen.metrics_port).start()
         grpc_server = create_server(self.model, self.is_ready, f"{host}:{self.listen.grpc_port}")
         await grpc_server.start()
@@ -61,7 +61,7 @@ class Server:
         self.accepting = False
         # Listeners close first and wait for the requests they accepted; the batcher keeps running
         # until then so those requests complete; then the batcher drains and the executors close.
-        await asyncio.gather(grpc_server.stop(grace), http_runner.cleanup(), return_exceptions=True)
+        await asyncio.gather(grpc_server.stop(grace), http_server.close(grace), return_exceptions=True)
         await self.model.stop(grace)
         await metrics_runner.cleanup()
         if not loader.done():

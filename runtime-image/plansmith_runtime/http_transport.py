@@ -1,0 +1,270 @@
+"""HTTP/1.1 server transport: an asyncio Protocol around httptools' parser (llhttp, the parser
+uvicorn uses) that hands whole requests to an async handler and writes the responses in order.
+
+Why not aiohttp's web server, which the runtime used before: on the 2-core machine its
+per-request machinery (Request and Response objects, router, middlewares, StreamWriter) took
+about 70 us of the event loop's CPU per request, more than half the server's CPU for a model whose
+compute is 10 us (bench/serve.py, MLP), and the loop's CPU is what bounds an overhead-dominated
+model's throughput. This keeps only what the KServe v2 endpoints need: keep-alive, pipelining,
+Content-Length and chunked request bodies, `Expect: 100-continue`, a body size limit, and a
+graceful close. Parsing HTTP stays in the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from functools import lru_cache
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Awaitable, Callable
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+# Requests read ahead on one connection (pipelining) before the connection stops reading.
+PIPELINE_LIMIT = 16
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    path: str  # percent-decoded, without the query string
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+@lru_cache(maxsize=None)
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class _Clock:
+    """RFC 9110 Date header value, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._value = now, formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+def render_response(response: HttpResponse, keep_alive: bool, date: bytes, server: bytes = b"plansmith") -> bytes:
+    """The status line and headers of a response (the body follows them on the wire)."""
+    lines = [b"HTTP/1.1 %d %s" % (response.status, _reason(response.status).encode()),
+             b"Server: " + server, b"Date: " + date,
+             b"Content-Type: " + response.content_type.encode("latin-1"),
+             b"Content-Length: %d" % len(response.body)]
+    lines.extend(f"{name}: {value}".encode("latin-1") for name, value in response.headers)
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def error_response(status: int, message: str) -> HttpResponse:
+    return HttpResponse(status, json.dumps({"error": message}).encode())
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parses requests as bytes arrive, runs them one at a time in
+    arrival order (HTTP/1.1 pipelining answers in order), and writes each response."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[tuple[HttpRequest, bool]] = deque()  # parsed, not yet answered
+        self.worker: asyncio.Task | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.reading_paused = False
+        self.closing = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._rejected = False  # the current request was answered early (too large); drop its body
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        self.writable.set()  # a worker waiting to write gives up instead of waiting forever
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as error:
+            self._fail(400, f"malformed HTTP request: {error}")
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        declared = self._headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.server.max_body_bytes:
+            self._fail(413, f"request body of {declared} bytes is larger than {self.server.max_body_bytes}")
+            return
+        if self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._rejected:
+            return
+        self._body_size += len(body)
+        if self._body_size > self.server.max_body_bytes:  # chunked bodies give no length up front
+            self._fail(413, f"request body is larger than {self.server.max_body_bytes} bytes")
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._rejected:
+            return
+        parsed = httptools.parse_url(self._url)
+        request = HttpRequest(method=self.parser.get_method().decode("latin-1"),
+                              path=unquote(parsed.path.decode("latin-1")), headers=self._headers,
+                              body=self._body[0] if len(self._body) == 1 else b"".join(self._body))
+        self.pending.append((request, self.parser.should_keep_alive()))
+        if len(self.pending) >= PIPELINE_LIMIT and self.transport is not None and not self.reading_paused:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._answer_pending())
+
+    # answering
+
+    async def _answer_pending(self) -> None:
+        try:
+            while self.pending and not self.closing:
+                request, keep_alive = self.pending.popleft()
+                if self.reading_paused and len(self.pending) < PIPELINE_LIMIT // 2 and self.transport is not None:
+                    self.transport.resume_reading()
+                    self.reading_paused = False
+                try:
+                    response = await self.server.handler(request)
+                except Exception:  # a handler bug answers 500 and the connection keeps serving
+                    log.exception("HTTP handler failed", extra={"method": request.method, "path": request.path})
+                    response = error_response(500, "internal server error")
+                keep_alive = keep_alive and not self.server.closing
+                await self._write(response, keep_alive)
+                if not keep_alive:
+                    self._close()
+                    return
+        finally:
+            self.worker = None
+            if self.server.closing and not self.pending:
+                self._close()
+
+    async def _write(self, response: HttpResponse, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self.writable.is_set():
+            await self.writable.wait()  # the client reads slowly: wait for the buffer to drain
+        self.transport.write(render_response(response, keep_alive, self.server.clock.date()) + response.body)
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer a request the parser or the limits reject, then close: the stream cannot be trusted."""
+        self._rejected = True
+        self.pending.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            response = error_response(status, message)
+            self.transport.write(render_response(response, False, self.server.clock.date()) + response.body)
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.worker is None and not self.pending
+
+    def close_when_idle(self) -> None:
+        if self.idle:
+            self._close()
+
+
+class HttpServer:
+    """Listens and serves `handler`; `close` stops accepting, lets the requests it accepted
+    finish (bounded by a grace period) and closes every connection."""
+
+    def __init__(self, handler: Handler, max_body_bytes: int) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.connections: set[HttpConnection] = set()
+        self.clock = _Clock()
+        self.closing = False
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int, backlog: int = 2048) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: HttpConnection(self), host, port, backlog=backlog,
+                                                reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self, grace_seconds: float) -> None:
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.close_when_idle()  # busy ones close after their current response (Connection: close)
+        deadline = time.monotonic() + grace_seconds
+        while any(not connection.idle for connection in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self.connections):
+            connection._close()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,70 @@
+"""KServe v2 HTTP routing (pure) and the API's answers for paths, methods and a model not loaded yet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plansmith_runtime.config import BatchingPolicy, ServingConfig
+from plansmith_runtime.http_api import HttpApi, Route, route
+from plansmith_runtime.http_transport import HttpRequest
+from plansmith_runtime.model import ServedModel
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/v2", Route("server_metadata")),
+    ("/v2/", Route("server_metadata")),
+    ("/v2/health/live", Route("live")),
+    ("/v2/health/ready", Route("ready")),
+    ("/v2/models/resnet", Route("model_metadata", "resnet")),
+    ("/v2/models/resnet/versions/3", Route("model_metadata", "resnet", "3")),
+    ("/v2/models/resnet/ready", Route("model_ready", "resnet")),
+    ("/v2/models/resnet/versions/1/ready", Route("model_ready", "resnet", "1")),
+    ("/v2/models/resnet/config", Route("model_config", "resnet")),
+    ("/v2/models/resnet/versions/1/config", Route("model_config", "resnet", "1")),
+    ("/v2/models/resnet/infer", Route("infer", "resnet")),
+    ("/v2/models/resnet/versions/1/infer", Route("infer", "resnet", "1")),
+])
+def test_route_names_every_kserve_v2_endpoint(path, expected):
+    assert route(path) == expected
+
+
+@pytest.mark.parametrize("path", [
+    "/", "/v1/models/resnet", "/v2/health", "/v2/health/dead", "/v2/models", "/v2/models/", "/v2/models//infer",
+    "/v2/models/resnet/versions", "/v2/models/resnet/versions//infer", "/v2/models/resnet/explain",
+    "/v2/models/resnet/infer/more", "/v2/repository/index",
+])
+def test_route_rejects_unknown_paths(path):
+    assert route(path) is None
+
+
+@pytest.fixture
+def api():
+    model = ServedModel(ServingConfig("resnet", BatchingPolicy()))
+    return HttpApi(model, lambda: model.ready)
+
+
+def request(method: str, path: str, body: bytes = b"") -> HttpRequest:
+    return HttpRequest(method, path, {}, body)
+
+
+async def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(api):
+    missing = await api.handle(request("GET", "/v2/nothing"))
+    assert missing.status == 404 and json.loads(missing.body) == {"error": "no endpoint at /v2/nothing"}
+    wrong = await api.handle(request("GET", "/v2/models/resnet/infer"))
+    assert wrong.status == 405 and dict(wrong.headers) == {"Allow": "POST"}
+    assert (await api.handle(request("POST", "/v2/health/live"))).status == 405
+
+
+async def test_a_model_still_loading_is_live_not_ready_and_refuses_inference(api):
+    live = await api.handle(request("GET", "/v2/health/live"))
+    assert live.status == 200 and json.loads(live.body) == {"live": True}
+    assert (await api.handle(request("GET", "/v2/health/ready"))).status == 503
+    assert (await api.handle(request("GET", "/v2/models/resnet/ready"))).status == 503
+    infer = await api.handle(request("POST", "/v2/models/resnet/infer", b'{"inputs": []}'))
+    assert infer.status == 503 and "is not ready" in json.loads(infer.body)["error"]
+    other = await api.handle(request("POST", "/v2/models/other/infer", b'{"inputs": []}'))
+    assert other.status == 400 and "unknown model" in json.loads(other.body)["error"]
+    version = await api.handle(request("GET", "/v2/models/resnet/versions/7/ready"))
+    assert version.status == 400 and "has no version 7" in json.loads(version.body)["error"]

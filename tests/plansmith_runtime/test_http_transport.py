@@ -1,0 +1,182 @@
+"""The HTTP/1.1 transport on a real loopback socket, spoken to byte by byte: keep-alive,
+pipelining in order, 100-continue, chunked bodies, limits, malformed input and a graceful close."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from plansmith_runtime.http_transport import HttpRequest, HttpResponse, HttpServer
+
+MAX_BODY = 1024
+# the server fixture and the tests share one event loop (fixtures default to the session loop here)
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def echo(request: HttpRequest) -> HttpResponse:
+    """Answers with what it received; /sleep/N waits N ms first, /fail raises, /big/N answers N bytes."""
+    if request.path.startswith("/sleep/"):
+        await asyncio.sleep(int(request.path.rsplit("/", 1)[1]) / 1000)
+    if request.path == "/fail":
+        raise RuntimeError("handler bug")
+    if request.path.startswith("/big/"):
+        return HttpResponse(200, b"x" * int(request.path.rsplit("/", 1)[1]), "application/octet-stream")
+    document = {"method": request.method, "path": request.path, "body": request.body.decode(),
+                "header": request.headers.get("x-test")}
+    return HttpResponse(200, json.dumps(document).encode(), headers=(("X-Answer", "yes"),))
+
+
+@pytest.fixture
+async def server():
+    http = HttpServer(echo, MAX_BODY)
+    await http.start("127.0.0.1", 0)
+    yield http
+    await http.close(1.0)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, value = line.decode().rstrip("\r\n").split(": ", 1)
+        headers[name.lower()] = value
+    body = await reader.readexactly(int(headers["content-length"]))
+    return int(status_line.split()[1]), headers, body
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for index in range(3):
+        writer.write(post("/v2/models/m%2Fx/infer?q=1", f"body {index}".encode(), "X-Test: hello\r\n"))
+        status, headers, body = await read_response(reader)
+        assert status == 200 and headers["x-answer"] == "yes" and "connection" not in headers
+        assert json.loads(body) == {"method": "POST", "path": "/v2/models/m/x/infer", "body": f"body {index}",
+                                    "header": "hello"}
+        assert headers["content-type"] == "application/json" and "date" in headers
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    # the first request is the slowest: answers must still come in request order
+    writer.write(b"".join(post(f"/sleep/{delay}", str(delay).encode()) for delay in (60, 0, 20)))
+    bodies = [json.loads((await read_response(reader))[2])["body"] for _ in range(3)]
+    assert bodies == ["60", "0", "20"]
+    writer.close()
+
+
+async def test_expect_100_continue_is_answered_before_the_body(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
+    assert await reader.readline() == b"\r\n"
+    writer.write(b"hello")
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["body"] == "hello"
+    writer.close()
+
+
+async def test_chunked_request_body_reaches_the_handler_whole(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["body"] == "hello world"
+    writer.close()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    post("/x", b"y" * (MAX_BODY + 1)),
+    b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % (MAX_BODY + 1) + b"y" * (MAX_BODY + 1)
+    + b"\r\n0\r\n\r\n",
+], ids=["content-length", "chunked"])
+async def test_a_body_over_the_limit_gets_413_and_the_connection_closes(server, request_bytes):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes)
+    status, headers, body = await read_response(reader)
+    assert status == 413 and headers["connection"] == "close" and b"larger than 1024" in body
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_malformed_request_gets_400_and_the_server_keeps_serving(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 400 and headers["connection"] == "close" and b"malformed HTTP request" in body
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post("/x", b"ok"))
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_http_1_0_without_keep_alive_closes_after_the_response(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /x HTTP/1.0\r\n\r\n")
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_failing_handler_answers_500_and_the_connection_keeps_serving(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post("/fail", b""))
+    status, _, body = await read_response(reader)
+    assert status == 500 and json.loads(body) == {"error": "internal server error"}
+    writer.write(post("/x", b"after"))
+    assert json.loads((await read_response(reader))[2])["body"] == "after"
+    writer.close()
+
+
+async def test_a_large_response_reaches_a_slow_reader_whole(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
+    writer.write(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % (8 << 20))
+    await asyncio.sleep(0.2)  # the response fills the socket buffers: the server must wait, not drop
+    status, _, body = await read_response(reader)
+    assert status == 200 and len(body) == 8 << 20
+    writer.write(post("/x", b"next"))
+    assert json.loads((await read_response(reader))[2])["body"] == "next"
+    writer.close()
+
+
+async def test_a_client_that_does_not_read_holds_at_most_one_response_in_the_server(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
+    size, count = 1 << 20, 24
+    writer.write(b"".join(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size for _ in range(count)))
+    await asyncio.sleep(0.5)  # the client reads nothing: the server must stop producing, not buffer them all
+    (connection,) = server.connections
+    assert connection.transport.get_write_buffer_size() <= 2 * size
+    for _ in range(count):
+        status, _, body = await read_response(reader)
+        assert status == 200 and len(body) == size
+    writer.close()
+
+
+async def test_close_finishes_in_flight_requests_and_closes_idle_connections():
+    server = HttpServer(echo, MAX_BODY)
+    await server.start("127.0.0.1", 0)
+    port = server.port
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(post("/x", b"first"))
+    assert (await read_response(idle_reader))[0] == 200
+    busy_writer.write(post("/sleep/2000", b"in flight"))
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(server.close(5.0))
+    # the idle keep-alive connection is closed at once, while the busy one is still computing
+    assert await asyncio.wait_for(idle_reader.read(), 1.0) == b""
+    status, headers, body = await read_response(busy_reader)  # the accepted request still completes
+    assert status == 200 and headers["connection"] == "close" and json.loads(body)["body"] == "in flight"
+    await asyncio.wait_for(closing, 5)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    busy_writer.close()
+    idle_writer.close()
