@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Requests read ahead on one connection (pipelining) before the connection stops reading.
 PIPELINE_LIMIT = 16
+# An idle keep-alive connection is closed after this long (nginx's and aiohttp's default).
+KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class HttpConnection(asyncio.Protocol):
         self.writable.set()
         self.reading_paused = False
         self.closing = False
+        self.last_active = time.monotonic()
         self._reset()
 
     def _reset(self) -> None:
@@ -130,6 +133,7 @@ class HttpConnection(asyncio.Protocol):
         self.writable.set()
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -209,6 +213,7 @@ class HttpConnection(asyncio.Protocol):
         if not self.writable.is_set():
             await self.writable.wait()  # the client reads slowly: wait for the buffer to drain
         self.transport.write(render_response(response, keep_alive, self.server.clock.date()) + response.body)
+        self.last_active = time.monotonic()
 
     def _fail(self, status: int, message: str) -> None:
         """Answer a request the parser or the limits reject, then close: the stream cannot be trusted."""
@@ -237,18 +242,30 @@ class HttpServer:
     """Listens and serves `handler`; `close` stops accepting, lets the requests it accepted
     finish (bounded by a grace period) and closes every connection."""
 
-    def __init__(self, handler: Handler, max_body_bytes: int) -> None:
+    def __init__(self, handler: Handler, max_body_bytes: int,
+                 keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT_SECONDS) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
+        self.keep_alive_timeout = keep_alive_timeout
         self.connections: set[HttpConnection] = set()
         self.clock = _Clock()
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self, host: str, port: int, backlog: int = 2048) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: HttpConnection(self), host, port, backlog=backlog,
                                                 reuse_address=True)
+        self._sweeper = loop.create_task(self._close_idle_connections())
+
+    async def _close_idle_connections(self) -> None:
+        while True:
+            await asyncio.sleep(self.keep_alive_timeout / 4)
+            cutoff = time.monotonic() - self.keep_alive_timeout
+            for connection in list(self.connections):
+                if connection.idle and connection.last_active < cutoff:
+                    connection._close()
 
     @property
     def port(self) -> int:
@@ -257,6 +274,8 @@ class HttpServer:
 
     async def close(self, grace_seconds: float) -> None:
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):

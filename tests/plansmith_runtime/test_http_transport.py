@@ -160,6 +160,24 @@ async def test_a_client_that_does_not_read_holds_at_most_one_response_in_the_ser
     writer.close()
 
 
+async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_a_busy_one_is_not():
+    server = HttpServer(echo, MAX_BODY, keep_alive_timeout=0.2)
+    await server.start("127.0.0.1", 0)
+    try:
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        idle_writer.write(post("/x", b"once"))
+        assert (await read_response(idle_reader))[0] == 200
+        busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        busy_writer.write(post("/sleep/800", b"slow"))
+        assert await asyncio.wait_for(idle_reader.read(), 2) == b""
+        status, headers, body = await read_response(busy_reader)
+        assert status == 200 and "connection" not in headers and json.loads(body)["body"] == "slow"
+        idle_writer.close()
+        busy_writer.close()
+    finally:
+        await server.close(1.0)
+
+
 async def test_close_finishes_in_flight_requests_and_closes_idle_connections():
     server = HttpServer(echo, MAX_BODY)
     await server.start("127.0.0.1", 0)
