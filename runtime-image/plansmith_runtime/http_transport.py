@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Requests read ahead on one connection (pipelining) before the connection stops reading.
 PIPELINE_LIMIT = 16
+# The request line and headers together (aiohttp allows 8 KiB a line; Triton's clients send < 1 KiB).
+MAX_HEAD_BYTES = 64 << 10
 # An idle keep-alive connection is closed after this long (nginx's and aiohttp's default).
 KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
 
@@ -110,6 +112,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._url = b""
+        self._head_size = 0
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
@@ -148,11 +151,20 @@ class HttpConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES and not self._rejected:
+            self._fail(431, f"request line and headers are larger than {MAX_HEAD_BYTES} bytes")
+
     def on_headers_complete(self) -> None:
+        if self._rejected:
+            return
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.server.max_body_bytes:
             self._fail(413, f"request body of {declared} bytes is larger than {self.server.max_body_bytes}")

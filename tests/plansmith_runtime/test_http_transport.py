@@ -105,6 +105,15 @@ async def test_a_body_over_the_limit_gets_413_and_the_connection_closes(server, 
     writer.close()
 
 
+async def test_headers_over_the_limit_get_431_and_the_connection_closes(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-Filler: %s\r\n" % (b"y" * 1000) * 80 + b"\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 431 and headers["connection"] == "close" and b"larger than 65536" in body
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
 async def test_a_malformed_request_gets_400_and_the_server_keeps_serving(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
