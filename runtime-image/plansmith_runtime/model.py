@@ -137,7 +137,8 @@ class ServedModel:
         self.manifest = manifest
         self.signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs), self.config.policy.max_batch_size)
         threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, os.cpu_count() or 1)
-        self._executors = [create_executor(engine, intra_op_threads=threads) for _ in range(self.config.instances)]
+        self._executors = [create_executor(engine, intra_op_threads=threads, max_batch_size=self.config.policy.max_batch_size)
+                           for _ in range(self.config.instances)]
         if self.config.warmup_enabled:
             self._warm_up()
 
@@ -145,7 +146,9 @@ class ServedModel:
         assert self.manifest is not None
         has_batch = self.config.policy.max_batch_size > 0
         started = time.perf_counter()
-        for size in self.config.warmup_batch_sizes():
+        # every size the batcher forms on purpose, and every bucket an executor pads batches up to
+        sizes = sorted({*self.config.warmup_batch_sizes(), *(b for e in self._executors for b in e.batch_buckets)})
+        for size in sizes:
             feeds = warmup_inputs(self.manifest.inputs, size, has_batch)
             for executor in self._executors:
                 for _ in range(self.config.warmup_iterations):
@@ -153,7 +156,7 @@ class ServedModel:
                     executor.run(feeds)
                     elapsed_us = (time.perf_counter() - begin) * 1e6
                     self._warm_compute_us[max(size, 1)] = min(elapsed_us, self._warm_compute_us.get(max(size, 1), elapsed_us))
-        log.info("warmup done", extra={"model": self.name, "batch_sizes": self.config.warmup_batch_sizes(),
+        log.info("warmup done", extra={"model": self.name, "batch_sizes": sizes,
                                        "seconds": round(time.perf_counter() - started, 3)})
 
     def model_config(self):

@@ -17,16 +17,22 @@ class Executor(Protocol):
 
     def close(self) -> None: ...
 
+    # Batch sizes the executor pads batches up to, each with a fixed shape to warm up; () when it
+    # runs every batch size as it is.
+    batch_buckets: tuple[int, ...]
+
 
 class ExecutorError(RuntimeError):
     """The engine could not be loaded or failed to run a batch."""
 
 
-def create_executor(engine: LoadedEngine, *, intra_op_threads: int = 0) -> Executor:
+def create_executor(engine: LoadedEngine, *, intra_op_threads: int = 0, max_batch_size: int = 0) -> Executor:
+    """`max_batch_size`: the largest batch the server will run (0: no batch dimension)."""
     if engine.manifest.backend == "onnxruntime":
-        from plansmith_runtime.executors.onnxruntime import OnnxRuntimeExecutor
+        from plansmith_runtime.executors.onnxruntime import OnnxRuntimeExecutor, session_batch_buckets
 
-        return OnnxRuntimeExecutor(engine, intra_op_threads=intra_op_threads)
+        buckets = session_batch_buckets(engine.manifest.target.execution_provider, max_batch_size)
+        return OnnxRuntimeExecutor(engine, intra_op_threads=intra_op_threads, buckets=buckets)
     if engine.manifest.backend == "tensorrt":
         from plansmith_runtime.executors.tensorrt import TensorRTExecutor
 

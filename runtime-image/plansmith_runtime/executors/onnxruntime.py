@@ -7,6 +7,12 @@ On a GPU the executor binds its inputs and outputs (IO binding): host arrays are
 device by ONNX Runtime, and inputs that already live on the device (`onnxruntime.OrtValue`s, e.g.
 `OrtValue.ortvalue_from_numpy(array, "cuda", 0)`) are bound as they are, without a copy. Finding
 the CUDA libraries and refusing a silent CPU fallback: `plansmith.onnxruntime_providers`.
+
+On the CUDA provider every batch-size bucket has its own session and batches are padded up to the
+next bucket: ONNX Runtime's CUDA convolutions re-plan whenever the input shape differs from the
+previous call's, about 0.1 s for ResNet-50 on an H200 even for sizes run before (docs/benchmarks.md,
+GPU), so a session must only ever see one shape. On the CPU there is no such cost and one session
+runs every size as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +42,42 @@ def providers_for(execution_provider: str | None, device_id: int = 0) -> list:
     return [CPU_PROVIDER]
 
 
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes that get a session of their own: powers of two below the maximum, and it."""
+    if max_batch_size <= 0:
+        return ()
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def session_batch_buckets(execution_provider: str | None, max_batch_size: int) -> tuple[int, ...]:
+    """Buckets for an engine on this provider: CUDA re-plans convolutions per input shape, the CPU does not."""
+    return batch_buckets(max_batch_size) if execution_provider == CUDA_PROVIDER else ()
+
+
+def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `batch` (buckets are sorted; the largest is the max batch)."""
+    for size in buckets:
+        if size >= batch:
+            return size
+    raise ExecutorError(f"batch of {batch} is larger than the largest bucket {buckets[-1]}")
+
+
+def pad_batch(feeds: dict, size: int) -> dict:
+    """Feeds with zero rows appended along dimension 0 up to `size` (host arrays only)."""
+    padded = {}
+    for name, value in feeds.items():
+        array = value.numpy() if is_device_value(value) else value
+        missing = size - array.shape[0]
+        padded[name] = array if missing == 0 else np.concatenate(
+            [array, np.zeros((missing, *array.shape[1:]), array.dtype)])
+    return padded
+
+
 def _provider_name(provider: str | tuple) -> str:
     return provider[0] if isinstance(provider, tuple) else provider
 
@@ -51,7 +93,10 @@ def is_device_value(value) -> bool:
 
 
 class OnnxRuntimeExecutor:
-    def __init__(self, engine: LoadedEngine, *, intra_op_threads: int = 0, device_id: int = 0) -> None:
+    def __init__(self, engine: LoadedEngine, *, intra_op_threads: int = 0, device_id: int = 0,
+                 buckets: tuple[int, ...] = ()) -> None:
+        """`buckets`: batch sizes that each get a session, batches padded up to the next one; () for
+        one session running every size."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -66,30 +111,46 @@ class OnnxRuntimeExecutor:
         self.device_id = device_id
         if _provider_name(self.providers[0]) == CUDA_PROVIDER:
             preload_cuda_libraries()
-        try:
-            self.session = ort.InferenceSession(str(engine.path("engine")), options, providers=self.providers)
-        except Exception as error:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise ExecutorError(f"ONNX Runtime cannot load {engine.path('engine').name}: {error}") from None
-        try:
-            check_providers(_provider_name(self.providers[0]), self.session.get_providers())
-        except ProviderUnavailable as error:
-            raise ExecutorError(str(error)) from None
+        self.batch_buckets = buckets
+        self.sessions = {size: self._create_session(ort, engine, options) for size in buckets}
+        self.session = self.sessions[buckets[-1]] if buckets else self._create_session(ort, engine, options)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.io_binding = uses_io_binding(self.providers)
         # where bound outputs are allocated: on the session's device, copied back once per run
         self.output_device = "cuda" if _provider_name(self.providers[0]) == CUDA_PROVIDER else "cpu"
 
+    def _create_session(self, ort, engine: LoadedEngine, options):
+        try:
+            session = ort.InferenceSession(str(engine.path("engine")), options, providers=self.providers)
+        except Exception as error:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise ExecutorError(f"ONNX Runtime cannot load {engine.path('engine').name}: {error}") from None
+        try:
+            check_providers(_provider_name(self.providers[0]), session.get_providers())
+        except ProviderUnavailable as error:
+            raise ExecutorError(str(error)) from None
+        return session
+
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
         """Feeds are numpy arrays, or OrtValues already on the device (IO binding only)."""
+        if not self.batch_buckets:
+            return self._run(self.session, feeds)
+        first = next(iter(feeds.values()))
+        batch = (first.shape() if is_device_value(first) else first.shape)[0]
+        size = bucket_for(batch, self.batch_buckets)
+        if size == batch:
+            return self._run(self.sessions[size], feeds)
+        outputs = self._run(self.sessions[size], pad_batch(feeds, size))
+        return {name: array[:batch] for name, array in outputs.items()}
+
+    def _run(self, session, feeds: dict) -> dict[str, np.ndarray]:
         if self.io_binding:
-            return self._run_bound(feeds)
+            return self._run_bound(session, feeds)
         if any(is_device_value(value) for value in feeds.values()):
             feeds = {name: value.numpy() if is_device_value(value) else value for name, value in feeds.items()}
-        results = self.session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, results))
+        return dict(zip(self.output_names, session.run(self.output_names, feeds)))
 
-    def _run_bound(self, feeds: dict) -> dict[str, np.ndarray]:
-        binding = self.session.io_binding()
+    def _run_bound(self, session, feeds: dict) -> dict[str, np.ndarray]:
+        binding = session.io_binding()
         for name, value in feeds.items():
             if is_device_value(value):
                 binding.bind_ortvalue_input(name, value)  # already on the device: no copy
@@ -98,8 +159,9 @@ class OnnxRuntimeExecutor:
         for name in self.output_names:
             # ONNX Runtime allocates them from the device's arena; one copy to the host after the run
             binding.bind_output(name, self.output_device, self.device_id)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+        self.sessions = {}

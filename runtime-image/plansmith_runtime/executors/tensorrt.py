@@ -86,6 +86,8 @@ def _check_cuda(result) -> object:
 
 
 class TensorRTExecutor:
+    batch_buckets: tuple[int, ...] = ()  # profiles take any batch size in their range as it is
+
     def __init__(self, engine: LoadedEngine) -> None:
         try:
             import tensorrt as trt  # type: ignore[import-not-found]

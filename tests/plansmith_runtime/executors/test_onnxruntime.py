@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from plansmith_runtime.executors import create_executor
-from plansmith_runtime.executors.onnxruntime import is_device_value, providers_for, uses_io_binding
+from plansmith_runtime.executors import ExecutorError
+from plansmith_runtime.executors.onnxruntime import (OnnxRuntimeExecutor, batch_buckets, bucket_for, is_device_value,
+                                                     providers_for, session_batch_buckets, uses_io_binding)
 from plansmith_runtime.loader import fetch_engine
 
 
@@ -44,6 +46,35 @@ def test_executor_takes_ortvalues_and_binds_io(engines, tmp_path):
         outputs = executor.run({"input": feed})
         assert isinstance(outputs["logits"], np.ndarray)
         np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5)
+    executor.close()
+
+
+def test_gpu_engines_get_a_session_per_power_of_two_bucket_cpu_engines_one():
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert batch_buckets(1) == (1,) and batch_buckets(0) == ()
+    assert session_batch_buckets("CUDAExecutionProvider", 8) == (1, 2, 4, 8)
+    assert session_batch_buckets("CPUExecutionProvider", 8) == () and session_batch_buckets(None, 8) == ()
+    assert [bucket_for(size, (1, 2, 4, 8, 16, 32, 48)) for size in (1, 3, 4, 17, 33, 48)] == [1, 4, 4, 32, 48, 48]
+    with pytest.raises(ExecutorError, match="larger than the largest bucket 8"):
+        bucket_for(9, (1, 2, 4, 8))
+
+
+def test_bucketed_executor_pads_to_the_next_bucket_and_answers_each_request_alone(engines, tmp_path):
+    """Each bucket's session only ever sees its own batch size; padding rows never reach the caller."""
+    built = engines["small_cnn"]
+    engine = fetch_engine(built.manifest_uri, tmp_path / "engine")
+    executor = OnnxRuntimeExecutor(engine, intra_op_threads=1, buckets=(1, 2, 4, 8))
+    seen: dict[int, set] = {size: set() for size in executor.sessions}
+    for size, session in executor.sessions.items():
+        run = session.run
+        session.run = lambda names, feeds, size=size, run=run: seen[size].add(feeds["input"].shape[0]) or run(names, feeds)
+    for batch in (1, 3, 4, 5, 8, 2, 7):
+        x = built.model.sample_inputs(batch=batch, seed=batch)["input"]
+        outputs = executor.run({"input": x})
+        assert outputs["logits"].shape[0] == batch
+        np.testing.assert_allclose(outputs["logits"], built.session().run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+    assert seen == {1: {1}, 2: {2}, 4: {4}, 8: {8}}
     executor.close()
 
 
