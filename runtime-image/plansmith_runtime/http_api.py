@@ -3,14 +3,13 @@ metrics endpoint (aiohttp: a scrape every few seconds needs no fast path)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from plansmith_runtime import __version__ as runtime_version
-from plansmith_runtime.http_transport import HttpRequest, HttpResponse, error_response
+from plansmith_runtime.http_transport import HttpRequest, HttpResponse, error_response, json_response
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, decode_http_request,
                                         encode_http_response)
@@ -30,10 +29,6 @@ def error_status(error: BaseException) -> int:
     if isinstance(error, (QueueFull, ModelNotReady, ShuttingDown, RequestTimedOut)):
         return 503
     return 500
-
-
-def _json(payload: object, status: int = 200) -> HttpResponse:
-    return HttpResponse(status, json.dumps(payload).encode())
 
 
 def server_metadata() -> dict:
@@ -87,8 +82,7 @@ class HttpApi:
             return error_response(404, f"no endpoint at {request.path}")
         method = METHODS.get(target.endpoint, "GET")
         if request.method != method:
-            return HttpResponse(405, json.dumps({"error": f"{request.path} takes {method}"}).encode(),
-                                headers=(("Allow", method),))
+            return error_response(405, f"{request.path} takes {method}", (("Allow", method),))
         if target.endpoint == "infer":
             return await self.infer(target, request)
         return getattr(self, target.endpoint)(target)
@@ -100,18 +94,18 @@ class HttpApi:
         return self.model
 
     def live(self, target: Route) -> HttpResponse:
-        return _json({"live": True})
+        return json_response({"live": True})
 
     def ready(self, target: Route) -> HttpResponse:
         ready = self.is_ready()
-        return _json({"ready": ready}, 200 if ready else 503)
+        return json_response({"ready": ready}, 200 if ready else 503)
 
     def server_metadata(self, target: Route) -> HttpResponse:
-        return _json(server_metadata())
+        return json_response(server_metadata())
 
     def model_metadata(self, target: Route) -> HttpResponse:
         try:
-            return _json(self._model(target).metadata())
+            return json_response(self._model(target).metadata())
         except (InvalidRequest, ModelNotReady) as error:
             return error_response(error_status(error), str(error))
 
@@ -121,7 +115,7 @@ class HttpApi:
         except InvalidRequest as error:
             return error_response(400, str(error))
         ready = model.ready and self.is_ready()
-        return _json({"name": model.name, "ready": ready}, 200 if ready else 503)
+        return json_response({"name": model.name, "ready": ready}, 200 if ready else 503)
 
     def model_config(self, target: Route) -> HttpResponse:
         from plansmith_runtime.model_config import config_as_json
@@ -132,7 +126,7 @@ class HttpApi:
             return error_response(400, str(error))
         if config is None:
             return error_response(503, f"model '{self.model.name}' is not ready: {self.model.reason}")
-        return _json(config_as_json(config))
+        return json_response(config_as_json(config))
 
     async def infer(self, target: Route, request: HttpRequest) -> HttpResponse:
         try:

@@ -89,8 +89,13 @@ def render_response(response: HttpResponse, keep_alive: bool, date: bytes, serve
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def error_response(status: int, message: str) -> HttpResponse:
-    return HttpResponse(status, json.dumps({"error": message}).encode())
+def json_response(payload: object, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+    return HttpResponse(status, json.dumps(payload).encode(), headers=headers)
+
+
+def error_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+    """Triton's error body: {"error": message}."""
+    return json_response({"error": message}, status, headers)
 
 
 class HttpConnection(asyncio.Protocol):
