@@ -6,8 +6,9 @@ per-request machinery (Request and Response objects, router, middlewares, Stream
 about 70 us of the event loop's CPU per request, more than half the server's CPU for a model whose
 compute is 10 us (bench/serve.py, MLP), and the loop's CPU is what bounds an overhead-dominated
 model's throughput. This keeps only what the KServe v2 endpoints need: keep-alive, pipelining,
-Content-Length and chunked request bodies, `Expect: 100-continue`, a body size limit, and a
-graceful close. Parsing HTTP stays in the library.
+Content-Length and chunked request bodies, `Expect: 100-continue`, gzip/deflate bodies both ways
+(tritonclient's request_compression_algorithm / response_compression_algorithm), size limits, and
+a graceful close. Parsing HTTP stays in the library.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+import zlib
 from collections import deque
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -75,6 +77,63 @@ class _Clock:
         if now != self._second:
             self._second, self._value = now, formatdate(now, usegmt=True).encode()
         return self._value
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# zlib window bits per Content-Encoding: gzip framing, and zlib framing for "deflate" (RFC 9110)
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The request body with its Content-Encoding undone, at most `limit` bytes once decoded."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in _WBITS:
+        raise BodyError(415, f"Content-Encoding {content_encoding!r} is not supported (gzip, deflate)")
+    decompressor = zlib.decompressobj(_WBITS[encoding])
+    try:
+        decoded = decompressor.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise BodyError(400, f"request body is not valid {encoding}: {error}") from None
+    if len(decoded) > limit:
+        raise BodyError(413, f"request body is larger than {limit} bytes once decompressed")
+    if not decompressor.eof:
+        raise BodyError(400, f"request body is truncated {encoding}")
+    return decoded
+
+
+def accepted_encoding(accept_encoding: str | None) -> str | None:
+    """gzip or deflate when the client asks for it (a q of 0 refuses), else None: no compression."""
+    if not accept_encoding:
+        return None
+    wanted = {}
+    for item in accept_encoding.split(","):
+        name, _, parameters = item.strip().lower().partition(";")
+        quality = 1.0
+        if parameters.strip().startswith("q="):
+            try:
+                quality = float(parameters.strip()[2:])
+            except ValueError:
+                quality = 0.0
+        wanted[name.strip()] = quality
+    for name in ("gzip", "deflate"):
+        if wanted.get(name, 0.0) > 0:
+            return name
+    return None
+
+
+def compress_response(response: HttpResponse, encoding: str | None) -> HttpResponse:
+    if encoding is None or not response.body:
+        return response
+    compressor = zlib.compressobj(wbits=_WBITS[encoding])
+    body = compressor.compress(response.body) + compressor.flush()
+    return HttpResponse(response.status, body, response.content_type, (*response.headers, ("Content-Encoding", encoding)))
 
 
 def render_response(response: HttpResponse, keep_alive: bool, date: bytes, server: bytes = b"plansmith") -> bytes:
@@ -190,9 +249,14 @@ class HttpConnection(asyncio.Protocol):
         if self._rejected:
             return
         parsed = httptools.parse_url(self._url)
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        try:
+            body = decode_body(body, self._headers.get("content-encoding"), self.server.max_body_bytes)
+        except BodyError as error:
+            self._fail(error.status, str(error))
+            return
         request = HttpRequest(method=self.parser.get_method().decode("latin-1"),
-                              path=unquote(parsed.path.decode("latin-1")), headers=self._headers,
-                              body=self._body[0] if len(self._body) == 1 else b"".join(self._body))
+                              path=unquote(parsed.path.decode("latin-1")), headers=self._headers, body=body)
         self.pending.append((request, self.parser.should_keep_alive()))
         if len(self.pending) >= PIPELINE_LIMIT and self.transport is not None and not self.reading_paused:
             self.transport.pause_reading()
@@ -215,6 +279,7 @@ class HttpConnection(asyncio.Protocol):
                     log.exception("HTTP handler failed", extra={"method": request.method, "path": request.path})
                     response = error_response(500, "internal server error")
                 keep_alive = keep_alive and not self.server.closing
+                response = compress_response(response, accepted_encoding(request.headers.get("accept-encoding")))
                 await self._write(response, keep_alive)
                 if not keep_alive:
                     self._close()

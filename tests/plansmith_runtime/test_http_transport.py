@@ -4,7 +4,9 @@ pipelining in order, 100-continue, chunked bodies, limits, malformed input and a
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 
 import pytest
 
@@ -111,6 +113,34 @@ async def test_headers_over_the_limit_get_431_and_the_connection_closes(server):
     status, headers, body = await read_response(reader)
     assert status == 431 and headers["connection"] == "close" and b"larger than 65536" in body
     assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+@pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress)])
+async def test_compressed_request_bodies_are_decoded_and_responses_compressed_on_request(server, encoding, compress):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post("/x", compress(b"squeezed " * 20), f"Content-Encoding: {encoding}\r\nAccept-Encoding: {encoding}\r\n"))
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["content-encoding"] == encoding
+    decoded = gzip.decompress(body) if encoding == "gzip" else zlib.decompress(body)
+    assert json.loads(decoded)["body"] == "squeezed " * 20
+    writer.write(post("/x", b"plain", "Accept-Encoding: gzip;q=0, identity\r\n"))  # q=0 refuses gzip
+    status, headers, body = await read_response(reader)
+    assert "content-encoding" not in headers and json.loads(body)["body"] == "plain"
+    writer.close()
+
+
+@pytest.mark.parametrize("body, encoding, status, message", [
+    (b"whatever", "br", 415, b"not supported"),
+    (b"not gzip at all", "gzip", 400, b"not valid gzip"),
+    (gzip.compress(b"x" * 100)[:-12], "gzip", 400, b"truncated"),
+    (gzip.compress(b"0" * (MAX_BODY + 1)), "gzip", 413, b"once decompressed"),
+], ids=["unsupported", "corrupt", "truncated", "bomb"])
+async def test_bad_compressed_bodies_get_a_clear_error(server, body, encoding, status, message):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post("/x", body, f"Content-Encoding: {encoding}\r\n"))
+    got, _, answer = await read_response(reader)
+    assert got == status and message in answer
     writer.close()
 
 

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -65,6 +66,24 @@ def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server)
     for result in (binary, as_json, over_grpc, http_aio, grpc_aio):
         assert result.shape == (3, 10)
         np.testing.assert_allclose(result, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_requests_and_responses(engines, cnn_server, algorithm):
+    x = engines["small_cnn"].model.sample_inputs(batch=2, seed=12)["input"]
+    expected = engines["small_cnn"].session().run(None, {"input": x})[0]
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    for binary in (True, False):
+        result = http.infer("cnn", [http_input(x, binary=binary)], request_compression_algorithm=algorithm,
+                            response_compression_algorithm=algorithm,
+                            outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary)])
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, **TOLERANCE)
+    # tritonclient hides the response's headers: ask once more by hand and look at them
+    request = urllib.request.Request(f"http://{cnn_server.http_url}/v2/models/cnn", headers={"Accept-Encoding": algorithm})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers["Content-Encoding"] == algorithm
+        body = zlib.decompress(response.read(), 16 + zlib.MAX_WBITS if algorithm == "gzip" else zlib.MAX_WBITS)
+    assert json.loads(body)["name"] == "cnn"
 
 
 def test_health_metadata_and_config_like_triton(cnn_server):
