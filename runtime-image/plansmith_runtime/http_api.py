@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from plansmith_runtime import __version__ as runtime_version
-from plansmith_runtime.http_transport import HttpRequest, HttpResponse, error_response, json_response
+from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepted_encoding, compress_response,
+                                              error_response, json_response)
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, decode_http_request,
                                         encode_http_response)
@@ -137,8 +138,12 @@ class HttpApi:
         except (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, RequestTimedOut, ExecutionFailed) as error:
             return error_response(error_status(error), str(error))
         if header_length is None:
-            return HttpResponse(200, payload)
-        return HttpResponse(200, payload, "application/octet-stream", ((HEADER_CONTENT_LENGTH, str(header_length)),))
+            response = HttpResponse(200, payload)
+        else:
+            response = HttpResponse(200, payload, "application/octet-stream", ((HEADER_CONTENT_LENGTH, str(header_length)),))
+        # Like Triton, only a successful inference response is compressed (tritonclient's asyncio
+        # client asks for gzip on every request but decompresses inference results only).
+        return compress_response(response, accepted_encoding(request.headers.get("accept-encoding")))
 
 
 def metrics_app(model: ServedModel) -> web.Application:

@@ -6,9 +6,9 @@ per-request machinery (Request and Response objects, router, middlewares, Stream
 about 70 us of the event loop's CPU per request, more than half the server's CPU for a model whose
 compute is 10 us (bench/serve.py, MLP), and the loop's CPU is what bounds an overhead-dominated
 model's throughput. This keeps only what the KServe v2 endpoints need: keep-alive, pipelining,
-Content-Length and chunked request bodies, `Expect: 100-continue`, gzip/deflate bodies both ways
-(tritonclient's request_compression_algorithm / response_compression_algorithm), size limits, and
-a graceful close. Parsing HTTP stays in the library.
+Content-Length and chunked request bodies, `Expect: 100-continue`, gzip/deflate request bodies
+(tritonclient's request_compression_algorithm; `compress_response` is the handlers' side), size
+limits, and a graceful close. Parsing HTTP stays in the library.
 """
 
 from __future__ import annotations
@@ -279,7 +279,6 @@ class HttpConnection(asyncio.Protocol):
                     log.exception("HTTP handler failed", extra={"method": request.method, "path": request.path})
                     response = error_response(500, "internal server error")
                 keep_alive = keep_alive and not self.server.closing
-                response = compress_response(response, accepted_encoding(request.headers.get("accept-encoding")))
                 await self._write(response, keep_alive)
                 if not keep_alive:
                     self._close()

@@ -10,11 +10,12 @@ import zlib
 
 import pytest
 
-from plansmith_runtime.http_transport import HttpRequest, HttpResponse, HttpServer
+from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, HttpServer, accepted_encoding,
+                                              compress_response)
 
 MAX_BODY = 1024
 # the server fixture and the tests share one event loop (fixtures default to the session loop here)
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
 
 async def echo(request: HttpRequest) -> HttpResponse:
@@ -53,6 +54,7 @@ def post(path: str, body: bytes, extra: str = "") -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
+@on_session_loop
 async def test_keep_alive_serves_several_requests_on_one_connection(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     for index in range(3):
@@ -65,6 +67,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(server):
     writer.close()
 
 
+@on_session_loop
 async def test_pipelined_requests_are_answered_in_order(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     # the first request is the slowest: answers must still come in request order
@@ -74,6 +77,7 @@ async def test_pipelined_requests_are_answered_in_order(server):
     writer.close()
 
 
+@on_session_loop
 async def test_expect_100_continue_is_answered_before_the_body(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
@@ -85,6 +89,7 @@ async def test_expect_100_continue_is_answered_before_the_body(server):
     writer.close()
 
 
+@on_session_loop
 async def test_chunked_request_body_reaches_the_handler_whole(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
@@ -98,6 +103,7 @@ async def test_chunked_request_body_reaches_the_handler_whole(server):
     b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % (MAX_BODY + 1) + b"y" * (MAX_BODY + 1)
     + b"\r\n0\r\n\r\n",
 ], ids=["content-length", "chunked"])
+@on_session_loop
 async def test_a_body_over_the_limit_gets_413_and_the_connection_closes(server, request_bytes):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(request_bytes)
@@ -107,6 +113,7 @@ async def test_a_body_over_the_limit_gets_413_and_the_connection_closes(server, 
     writer.close()
 
 
+@on_session_loop
 async def test_headers_over_the_limit_get_431_and_the_connection_closes(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-Filler: %s\r\n" % (b"y" * 1000) * 80 + b"\r\n")
@@ -117,17 +124,24 @@ async def test_headers_over_the_limit_get_431_and_the_connection_closes(server):
 
 
 @pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress)])
-async def test_compressed_request_bodies_are_decoded_and_responses_compressed_on_request(server, encoding, compress):
+@on_session_loop
+async def test_compressed_request_bodies_reach_the_handler_decoded(server, encoding, compress):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(post("/x", compress(b"squeezed " * 20), f"Content-Encoding: {encoding}\r\nAccept-Encoding: {encoding}\r\n"))
+    writer.write(post("/x", compress(b"squeezed " * 20), f"Content-Encoding: {encoding}\r\n"))
     status, headers, body = await read_response(reader)
-    assert status == 200 and headers["content-encoding"] == encoding
-    decoded = gzip.decompress(body) if encoding == "gzip" else zlib.decompress(body)
-    assert json.loads(decoded)["body"] == "squeezed " * 20
-    writer.write(post("/x", b"plain", "Accept-Encoding: gzip;q=0, identity\r\n"))  # q=0 refuses gzip
-    status, headers, body = await read_response(reader)
-    assert "content-encoding" not in headers and json.loads(body)["body"] == "plain"
+    assert status == 200 and json.loads(body)["body"] == "squeezed " * 20
     writer.close()
+
+
+def test_responses_are_compressed_only_in_an_encoding_the_client_accepts():
+    response = HttpResponse(200, b"{}" * 100)
+    assert accepted_encoding(None) is None and accepted_encoding("identity") is None
+    assert accepted_encoding("gzip, deflate") == "gzip" and accepted_encoding("deflate") == "deflate"
+    assert accepted_encoding("gzip;q=0, deflate;q=0.5") == "deflate" and accepted_encoding("gzip;q=0") is None
+    compressed = compress_response(response, "gzip")
+    assert dict(compressed.headers)["Content-Encoding"] == "gzip" and gzip.decompress(compressed.body) == response.body
+    assert zlib.decompress(compress_response(response, "deflate").body) == response.body
+    assert compress_response(response, None) is response
 
 
 @pytest.mark.parametrize("body, encoding, status, message", [
@@ -136,6 +150,7 @@ async def test_compressed_request_bodies_are_decoded_and_responses_compressed_on
     (gzip.compress(b"x" * 100)[:-12], "gzip", 400, b"truncated"),
     (gzip.compress(b"0" * (MAX_BODY + 1)), "gzip", 413, b"once decompressed"),
 ], ids=["unsupported", "corrupt", "truncated", "bomb"])
+@on_session_loop
 async def test_bad_compressed_bodies_get_a_clear_error(server, body, encoding, status, message):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(post("/x", body, f"Content-Encoding: {encoding}\r\n"))
@@ -144,6 +159,7 @@ async def test_bad_compressed_bodies_get_a_clear_error(server, body, encoding, s
     writer.close()
 
 
+@on_session_loop
 async def test_a_malformed_request_gets_400_and_the_server_keeps_serving(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
@@ -156,6 +172,7 @@ async def test_a_malformed_request_gets_400_and_the_server_keeps_serving(server)
     writer.close()
 
 
+@on_session_loop
 async def test_http_1_0_without_keep_alive_closes_after_the_response(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /x HTTP/1.0\r\n\r\n")
@@ -165,6 +182,7 @@ async def test_http_1_0_without_keep_alive_closes_after_the_response(server):
     writer.close()
 
 
+@on_session_loop
 async def test_a_failing_handler_answers_500_and_the_connection_keeps_serving(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(post("/fail", b""))
@@ -175,6 +193,7 @@ async def test_a_failing_handler_answers_500_and_the_connection_keeps_serving(se
     writer.close()
 
 
+@on_session_loop
 async def test_a_large_response_reaches_a_slow_reader_whole(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
     writer.write(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % (8 << 20))
@@ -186,6 +205,7 @@ async def test_a_large_response_reaches_a_slow_reader_whole(server):
     writer.close()
 
 
+@on_session_loop
 async def test_a_client_that_does_not_read_holds_at_most_one_response_in_the_server(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
     size, count = 1 << 20, 24
@@ -199,6 +219,7 @@ async def test_a_client_that_does_not_read_holds_at_most_one_response_in_the_ser
     writer.close()
 
 
+@on_session_loop
 async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_a_busy_one_is_not():
     server = HttpServer(echo, MAX_BODY, keep_alive_timeout=0.2)
     await server.start("127.0.0.1", 0)
@@ -217,6 +238,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_a_busy_
         await server.close(1.0)
 
 
+@on_session_loop
 async def test_close_finishes_in_flight_requests_and_closes_idle_connections():
     server = HttpServer(echo, MAX_BODY)
     await server.start("127.0.0.1", 0)

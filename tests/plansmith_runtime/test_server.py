@@ -78,12 +78,19 @@ def test_tritonclient_compressed_requests_and_responses(engines, cnn_server, alg
                             response_compression_algorithm=algorithm,
                             outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary)])
         np.testing.assert_allclose(result.as_numpy("logits"), expected, **TOLERANCE)
-    # tritonclient hides the response's headers: ask once more by hand and look at them
-    request = urllib.request.Request(f"http://{cnn_server.http_url}/v2/models/cnn", headers={"Accept-Encoding": algorithm})
+    # tritonclient hides the response's headers: ask once more by hand and look at them. As in
+    # Triton, inference results are compressed, metadata and errors are not.
+    infer_body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                         "data": x.ravel().tolist()}]}).encode()
+    request = urllib.request.Request(f"http://{cnn_server.http_url}/v2/models/cnn/infer", data=infer_body,
+                                     headers={"Accept-Encoding": algorithm})
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.headers["Content-Encoding"] == algorithm
         body = zlib.decompress(response.read(), 16 + zlib.MAX_WBITS if algorithm == "gzip" else zlib.MAX_WBITS)
-    assert json.loads(body)["name"] == "cnn"
+    np.testing.assert_allclose(np.reshape(json.loads(body)["outputs"][0]["data"], (2, 10)), expected, **TOLERANCE)
+    request = urllib.request.Request(f"http://{cnn_server.http_url}/v2/models/cnn", headers={"Accept-Encoding": algorithm})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert "Content-Encoding" not in response.headers and json.loads(response.read())["name"] == "cnn"
 
 
 def test_health_metadata_and_config_like_triton(cnn_server):
