@@ -165,12 +165,15 @@ class HttpConnection(asyncio.Protocol):
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.pending: deque[tuple[HttpRequest, bool]] = deque()  # parsed, not yet answered
+        # parsed and not yet answered, in arrival order: a request and whether to keep the connection
+        # alive after it, or the error answer to a request that was rejected while parsing (then close)
+        self.pending: deque[tuple[HttpRequest | HttpResponse, bool]] = deque()
         self.worker: asyncio.Task | None = None
         self.writable = asyncio.Event()
         self.writable.set()
         self.reading_paused = False
         self.closing = False
+        self.failed = False  # a request was rejected while parsing: nothing after it is read
         self.last_active = time.monotonic()
         self._reset()
 
@@ -180,7 +183,6 @@ class HttpConnection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
-        self._rejected = False  # the current request was answered early (too large); drop its body
 
     # asyncio.Protocol
 
@@ -223,11 +225,11 @@ class HttpConnection(asyncio.Protocol):
 
     def _count_head(self, size: int) -> None:
         self._head_size += size
-        if self._head_size > MAX_HEAD_BYTES and not self._rejected:
+        if self._head_size > MAX_HEAD_BYTES:
             self._fail(431, f"request line and headers are larger than {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
-        if self._rejected:
+        if self.failed:
             return
         declared = self._headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.server.max_body_bytes:
@@ -237,7 +239,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
-        if self._rejected:
+        if self.failed:
             return
         self._body_size += len(body)
         if self._body_size > self.server.max_body_bytes:  # chunked bodies give no length up front
@@ -246,7 +248,7 @@ class HttpConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._rejected:
+        if self.failed:
             return
         parsed = httptools.parse_url(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -257,8 +259,11 @@ class HttpConnection(asyncio.Protocol):
             return
         request = HttpRequest(method=self.parser.get_method().decode("latin-1"),
                               path=unquote(parsed.path.decode("latin-1")), headers=self._headers, body=body)
-        self.pending.append((request, self.parser.should_keep_alive()))
-        if len(self.pending) >= PIPELINE_LIMIT and self.transport is not None and not self.reading_paused:
+        self._enqueue(request, self.parser.should_keep_alive())
+
+    def _enqueue(self, item: HttpRequest | HttpResponse, keep_alive: bool) -> None:
+        self.pending.append((item, keep_alive))
+        if (len(self.pending) >= PIPELINE_LIMIT or self.failed) and self.transport is not None and not self.reading_paused:
             self.transport.pause_reading()
             self.reading_paused = True
         if self.worker is None:
@@ -269,15 +274,19 @@ class HttpConnection(asyncio.Protocol):
     async def _answer_pending(self) -> None:
         try:
             while self.pending and not self.closing:
-                request, keep_alive = self.pending.popleft()
-                if self.reading_paused and len(self.pending) < PIPELINE_LIMIT // 2 and self.transport is not None:
+                item, keep_alive = self.pending.popleft()
+                if (self.reading_paused and not self.failed and len(self.pending) < PIPELINE_LIMIT // 2
+                        and self.transport is not None):
                     self.transport.resume_reading()
                     self.reading_paused = False
-                try:
-                    response = await self.server.handler(request)
-                except Exception:  # a handler bug answers 500 and the connection keeps serving
-                    log.exception("HTTP handler failed", extra={"method": request.method, "path": request.path})
-                    response = error_response(500, "internal server error")
+                if isinstance(item, HttpResponse):  # the answer to a request rejected while parsing
+                    response = item
+                else:
+                    try:
+                        response = await self.server.handler(item)
+                    except Exception:  # a handler bug answers 500 and the connection keeps serving
+                        log.exception("HTTP handler failed", extra={"method": item.method, "path": item.path})
+                        response = error_response(500, "internal server error")
                 keep_alive = keep_alive and not self.server.closing
                 await self._write(response, keep_alive)
                 if not keep_alive:
@@ -297,13 +306,12 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
 
     def _fail(self, status: int, message: str) -> None:
-        """Answer a request the parser or the limits reject, then close: the stream cannot be trusted."""
-        self._rejected = True
-        self.pending.clear()
-        if self.transport is not None and not self.transport.is_closing():
-            response = error_response(status, message)
-            self.transport.write(render_response(response, False, self.server.clock.date()) + response.body)
-        self._close()
+        """Answer a request the parser or the limits reject, after the requests before it, then close:
+        the rest of the stream cannot be trusted, so nothing more is read."""
+        if self.failed:
+            return
+        self.failed = True
+        self._enqueue(error_response(status, message), False)
 
     def _close(self) -> None:
         self.closing = True

@@ -173,6 +173,18 @@ async def test_a_malformed_request_gets_400_and_the_server_keeps_serving(server)
 
 
 @on_session_loop
+async def test_a_request_rejected_while_parsing_is_answered_after_the_requests_before_it(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post("/sleep/200", b"first") + b"NOT HTTP AT ALL\r\n\r\n" + post("/x", b"never read"))
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["body"] == "first"
+    status, headers, body = await read_response(reader)
+    assert status == 400 and headers["connection"] == "close" and b"malformed HTTP request" in body
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+@on_session_loop
 async def test_http_1_0_without_keep_alive_closes_after_the_response(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /x HTTP/1.0\r\n\r\n")
