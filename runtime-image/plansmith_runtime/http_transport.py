@@ -302,6 +302,8 @@ class HttpConnection(asyncio.Protocol):
             return
         if not self.writable.is_set():
             await self.writable.wait()  # the client reads slowly: wait for the buffer to drain
+            if self.transport.is_closing():  # ... or went away meanwhile
+                return
         self.transport.write(render_response(response, keep_alive, self.server.clock.date()) + response.body)
         self.last_active = time.monotonic()
 
