@@ -14,7 +14,6 @@ limits, and a graceful close. Parsing HTTP stays in the library.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import zlib
@@ -27,6 +26,7 @@ from typing import Awaitable, Callable
 from urllib.parse import unquote
 
 import httptools
+import orjson
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def render_response(response: HttpResponse, keep_alive: bool, date: bytes, serve
 
 
 def json_response(payload: object, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
-    return HttpResponse(status, json.dumps(payload).encode(), headers=headers)
+    return HttpResponse(status, orjson.dumps(payload), headers=headers)
 
 
 def error_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:

@@ -36,6 +36,7 @@ class ModelStats:
     queue_us: float = 0.0
     compute_us: float = 0.0
     pending: int = 0  # requests queued, not yet in a batch (Triton's nv_inference_pending_request_count)
+    in_flight: int = 0  # requests accepted and not yet answered
 
 
 class Metrics:
@@ -50,6 +51,9 @@ class Metrics:
                                  labels, registry=self.registry).labels(model, version)
         self.in_flight = Gauge("plansmith_requests_in_flight", "Requests accepted and not yet answered",
                                labels, registry=self.registry).labels(model, version)
+        # Read when scraped: a gauge's set/inc takes a lock, twice per request on the event loop
+        self.queue_depth.set_function(lambda: self.stats.pending)
+        self.in_flight.set_function(lambda: self.stats.in_flight)
         self.rejected = Gauge("plansmith_queue_full_rejections", "Requests rejected because the queue was full",
                               labels, registry=self.registry).labels(model, version)
 
@@ -66,4 +70,3 @@ class Metrics:
 
     def set_queue_depth(self, depth: int) -> None:
         self.stats.pending = depth
-        self.queue_depth.set(depth)

@@ -195,7 +195,7 @@ class ServedModel:
     async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str], timeout_us: int = 0) -> dict[str, np.ndarray]:
         received = time.monotonic_ns()
         stats = self.metrics.stats
-        self.metrics.in_flight.inc()
+        stats.in_flight += 1
         try:
             if not self.ready or self.batcher is None or self.signature is None:
                 raise ModelNotReady(f"model '{self.name}' is not ready: {self.reason or self.state}")
@@ -209,7 +209,7 @@ class ServedModel:
             stats.failure += 1
             raise
         finally:
-            self.metrics.in_flight.dec()
+            stats.in_flight -= 1
         result = pending.future.result()
         stats.success += 1
         stats.request_us += (time.monotonic_ns() - received) / 1000
