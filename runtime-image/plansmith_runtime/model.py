@@ -136,9 +136,10 @@ class ServedModel:
         check_against_engine(self.config.policy, manifest.max_batch_size)
         self.manifest = manifest
         self.signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs), self.config.policy.max_batch_size)
-        threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, os.cpu_count() or 1)
+        instances = self.config.instances_for(manifest.target.device, manifest.backend)
+        threads = intra_op_threads(self.config.intra_op_threads, instances, os.cpu_count() or 1)
         self._executors = [create_executor(engine, intra_op_threads=threads, max_batch_size=self.config.policy.max_batch_size)
-                           for _ in range(self.config.instances)]
+                           for _ in range(instances)]
         if self.config.warmup_enabled:
             self._warm_up()
 
