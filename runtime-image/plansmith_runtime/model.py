@@ -4,6 +4,7 @@ readiness, and inference through the batcher. The HTTP and gRPC front ends both 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import tempfile
@@ -76,6 +77,15 @@ def inline_max_items(warm_compute_us: dict[int, float], limit_us: float | None =
     return largest
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive now (modules, the sessions' Python side, the warmup's leftovers: they
+    live as long as the process) out of the garbage collector's reach (gc.freeze). Without this,
+    each full collection rescanned them all: 30-50 ms pauses several times a second under load,
+    which were the p99 at c=64 (MLP over HTTP: p99 36-38 ms with the pauses, 6.3 ms without)."""
+    gc.collect()
+    gc.freeze()
+
+
 def intra_op_threads(requested: int, instances: int, cpus: int) -> int:
     """Threads per session: as asked, else share the CPUs between the instances the spec asked for
     (0: the backend's default, every core, for a single instance or for Triton's default count when
@@ -118,6 +128,7 @@ class ServedModel:
             self.reason = f"{type(error).__name__}: {error}"
             log.error("model not ready: %s", self.reason, extra={"model": self.name, "manifest": options.manifest_uri})
             return
+        freeze_startup_objects()
         self.batcher = DynamicBatcher(self.config.policy, self._executors, self.metrics, self.config.queue_limit,
                                       inline_max_items(self._warm_compute_us))
         self.batcher.start()
