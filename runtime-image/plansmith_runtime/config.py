@@ -74,9 +74,8 @@ class ServingConfig:
 
 def default_instances(device: str, backend: str) -> int:
     """Execution instances when the spec names none, as Triton chooses them (SetDefaultInstanceCount):
-    2 on CPU for ONNX Runtime, each session with ONNX Runtime's default threads as in Triton's
-    backend (one batch computes while the next is formed; an idle server still answers with every
-    core); 1 per GPU."""
+    2 on CPU for ONNX Runtime, whose sessions then split the cores between them (one batch computes
+    while the next is formed, and neither waits on the other's threads); 1 per GPU."""
     return 2 if device == "cpu" and backend == "onnxruntime" else 1
 
 

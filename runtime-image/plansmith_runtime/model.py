@@ -87,9 +87,8 @@ def freeze_startup_objects() -> None:
 
 
 def intra_op_threads(requested: int, instances: int, cpus: int) -> int:
-    """Threads per session: as asked, else share the CPUs between the instances the spec asked for
-    (0: the backend's default, every core, for a single instance or for Triton's default count when
-    the spec names none, so that an idle server answers a request with every core)."""
+    """Threads per session: as asked, else share the CPUs between the instances (0: the backend's
+    default, which uses every core, for a single instance)."""
     if requested:
         return requested
     return max(1, cpus // instances) if instances > 1 else 0
@@ -149,7 +148,7 @@ class ServedModel:
         self.manifest = manifest
         self.signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs), self.config.policy.max_batch_size)
         instances = self.config.instances_for(manifest.target.device, manifest.backend)
-        threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, os.cpu_count() or 1)
+        threads = intra_op_threads(self.config.intra_op_threads, instances, os.cpu_count() or 1)
         self._executors = [create_executor(engine, intra_op_threads=threads, max_batch_size=self.config.policy.max_batch_size)
                            for _ in range(instances)]
         if self.config.warmup_enabled:

@@ -54,16 +54,6 @@ def test_instances_default_to_tritons_choice_for_the_engine():
     assert ServingConfig("m", unset.policy, instances=3).instances_for("cpu", "onnxruntime") == 3
 
 
-def test_sessions_split_the_cores_only_between_instances_the_spec_asked_for():
-    from plansmith_runtime.model import intra_op_threads
-
-    assert intra_op_threads(0, 0, 16) == 0  # Triton's default count: each session ONNX Runtime's default
-    assert intra_op_threads(0, 1, 16) == 0
-    assert intra_op_threads(0, 4, 16) == 4
-    assert intra_op_threads(0, 3, 2) == 1
-    assert intra_op_threads(3, 4, 16) == 3  # --intra-op-threads wins
-
-
 def test_only_batches_measured_faster_than_a_thread_hop_run_inline():
     from plansmith_runtime.model import inline_max_items
 
