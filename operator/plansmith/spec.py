@@ -263,12 +263,7 @@ class ServingSpec(ApiModel):
     dynamic_batching: DynamicBatching | None = Field(
         default=None, description="Dynamic batcher settings. Unset: every request runs on its own."
     )
-    instances: int | None = Field(
-        default=None,
-        ge=1,
-        description="Execution instances per pod that run batches concurrently. "
-        "Unset: Triton's default, 2 for an ONNX Runtime engine on CPU and 1 on a GPU.",
-    )
+    instances: int = Field(default=1, ge=1, description="Execution instances per pod that run batches concurrently.")
     mig: MigSpec | None = Field(default=None, description="Serve on a MIG slice.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="CPU and memory of the serving container."

@@ -94,7 +94,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
     return ServingConfig(
         model_name=args.model_name or default_name,
         policy=policy,
-        instances=args.instances or serving.instances or 0,
+        instances=args.instances or serving.instances,
         warmup_enabled=serving.warmup.enabled and not args.no_warmup,
         warmup_iterations=args.warmup_iterations or serving.warmup.iterations,
         intra_op_threads=args.intra_op_threads,

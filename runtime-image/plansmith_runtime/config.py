@@ -42,7 +42,7 @@ DEFAULT_QUEUE_LIMIT = 1024  # when the spec leaves maxQueueSize 0: bounded memor
 class ServingConfig:
     model_name: str
     policy: BatchingPolicy
-    instances: int = 0  # 0: Triton's default for the engine (default_instances)
+    instances: int = 1
     warmup_enabled: bool = True
     warmup_iterations: int = 2
     intra_op_threads: int = 0  # 0: the backend decides
@@ -57,9 +57,6 @@ class ServingConfig:
         policy = replace(self.policy, max_batch_size=engine_max_batch, preferred_batch_sizes=preferred)
         return replace(self, policy=policy, max_batch_from_engine=False)
 
-    def instances_for(self, device: str, backend: str) -> int:
-        return self.instances or default_instances(device, backend)
-
     @property
     def queue_limit(self) -> int:
         return self.policy.max_queue_size or DEFAULT_QUEUE_LIMIT
@@ -70,13 +67,6 @@ class ServingConfig:
             return [1] if self.policy.max_batch_size > 0 else [0]
         sizes = {1, self.policy.max_batch_size, *self.policy.preferred_batch_sizes}
         return sorted(sizes)
-
-
-def default_instances(device: str, backend: str) -> int:
-    """Execution instances when the spec names none, as Triton chooses them (SetDefaultInstanceCount):
-    2 on CPU for ONNX Runtime, whose sessions then split the cores between them (one batch computes
-    while the next is formed, and neither waits on the other's threads); 1 per GPU."""
-    return 2 if device == "cpu" and backend == "onnxruntime" else 1
 
 
 def policy_from_spec(serving: ServingSpec) -> BatchingPolicy:

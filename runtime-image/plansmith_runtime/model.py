@@ -147,10 +147,9 @@ class ServedModel:
         check_against_engine(self.config.policy, manifest.max_batch_size)
         self.manifest = manifest
         self.signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs), self.config.policy.max_batch_size)
-        instances = self.config.instances_for(manifest.target.device, manifest.backend)
-        threads = intra_op_threads(self.config.intra_op_threads, instances, os.cpu_count() or 1)
+        threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, os.cpu_count() or 1)
         self._executors = [create_executor(engine, intra_op_threads=threads, max_batch_size=self.config.policy.max_batch_size)
-                           for _ in range(instances)]
+                           for _ in range(self.config.instances)]
         if self.config.warmup_enabled:
             self._warm_up()
 

@@ -52,7 +52,7 @@ def build_model_config(name: str, manifest: Manifest, serving: ServingConfig, *,
             dynamic.default_queue_policy.default_timeout_microseconds = policy.timeout_us
             dynamic.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
     gpu = manifest.target.device == "gpu" if kind_gpu is None else kind_gpu
-    config.instance_group.add(count=serving.instances_for("gpu" if gpu else "cpu", manifest.backend),
+    config.instance_group.add(count=serving.instances,
                               kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
     if serving.warmup_enabled:
         for size in serving.warmup_batch_sizes():

@@ -60,7 +60,7 @@ def render_repository(name: str, spec: InferenceModelSpec, manifests: list[Manif
     policy = policy_from_spec(serving)
     for manifest in manifests:
         check_against_engine(policy, manifest.max_batch_size)
-    config = ServingConfig(model_name=name, policy=policy, instances=serving.instances or 0,
+    config = ServingConfig(model_name=name, policy=policy, instances=serving.instances,
                            warmup_enabled=serving.warmup.enabled, warmup_iterations=serving.warmup.iterations)
     repository = TritonRepository()
     cc_files: dict[str, str] = {}

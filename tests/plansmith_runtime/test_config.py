@@ -3,7 +3,7 @@
 import pytest
 
 from plansmith.spec import ServingSpec
-from plansmith_runtime.config import ConfigError, ServingConfig, check_against_engine, default_instances, policy_from_spec
+from plansmith_runtime.config import ConfigError, ServingConfig, check_against_engine, policy_from_spec
 
 
 def test_spec_without_dynamic_batching_turns_batching_off():
@@ -43,15 +43,6 @@ def test_batch_size_from_the_engine_when_nobody_chose_one():
     assert config.for_engine(0).policy.batching is False
     chosen = ServingConfig("m", policy_from_spec(serving))
     assert chosen.for_engine(32).policy.max_batch_size == 8
-
-
-def test_instances_default_to_tritons_choice_for_the_engine():
-    assert default_instances("cpu", "onnxruntime") == 2
-    assert default_instances("gpu", "onnxruntime") == 1
-    assert default_instances("gpu", "tensorrt") == 1
-    unset = ServingConfig("m", policy_from_spec(ServingSpec()))
-    assert unset.instances_for("cpu", "onnxruntime") == 2
-    assert ServingConfig("m", unset.policy, instances=3).instances_for("cpu", "onnxruntime") == 3
 
 
 def test_only_batches_measured_faster_than_a_thread_hop_run_inline():

@@ -377,8 +377,6 @@ def test_serves_an_engine_from_s3(s3_server, start_server, tmp_path, monkeypatch
     # --manifest alone: batching on with the defaults, up to the batch size the engine accepts
     config = rpc.get_model_config("model").config
     assert config.max_batch_size == 32 and config.dynamic_batching.max_queue_delay_microseconds == 100
-    # and Triton's instance count for an ONNX Runtime engine on CPU: two sessions
-    assert config.instance_group[0].count == 2 and '"instances": 2' in server.log()
 
 
 def test_request_timeout_rejects_requests_left_in_the_queue(engines, start_server):

@@ -63,14 +63,6 @@ def test_onnxruntime_engine_renders_onnxruntime_onnx_on_cpu():
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
 
-def test_instances_left_unset_are_tritons_default_two_on_cpu_and_one_per_gpu():
-    unset = SPEC.model_copy(update={"serving": SPEC.serving.model_copy(update={"instances": None})})
-    cpu = parse(render_repository("cnn", unset, [manifest("onnxruntime")]).files["cnn/config.pbtxt"])
-    gpu = parse(render_repository("cnn", unset, [manifest()]).files["cnn/config.pbtxt"])
-    assert (cpu.instance_group[0].count, cpu.instance_group[0].kind) == (2, mc.ModelInstanceGroup.KIND_CPU)
-    assert (gpu.instance_group[0].count, gpu.instance_group[0].kind) == (1, mc.ModelInstanceGroup.KIND_GPU)
-
-
 def test_mixed_or_duplicate_engines_are_refused():
     with pytest.raises(RepositoryError, match="mix backends"):
         render_repository("cnn", SPEC, [manifest(), manifest("onnxruntime")])

@@ -167,9 +167,7 @@ def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list
     serving = spec.serving
     args = ["--manifest", manifest_uri, "--model-name", name,
             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
-            "--max-batch-size", str(serving.max_batch_size)]
-    if serving.instances is not None:  # else the runtime picks Triton's default for the engine
-        args += ["--instances", str(serving.instances)]
+            "--instances", str(serving.instances), "--max-batch-size", str(serving.max_batch_size)]
     batching = serving.dynamic_batching
     if batching is None or serving.max_batch_size == 0:
         args.append("--no-batching")

@@ -117,7 +117,6 @@ def test_batching_off_is_passed_on():
     spec = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "storage": {"uri": "s3://engines"}})
     args = rendering.runtime_args("m", spec, "s3://engines/engines/k/manifest.json")
     assert "--no-batching" in args
-    assert "--instances" not in args  # unset: the runtime picks Triton's default for the engine
     assert args[args.index("--warmup-iterations") + 1] == "2"
     no_warmup = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"warmup": {"enabled": False}}})
     assert "--no-warmup" in rendering.runtime_args("m", no_warmup, "s3://engines/engines/k/manifest.json")
