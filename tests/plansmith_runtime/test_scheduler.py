@@ -4,6 +4,7 @@ together (the batching decisions themselves are pure: test_batching.py)."""
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 import numpy as np
@@ -12,9 +13,9 @@ import pytest
 from plansmith_runtime.batching import signature_of
 from plansmith_runtime.config import BatchingPolicy
 from plansmith_runtime.metrics import Metrics
-from plansmith_runtime.scheduler import DeadlineWaker, DynamicBatcher
+from plansmith_runtime.scheduler import DeadlineWaker, DynamicBatcher, WakeLateness
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
 
 class DoublingExecutor:
@@ -31,6 +32,7 @@ class DoublingExecutor:
         pass
 
 
+@on_session_loop
 async def test_deadline_waker_sets_the_event_at_the_latest_deadline_asked():
     event = asyncio.Event()
     waker = DeadlineWaker(asyncio.get_running_loop(), event)
@@ -46,6 +48,7 @@ async def test_deadline_waker_sets_the_event_at_the_latest_deadline_asked():
     assert not waker._thread.is_alive()
 
 
+@on_session_loop
 async def test_requests_arriving_within_the_delay_run_as_one_batch_after_it():
     executor = DoublingExecutor()
     delay_us = 50_000
@@ -61,3 +64,45 @@ async def test_requests_arriving_within_the_delay_run_as_one_batch_after_it():
     for index, pending in enumerate(done):
         np.testing.assert_array_equal(pending.future.result()["y"], np.full((1, 2), 2 * index, np.float32))
     await batcher.close(1.0)
+
+
+def test_wake_lateness_is_a_moving_average_of_plausible_samples():
+    lateness = WakeLateness()
+    for _ in range(50):
+        lateness.observe(150.0)
+    assert 149.0 < lateness.us <= 150.0
+    lateness.observe(-5.0)  # a clock step back is no negative lateness
+    assert lateness.us < 150.0
+    for _ in range(50):
+        lateness.observe(1e9)  # a process stall is not a wake-up cost to plan for
+    assert lateness.us <= WakeLateness.LIMIT_US
+
+
+class LateWaker(DeadlineWaker):
+    """A machine where every wake-up comes 2 ms after the deadline asked for."""
+
+    LATE_SECONDS = 0.002
+
+    def wake_at(self, deadline: float) -> None:
+        super().wake_at(deadline + self.LATE_SECONDS)
+
+
+@on_session_loop
+async def test_the_batcher_learns_how_late_it_wakes_up_and_asks_that_much_early():
+    executor = DoublingExecutor()
+    delay_us = 20_000
+    metrics = Metrics("m")
+    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=delay_us),
+                             [executor], metrics, queue_limit=16, waker=LateWaker)
+    batcher.start()
+    feeds = {"x": np.ones((1, 2), np.float32)}
+    waits_us = []
+    for _ in range(30):  # lone requests: each waits out the delay
+        pending = await asyncio.wait_for(batcher.submit(feeds, 1, signature_of(feeds, True)), 5)
+        waits_us.append(pending.queue_us)
+    await batcher.close(1.0)
+    assert waits_us[0] >= delay_us + 2_000  # nothing learnt yet: the delay plus the late wake-up
+    assert 1_500 < batcher.lateness.us < 4_000
+    # once learnt, the wake-up lands on the deadline: the delay asked for, within half a wake-up
+    assert delay_us - 1_500 <= statistics.median(waits_us[-10:]) < delay_us + 1_000, waits_us
+    assert executor.batch_sizes == [1] * 30
