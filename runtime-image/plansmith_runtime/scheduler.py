@@ -207,7 +207,8 @@ class DynamicBatcher:
                 batch = [self._queue.popleft() for _ in range(decision.take)]
                 self.metrics.set_queue_depth(len(self._queue))
                 return batch
-            # ask to be woken early by the usual lateness, so that the wake-up lands on the deadline
+            # the decision counted half a wake-up as waited; asking the other half early too makes
+            # a usual wake-up land on the deadline
             wait_us = max(0.0, (decision.wait_us or 0) - self.lateness.us / 2)
             deadlines = [p.deadline_ns for p in self._queue if p.deadline_ns is not None]
             if deadlines:  # wake up in time to reject a request whose timeout comes first
