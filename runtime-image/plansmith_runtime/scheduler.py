@@ -126,6 +126,7 @@ class DynamicBatcher:
         self.metrics = metrics
         self.queue_limit = queue_limit
         self._queue: deque[Pending] = deque()
+        self._queued_with_timeout = 0  # so that a queue without timeouts is never scanned for them
         self._executors = list(executors)
         self._pool = ThreadPoolExecutor(max_workers=len(self._executors), thread_name_prefix="instance")
         self._idle: asyncio.Queue[Executor] = asyncio.Queue()
@@ -161,6 +162,8 @@ class DynamicBatcher:
         pending = Pending(inputs, batch, signature, asyncio.get_running_loop().create_future(), now,
                           now + timeout_us * 1000 if timeout_us else None)
         self._queue.append(pending)
+        if pending.deadline_ns is not None:
+            self._queued_with_timeout += 1
         self.metrics.set_queue_depth(len(self._queue))
         self._arrived.set()
         await pending.future
@@ -178,7 +181,7 @@ class DynamicBatcher:
             task.add_done_callback(self._running.discard)
 
     def _expire(self, now: int) -> None:
-        if not any(p.deadline_ns is not None for p in self._queue):
+        if not self._queued_with_timeout:
             return
         kept: deque[Pending] = deque()
         for pending in self._queue:
@@ -188,6 +191,7 @@ class DynamicBatcher:
             else:
                 kept.append(pending)
         self._queue = kept
+        self._queued_with_timeout = sum(1 for p in kept if p.deadline_ns is not None)
 
     async def _next_batch(self) -> list[Pending] | None:
         while True:
@@ -205,14 +209,16 @@ class DynamicBatcher:
             decision = plan_batch(self._queue, waited_us + self.lateness.us / 2, self.policy)
             if decision.take:
                 batch = [self._queue.popleft() for _ in range(decision.take)]
+                if self._queued_with_timeout:
+                    self._queued_with_timeout -= sum(1 for p in batch if p.deadline_ns is not None)
                 self.metrics.set_queue_depth(len(self._queue))
                 return batch
             # the decision counted half a wake-up as waited; asking the other half early too makes
             # a usual wake-up land on the deadline
             wait_us = max(0.0, (decision.wait_us or 0) - self.lateness.us / 2)
-            deadlines = [p.deadline_ns for p in self._queue if p.deadline_ns is not None]
-            if deadlines:  # wake up in time to reject a request whose timeout comes first
-                wait_us = min(wait_us, max(0.0, (min(deadlines) - now) / 1000))
+            if self._queued_with_timeout:  # wake up in time to reject a request whose timeout comes first
+                first_timeout = min(p.deadline_ns for p in self._queue if p.deadline_ns is not None)
+                wait_us = min(wait_us, max(0.0, (first_timeout - now) / 1000))
             self._arrived.clear()
             assert self._waker is not None
             wake_ns = now + int(wait_us * 1000)

@@ -13,7 +13,7 @@ import pytest
 from plansmith_runtime.batching import signature_of
 from plansmith_runtime.config import BatchingPolicy
 from plansmith_runtime.metrics import Metrics
-from plansmith_runtime.scheduler import DeadlineWaker, DynamicBatcher, WakeLateness
+from plansmith_runtime.scheduler import DeadlineWaker, DynamicBatcher, RequestTimedOut, WakeLateness
 
 on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
@@ -106,3 +106,24 @@ async def test_the_batcher_learns_how_late_it_wakes_up_and_asks_that_much_early(
     # once learnt, the wake-up lands on the deadline: the delay asked for, within half a wake-up
     assert delay_us - 1_500 <= statistics.median(waits_us[-10:]) < delay_us + 1_000, waits_us
     assert executor.batch_sizes == [1] * 30
+
+
+@on_session_loop
+async def test_a_request_timing_out_in_the_queue_leaves_the_others_to_their_batch():
+    executor = DoublingExecutor()
+    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=300_000),
+                             [executor], Metrics("m"), queue_limit=16)
+    batcher.start()
+    feeds = [{"x": np.full((1, 2), index, np.float32)} for index in range(3)]
+    timed = asyncio.ensure_future(batcher.submit(feeds[0], 1, signature_of(feeds[0], True), timeout_us=50_000))
+    patient = asyncio.ensure_future(batcher.submit(feeds[1], 1, signature_of(feeds[1], True)))
+    with pytest.raises(RequestTimedOut):
+        await asyncio.wait_for(timed, 5)
+    assert not patient.done()  # still waiting out the delay
+    done = await asyncio.wait_for(patient, 5)
+    np.testing.assert_array_equal(done.future.result()["y"], np.full((1, 2), 2, np.float32))
+    # the queue's count of requests with a timeout went back to zero, and counts the next one again
+    with pytest.raises(RequestTimedOut):
+        await asyncio.wait_for(batcher.submit(feeds[2], 1, signature_of(feeds[2], True), timeout_us=50_000), 5)
+    assert executor.batch_sizes == [1]
+    await batcher.close(1.0)
