@@ -3,6 +3,7 @@ metrics endpoint (aiohttp: a scrape every few seconds needs no fast path)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "mode
 METHODS = {"infer": "POST"}  # every other endpoint is GET
 
 
+@functools.lru_cache(maxsize=1024)  # clients repeat a handful of paths; a lookup is a tenth of the split
 def route(path: str) -> Route | None:
     """The endpoint a request path names (Triton's KServe v2 paths), None for an unknown path."""
     parts = path.rstrip("/").split("/")

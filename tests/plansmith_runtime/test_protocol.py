@@ -90,3 +90,29 @@ def test_dynamic_dimensions_must_stay_in_the_engines_range():
     assert check_inputs(tokens, {"tokens": np.zeros((2, 64), np.int64)}) == 2
     with pytest.raises(InvalidRequest, match="dimension 1 is 200, the engine accepts 4 to 128"):
         check_inputs(tokens, {"tokens": np.zeros((2, 200), np.int64)})
+
+
+def test_a_repeated_header_is_parsed_once_and_each_body_keeps_its_own_values():
+    from plansmith_runtime import protocol
+
+    first, second = np.full((2, 4), 1.5, np.float32), np.full((2, 4), -3.0, np.float32)
+    body_one, length = binary_body(first, outputs=[{"name": "logits"}])
+    body_two, same_length = binary_body(second, outputs=[{"name": "logits"}])
+    assert body_one[:int(length)] == body_two[:int(same_length)]  # the same header bytes
+    before = protocol._parse_repeated_header.cache_info().hits
+    one, two = decode_http_request(body_one, length), decode_http_request(body_two, same_length)
+    assert protocol._parse_repeated_header.cache_info().hits > before
+    np.testing.assert_array_equal(one.inputs["input"], first)
+    np.testing.assert_array_equal(two.inputs["input"], second)
+    one.outputs.append("mutated")  # each request gets its own lists, not the memo's
+    assert decode_http_request(body_two, same_length).outputs == ["logits"]
+
+
+def test_a_memoized_header_still_has_its_body_checked():
+    array = np.zeros((1, 4), np.float32)
+    body, length = binary_body(array)
+    decode_http_request(body, length)
+    with pytest.raises(InvalidRequest, match="runs past the end of the body"):
+        decode_http_request(body[:-4], length)
+    with pytest.raises(InvalidRequest, match="4 unexpected bytes"):
+        decode_http_request(body + b"\0" * 4, length)
