@@ -60,11 +60,17 @@ class Signature:
     def has_batch_dim(self) -> bool:
         return self.max_batch_size > 0
 
+    @functools.cached_property
+    def input_dtypes(self) -> dict[str, tuple[TensorSpec, np.dtype]]:
+        """Each input by name, with its numpy dtype (made once: np.dtype() is not free per request)."""
+        return {tensor.name: (tensor, np.dtype(tensor.dtype)) for tensor in self.inputs}
+
     def input(self, name: str) -> TensorSpec:
-        for tensor in self.inputs:
-            if tensor.name == name:
-                return tensor
-        raise InvalidRequest(f"unexpected inference input '{name}', the model expects {[t.name for t in self.inputs]}")
+        try:
+            return self.input_dtypes[name][0]
+        except KeyError:
+            raise InvalidRequest(
+                f"unexpected inference input '{name}', the model expects {[t.name for t in self.inputs]}") from None
 
 
 @dataclass
@@ -83,26 +89,27 @@ def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
     """Check names, dtypes and shapes against the model; return the request's batch size."""
     for name in arrays:
         signature.input(name)  # raises for a name the model does not have
-    missing = [t.name for t in signature.inputs if t.name not in arrays]
-    if missing:
+    if len(arrays) != len(signature.inputs):
+        missing = [t.name for t in signature.inputs if t.name not in arrays]
         raise InvalidRequest(f"expected {len(signature.inputs)} inputs but got {len(arrays)}; missing {missing}")
     batch = None
+    has_batch_dim = signature.has_batch_dim
     for name, array in arrays.items():
-        spec = signature.input(name)
-        if array.dtype != np.dtype(spec.dtype):
+        spec, dtype = signature.input_dtypes[name]
+        if array.dtype != dtype:
             raise InvalidRequest(
                 f"input '{name}' has datatype {datatype_of(array.dtype)}, the model expects {datatype_of(spec.dtype)}")
         if len(array.shape) != len(spec.shape):
             raise InvalidRequest(f"input '{name}' has shape {list(array.shape)}, the model expects {spec.shape}")
         for index, (got, want) in enumerate(zip(array.shape, spec.shape)):
-            if index == 0 and signature.has_batch_dim:
+            if index == 0 and has_batch_dim:
                 continue
             if want >= 0 and got != want:
                 raise InvalidRequest(f"input '{name}' has shape {list(array.shape)}, the model expects {spec.shape}")
             if want < 0 and spec.min_shape and spec.max_shape and not spec.min_shape[index] <= got <= spec.max_shape[index]:
                 raise InvalidRequest(f"input '{name}' dimension {index} is {got}, the engine accepts "
                                      f"{spec.min_shape[index]} to {spec.max_shape[index]}")
-        if signature.has_batch_dim:
+        if has_batch_dim:
             if batch is None:
                 batch = array.shape[0]
             elif array.shape[0] != batch:
