@@ -38,7 +38,7 @@ MAX_HEAD_BYTES = 64 << 10
 KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HttpRequest:
     method: str
     path: str  # percent-decoded, without the query string
@@ -63,6 +63,12 @@ def _reason(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
+
+
+@lru_cache(maxsize=1024)  # clients repeat a handful of request targets
+def path_of(target: bytes) -> str:
+    """The percent-decoded path of a request target, without its query string."""
+    return unquote(httptools.parse_url(target).path.decode("latin-1"))
 
 
 class _Clock:
@@ -250,15 +256,18 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.failed:
             return
-        parsed = httptools.parse_url(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         try:
             body = decode_body(body, self._headers.get("content-encoding"), self.server.max_body_bytes)
         except BodyError as error:
             self._fail(error.status, str(error))
             return
-        request = HttpRequest(method=self.parser.get_method().decode("latin-1"),
-                              path=unquote(parsed.path.decode("latin-1")), headers=self._headers, body=body)
+        try:
+            path = path_of(self._url)
+        except httptools.HttpParserInvalidURLError:
+            self._fail(400, "malformed request target")
+            return
+        request = HttpRequest(method=self.parser.get_method().decode("latin-1"), path=path, headers=self._headers, body=body)
         self._enqueue(request, self.parser.should_keep_alive())
 
     def _enqueue(self, item: HttpRequest | HttpResponse, keep_alive: bool) -> None:

@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, HttpServer, accepted_encoding,
-                                              compress_response)
+                                              compress_response, path_of)
 
 MAX_BODY = 1024
 # the server fixture and the tests share one event loop (fixtures default to the session loop here)
@@ -137,6 +137,11 @@ async def test_compressed_request_bodies_reach_the_handler_decoded(connection, e
     writer.write(post("/x", compress(b"squeezed " * 20), f"Content-Encoding: {encoding}\r\n"))
     status, headers, body = await read_response(reader)
     assert status == 200 and json.loads(body)["body"] == "squeezed " * 20
+
+
+def test_the_handler_sees_the_percent_decoded_path_without_the_query_string():
+    assert path_of(b"/v2/models/my%20model/ready?verbose=1") == "/v2/models/my model/ready"
+    assert path_of(b"http://host:8000/v2/health/live") == "/v2/health/live"
 
 
 def test_responses_are_compressed_only_in_an_encoding_the_client_accepts():
