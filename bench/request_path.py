@@ -1,0 +1,132 @@
+"""The HTTP request path's CPU a request, in this process, without sockets.
+
+    .venv/bin/python bench/request_path.py [--models mlp] [--rounds 400] [--repeats 3]
+
+`bench/serve.py` measures the server under real load, where the shared machine moves throughput by
+10% between two runs of the same code; that hides changes of a few microseconds a request. This
+drives the real request path instead (HttpConnection from `http_transport`, HttpApi, ServedModel
+with the builder's engine, the dynamic batcher and ONNX Runtime) from fake transports: each round
+feeds one binary-tensor infer request to each of 64 connections and runs the event loop until the
+64 responses are written. It prints the process's CPU time a request (all threads) with batching
+on and off, alternating the two modes `--repeats` times so that both see the same machine, and the
+on/off ratio of the medians. What it leaves out: the sockets' system calls and uvloop's I/O
+(about 14 us a request under wrk) and the load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve as serve_bench  # noqa: E402  (bench/serve.py: builds the generated test models' engines)
+
+from plansmith_runtime.config import BatchingPolicy, ServingConfig  # noqa: E402
+from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi  # noqa: E402
+from plansmith_runtime.http_transport import HttpConnection, HttpServer  # noqa: E402
+from plansmith_runtime.model import LoadOptions, ServedModel  # noqa: E402
+
+CONNECTIONS = 64
+
+
+class CountingTransport(asyncio.Transport):
+    """Swallows what the server writes, counting responses."""
+
+    def __init__(self, written) -> None:
+        super().__init__()
+        self._written = written
+
+    def write(self, data: bytes) -> None:
+        self._written()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def infer_request(input_name: str, array: np.ndarray) -> bytes:
+    header = json.dumps({"inputs": [{"name": input_name, "datatype": "FP32", "shape": list(array.shape),
+                                     "parameters": {"binary_data_size": array.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    body = header + array.tobytes()
+    return (b"POST /v2/models/model/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+            b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n"
+            b"Content-Length: %d\r\n\r\n" % (len(header), len(body))) + body
+
+
+async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rounds: int) -> float:
+    policy = BatchingPolicy(max_batch_size=32, enabled=batching, max_queue_delay_us=100)
+    model = ServedModel(ServingConfig("model", policy, warmup_iterations=3))
+    await model.load(LoadOptions(manifest_uri))
+    if not model.ready:
+        raise SystemExit(f"model not ready: {model.reason}")
+    server = HttpServer(HttpApi(model, lambda: True).handle, MAX_BODY_BYTES)
+    loop = asyncio.get_running_loop()
+    state: dict = {}
+
+    def written() -> None:
+        state["left"] -= 1
+        if state["left"] == 0:
+            state["done"].set_result(None)
+
+    connections = []
+    for _ in range(CONNECTIONS):
+        connection = HttpConnection(server)
+        connection.connection_made(CountingTransport(written))
+        connections.append(connection)
+
+    async def run(count: int) -> None:
+        for _ in range(count):
+            state["left"], state["done"] = CONNECTIONS, loop.create_future()
+            for connection in connections:
+                connection.data_received(request)
+            await state["done"]
+
+    await run(50)  # warm
+    started = time.process_time()
+    await run(rounds)
+    elapsed = time.process_time() - started
+    await model.stop(1.0)
+    return elapsed / (rounds * CONNECTIONS) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp", help="of mlp, small_cnn, cnn224")
+    parser.add_argument("--rounds", type=int, default=400, help="rounds of 64 requests per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating on/off measurements")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="plansmith-request-path-"))
+    for kind in args.models.split(","):
+        manifest_uri, _, input_name, array = serve_bench.build(kind, workdir)
+        request = infer_request(input_name, array)
+        figures: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(args.repeats):
+            for batching in (True, False):
+                figures[batching].append(uvloop.run(cpu_per_request(manifest_uri, request, batching, args.rounds)))
+        on, off = statistics.median(figures[True]), statistics.median(figures[False])
+        print(f"{kind}: CPU a request, batching on {', '.join(f'{v:.1f}' for v in figures[True])} us; "
+              f"off {', '.join(f'{v:.1f}' for v in figures[False])} us")
+        print(f"{kind}: in-process on/off throughput bound (off / on CPU a request, medians): {off / on:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
