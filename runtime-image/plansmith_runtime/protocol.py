@@ -138,8 +138,10 @@ def _check_byte_length(name: str, datatype: str, dtype: np.dtype, shape: tuple[i
 
 
 def array_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
-    dtype = _numpy_dtype(name, datatype)
-    shape = _shape(name, shape)
+    return _array_from_values(name, datatype, _numpy_dtype(name, datatype), _shape(name, shape), data)
+
+
+def _array_from_values(name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], data: Any) -> np.ndarray:
     try:
         array = np.asarray(data, dtype=dtype)
     except (TypeError, ValueError) as error:
@@ -256,7 +258,7 @@ def decode_http_request(body: bytes, header_length: str | None) -> InferRequest:
     inputs: dict[str, np.ndarray] = {}
     for tensor in header.inputs:
         if tensor.binary_size is None:
-            inputs[tensor.name] = array_from_json(tensor.name, tensor.datatype, tensor.shape, tensor.data)
+            inputs[tensor.name] = _array_from_values(tensor.name, tensor.datatype, tensor.dtype, tensor.shape, tensor.data)
             continue
         if offset + tensor.binary_size > len(binary):
             raise InvalidRequest(f"input '{tensor.name}': binary_data_size {tensor.binary_size} runs past the end of the body")
