@@ -61,13 +61,13 @@ class Signature:
         return self.max_batch_size > 0
 
     @functools.cached_property
-    def input_dtypes(self) -> dict[str, tuple[TensorSpec, np.dtype]]:
+    def inputs_by_name(self) -> dict[str, tuple[TensorSpec, np.dtype]]:
         """Each input by name, with its numpy dtype (made once: np.dtype() is not free per request)."""
         return {tensor.name: (tensor, np.dtype(tensor.dtype)) for tensor in self.inputs}
 
     def input(self, name: str) -> TensorSpec:
         try:
-            return self.input_dtypes[name][0]
+            return self.inputs_by_name[name][0]
         except KeyError:
             raise InvalidRequest(
                 f"unexpected inference input '{name}', the model expects {[t.name for t in self.inputs]}") from None
@@ -95,7 +95,7 @@ def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
     batch = None
     has_batch_dim = signature.has_batch_dim
     for name, array in arrays.items():
-        spec, dtype = signature.input_dtypes[name]
+        spec, dtype = signature.inputs_by_name[name]
         if array.dtype != dtype:
             raise InvalidRequest(
                 f"input '{name}' has datatype {datatype_of(array.dtype)}, the model expects {datatype_of(spec.dtype)}")
