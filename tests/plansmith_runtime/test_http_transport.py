@@ -82,6 +82,35 @@ async def test_keep_alive_serves_several_requests_on_one_connection(connection):
 
 
 @on_session_loop
+async def test_one_worker_answers_a_connection_until_it_closes(server, connection):
+    reader, writer = connection
+    workers = set()
+    for index in range(3):
+        writer.write(post("/x", f"body {index}".encode()))
+        assert (await read_response(reader))[0] == 200
+        (served,) = server.connections
+        workers.add(served.worker)
+        assert served.idle
+    assert len(workers) == 1 and None not in workers  # kept between requests, not made per request
+    worker = workers.pop()
+    writer.close()
+    await asyncio.wait_for(worker, 5)  # the client went away: the worker ends instead of waiting forever
+    assert not server.connections
+
+
+def test_a_response_head_has_its_date_and_length_and_closes_only_when_asked():
+    from plansmith_runtime.http_transport import render_response
+
+    response = HttpResponse(200, b"{}", headers=(("X-Answer", "yes"),))
+    kept = render_response(response, True, b"Sun, 29 Nov 2026 22:00:00 GMT")
+    assert kept == (b"HTTP/1.1 200 OK\r\nServer: plansmith\r\nContent-Type: application/json\r\nX-Answer: yes\r\n"
+                    b"Date: Sun, 29 Nov 2026 22:00:00 GMT\r\nContent-Length: 2\r\n\r\n")
+    closed = render_response(HttpResponse(404, b"not here"), False, b"Sun, 29 Nov 2026 22:00:01 GMT")
+    assert closed.startswith(b"HTTP/1.1 404 Not Found\r\n") and b"Connection: close\r\n" in closed
+    assert closed.endswith(b"Date: Sun, 29 Nov 2026 22:00:01 GMT\r\nContent-Length: 8\r\n\r\n")
+
+
+@on_session_loop
 async def test_pipelined_requests_are_answered_in_order(connection):
     reader, writer = connection
     # the first request is the slowest: answers must still come in request order
