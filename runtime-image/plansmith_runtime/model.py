@@ -11,17 +11,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from plansmith.manifest import Manifest, TensorSpec
 from plansmith_runtime import compatibility
-from plansmith_runtime.batching import signature_of
 from plansmith_runtime.config import ServingConfig, check_against_engine
 from plansmith_runtime.executors import Executor, create_executor
 from plansmith_runtime.loader import fetch_engine
 from plansmith_runtime.metrics import Metrics
-from plansmith_runtime.protocol import InvalidRequest, Signature, check_inputs
+from plansmith_runtime.protocol import InvalidRequest, Signature
 from plansmith_runtime.scheduler import DynamicBatcher
 
 log = logging.getLogger(__name__)
@@ -203,19 +203,20 @@ class ServedModel:
         if version and version != self.version:
             raise InvalidRequest(f"model '{self.name}' has no version {version} (serving version {self.version})")
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str], timeout_us: int = 0) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str], timeout_us: int = 0) -> dict[str, np.ndarray]:
         received = time.monotonic_ns()
         stats = self.metrics.stats
         stats.in_flight += 1
         try:
             if not self.ready or self.batcher is None or self.signature is None:
                 raise ModelNotReady(f"model '{self.name}' is not ready: {self.reason or self.state}")
-            batch = check_inputs(self.signature, inputs)
-            known = {t.name for t in self.signature.outputs}
+            checked = self.signature.check(inputs)
+            known = self.signature.output_names
             for name in outputs:
                 if name not in known:
                     raise InvalidRequest(f"unexpected inference output '{name}', the model has {sorted(known)}")
-            pending = await self.batcher.submit(inputs, batch, signature_of(inputs, self.signature.has_batch_dim), timeout_us)
+            pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us)
+            await pending.future
         except BaseException:
             stats.failure += 1
             raise

@@ -152,6 +152,12 @@ class DynamicBatcher:
     async def submit(self, inputs: dict[str, np.ndarray], batch: int, signature: tuple,
                      timeout_us: int = 0) -> Pending:
         """Queue a request and wait for its outputs (set on the returned Pending's future)."""
+        pending = self.enqueue(inputs, batch, signature, timeout_us)
+        await pending.future
+        return pending
+
+    def enqueue(self, inputs: dict[str, np.ndarray], batch: int, signature: tuple, timeout_us: int = 0) -> Pending:
+        """Queue a request; its outputs, or the error that failed it, come on the Pending's future."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if len(self._queue) >= self.queue_limit:
@@ -166,7 +172,6 @@ class DynamicBatcher:
             self._queued_with_timeout += 1
         self.metrics.set_queue_depth(len(self._queue))
         self._arrived.set()
-        await pending.future
         return pending
 
     async def _dispatch_loop(self) -> None:

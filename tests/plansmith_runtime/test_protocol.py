@@ -24,7 +24,7 @@ def test_binary_tensor_extension_round_trip():
     body, length = binary_body(array, outputs=[{"name": "logits", "parameters": {"binary_data": True}}])
     request = decode_http_request(body, length)
     np.testing.assert_array_equal(request.inputs["input"], array)
-    assert request.outputs == ["logits"] and request.binary_outputs == {"logits": True}
+    assert request.outputs == ("logits",) and request.binary_outputs == {"logits": True}
 
 
 def test_json_tensor_data():
@@ -84,6 +84,58 @@ def test_response_with_binary_and_json_outputs():
     assert length is None and json.loads(body)["outputs"][0]["data"] == [1, 1]
 
 
+def test_inputs_of_a_layout_seen_before_are_not_checked_again(monkeypatch):
+    from plansmith_runtime import protocol
+
+    signature = Signature(SIGNATURE.inputs, SIGNATURE.outputs, SIGNATURE.max_batch_size)
+    checks = []
+    monkeypatch.setattr(protocol, "check_inputs", lambda sig, arrays: checks.append(arrays) or check_inputs(sig, arrays))
+    first = signature.check({"input": np.zeros((3, 4), np.float32)})
+    again = signature.check({"input": np.ones((3, 4), np.float32)})  # other values, same layout
+    other = signature.check({"input": np.zeros((5, 4), np.float32)})
+    assert len(checks) == 2 and first is again
+    assert (first.batch, other.batch) == (3, 5) and first.batch_key == other.batch_key  # they batch together
+
+
+def test_inputs_that_fail_the_checks_fail_every_time_and_are_not_remembered():
+    signature = Signature(SIGNATURE.inputs, SIGNATURE.outputs, SIGNATURE.max_batch_size)
+    for _ in range(2):
+        with pytest.raises(InvalidRequest, match="datatype FP64"):
+            signature.check({"input": np.zeros((1, 4), np.float64)})
+    assert signature.check({"input": np.zeros((1, 4), np.float32)}).batch == 1
+
+
+def test_the_memo_of_checked_layouts_stays_bounded(monkeypatch):
+    from plansmith_runtime import protocol
+
+    monkeypatch.setattr(protocol, "MEMO_LAYOUTS", 4)
+    tokens = Signature((TensorSpec(name="tokens", dtype="int64", shape=[-1, -1], minShape=[1, 1], maxShape=[8, 128]),),
+                       (), max_batch_size=8)
+    for length in range(1, 20):
+        assert tokens.check({"tokens": np.zeros((2, length), np.int64)}).batch == 2
+    assert len(tokens._checked_layouts) <= 4
+
+
+def test_an_all_binary_response_header_is_made_once_per_layout_and_reads_as_the_general_one():
+    from plansmith_runtime import protocol
+
+    outputs = {"logits": np.arange(6, dtype=np.float32).reshape(2, 3).T,  # not C-contiguous: sent in C order
+               "ids": np.array([[1], [2], [3]], np.int64)}
+    anonymous = InferRequest(id="", inputs={}, outputs=(), binary_default=True)
+    before = protocol._binary_outputs_header.cache_info()
+    body, length = encode_http_response("m", "1", anonymous, outputs)
+    again, _ = encode_http_response("m", "1", anonymous, outputs)
+    after = protocol._binary_outputs_header.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1) and again == body
+    # a request with an id takes the general path; both headers say the same, and the bytes follow in order
+    general, general_length = encode_http_response("m", "1", InferRequest(id="7", inputs={}, outputs=(), binary_default=True), outputs)
+    memo_header, general_header = json.loads(body[:length]), json.loads(general[:general_length])
+    assert general_header.pop("id") == "7" and memo_header == general_header
+    assert [t["parameters"]["binary_data_size"] for t in memo_header["outputs"]] == [24, 24]
+    assert body[length:] == general[general_length:] == outputs["logits"].tobytes(order="C") + outputs["ids"].tobytes()
+    assert np.frombuffer(body[length:length + 24], np.float32).reshape(3, 2).tolist() == outputs["logits"].tolist()
+
+
 def test_dynamic_dimensions_must_stay_in_the_engines_range():
     tokens = Signature((TensorSpec(name="tokens", dtype="int64", shape=[-1, -1], minShape=[1, 4], maxShape=[8, 128]),),
                        (), max_batch_size=8)
@@ -104,8 +156,10 @@ def test_a_repeated_header_is_parsed_once_and_each_body_keeps_its_own_values():
     assert protocol._parse_repeated_header.cache_info().hits > before
     np.testing.assert_array_equal(one.inputs["input"], first)
     np.testing.assert_array_equal(two.inputs["input"], second)
-    one.outputs.append("mutated")  # each request gets its own lists, not the memo's
-    assert decode_http_request(body_two, same_length).outputs == ["logits"]
+    # the outputs asked for come from the memo, shared by both requests: read-only, so no request can change another's
+    assert one.outputs == two.outputs == ("logits",)
+    with pytest.raises(TypeError):
+        one.binary_outputs["logits"] = True  # type: ignore[index]
 
 
 def test_a_memoized_header_still_has_its_body_checked():

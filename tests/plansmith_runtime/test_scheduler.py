@@ -127,3 +127,22 @@ async def test_a_request_timing_out_in_the_queue_leaves_the_others_to_their_batc
         await asyncio.wait_for(batcher.submit(feeds[2], 1, signature_of(feeds[2], True), timeout_us=50_000), 5)
     assert executor.batch_sizes == [1]
     await batcher.close(1.0)
+
+
+@on_session_loop
+async def test_enqueue_returns_at_once_and_a_full_queue_refuses_at_once():
+    from plansmith_runtime.scheduler import QueueFull
+
+    executor = DoublingExecutor()
+    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=50_000),
+                             [executor], Metrics("m"), queue_limit=2)
+    batcher.start()
+    feeds = [{"x": np.full((1, 2), index, np.float32)} for index in range(3)]
+    queued = [batcher.enqueue(f, 1, signature_of(f, True)) for f in feeds[:2]]  # no await: queued, not run yet
+    assert not any(pending.future.done() for pending in queued) and batcher.depth == 2
+    with pytest.raises(QueueFull, match="maximum queue size 2"):
+        batcher.enqueue(feeds[2], 1, signature_of(feeds[2], True))
+    await asyncio.wait_for(asyncio.gather(*(pending.future for pending in queued)), 5)
+    assert executor.batch_sizes == [2]
+    np.testing.assert_array_equal(queued[1].future.result()["y"], np.full((1, 2), 2, np.float32))
+    await batcher.close(1.0)
