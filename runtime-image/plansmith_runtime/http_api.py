@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Awaitable
 
 from aiohttp import web
 
@@ -79,7 +80,8 @@ class HttpApi:
         self.model = model
         self.is_ready = is_ready  # callable: server accepting requests and model ready
 
-    async def handle(self, request: HttpRequest) -> HttpResponse:
+    def handle(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        """The answer, or for an inference the coroutine that answers once the batch has run."""
         target = route(request.path)
         if target is None:
             return error_response(404, f"no endpoint at {request.path}")
@@ -87,7 +89,7 @@ class HttpApi:
         if request.method != method:
             return error_response(405, f"{request.path} takes {method}", (("Allow", method),))
         if target.endpoint == "infer":
-            return await self.infer(target, request)
+            return self.infer(target, request)
         return getattr(self, target.endpoint)(target)
 
     def _model(self, target: Route) -> ServedModel:

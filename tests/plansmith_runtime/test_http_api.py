@@ -8,7 +8,7 @@ import pytest
 
 from plansmith_runtime.config import BatchingPolicy, ServingConfig
 from plansmith_runtime.http_api import HttpApi, Route, route
-from plansmith_runtime.http_transport import HttpRequest
+from plansmith_runtime.http_transport import HttpRequest, HttpResponse
 from plansmith_runtime.model import ServedModel
 
 
@@ -49,22 +49,36 @@ def request(method: str, path: str, body: bytes = b"") -> HttpRequest:
     return HttpRequest(method, path, {}, body)
 
 
+async def answer(api: HttpApi, request: HttpRequest) -> HttpResponse:
+    """As the transport does: an inference answers through a coroutine, every other endpoint at once."""
+    response = api.handle(request)
+    return response if isinstance(response, HttpResponse) else await response
+
+
+def test_only_an_inference_answers_through_a_coroutine(api):
+    assert isinstance(api.handle(request("GET", "/v2/health/live")), HttpResponse)
+    assert isinstance(api.handle(request("GET", "/v2/nothing")), HttpResponse)
+    pending = api.handle(request("POST", "/v2/models/resnet/infer", b'{"inputs": []}'))
+    assert not isinstance(pending, HttpResponse)
+    pending.close()  # never awaited here
+
+
 async def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(api):
-    missing = await api.handle(request("GET", "/v2/nothing"))
+    missing = await answer(api, request("GET", "/v2/nothing"))
     assert missing.status == 404 and json.loads(missing.body) == {"error": "no endpoint at /v2/nothing"}
-    wrong = await api.handle(request("GET", "/v2/models/resnet/infer"))
+    wrong = await answer(api, request("GET", "/v2/models/resnet/infer"))
     assert wrong.status == 405 and dict(wrong.headers) == {"Allow": "POST"}
-    assert (await api.handle(request("POST", "/v2/health/live"))).status == 405
+    assert (await answer(api, request("POST", "/v2/health/live"))).status == 405
 
 
 async def test_a_model_still_loading_is_live_not_ready_and_refuses_inference(api):
-    live = await api.handle(request("GET", "/v2/health/live"))
+    live = await answer(api, request("GET", "/v2/health/live"))
     assert live.status == 200 and json.loads(live.body) == {"live": True}
-    assert (await api.handle(request("GET", "/v2/health/ready"))).status == 503
-    assert (await api.handle(request("GET", "/v2/models/resnet/ready"))).status == 503
-    infer = await api.handle(request("POST", "/v2/models/resnet/infer", b'{"inputs": []}'))
+    assert (await answer(api, request("GET", "/v2/health/ready"))).status == 503
+    assert (await answer(api, request("GET", "/v2/models/resnet/ready"))).status == 503
+    infer = await answer(api, request("POST", "/v2/models/resnet/infer", b'{"inputs": []}'))
     assert infer.status == 503 and "is not ready" in json.loads(infer.body)["error"]
-    other = await api.handle(request("POST", "/v2/models/other/infer", b'{"inputs": []}'))
+    other = await answer(api, request("POST", "/v2/models/other/infer", b'{"inputs": []}'))
     assert other.status == 400 and "unknown model" in json.loads(other.body)["error"]
-    version = await api.handle(request("GET", "/v2/models/resnet/versions/7/ready"))
+    version = await answer(api, request("GET", "/v2/models/resnet/versions/7/ready"))
     assert version.status == 400 and "has no version 7" in json.loads(version.body)["error"]

@@ -98,6 +98,21 @@ async def test_one_worker_answers_a_connection_until_it_closes(server, connectio
     assert not server.connections
 
 
+@on_session_loop
+async def test_a_handler_may_answer_at_once_without_a_coroutine():
+    server = HttpServer(lambda request: HttpResponse(200, request.path.encode(), "text/plain"), MAX_BODY)
+    await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        for path in ("/one", "/two"):
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            status, headers, body = await read_response(reader)
+            assert (status, headers["content-type"], body) == (200, "text/plain", path.encode())
+    finally:
+        writer.close()
+        await server.close(1.0)
+
+
 def test_a_response_head_has_its_date_and_length_and_closes_only_when_asked():
     from plansmith_runtime.http_transport import render_response
 
