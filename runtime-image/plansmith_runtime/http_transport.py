@@ -1,5 +1,6 @@
 """HTTP/1.1 server transport: an asyncio Protocol around httptools' parser (llhttp, the parser
-uvicorn uses) that hands whole requests to an async handler and writes the responses in order.
+uvicorn uses) that hands whole requests to a handler (answering at once or through a coroutine) and
+writes the responses in order.
 
 Why not aiohttp's web server, which the runtime used before: on the 2-core machine its
 per-request machinery (Request and Response objects, router, middlewares, StreamWriter) took
