@@ -32,6 +32,20 @@ class DoublingExecutor:
         pass
 
 
+def started_batcher(delay_us: int, queue_limit: int = 16) -> tuple[DoublingExecutor, DynamicBatcher]:
+    """A running batcher (max batch 8, the given queue delay) over one DoublingExecutor."""
+    executor = DoublingExecutor()
+    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=delay_us),
+                             [executor], Metrics("m"), queue_limit=queue_limit)
+    batcher.start()
+    return executor, batcher
+
+
+def one_row_feeds(count: int) -> list[dict[str, np.ndarray]]:
+    """`count` single-row requests whose values are their index."""
+    return [{"x": np.full((1, 2), index, np.float32)} for index in range(count)]
+
+
 @on_session_loop
 async def test_deadline_waker_sets_the_event_at_the_latest_deadline_asked():
     event = asyncio.Event()
@@ -50,12 +64,9 @@ async def test_deadline_waker_sets_the_event_at_the_latest_deadline_asked():
 
 @on_session_loop
 async def test_requests_arriving_within_the_delay_run_as_one_batch_after_it():
-    executor = DoublingExecutor()
     delay_us = 50_000
-    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=delay_us),
-                             [executor], Metrics("m"), queue_limit=16)
-    batcher.start()
-    inputs = [{"x": np.full((1, 2), index, np.float32)} for index in range(3)]
+    executor, batcher = started_batcher(delay_us)
+    inputs = one_row_feeds(3)
     start = time.monotonic()
     done = await asyncio.wait_for(asyncio.gather(*(batcher.submit(feeds, 1, signature_of(feeds, True))
                                                    for feeds in inputs)), 5)
@@ -110,11 +121,8 @@ async def test_the_batcher_learns_how_late_it_wakes_up_and_asks_that_much_early(
 
 @on_session_loop
 async def test_a_request_timing_out_in_the_queue_leaves_the_others_to_their_batch():
-    executor = DoublingExecutor()
-    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=300_000),
-                             [executor], Metrics("m"), queue_limit=16)
-    batcher.start()
-    feeds = [{"x": np.full((1, 2), index, np.float32)} for index in range(3)]
+    executor, batcher = started_batcher(300_000)
+    feeds = one_row_feeds(3)
     timed = asyncio.ensure_future(batcher.submit(feeds[0], 1, signature_of(feeds[0], True), timeout_us=50_000))
     patient = asyncio.ensure_future(batcher.submit(feeds[1], 1, signature_of(feeds[1], True)))
     with pytest.raises(RequestTimedOut):
@@ -133,11 +141,8 @@ async def test_a_request_timing_out_in_the_queue_leaves_the_others_to_their_batc
 async def test_enqueue_returns_at_once_and_a_full_queue_refuses_at_once():
     from plansmith_runtime.scheduler import QueueFull
 
-    executor = DoublingExecutor()
-    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=50_000),
-                             [executor], Metrics("m"), queue_limit=2)
-    batcher.start()
-    feeds = [{"x": np.full((1, 2), index, np.float32)} for index in range(3)]
+    executor, batcher = started_batcher(50_000, queue_limit=2)
+    feeds = one_row_feeds(3)
     queued = [batcher.enqueue(f, 1, signature_of(f, True)) for f in feeds[:2]]  # no await: queued, not run yet
     assert not any(pending.future.done() for pending in queued) and batcher.depth == 2
     with pytest.raises(QueueFull, match="maximum queue size 2"):
