@@ -316,7 +316,7 @@ def encode_http_response(model_name: str, version: str, request: InferRequest,
     tensors = []
     blobs: list[bytes] = []
     for name, array in outputs.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        entry = _output_entry(name, array.dtype, array.shape)
         if request.binary_outputs.get(name, request.binary_default):
             raw = array.tobytes()  # C order whatever the array's layout
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -336,6 +336,11 @@ def encode_http_response(model_name: str, version: str, request: InferRequest,
 @functools.lru_cache(maxsize=256)  # a model answers a handful of output shapes; made once, not per request
 def _binary_outputs_header(model_name: str, version: str, layout: tuple[tuple[str, np.dtype, tuple[int, ...]], ...]) -> bytes:
     """The JSON header of a response whose outputs (name, dtype, shape) all follow it as binary data."""
-    tensors = [{"name": name, "datatype": datatype_of(dtype), "shape": list(shape),
-                "parameters": {"binary_data_size": math.prod(shape) * dtype.itemsize}} for name, dtype, shape in layout]
+    tensors = [{**_output_entry(name, dtype, shape), "parameters": {"binary_data_size": math.prod(shape) * dtype.itemsize}}
+               for name, dtype, shape in layout]
     return orjson.dumps({"model_name": model_name, "model_version": version, "outputs": tensors})
+
+
+def _output_entry(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> dict[str, Any]:
+    """An output tensor's name, datatype and shape as a response's JSON header lists them."""
+    return {"name": name, "datatype": datatype_of(dtype), "shape": list(shape)}
