@@ -1,4 +1,5 @@
-"""The KServe v2 gRPC front end (grpc.aio) with Triton's GRPCInferenceService stubs from tritonclient."""
+"""The KServe v2 gRPC front end: Triton's GRPCInferenceService (messages and method names from
+tritonclient's generated protobuf modules) served by `grpc_transport`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import logging
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
+from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, SERVER_NAME
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import InvalidRequest, ModelNotFound, array_from_bytes, array_from_json, datatype_of
@@ -55,10 +57,32 @@ def decode_grpc_inputs(request) -> dict[str, np.ndarray]:
     return arrays
 
 
-class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+EXPECTED_ERRORS = (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, RequestTimedOut, ExecutionFailed)
+
+
+def grpc_error(error: BaseException) -> GrpcError:
+    return GrpcError(grpc_status(error), str(error))
+
+
+class InferenceService:
+    """The GRPCInferenceService methods the server implements (Triton's other methods, for
+    extensions it does not announce, answer UNIMPLEMENTED). Each takes the request message and
+    returns the response, or a coroutine of it when the call waits (an inference)."""
+
     def __init__(self, model: ServedModel, is_ready) -> None:
         self.model = model
         self.is_ready = is_ready
+
+    def methods(self) -> dict[str, UnaryMethod]:
+        """Full method path ("/inference.GRPCInferenceService/ModelInfer") -> request type and handler."""
+        implemented = {}
+        for method in SERVICE.methods:
+            handler = getattr(self, method.name, None)
+            if handler is not None:
+                implemented[f"/{SERVICE.full_name}/{method.name}"] = UnaryMethod(
+                    getattr(service_pb2, method.input_type.name), handler)
+        return implemented
 
     def _model(self, name: str, version: str) -> ServedModel:
         if name != self.model.name:
@@ -66,30 +90,27 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.model.check_version(version)
         return self.model
 
-    async def _abort(self, context, error: BaseException):
-        await context.abort(grpc_status(error), str(error))
-
-    async def ServerLive(self, request, context):
+    def ServerLive(self, request):
         return service_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    def ServerReady(self, request):
         return service_pb2.ServerReadyResponse(ready=self.is_ready())
 
-    async def ModelReady(self, request, context):
+    def ModelReady(self, request):
         try:
             model = self._model(request.name, request.version)
         except InvalidRequest as error:
-            await self._abort(context, error)
+            raise grpc_error(error) from None
         return service_pb2.ModelReadyResponse(ready=model.ready and self.is_ready())
 
-    async def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request):
         return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=runtime_version, extensions=EXTENSIONS)
 
-    async def ModelMetadata(self, request, context):
+    def ModelMetadata(self, request):
         try:
             metadata = self._model(request.name, request.version).metadata()
         except (InvalidRequest, ModelNotReady) as error:
-            await self._abort(context, error)
+            raise grpc_error(error) from None
         response = service_pb2.ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"],
                                                      platform=metadata["platform"])
         for tensor in metadata["inputs"]:
@@ -98,24 +119,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
         return response
 
-    async def ModelConfig(self, request, context):
+    def ModelConfig(self, request):
         try:
             config = self._model(request.name, request.version).model_config()
             if config is None:
                 raise ModelNotReady(f"model '{self.model.name}' is not ready: {self.model.reason}")
         except (InvalidRequest, ModelNotReady) as error:
-            await self._abort(context, error)
+            raise grpc_error(error) from None
         return service_pb2.ModelConfigResponse(config=config)
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request):
         try:
             model = self._model(request.model_name, request.model_version)
             inputs = decode_grpc_inputs(request)
             wanted = [tensor.name for tensor in request.outputs]
             timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
             outputs = await model.infer(inputs, wanted, timeout)
-        except (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, RequestTimedOut, ExecutionFailed) as error:
-            await self._abort(context, error)
+        except EXPECTED_ERRORS as error:
+            raise grpc_error(error) from None
         response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in outputs.items():
             response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
@@ -123,17 +144,5 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def create_server(model: ServedModel, is_ready, address: str) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
-    ])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(model, is_ready), server)
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as error:  # grpcio >= 1.6x raises instead of returning 0
-        raise OSError(f"cannot listen on {address} (gRPC): {error}") from None
-    if port == 0:
-        raise OSError(f"cannot listen on {address} (gRPC)")
-    return server
+def create_server(model: ServedModel, is_ready) -> GrpcServer:
+    return GrpcServer(InferenceService(model, is_ready).methods(), MAX_MESSAGE_BYTES)

@@ -45,8 +45,8 @@ class Server:
         await metrics_runner.setup()
         await http_server.start(host, self.listen.http_port, backlog=2048)
         await web.TCPSite(metrics_runner, host, self.listen.metrics_port).start()
-        grpc_server = create_server(self.model, self.is_ready, f"{host}:{self.listen.grpc_port}")
-        await grpc_server.start()
+        grpc_server = create_server(self.model, self.is_ready)
+        await grpc_server.start(host, self.listen.grpc_port, backlog=2048)
         log.info("listening", extra={"http": self.listen.http_port, "grpc": self.listen.grpc_port,
                                      "metrics": self.listen.metrics_port, "host": host, "model": self.model.name})
 
@@ -61,7 +61,7 @@ class Server:
         self.accepting = False
         # Listeners close first and wait for the requests they accepted; the batcher keeps running
         # until then so those requests complete; then the batcher drains and the executors close.
-        await asyncio.gather(grpc_server.stop(grace), http_server.close(grace), return_exceptions=True)
+        await asyncio.gather(grpc_server.close(grace), http_server.close(grace), return_exceptions=True)
         await self.model.stop(grace)
         await metrics_runner.cleanup()
         if not loader.done():

@@ -50,4 +50,5 @@ def test_grpc_port_in_use_is_reported(engines, capsys):
         code = main(["serve", "--manifest", engines["mlp"].manifest_uri, "--host", "127.0.0.1",
                      "--http-port", str(free_port()), "--grpc-port", str(port), "--metrics-port", str(free_port())])
     assert code == 1
-    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "cannot listen" in error and f"('127.0.0.1', {port})" in error and "address already in use" in error

@@ -1,0 +1,221 @@
+"""grpc_transport against grpcio's own client (the C core tritonclient uses): calls, errors, flow
+control, compression, cancellation and a graceful close, over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import uvloop
+from tritonclient.grpc import service_pb2
+
+from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, UnaryMethod
+
+LIMIT = 16 << 20
+Request, Response = service_pb2.ModelInferRequest, service_pb2.ModelInferResponse
+
+
+class EchoService:
+    def __init__(self) -> None:
+        self.release = threading.Event()  # lets a Slow call finish
+        self.cancelled = threading.Event()  # set when a Slow call's task is cancelled
+
+    def Echo(self, request):
+        response = Response(id=request.id, model_name=request.model_name)
+        response.raw_output_contents.extend(request.raw_input_contents)
+        return response
+
+    async def Slow(self, request):
+        try:
+            while not self.release.is_set():
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return Response(id=request.id)
+
+    def Fail(self, request):
+        raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, "tensor 'ïnput' is wrong:\n100% wrong")
+
+    def Crash(self, request):
+        raise RuntimeError("a bug in a handler")
+
+
+class ServerThread:
+    """A GrpcServer in its own thread and uvloop event loop, as the serving process runs it."""
+
+    def __init__(self, service: EchoService) -> None:
+        methods = {f"/test.Echo/{name}": UnaryMethod(Request, getattr(service, name))
+                   for name in ("Echo", "Slow", "Fail", "Crash")}
+        self.server = GrpcServer(methods, LIMIT)
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self.server.port}"
+
+    def call(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.server.close(1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def echo():
+    service = EchoService()
+    server = ServerThread(service)
+    yield server, service
+    service.release.set()
+    server.stop()
+
+
+def method(channel: grpc.Channel, name: str):
+    return channel.unary_unary(f"/test.Echo/{name}", request_serializer=Request.SerializeToString,
+                               response_deserializer=Response.FromString)
+
+
+def channel_to(url: str, **kwargs) -> grpc.Channel:
+    return grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20)], **kwargs)
+
+
+def test_concurrent_calls_on_one_connection_get_their_own_responses(echo):
+    server, _ = echo
+    with channel_to(server.url) as channel:
+        call = method(channel, "Echo")
+
+        def one(index: int) -> tuple[str, bytes]:
+            response = call(Request(id=f"request-{index}", raw_input_contents=[index.to_bytes(4, "big") * 64]))
+            return response.id, response.raw_output_contents[0]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(200)))
+    assert results == [(f"request-{index}", index.to_bytes(4, "big") * 64) for index in range(200)]
+
+
+def test_messages_larger_than_the_flow_control_windows_cross_both_ways(echo):
+    server, _ = echo
+    payload = bytes(range(256)) * (32 << 10)  # 8 MiB: over the client's 64 KiB initial window
+    with channel_to(server.url) as channel:
+        response = method(channel, "Echo")(Request(id="big", raw_input_contents=[payload]))
+    assert response.raw_output_contents[0] == payload
+
+
+def test_gzip_compressed_requests_are_decompressed(echo):
+    server, _ = echo
+    payload = b"plansmith " * 10000
+    with channel_to(server.url, compression=grpc.Compression.Gzip) as channel:
+        response = method(channel, "Echo")(Request(id="zipped", raw_input_contents=[payload]))
+    assert response.raw_output_contents[0] == payload
+
+
+def test_errors_carry_their_status_and_message_and_the_server_keeps_serving(echo):
+    server, _ = echo
+    with channel_to(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            method(channel, "Fail")(Request())
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert failed.value.details() == "tensor 'ïnput' is wrong:\n100% wrong"
+        with pytest.raises(grpc.RpcError) as crashed:
+            method(channel, "Crash")(Request())
+        assert crashed.value.code() == grpc.StatusCode.INTERNAL and "a bug in a handler" in crashed.value.details()
+        with pytest.raises(grpc.RpcError) as unknown:
+            method(channel, "Missing")(Request())
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED and "/test.Echo/Missing" in unknown.value.details()
+        assert method(channel, "Echo")(Request(id="after")).id == "after"
+
+
+def test_a_message_over_the_limit_is_refused_and_the_server_keeps_serving(echo):
+    server, _ = echo
+    with channel_to(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            method(channel, "Echo")(Request(raw_input_contents=[b"x" * (LIMIT + 1)]))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(LIMIT) in refused.value.details()
+        assert method(channel, "Echo")(Request(id="after")).id == "after"
+
+
+def test_a_call_the_client_gives_up_on_is_cancelled_on_the_server(echo):
+    server, service = echo
+    with channel_to(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as expired:
+            method(channel, "Slow")(Request(), timeout=0.2)
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert service.cancelled.wait(5), "the handler's task was not cancelled"
+        assert method(channel, "Echo")(Request(id="after")).id == "after"
+
+
+def test_close_finishes_open_calls_and_refuses_new_connections(echo):
+    server, service = echo
+    with channel_to(server.url) as channel:
+        slow = method(channel, "Slow").future(Request(id="in flight"))
+        deadline = time.monotonic() + 5
+        while not any(not c.idle for c in server.server.connections) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        closing = asyncio.run_coroutine_threadsafe(server.server.close(10), server.loop)
+        time.sleep(0.2)
+        assert not closing.done(), "close returned with a call still open"
+        service.release.set()
+        assert slow.result(5).id == "in flight"
+        closing.result(5)
+    with channel_to(server.url) as fresh, pytest.raises(grpc.RpcError) as refused:
+        method(fresh, "Echo")(Request(), timeout=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_that_does_not_speak_http2_is_disconnected(echo):
+    server, _ = echo
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while chunk := raw.recv(4096):
+            received += chunk
+    goaway = received.rfind(b"\x07\x00\x00\x00\x00\x00")  # a GOAWAY frame's type, flags and stream 0
+    assert goaway > 0 and b"preface" in received[goaway:]
+
+
+def test_response_data_waits_for_the_clients_flow_control_window(echo):
+    """h2 (a strict HTTP/2 client) announces a 1 KiB window and raises if the server sends more
+    than the window allows; the 32 KiB response arrives only as the client gives window back."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    server, _ = echo
+    payload = bytes(range(256)) * 128  # within the 64 KiB the client may send before the server's SETTINGS
+    body = Request(id="windowed", raw_input_contents=[payload]).SerializeToString()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.local_settings = h2.settings.Settings(client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1024})
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Echo"),
+                            (":authority", server.url), ("content-type", "application/grpc"), ("te", "trailers")])
+    message = b"\x00" + len(body).to_bytes(4, "big") + body
+    for offset in range(0, len(message), 16384):  # the default frame size, until the server's SETTINGS
+        client.send_data(1, message[offset:offset + 16384], end_stream=offset + 16384 >= len(message))
+    received, trailers, largest_unacknowledged = bytearray(), None, 0
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(client.data_to_send())
+        while trailers is None:
+            chunk = raw.recv(65536)
+            assert chunk, "the server closed the connection"
+            unacknowledged = 0
+            for event in client.receive_data(chunk):  # raises h2.exceptions.FlowControlError on a violation
+                if isinstance(event, h2.events.DataReceived):
+                    received += event.data
+                    unacknowledged += event.flow_controlled_length
+                    client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailers = dict(event.headers)
+            largest_unacknowledged = max(largest_unacknowledged, unacknowledged)
+            raw.sendall(client.data_to_send())
+    assert trailers["grpc-status"] == "0"
+    assert Response.FromString(bytes(received[5:])).raw_output_contents[0] == payload
+    assert 0 < largest_unacknowledged <= 1024
