@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
 MAX_BATCH = 32
+QUEUE_DELAY_US = 100
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -84,6 +85,7 @@ class Server:
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         args = [PLANSMITH, "serve", "--manifest", manifest_uri, "--host", "127.0.0.1", "--http-port", str(self.http),
                 "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--max-batch-size", str(MAX_BATCH),
+                "--max-queue-delay-us", str(QUEUE_DELAY_US),
                 "--max-queue-size", "4096", "--log-level", "WARNING"]
         if not batching:
             args.append("--no-batching")
@@ -319,6 +321,32 @@ def build(kind: str, workdir: Path) -> tuple[str, Path, str, np.ndarray]:
     return result.manifest_uri, engine, info.input_name, info.sample_inputs(batch=1, seed=3)[info.input_name]
 
 
+def measure(server, server_name: str, kind: str, batching: bool, levels: list[int], input_name: str, array: np.ndarray,
+            args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """Every concurrency level over gRPC and HTTP against one running server."""
+    rows = []
+    for concurrency in levels:
+        before = server.batch_stats()
+        figures = {"grpc": grpc_load(f"127.0.0.1:{server.grpc}", "model", input_name, array, concurrency,
+                                     args.duration, args.processes)}
+        if not args.no_http:
+            figures["http"] = http_load(server.http, "model", input_name, array, concurrency, args.duration, workdir)
+        after = server.batch_stats()
+        executions = after[1] - before[1]
+        mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
+        for protocol, result in figures.items():
+            if result is None:
+                continue
+            row = {"server": server_name, "model": kind, "batching": "on" if batching else "off", "c": concurrency,
+                   "protocol": protocol, "mean_batch": mean_batch, **result}
+            rows.append(row)
+            print(f"  {server_name:9s} {kind:9s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:4s} "
+                  f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
+                  f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {mean_batch:.1f} over both)",
+                  flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
@@ -328,6 +356,8 @@ def main() -> int:
     parser.add_argument("--no-http", action="store_true", help="skip the wrk HTTP runs")
     parser.add_argument("--batching", default="on,off", help="on, off or both")
     parser.add_argument("--server-args", default="", help="extra `plansmith serve` flags, e.g. '--instances 2'")
+    parser.add_argument("--triton-reference", action="store_true",
+                        help="also serve each engine from a real Triton server (bench/triton_reference.py) and compare")
     args = parser.parse_args()
     if not args.no_http and not shutil.which("wrk"):
         parser.error("the HTTP runs need wrk (apt-get install wrk), or pass --no-http")
@@ -347,28 +377,17 @@ def main() -> int:
             try:
                 if batching and 1 in levels:
                     summary[kind]["floor"] = grpc_floor(f"127.0.0.1:{server.grpc}", args.duration / 2)
-                for concurrency in levels:
-                    before = server.batch_stats()
-                    figures = {"grpc": grpc_load(f"127.0.0.1:{server.grpc}", "model", input_name, array, concurrency,
-                                                 args.duration, args.processes)}
-                    if not args.no_http:
-                        figures["http"] = http_load(server.http, "model", input_name, array, concurrency,
-                                                    args.duration, workdir)
-                    after = server.batch_stats()
-                    executions = after[1] - before[1]
-                    mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
-                    for protocol, result in figures.items():
-                        if result is None:
-                            continue
-                        row = {"model": kind, "batching": "on" if batching else "off", "c": concurrency,
-                               "protocol": protocol, "mean_batch": mean_batch, **result}
-                        rows.append(row)
-                        print(f"  {kind:9s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:4s} "
-                              f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
-                              f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {mean_batch:.1f} over both)",
-                              flush=True)
+                rows += measure(server, "plansmith", kind, batching, levels, input_name, array, args, workdir)
             finally:
                 server.stop()
+            if args.triton_reference:
+                from triton_reference import TritonServer
+
+                triton = TritonServer(engine, batching, MAX_BATCH, QUEUE_DELAY_US, workdir, free_port)
+                try:
+                    rows += measure(triton, "triton", kind, batching, levels, input_name, array, args, workdir)
+                finally:
+                    triton.stop()
         # The machine is shared: measure the ceiling again after the served runs and keep the
         # higher one, so the served/ceiling ratio is not flattered by a slow first measurement.
         again = direct_figures(engine, input_name, array, args.duration)
@@ -378,9 +397,9 @@ def main() -> int:
         print(f"  {kind}: ceiling measured again after the runs: {again['ceiling']:.0f} items/s "
               f"(batch {again['ceiling_batch']}, {again['ceiling_how']}); using {direct['ceiling']:.0f}", flush=True)
 
-    def find(model, batching, c, protocol="grpc"):
+    def find(model, batching, c, protocol="grpc", server="plansmith"):
         for row in rows:
-            if (row["model"], row["batching"], row["c"], row["protocol"]) == (model, batching, c, protocol):
+            if (row["server"], row["model"], row["batching"], row["c"], row["protocol"]) == (server, model, batching, c, protocol):
                 return row
         return None
 
@@ -408,6 +427,14 @@ def main() -> int:
                       f"{summary[kind]['direct']['p50']:.3f} ms: added {added:.3f} ms [<= 1 ms]"
                       + (f"; of which a bare gRPC ServerLive round trip with the same client is {floor:.3f} ms"
                          if floor else ""))
+    if args.triton_reference:
+        print("\nplansmith against the Triton reference (same engine, batching settings and generators):")
+        for row in rows:
+            triton = row["server"] == "plansmith" and find(row["model"], row["batching"], row["c"], row["protocol"], "triton")
+            if triton:
+                print(f"  {row['model']:9s} batching {row['batching']:3s} c={row['c']:<3d} {row['protocol']:4s} "
+                      f"{row['rps']:8.0f} vs {triton['rps']:8.0f} req/s = {row['rps'] / triton['rps']:5.2f}x; "
+                      f"p99 {row['p99']:7.2f} vs {triton['p99']:7.2f} ms")
     print(f"\nload average after the run {os.getloadavg()[0]:.2f} (the machine is shared; figures move with it)")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0

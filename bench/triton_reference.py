@@ -1,0 +1,151 @@
+"""The issue's reference server, run here: a real Triton Inference Server (the `tritonserver` binary
+that nvidia-pytriton's wheel embeds, Python backend only) serving the same engine through a
+Python-backend model that wraps an ONNX Runtime session, with the same batching settings.
+
+`bench/serve.py --triton-reference` drives it with the same load generators right after plansmith,
+so the two are compared on one machine in one run.
+
+Set-up, cached by version under PLANSMITH_CACHE (default /var/cache/plansmith): the wheel is
+downloaded with pip and unpacked (it is not installed: it pins numpy < 2), and the Python backend's
+stub gets its own site directory with numpy < 2 (the stub is built against numpy 1's ABI; numpy 2
+arrays come back empty) and this environment's onnxruntime version.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+PYTRITON_VERSION = "0.7.0"
+CACHE = Path(os.environ.get("PLANSMITH_CACHE", "/var/cache/plansmith")) / f"triton-reference-{PYTRITON_VERSION}"
+
+MODEL_PY = '''
+import sys
+sys.path.insert(0, {site!r})  # numpy < 2 and onnxruntime for the stub (see bench/triton_reference.py)
+import json
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Runs the batch Triton's dynamic batcher formed: one session.run over the concatenated
+    requests, split back per request."""
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.session = ort.InferenceSession(config["parameters"]["engine"]["string_value"],
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def execute(self, requests):
+        arrays = [pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy() for request in requests]
+        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        outputs = self.session.run(self.output_names, {{self.input_name: batch}})
+        responses, start = [], 0
+        for array in arrays:
+            end = start + len(array)
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, output[start:end].copy()) for name, output in zip(self.output_names, outputs)]))
+            start = end
+        return responses
+'''
+
+
+def install() -> Path:
+    """The unpacked wheel's tritonserver directory (downloaded and prepared once)."""
+    import onnxruntime
+
+    root = CACHE / "pytriton" / "tritonserver"
+    site = CACHE / f"site-onnxruntime-{onnxruntime.__version__}"
+    if not (root / "bin" / "tritonserver").exists():
+        download = CACHE / "download"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"nvidia-pytriton=={PYTRITON_VERSION}",
+                        "-d", str(download)], check=True)
+        wheel = next(download.glob("nvidia_pytriton-*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(CACHE)
+        (root / "bin" / "tritonserver").chmod(0o755)
+        stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+        shutil.copy(stub, root / "backends" / "python" / stub.name)
+        (root / "backends" / "python" / stub.name).chmod(0o755)
+    if not (site / "onnxruntime").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), "numpy<2",
+                        f"onnxruntime=={onnxruntime.__version__}"], check=True)
+    return root
+
+
+def write_repository(directory: Path, engine: Path, batching: bool, max_batch_size: int, delay_us: int) -> Path:
+    """A model repository with one Python-backend model named "model"; config.pbtxt is rendered from
+    tritonclient's ModelConfig message, so its fields are checked by protobuf."""
+    import onnxruntime as ort
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    session = ort.InferenceSession(str(engine), providers=["CPUExecutionProvider"])
+    config = model_config_pb2.ModelConfig(name="model", backend="python", max_batch_size=max_batch_size)
+    for tensors, add in ((session.get_inputs(), config.input.add), (session.get_outputs(), config.output.add)):
+        for tensor in tensors:
+            add(name=tensor.name, data_type=model_config_pb2.TYPE_FP32, dims=[int(d) for d in tensor.shape[1:]])
+    if batching:
+        config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    config.parameters["engine"].string_value = str(engine)
+    model = directory / "model"
+    (model / "1").mkdir(parents=True, exist_ok=True)
+    (model / "config.pbtxt").write_text(text_format.MessageToString(config))
+    site = CACHE / f"site-onnxruntime-{ort.__version__}"
+    (model / "1" / "model.py").write_text(MODEL_PY.format(site=str(site)))
+    return directory
+
+
+class TritonServer:
+    """tritonserver on free ports; the same surface as bench/serve.py's Server."""
+
+    def __init__(self, engine: Path, batching: bool, max_batch_size: int, delay_us: int, workdir: Path,
+                 free_port) -> None:
+        root = install()
+        repository = write_repository(workdir / f"triton-repo-{'on' if batching else 'off'}", engine, batching,
+                                      max_batch_size, delay_us)
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self._log = open(workdir / f"triton-{'on' if batching else 'off'}.log", "wb")
+        self.process = subprocess.Popen(
+            [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
+             "--backend-directory", str(root / "backends"), "--http-port", str(self.http),
+             "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-verbose", "0"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"tritonserver did not become ready: {Path(self._log.name).read_text(errors='replace')[-3000:]}")
+
+    def batch_stats(self) -> tuple[float, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
+        values = dict(re.findall(r"^(nv_inference_(?:count|exec_count))\{[^}]*\} (\S+)$", text, re.M))
+        return float(values.get("nv_inference_count", 0)), float(values.get("nv_inference_exec_count", 0))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
