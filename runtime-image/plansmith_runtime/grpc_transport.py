@@ -136,7 +136,7 @@ class _Stream:
     path: str = ""
     content_type: str = ""
     encoding: str | None = None
-    body: list[bytes] = field(default_factory=list)
+    body: list[bytes | memoryview] = field(default_factory=list)
     size: int = 0
     unacknowledged: int = 0  # received bytes not yet given back with a WINDOW_UPDATE
     send_window: int = DEFAULT_WINDOW
@@ -240,39 +240,53 @@ class GrpcConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        buffer = self._buffer
-        buffer += data
-        position = 0
         if not self._preface_seen:
-            if len(buffer) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buffer)):
+            self._buffer += data
+            if len(self._buffer) < len(PREFACE):
+                if not PREFACE.startswith(bytes(self._buffer)):
                     self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 return
-            if buffer[:len(PREFACE)] != PREFACE:
+            if self._buffer[:len(PREFACE)] != PREFACE:
                 self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 return
-            position = len(PREFACE)
             self._preface_seen = True
-        end = len(buffer)
+            data = bytes(self._buffer[len(PREFACE):])
+            self._buffer.clear()
+        # Frames are read straight from `data` when nothing is left over from the last read: their
+        # payloads are then views of the bytes object uvloop handed over, not copies (a tensor of
+        # an image batch is megabytes). Only a frame cut by the end of a read waits in the buffer.
+        if self._buffer:
+            buffer = self._buffer
+            buffer += data
+            if len(buffer) < 9:
+                return
+            waiting_for = buffer[0] << 16 | buffer[1] << 8 | buffer[2]
+            if waiting_for <= RECEIVE_FRAME_SIZE and len(buffer) < 9 + waiting_for:
+                return  # the frame is still incomplete: copy the buffer out once, when it is whole
+            data = bytes(buffer)
+            buffer.clear()
+        view = memoryview(data)
+        position, end = 0, len(data)
         try:
             while end - position >= 9:
-                length_and_type, flags, stream_id = FRAME_HEADER.unpack_from(buffer, position)
+                length_and_type, flags, stream_id = FRAME_HEADER.unpack_from(data, position)
                 length = length_and_type >> 8
                 if length > RECEIVE_FRAME_SIZE:
                     raise Http2Error(FRAME_SIZE_ERROR, f"a frame of {length} bytes exceeds {RECEIVE_FRAME_SIZE}")
                 if end - position - 9 < length:
                     break
-                payload = bytes(buffer[position + 9:position + 9 + length])
+                payload = view[position + 9:position + 9 + length]
                 position += 9 + length
                 self._frame(length_and_type & 0xFF, flags, stream_id & 0x7FFFFFFF, payload)
         except Http2Error as error:
             self._fail(error.code, str(error))
             return
-        del buffer[:position]
+        if position < end:
+            self._buffer += view[position:]
         self._give_back_window()
         self._flush()
 
-    def _frame(self, frame_type: int, flags: int, stream_id: int, payload: bytes) -> None:
+    def _frame(self, frame_type: int, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._header_fragments is not None and frame_type != CONTINUATION:
             raise Http2Error(PROTOCOL_ERROR, "a header block was interrupted")
         if frame_type == DATA:
@@ -282,7 +296,7 @@ class GrpcConnection(asyncio.Protocol):
         elif frame_type == CONTINUATION:
             if self._header_fragments is None or stream_id != self._header_stream:
                 raise Http2Error(PROTOCOL_ERROR, "CONTINUATION without a header block to continue")
-            self._header_fragments.append(payload)
+            self._header_fragments.append(bytes(payload))
             if flags & END_HEADERS:
                 block = b"".join(self._header_fragments)
                 self._header_fragments = None
@@ -309,17 +323,17 @@ class GrpcConnection(asyncio.Protocol):
         # PRIORITY and unknown frame types are ignored (RFC 9113 5.3.2, 5.5)
 
     @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
+    def _unpad(flags: int, payload: memoryview) -> memoryview:
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
                 raise Http2Error(PROTOCOL_ERROR, "padding longer than the frame")
             return payload[1:len(payload) - payload[0]]
         return payload
 
-    def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _on_headers(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if stream_id == 0:
             raise Http2Error(PROTOCOL_ERROR, "HEADERS on stream 0")
-        block = self._unpad(flags, payload)
+        block = bytes(self._unpad(flags, payload))
         if flags & PRIORITY_FLAG:
             block = block[5:]
         if flags & END_HEADERS:
@@ -372,7 +386,7 @@ class GrpcConnection(asyncio.Protocol):
         self._indexed_blocks.clear()
         return self._decoder.decode(block, raw=True)
 
-    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _on_data(self, flags: int, stream_id: int, payload: memoryview) -> None:
         self._unacknowledged += len(payload)  # padding counts against flow control too
         stream = self._streams.get(stream_id)
         if stream is None or stream.answered:
@@ -396,7 +410,7 @@ class GrpcConnection(asyncio.Protocol):
             self._send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._unacknowledged)))
             self._unacknowledged = 0
 
-    def _on_settings(self, payload: bytes) -> None:
+    def _on_settings(self, payload: memoryview) -> None:
         if len(payload) % 6:
             raise Http2Error(FRAME_SIZE_ERROR, "a SETTINGS frame holds 6-byte entries")
         for offset in range(0, len(payload), 6):
@@ -415,7 +429,7 @@ class GrpcConnection(asyncio.Protocol):
         self._send(frame(SETTINGS, ACK, 0))
         self._send_blocked()
 
-    def _on_window_update(self, stream_id: int, payload: bytes) -> None:
+    def _on_window_update(self, stream_id: int, payload: memoryview) -> None:
         if len(payload) != 4:
             raise Http2Error(FRAME_SIZE_ERROR, "a WINDOW_UPDATE carries 4 bytes")
         increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
@@ -441,7 +455,7 @@ class GrpcConnection(asyncio.Protocol):
         if method is None:
             self._answer_error(stream, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {stream.path}")
             return
-        body = stream.body[0] if len(stream.body) == 1 else b"".join(stream.body)
+        body = stream.body[0] if len(stream.body) == 1 else b"".join(stream.body)  # views of the reads' bytes
         stream.body = []
         try:
             request = method.request_type.FromString(unframe_message(body, stream.encoding, self.server.max_message_bytes))

@@ -181,33 +181,39 @@ def test_a_client_that_does_not_speak_http2_is_disconnected(echo):
     assert goaway > 0 and b"preface" in received[goaway:]
 
 
-def test_response_data_waits_for_the_clients_flow_control_window(echo):
-    """h2 (a strict HTTP/2 client) announces a 1 KiB window and raises if the server sends more
-    than the window allows; the 32 KiB response arrives only as the client gives window back."""
+def h2_echo_call(url: str, payload: bytes, client_window: int = 65535, piece: int = 0) -> tuple[bytes, dict, int]:
+    """One Echo call from h2, a strict HTTP/2 client (it raises on any flow-control or framing
+    violation by the server); `piece` > 0 sends the request in pieces that size, so that frames
+    reach the server cut across reads. Returns the response body, the trailers and the most
+    response bytes received between two WINDOW_UPDATEs the client sent."""
     import h2.config
     import h2.connection
     import h2.events
+    import h2.settings
 
-    server, _ = echo
-    payload = bytes(range(256)) * 128  # within the 64 KiB the client may send before the server's SETTINGS
-    body = Request(id="windowed", raw_input_contents=[payload]).SerializeToString()
+    body = Request(id="h2", raw_input_contents=[payload]).SerializeToString()
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    client.local_settings = h2.settings.Settings(client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1024})
+    client.local_settings = h2.settings.Settings(client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: client_window})
     client.initiate_connection()
     client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Echo"),
-                            (":authority", server.url), ("content-type", "application/grpc"), ("te", "trailers")])
+                            (":authority", url), ("content-type", "application/grpc"), ("te", "trailers")])
     message = b"\x00" + len(body).to_bytes(4, "big") + body
     for offset in range(0, len(message), 16384):  # the default frame size, until the server's SETTINGS
         client.send_data(1, message[offset:offset + 16384], end_stream=offset + 16384 >= len(message))
     received, trailers, largest_unacknowledged = bytearray(), None, 0
-    host, port = server.url.split(":")
+    host, port = url.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as raw:
-        raw.sendall(client.data_to_send())
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        outgoing = client.data_to_send()
+        for offset in range(0, len(outgoing), piece or len(outgoing)):
+            raw.sendall(outgoing[offset:offset + (piece or len(outgoing))])
+            if piece:
+                time.sleep(0.0005)
         while trailers is None:
             chunk = raw.recv(65536)
             assert chunk, "the server closed the connection"
             unacknowledged = 0
-            for event in client.receive_data(chunk):  # raises h2.exceptions.FlowControlError on a violation
+            for event in client.receive_data(chunk):
                 if isinstance(event, h2.events.DataReceived):
                     received += event.data
                     unacknowledged += event.flow_controlled_length
@@ -216,6 +222,22 @@ def test_response_data_waits_for_the_clients_flow_control_window(echo):
                     trailers = dict(event.headers)
             largest_unacknowledged = max(largest_unacknowledged, unacknowledged)
             raw.sendall(client.data_to_send())
+    return bytes(received), trailers, largest_unacknowledged
+
+
+def test_response_data_waits_for_the_clients_flow_control_window(echo):
+    """The client announces a 1 KiB window: the 32 KiB response arrives only as it gives window back."""
+    server, _ = echo
+    payload = bytes(range(256)) * 128  # within the 64 KiB the client may send before the server's SETTINGS
+    received, trailers, largest_unacknowledged = h2_echo_call(server.url, payload, client_window=1024)
     assert trailers["grpc-status"] == "0"
-    assert Response.FromString(bytes(received[5:])).raw_output_contents[0] == payload
+    assert Response.FromString(received[5:]).raw_output_contents[0] == payload
     assert 0 < largest_unacknowledged <= 1024
+
+
+def test_frames_cut_across_reads_are_put_back_together(echo):
+    server, _ = echo
+    payload = bytes(range(251)) * 200  # 50 KB in 16 KiB frames, sent 997 bytes at a time
+    received, trailers, _ = h2_echo_call(server.url, payload, piece=997)
+    assert trailers["grpc-status"] == "0"
+    assert Response.FromString(received[5:]).raw_output_contents[0] == payload
