@@ -26,15 +26,16 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from served_process import ServedProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
@@ -74,49 +75,20 @@ def percentiles(latencies: list[float]) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------- server
 
 
-class Server:
+class Server(ServedProcess):
+    """`plansmith serve` on free ports."""
+
     def __init__(self, manifest_uri: str, batching: bool, log_path: Path, extra: list[str]) -> None:
         for attempt in range(3):  # free ports can be taken by another process before the server binds them
-            if self._start(manifest_uri, batching, log_path, extra):
+            self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+            args = [PLANSMITH, "serve", "--manifest", manifest_uri, "--host", "127.0.0.1", "--http-port", str(self.http),
+                    "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--max-batch-size", str(MAX_BATCH),
+                    "--max-queue-delay-us", str(QUEUE_DELAY_US), "--max-queue-size", "4096", "--log-level", "WARNING"]
+            if not batching:
+                args.append("--no-batching")
+            if self.launch(args + extra, log_path, ready_timeout=60):
                 return
         raise RuntimeError(f"server did not become ready: {log_path.read_text()}")
-
-    def _start(self, manifest_uri: str, batching: bool, log_path: Path, extra: list[str]) -> bool:
-        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
-        args = [PLANSMITH, "serve", "--manifest", manifest_uri, "--host", "127.0.0.1", "--http-port", str(self.http),
-                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--max-batch-size", str(MAX_BATCH),
-                "--max-queue-delay-us", str(QUEUE_DELAY_US),
-                "--max-queue-size", "4096", "--log-level", "WARNING"]
-        if not batching:
-            args.append("--no-batching")
-        args += extra
-        self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return True
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        return False
-
-    def batch_stats(self) -> tuple[float, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
-        values = dict(re.findall(r"^(nv_inference_(?:count|exec_count))\{[^}]*\} (\S+)$", text, re.M))
-        return float(values.get("nv_inference_count", 0)), float(values.get("nv_inference_exec_count", 0))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
 
 
 # --------------------------------------------------------------------------- gRPC generator

@@ -14,15 +14,13 @@ arrays come back empty) and this environment's onnxruntime version.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
+
+from served_process import ServedProcess
 
 PYTRITON_VERSION = "0.7.0"
 CACHE = Path(os.environ.get("PLANSMITH_CACHE", "/var/cache/plansmith")) / f"triton-reference-{PYTRITON_VERSION}"
@@ -109,43 +107,20 @@ def write_repository(directory: Path, engine: Path, batching: bool, max_batch_si
     return directory
 
 
-class TritonServer:
-    """tritonserver on free ports; the same surface as bench/serve.py's Server."""
+class TritonServer(ServedProcess):
+    """tritonserver on free ports, serving the engine as "model"."""
+
+    stop_timeout = 60.0
 
     def __init__(self, engine: Path, batching: bool, max_batch_size: int, delay_us: int, workdir: Path,
                  free_port) -> None:
         root = install()
-        repository = write_repository(workdir / f"triton-repo-{'on' if batching else 'off'}", engine, batching,
-                                      max_batch_size, delay_us)
+        mode = "on" if batching else "off"
+        repository = write_repository(workdir / f"triton-repo-{mode}", engine, batching, max_batch_size, delay_us)
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
-        self._log = open(workdir / f"triton-{'on' if batching else 'off'}.log", "wb")
-        self.process = subprocess.Popen(
-            [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
-             "--backend-directory", str(root / "backends"), "--http-port", str(self.http),
-             "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-verbose", "0"],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"tritonserver did not become ready: {Path(self._log.name).read_text(errors='replace')[-3000:]}")
-
-    def batch_stats(self) -> tuple[float, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
-        values = dict(re.findall(r"^(nv_inference_(?:count|exec_count))\{[^}]*\} (\S+)$", text, re.M))
-        return float(values.get("nv_inference_count", 0)), float(values.get("nv_inference_exec_count", 0))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
+        log_path = workdir / f"triton-{mode}.log"
+        command = [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
+                   "--backend-directory", str(root / "backends"), "--http-port", str(self.http),
+                   "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-verbose", "0"]
+        if not self.launch(command, log_path, ready_timeout=120):
+            raise RuntimeError(f"tritonserver did not become ready: {log_path.read_text(errors='replace')[-3000:]}")

@@ -1,0 +1,51 @@
+"""A KServe v2 server process the serving benchmark drives (plansmith's, or the Triton reference):
+its ports, readiness, the batch counters of its Prometheus metrics, and a SIGTERM to stop it."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+
+class ServedProcess:
+    stop_timeout = 30.0  # seconds between SIGTERM and SIGKILL
+
+    http: int
+    grpc: int
+    metrics: int
+
+    def launch(self, command: list[str], log_path: Path, ready_timeout: float) -> bool:
+        """Start `command` (listening on self.http/grpc/metrics) and wait until /v2/health/ready
+        answers 200; False (and stopped) when it exits or is not ready in time."""
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return True
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        return False
+
+    def batch_stats(self) -> tuple[float, float]:
+        """nv_inference_count and nv_inference_exec_count (Triton's names, served by both)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
+        values = dict(re.findall(r"^(nv_inference_(?:count|exec_count))\{[^}]*\} (\S+)$", text, re.M))
+        return float(values.get("nv_inference_count", 0)), float(values.get("nv_inference_exec_count", 0))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
