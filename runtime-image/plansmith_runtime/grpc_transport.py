@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -28,6 +27,8 @@ from urllib.parse import quote
 import grpc
 import hpack
 from hpack.hpack import encode_integer
+
+from plansmith_runtime.http_transport import wait_until_idle
 
 log = logging.getLogger(__name__)
 
@@ -559,9 +560,7 @@ class GrpcServer:
             self._server.close()
         for connection in list(self.connections):
             connection.go_away()
-        deadline = time.monotonic() + grace_seconds
-        while any(not connection.idle for connection in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until_idle(self.connections, grace_seconds)
         for connection in list(self.connections):
             connection.close()
         if self._server is not None:

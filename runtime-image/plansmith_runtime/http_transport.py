@@ -389,6 +389,14 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
 
+async def wait_until_idle(connections: set, grace_seconds: float) -> None:
+    """Until no connection has a request in progress (each has an `idle` property), or the grace
+    period is over: a closing server's wait for the requests it accepted (HTTP and gRPC alike)."""
+    deadline = time.monotonic() + grace_seconds
+    while any(not connection.idle for connection in connections) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 class HttpServer:
     """Listens and serves `handler`; `close` stops accepting, lets the requests it accepted
     finish (bounded by a grace period) and closes every connection."""
@@ -431,9 +439,7 @@ class HttpServer:
             self._server.close()
         for connection in list(self.connections):
             connection.close_when_idle()  # busy ones close after their current response (Connection: close)
-        deadline = time.monotonic() + grace_seconds
-        while any(not connection.idle for connection in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until_idle(self.connections, grace_seconds)
         for connection in list(self.connections):
             connection._close()
         if self._server is not None:
