@@ -2,17 +2,17 @@
 
 Why not grpcio's server (grpc.aio, which the runtime used before): every call crosses from
 grpcio's poller threads into the event loop and back through its completion machinery, about
-275 us of the loop thread's CPU a call measured under load (bench/serve.py, MLP, c=64: 2.3-2.5k
-requests/s, against 7.2k for a real Triton server on the same harness); its synchronous server
-and grpclib (pure Python, on h2) served a canned response at 3.0k and 3.7k calls/s where this
-transport serves 17.5k. The KServe v2 service has unary methods only, so this keeps what they
-need from HTTP/2 (RFC 9113) and the gRPC wire format (grpc/doc/PROTOCOL-HTTP2.md): the connection
+275 us of the loop thread's CPU a call under load; the MLP over gRPC ran at 2.3-2.5k requests/s at
+c=64 where a real Triton server on the same harness serves 7.2-7.8k. With a canned response and
+the same generator, grpc.aio served 4.2-4.7k calls/s, grpcio's synchronous server 3.0k, grpclib
+(pure Python, on h2) 3.7k, and a first cut of this transport 17.5k; the MLP now runs at 10-13.5k
+(docs/benchmarks.md). The KServe v2 service has unary methods only, so this keeps what they need
+from HTTP/2 (RFC 9113) and the gRPC wire format (grpc/doc/PROTOCOL-HTTP2.md): the connection
 preface and SETTINGS, flow control both ways, PING, RST_STREAM (a cancelled call), GOAWAY (a
 graceful close), CONTINUATION, padding, length-prefixed messages, gzip/deflate request messages,
 trailers with grpc-status and grpc-message, and size limits. Header compression (HPACK, stateful
 per connection) is the `hpack` library's; responses send their headers as literals without
-indexing, so they need no encoder state and are built once.
-"""
+indexing, so they need no encoder state and are built once."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def status_block(status: grpc.StatusCode, message: str) -> bytes:
     return block
 
 
-def unframe_message(body: bytes, encoding: str | None, limit: int) -> bytes:
+def unframe_message(body: bytes | memoryview, encoding: str | None, limit: int) -> bytes | memoryview:
     """The one message of a unary request body (1-byte compressed flag, 4-byte length, message)."""
     if len(body) < 5:
         raise GrpcError(grpc.StatusCode.INTERNAL, "the request has no message")
@@ -142,7 +142,6 @@ class _Stream:
     unacknowledged: int = 0  # received bytes not yet given back with a WINDOW_UPDATE
     send_window: int = DEFAULT_WINDOW
     outgoing: bytearray | None = None  # response DATA waiting for the peer's flow-control window
-    trailers: bytes = b""
     answered: bool = False  # a response (or an error) has been queued: later DATA is ignored
     task: asyncio.Task | None = None
 
@@ -506,7 +505,6 @@ class GrpcConnection(asyncio.Protocol):
             return  # reset by the client meanwhile
         message = response.SerializeToString()
         stream.outgoing = bytearray(b"\x00" + len(message).to_bytes(4, "big") + message)
-        stream.trailers = OK_TRAILERS
         self._send(frame(HEADERS, END_HEADERS, stream.stream_id, RESPONSE_HEADERS))
         self._send_data(stream)
 
@@ -524,7 +522,7 @@ class GrpcConnection(asyncio.Protocol):
             del outgoing[:size]
             self._send_window -= size
             stream.send_window -= size
-        self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, stream.trailers))
+        self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, OK_TRAILERS))
         self._blocked.pop(stream.stream_id, None)
         self._streams.pop(stream.stream_id, None)
 
