@@ -217,7 +217,12 @@ class DynamicBatcher:
                 if self._queued_with_timeout:
                     self._queued_with_timeout -= sum(1 for p in batch if p.deadline_ns is not None)
                 self.metrics.set_queue_depth(len(self._queue))
-                return batch
+                # a request whose caller gave up (its call cancelled: the client reset the stream or
+                # went away) is not computed
+                batch = [pending for pending in batch if not pending.future.done()]
+                if batch:
+                    return batch
+                continue
             # the decision counted half a wake-up as waited; asking the other half early too makes
             # a usual wake-up land on the deadline
             wait_us = max(0.0, (decision.wait_us or 0) - self.lateness.us / 2)

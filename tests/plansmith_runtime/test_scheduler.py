@@ -77,6 +77,20 @@ async def test_requests_arriving_within_the_delay_run_as_one_batch_after_it():
     await batcher.close(1.0)
 
 
+@on_session_loop
+async def test_a_request_cancelled_while_queued_is_not_computed():
+    executor, batcher = started_batcher(delay_us=50_000)
+    inputs = one_row_feeds(3)
+    waiting = [asyncio.ensure_future(batcher.submit(feeds, 1, signature_of(feeds, True))) for feeds in inputs]
+    await asyncio.sleep(0)  # all three queued
+    waiting[1].cancel()  # the caller gives up within the queue delay
+    first, last = await asyncio.wait_for(asyncio.gather(waiting[0], waiting[2]), 5)
+    assert executor.batch_sizes == [2]
+    np.testing.assert_array_equal(first.future.result()["y"], np.full((1, 2), 0, np.float32))
+    np.testing.assert_array_equal(last.future.result()["y"], np.full((1, 2), 4, np.float32))
+    await batcher.close(1.0)
+
+
 def test_wake_lateness_is_a_moving_average_of_plausible_samples():
     lateness = WakeLateness()
     for _ in range(50):
