@@ -241,3 +241,49 @@ def test_frames_cut_across_reads_are_put_back_together(echo):
     received, trailers, _ = h2_echo_call(server.url, payload, piece=997)
     assert trailers["grpc-status"] == "0"
     assert Response.FromString(received[5:]).raw_output_contents[0] == payload
+
+
+def read_frames(raw: socket.socket, until_stream_ends: int) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of every frame the server sends until `until_stream_ends` ends."""
+    frames, buffered = [], b""
+    while True:
+        while len(buffered) >= 9 and len(buffered) >= 9 + int.from_bytes(buffered[:3], "big"):
+            length = int.from_bytes(buffered[:3], "big")
+            kind, flags, stream = buffered[3], buffered[4], int.from_bytes(buffered[5:9], "big")
+            frames.append((kind, flags, stream, buffered[9:9 + length]))
+            buffered = buffered[9 + length:]
+            if stream == until_stream_ends and flags & 0x1 and kind in (0, 1):
+                return frames
+        chunk = raw.recv(65536)
+        assert chunk, "the server closed the connection"
+        buffered += chunk
+
+
+def test_continuation_padding_and_ping_are_understood(echo):
+    """Frames no client library sends by default here, written by hand: a header block split over
+    HEADERS and CONTINUATION, padded HEADERS and DATA, and a PING the server must echo."""
+    import hpack as hpack_library
+
+    from plansmith_runtime.grpc_transport import frame
+
+    server, _ = echo
+    block = hpack_library.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Echo"),
+                                            (":authority", server.url), ("content-type", "application/grpc")])
+    body = Request(id="by hand", raw_input_contents=[b"payload"]).SerializeToString()
+    message = b"\x00" + len(body).to_bytes(4, "big") + body
+    padding = 7
+    outgoing = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
+                + frame(1, 0x8, 1, bytes([padding]) + block[:10] + b"\x00" * padding)  # PADDED, no END_HEADERS
+                + frame(9, 0x4, 1, block[10:])  # CONTINUATION with END_HEADERS
+                + frame(6, 0, 0, b"pingpong")
+                + frame(0, 0x1 | 0x8, 1, bytes([padding]) + message + b"\x00" * padding))  # padded DATA, END_STREAM
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(outgoing)
+        frames = read_frames(raw, until_stream_ends=1)
+    assert (6, 0x1, 0, b"pingpong") in frames  # the PING came back acknowledged
+    decoder = hpack_library.Decoder()
+    headers = [dict(decoder.decode(payload)) for kind, _, stream, payload in frames if kind == 1 and stream == 1]
+    assert headers[0][":status"] == "200" and headers[-1]["grpc-status"] == "0"
+    data = b"".join(payload for kind, _, stream, payload in frames if kind == 0 and stream == 1)
+    assert Response.FromString(data[5:]).id == "by hand"
