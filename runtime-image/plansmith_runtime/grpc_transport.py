@@ -297,6 +297,8 @@ class GrpcConnection(asyncio.Protocol):
             if self._header_fragments is None or stream_id != self._header_stream:
                 raise Http2Error(PROTOCOL_ERROR, "CONTINUATION without a header block to continue")
             self._header_fragments.append(bytes(payload))
+            if sum(map(len, self._header_fragments)) > MAX_HEADER_LIST_BYTES:
+                raise Http2Error(PROTOCOL_ERROR, f"a header block over {MAX_HEADER_LIST_BYTES} bytes")
             if flags & END_HEADERS:
                 block = b"".join(self._header_fragments)
                 self._header_fragments = None

@@ -287,3 +287,21 @@ def test_continuation_padding_and_ping_are_understood(echo):
     assert headers[0][":status"] == "200" and headers[-1]["grpc-status"] == "0"
     data = b"".join(payload for kind, _, stream, payload in frames if kind == 0 and stream == 1)
     assert Response.FromString(data[5:]).id == "by hand"
+
+
+def test_a_header_block_that_never_ends_is_refused(echo):
+    """CONTINUATION frames without END_HEADERS would grow the block without bound."""
+    from plansmith_runtime.grpc_transport import MAX_HEADER_LIST_BYTES, frame
+
+    server, _ = echo
+    filler = b"\x00" * 16000
+    outgoing = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0, 1, filler)
+    outgoing += b"".join(frame(9, 0, 1, filler) for _ in range(MAX_HEADER_LIST_BYTES // len(filler) + 1))
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(outgoing)
+        received = b""
+        while chunk := raw.recv(65536):
+            received += chunk
+    goaway = received.rfind(b"\x07\x00\x00\x00\x00\x00")
+    assert goaway > 0 and b"header block over" in received[goaway:]
