@@ -141,7 +141,8 @@ class _Stream:
     size: int = 0
     unacknowledged: int = 0  # received bytes not yet given back with a WINDOW_UPDATE
     send_window: int = DEFAULT_WINDOW
-    outgoing: bytearray | None = None  # response DATA waiting for the peer's flow-control window
+    outgoing: bytes = b""  # the framed response message; sent[:] of it has left in DATA frames
+    sent: int = 0
     answered: bool = False  # a response (or an error) has been queued: later DATA is ignored
     task: asyncio.Task | None = None
 
@@ -449,11 +450,11 @@ class GrpcConnection(asyncio.Protocol):
         if stream.answered:
             return
         stream.answered = True
-        method = self.server.methods.get(stream.path)
         if not stream.content_type.startswith("application/grpc"):
             self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, literal_header(":status", "415")))
             self._streams.pop(stream.stream_id, None)
             return
+        method = self.server.methods.get(stream.path)
         if method is None:
             self._answer_error(stream, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {stream.path}")
             return
@@ -506,7 +507,7 @@ class GrpcConnection(asyncio.Protocol):
         if stream.stream_id not in self._streams:
             return  # reset by the client meanwhile
         message = response.SerializeToString()
-        stream.outgoing = bytearray(b"\x00" + len(message).to_bytes(4, "big") + message)
+        stream.outgoing = b"\x00" + len(message).to_bytes(4, "big") + message
         self._send(frame(HEADERS, END_HEADERS, stream.stream_id, RESPONSE_HEADERS))
         self._send_data(stream)
 
@@ -514,14 +515,13 @@ class GrpcConnection(asyncio.Protocol):
         """Response DATA within the peer's windows, then the trailers; what does not fit waits for
         a WINDOW_UPDATE."""
         outgoing = stream.outgoing
-        assert outgoing is not None
-        while outgoing:
-            size = min(len(outgoing), self._send_window, stream.send_window, self._peer_max_frame)
+        while stream.sent < len(outgoing):
+            size = min(len(outgoing) - stream.sent, self._send_window, stream.send_window, self._peer_max_frame)
             if size <= 0:
                 self._blocked[stream.stream_id] = stream
                 return
-            self._send(frame(DATA, 0, stream.stream_id, bytes(outgoing[:size])))
-            del outgoing[:size]
+            self._send(frame(DATA, 0, stream.stream_id, outgoing[stream.sent:stream.sent + size]))
+            stream.sent += size
             self._send_window -= size
             stream.send_window -= size
         self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, OK_TRAILERS))
