@@ -1,6 +1,7 @@
 """Serving benchmark: `plansmith serve` under load, batching on vs off, against the in-process ceiling.
 
     .venv/bin/python bench/serve.py [--duration 4] [--concurrency 1,8,64] [--models mlp,small_cnn,cnn224] [--no-http]
+                                    [--triton-reference]
 
 For each generated model (an MLP 256-512-10 whose compute is tens of microseconds; the test CNN on
 32x32 images, about 60 us an image, so the request path still dominates; and the same CNN on 224x224
@@ -14,6 +15,9 @@ It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
   CNNs: served items/s at c=64 / in-process ceiling (direct ONNX Runtime at its best batch size, one
     session on every core or one single-threaded session per core, whichever is faster; target >= 80%);
   c=1: gRPC p50 minus a direct session.run p50 on the same input, batching on and off (target <= 1 ms).
+With --triton-reference each engine is also served by a real Triton server (bench/triton_reference.py:
+the tritonserver in nvidia-pytriton's wheel, Python backend wrapping the same ONNX Runtime session, same
+batching settings; fetched once with pip) under the same generators, and every row is compared.
 Everything runs on this machine at once (server, generators, ceiling), side by side in one run.
 """
 
