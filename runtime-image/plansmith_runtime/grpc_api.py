@@ -11,10 +11,10 @@ from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, UnaryMethod
-from plansmith_runtime.http_api import EXTENSIONS, SERVER_NAME
+from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import InvalidRequest, ModelNotFound, array_from_bytes, array_from_json, datatype_of
-from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
+from plansmith_runtime.scheduler import QueueFull, RequestTimedOut, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ def decode_grpc_inputs(request) -> dict[str, np.ndarray]:
 
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-EXPECTED_ERRORS = (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, RequestTimedOut, ExecutionFailed)
 
 
 def grpc_error(error: BaseException) -> GrpcError:
@@ -135,7 +134,7 @@ class InferenceService:
             wanted = [tensor.name for tensor in request.outputs]
             timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
             outputs = await model.infer(inputs, wanted, timeout)
-        except EXPECTED_ERRORS as error:
+        except INFERENCE_ERRORS as error:
             raise grpc_error(error) from None
         response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in outputs.items():

@@ -24,6 +24,8 @@ SERVER_NAME = "plansmith"
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 MAX_BODY_BYTES = 256 << 20
 _HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
+# What an inference answers with an error status (HTTP here, gRPC in grpc_api) instead of failing
+INFERENCE_ERRORS = (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, RequestTimedOut, ExecutionFailed)
 
 
 def error_status(error: BaseException) -> int:
@@ -139,7 +141,7 @@ class HttpApi:
             decoded = decode_http_request(request.body, request.headers.get(_HEADER_CONTENT_LENGTH))
             outputs = await model.infer(decoded.inputs, decoded.outputs)
             payload, header_length = encode_http_response(model.name, model.version, decoded, outputs)
-        except (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, RequestTimedOut, ExecutionFailed) as error:
+        except INFERENCE_ERRORS as error:
             return error_response(error_status(error), str(error))
         if header_length is None:
             response = HttpResponse(200, payload)
