@@ -35,8 +35,8 @@ class DeadlineWaker:
     milliseconds), ten times the usual queue delay of 100 us. Spinning the loop instead burns the
     CPU the requests the batcher waits for need to arrive (measured when gRPC ran on grpc.aio,
     whose poller thread needed the GIL: batches of 1.0 over gRPC with a 100 us delay against 2.6
-    with none). A thread sleeping on a condition variable (a futex with a nanosecond timeout) wakes the loop
-    through call_soon_threadsafe instead, and the loop sleeps in epoll meanwhile.
+    with none). A thread sleeping on a condition variable (a futex with a nanosecond timeout)
+    wakes the loop through call_soon_threadsafe instead, and the loop sleeps in epoll meanwhile.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
@@ -148,13 +148,6 @@ class DynamicBatcher:
     @property
     def depth(self) -> int:
         return len(self._queue)
-
-    async def submit(self, inputs: dict[str, np.ndarray], batch: int, signature: tuple,
-                     timeout_us: int = 0) -> Pending:
-        """Queue a request and wait for its outputs (set on the returned Pending's future)."""
-        pending = self.enqueue(inputs, batch, signature, timeout_us)
-        await pending.future
-        return pending
 
     def enqueue(self, inputs: dict[str, np.ndarray], batch: int, signature: tuple, timeout_us: int = 0) -> Pending:
         """Queue a request; its outputs, or the error that failed it, come on the Pending's future."""

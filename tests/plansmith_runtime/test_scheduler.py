@@ -13,7 +13,7 @@ import pytest
 from plansmith_runtime.batching import signature_of
 from plansmith_runtime.config import BatchingPolicy
 from plansmith_runtime.metrics import Metrics
-from plansmith_runtime.scheduler import DeadlineWaker, DynamicBatcher, RequestTimedOut, WakeLateness
+from plansmith_runtime.scheduler import DeadlineWaker, DynamicBatcher, Pending, RequestTimedOut, WakeLateness
 
 on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
@@ -39,6 +39,13 @@ def started_batcher(delay_us: int, queue_limit: int = 16) -> tuple[DoublingExecu
                              [executor], Metrics("m"), queue_limit=queue_limit)
     batcher.start()
     return executor, batcher
+
+
+async def submit(batcher: DynamicBatcher, feeds: dict[str, np.ndarray], timeout_us: int = 0) -> Pending:
+    """Queue a one-row request, as ServedModel.infer does, and wait for its outputs."""
+    pending = batcher.enqueue(feeds, 1, signature_of(feeds, True), timeout_us)
+    await pending.future
+    return pending
 
 
 def one_row_feeds(count: int) -> list[dict[str, np.ndarray]]:
@@ -68,8 +75,7 @@ async def test_requests_arriving_within_the_delay_run_as_one_batch_after_it():
     executor, batcher = started_batcher(delay_us)
     inputs = one_row_feeds(3)
     start = time.monotonic()
-    done = await asyncio.wait_for(asyncio.gather(*(batcher.submit(feeds, 1, signature_of(feeds, True))
-                                                   for feeds in inputs)), 5)
+    done = await asyncio.wait_for(asyncio.gather(*(submit(batcher, feeds) for feeds in inputs)), 5)
     assert time.monotonic() - start >= delay_us / 1e6  # the partial batch waited out the delay
     assert executor.batch_sizes == [3]
     for index, pending in enumerate(done):
@@ -81,7 +87,7 @@ async def test_requests_arriving_within_the_delay_run_as_one_batch_after_it():
 async def test_a_request_cancelled_while_queued_is_not_computed():
     executor, batcher = started_batcher(delay_us=50_000)
     inputs = one_row_feeds(3)
-    waiting = [asyncio.ensure_future(batcher.submit(feeds, 1, signature_of(feeds, True))) for feeds in inputs]
+    waiting = [asyncio.ensure_future(submit(batcher, feeds)) for feeds in inputs]
     await asyncio.sleep(0)  # all three queued
     waiting[1].cancel()  # the caller gives up within the queue delay
     first, last = await asyncio.wait_for(asyncio.gather(waiting[0], waiting[2]), 5)
@@ -123,7 +129,7 @@ async def test_the_batcher_learns_how_late_it_wakes_up_and_asks_that_much_early(
     feeds = {"x": np.ones((1, 2), np.float32)}
     waits_us = []
     for _ in range(30):  # lone requests: each waits out the delay
-        pending = await asyncio.wait_for(batcher.submit(feeds, 1, signature_of(feeds, True)), 5)
+        pending = await asyncio.wait_for(submit(batcher, feeds), 5)
         waits_us.append(pending.queue_us)
     await batcher.close(1.0)
     assert waits_us[0] >= delay_us + 2_000  # nothing learnt yet: the delay plus the late wake-up
@@ -137,8 +143,8 @@ async def test_the_batcher_learns_how_late_it_wakes_up_and_asks_that_much_early(
 async def test_a_request_timing_out_in_the_queue_leaves_the_others_to_their_batch():
     executor, batcher = started_batcher(300_000)
     feeds = one_row_feeds(3)
-    timed = asyncio.ensure_future(batcher.submit(feeds[0], 1, signature_of(feeds[0], True), timeout_us=50_000))
-    patient = asyncio.ensure_future(batcher.submit(feeds[1], 1, signature_of(feeds[1], True)))
+    timed = asyncio.ensure_future(submit(batcher, feeds[0], timeout_us=50_000))
+    patient = asyncio.ensure_future(submit(batcher, feeds[1]))
     with pytest.raises(RequestTimedOut):
         await asyncio.wait_for(timed, 5)
     assert not patient.done()  # still waiting out the delay
@@ -146,7 +152,7 @@ async def test_a_request_timing_out_in_the_queue_leaves_the_others_to_their_batc
     np.testing.assert_array_equal(done.future.result()["y"], np.full((1, 2), 2, np.float32))
     # the queue's count of requests with a timeout went back to zero, and counts the next one again
     with pytest.raises(RequestTimedOut):
-        await asyncio.wait_for(batcher.submit(feeds[2], 1, signature_of(feeds[2], True), timeout_us=50_000), 5)
+        await asyncio.wait_for(submit(batcher, feeds[2], timeout_us=50_000), 5)
     assert executor.batch_sizes == [1]
     await batcher.close(1.0)
 
