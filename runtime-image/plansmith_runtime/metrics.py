@@ -9,7 +9,8 @@ depth gauge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
@@ -20,21 +21,41 @@ TRITON_COUNTERS = (
     ("nv_inference_exec_count", "exec_count", "Number of model executions performed (one per batch)"),
     ("nv_inference_request_duration_us", "request_us", "Cumulative inference request duration in microseconds"),
     ("nv_inference_queue_duration_us", "queue_us", "Cumulative inference queuing duration in microseconds"),
+    ("nv_inference_compute_input_duration_us", "compute_input_us", "Cumulative compute input duration in microseconds"),
     ("nv_inference_compute_infer_duration_us", "compute_us", "Cumulative compute inference duration in microseconds"),
+    ("nv_inference_compute_output_duration_us", "compute_output_us", "Cumulative compute output duration in microseconds"),
 )
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
+class BatchSizeStats:
+    """Executions of one batch size and their cumulative compute phases (Triton's batch_stats)."""
+
+    executions: int = 0
+    input_us: float = 0.0  # forming the batch's inputs
+    infer_us: float = 0.0  # the engine's run
+    output_us: float = 0.0  # cutting the outputs back into the requests'
+
+
+@dataclass
 class ModelStats:
+    """Cumulative counters since start. Per-request durations follow Triton: every request of a
+    batch is charged the batch's compute phases."""
+
     success: int = 0
     failure: int = 0
     inference_count: int = 0
     exec_count: int = 0
-    request_us: float = 0.0
+    request_us: float = 0.0  # successful requests, from arrival to answer
+    failure_us: float = 0.0  # failed requests, from arrival to the error
     queue_us: float = 0.0
-    compute_us: float = 0.0
+    compute_input_us: float = 0.0
+    compute_us: float = 0.0  # the engine's run (Triton's compute_infer)
+    compute_output_us: float = 0.0
+    last_inference_ms: int = 0  # wall-clock time of the last execution, ms since the epoch (0: none yet)
+    batch_sizes: dict[int, BatchSizeStats] = field(default_factory=dict)
     pending: int = 0  # requests queued, not yet in a batch (Triton's nv_inference_pending_request_count)
     in_flight: int = 0  # requests accepted and not yet answered
 
@@ -68,5 +89,57 @@ class Metrics:
                      f"nv_inference_pending_request_count{label} {self.stats.pending}\n")
         return "".join(lines).encode() + generate_latest(self.registry)
 
+    def record_execution(self, items: int, requests: int, input_us: float, infer_us: float, output_us: float) -> None:
+        """A batch of `items` ran; `requests` of its requests were still waiting for the answer."""
+        stats = self.stats
+        stats.exec_count += 1
+        stats.inference_count += items
+        stats.compute_input_us += input_us * requests
+        stats.compute_us += infer_us * requests
+        stats.compute_output_us += output_us * requests
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        size = stats.batch_sizes.get(items)
+        if size is None:
+            size = stats.batch_sizes[items] = BatchSizeStats()
+        size.executions += 1
+        size.input_us += input_us
+        size.infer_us += infer_us
+        size.output_us += output_us
+        self.batch_size.observe(items)
+
     def set_queue_depth(self, depth: int) -> None:
         self.stats.pending = depth
+
+
+def _duration(count: int, us: float) -> dict:
+    return {"count": int(count), "ns": int(us * 1000)}
+
+
+def model_statistics(name: str, version: str, stats: ModelStats) -> dict:
+    """One model's entry of Triton's statistics extension (`model_stats` in GET
+    v2/models/{name}/stats and in gRPC's ModelStatisticsResponse)."""
+    return {
+        "name": name,
+        "version": version,
+        "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.exec_count,
+        "inference_stats": {
+            "success": _duration(stats.success, stats.request_us),
+            "fail": _duration(stats.failure, stats.failure_us),
+            "queue": _duration(stats.success, stats.queue_us),
+            "compute_input": _duration(stats.success, stats.compute_input_us),
+            "compute_infer": _duration(stats.success, stats.compute_us),
+            "compute_output": _duration(stats.success, stats.compute_output_us),
+            "cache_hit": _duration(0, 0),  # no response cache
+            "cache_miss": _duration(0, 0),
+        },
+        "batch_stats": [
+            {"batch_size": size,
+             "compute_input": _duration(batch.executions, batch.input_us),
+             "compute_infer": _duration(batch.executions, batch.infer_us),
+             "compute_output": _duration(batch.executions, batch.output_us)}
+            for size, batch in sorted(stats.batch_sizes.items())
+        ],
+        "memory_usage": [],
+    }

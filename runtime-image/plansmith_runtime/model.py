@@ -20,7 +20,7 @@ from plansmith_runtime import compatibility
 from plansmith_runtime.config import ServingConfig, check_against_engine
 from plansmith_runtime.executors import Executor, create_executor
 from plansmith_runtime.loader import fetch_engine
-from plansmith_runtime.metrics import Metrics
+from plansmith_runtime.metrics import Metrics, model_statistics
 from plansmith_runtime.protocol import InvalidRequest, Signature
 from plansmith_runtime.scheduler import DynamicBatcher
 
@@ -197,6 +197,10 @@ class ServedModel:
             "outputs": [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": shape(t)} for t in self.signature.outputs],
         }
 
+    def statistics(self) -> dict:
+        """This model's entry of Triton's statistics extension."""
+        return model_statistics(self.name, self.version, self.metrics.stats)
+
     # ------------------------------------------------------------------ inference
 
     def check_version(self, version: str | None) -> None:
@@ -219,6 +223,7 @@ class ServedModel:
             await pending.future
         except BaseException:
             stats.failure += 1
+            stats.failure_us += (time.monotonic_ns() - received) / 1000
             raise
         finally:
             stats.in_flight -= 1
@@ -226,7 +231,6 @@ class ServedModel:
         stats.success += 1
         stats.request_us += (time.monotonic_ns() - received) / 1000
         stats.queue_us += pending.queue_us
-        stats.compute_us += pending.compute_us
         if outputs:
             return {name: result[name] for name in outputs}
         return result

@@ -115,7 +115,6 @@ class Pending:
     enqueued_ns: int
     deadline_ns: int | None = None
     queue_us: float = field(default=0.0)
-    compute_us: float = field(default=0.0)
 
 
 class DynamicBatcher:
@@ -235,10 +234,12 @@ class DynamicBatcher:
         start = time.monotonic_ns()
         try:
             feeds = concatenate([p.inputs for p in batch])
+            formed = time.monotonic_ns()
             if sum(p.batch for p in batch) <= self.inline_max_items:
                 outputs = executor.run(feeds)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._pool, executor.run, feeds)
+            ran = time.monotonic_ns()
             parts = split(outputs, [p.batch for p in batch])
         except Exception as error:  # any backend failure fails this batch's requests, not the server
             log.exception("batch execution failed")
@@ -248,17 +249,14 @@ class DynamicBatcher:
             return
         finally:
             self._idle.put_nowait(executor)
-        compute_us = (time.monotonic_ns() - start) / 1000
-        items = sum(p.batch for p in batch)
-        stats = self.metrics.stats
-        stats.exec_count += 1
-        stats.inference_count += items
-        self.metrics.batch_size.observe(items)
+        answered = 0
         for pending, part in zip(batch, parts):
             pending.queue_us = (start - pending.enqueued_ns) / 1000
-            pending.compute_us = compute_us
             if not pending.future.done():
                 pending.future.set_result(part)
+                answered += 1
+        self.metrics.record_execution(sum(p.batch for p in batch), answered, (formed - start) / 1000,
+                                      (ran - formed) / 1000, (time.monotonic_ns() - ran) / 1000)
 
     async def close(self, grace_seconds: float) -> None:
         """Stop taking requests, finish the queued and running ones (bounded by the grace period)."""
