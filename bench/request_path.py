@@ -34,6 +34,7 @@ from plansmith_runtime.config import BatchingPolicy, ServingConfig  # noqa: E402
 from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi  # noqa: E402
 from plansmith_runtime.http_transport import HttpConnection, HttpServer  # noqa: E402
 from plansmith_runtime.model import LoadOptions, ServedModel  # noqa: E402
+from plansmith_runtime.shared_memory import SystemSharedMemory  # noqa: E402
 
 CONNECTIONS = 64
 
@@ -77,7 +78,7 @@ async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rou
     await model.load(LoadOptions(manifest_uri))
     if not model.ready:
         raise SystemExit(f"model not ready: {model.reason}")
-    server = HttpServer(HttpApi(model, lambda: True).handle, MAX_BODY_BYTES)
+    server = HttpServer(HttpApi(model, lambda: True, SystemSharedMemory()).handle, MAX_BODY_BYTES)
     loop = asyncio.get_running_loop()
     state: dict = {}
 

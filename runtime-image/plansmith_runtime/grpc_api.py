@@ -7,14 +7,17 @@ import logging
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.model import ModelNotReady, ServedModel
-from plansmith_runtime.protocol import InvalidRequest, ModelNotFound, array_from_bytes, array_from_json, datatype_of
+from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, array_from_bytes, array_from_json,
+                                        datatype_of, reference_from_parameters, tensor_layout, write_to_shared_memory)
 from plansmith_runtime.scheduler import QueueFull, RequestTimedOut, ShuttingDown
+from plansmith_runtime.shared_memory import SystemSharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +41,46 @@ def grpc_status(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def decode_grpc_inputs(request) -> dict[str, np.ndarray]:
+def parameters_of(message) -> dict:
+    """A protobuf map of InferParameter as plain values."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in message.parameters.items()
+            if value.WhichOneof("parameter_choice")}
+
+
+def decode_grpc_inputs(request, shared_memory: SystemSharedMemory | None = None) -> dict[str, np.ndarray]:
+    """The request's inputs: from shared memory when an input names a region, else from typed
+    `contents`, else from raw_input_contents, whose entries belong, in order, to the inputs that
+    have neither (as in Triton)."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    next_raw = 0
     arrays: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
+    for tensor in request.inputs:
         if tensor.name in arrays:
             raise InvalidRequest(f"input '{tensor.name}' is given twice")
         shape = list(tensor.shape)
-        if raw:
-            arrays[tensor.name] = array_from_bytes(tensor.name, tensor.datatype, shape, raw[index])
-        else:
+        in_shared_memory = ("shared_memory_region" in tensor.parameters
+                            and reference_from_parameters(f"input '{tensor.name}'", parameters_of(tensor)))
+        if in_shared_memory:
+            if shared_memory is None:
+                raise SharedMemoryError(f"input '{tensor.name}': this endpoint takes no shared memory")
+            if tensor.HasField("contents"):
+                raise InvalidRequest(f"input '{tensor.name}' names a shared memory region and also carries contents")
+            arrays[tensor.name] = shared_memory.input_array(in_shared_memory, tensor.name,
+                                                            *tensor_layout(tensor.name, tensor.datatype, shape))
+        elif tensor.HasField("contents"):
+            if raw:
+                raise InvalidRequest(f"input '{tensor.name}': contents must not be given when raw_input_contents are used")
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None:
                 raise InvalidRequest(f"input '{tensor.name}': datatype {tensor.datatype!r} needs raw_input_contents")
             arrays[tensor.name] = array_from_json(tensor.name, tensor.datatype, shape, list(getattr(tensor.contents, field)))
+        elif next_raw < len(raw):
+            arrays[tensor.name] = array_from_bytes(tensor.name, tensor.datatype, shape, raw[next_raw])
+            next_raw += 1
+        else:
+            raise InvalidRequest(f"unable to find data for input '{tensor.name}' in the request")
+    if next_raw != len(raw):
+        raise InvalidRequest(f"{len(raw)} raw_input_contents for {next_raw} inputs that take raw contents")
     return arrays
 
 
@@ -69,9 +96,10 @@ class InferenceService:
     extensions it does not announce, answer UNIMPLEMENTED). Each takes the request message and
     returns the response, or a coroutine of it when the call waits (an inference)."""
 
-    def __init__(self, model: ServedModel, is_ready) -> None:
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory) -> None:
         self.model = model
         self.is_ready = is_ready
+        self.shared_memory = shared_memory  # the server's regions, shared with the HTTP front end
 
     def methods(self) -> dict[str, UnaryMethod]:
         """Full method path ("/inference.GRPCInferenceService/ModelInfer") -> request type and handler."""
@@ -127,21 +155,68 @@ class InferenceService:
             raise grpc_error(error) from None
         return service_pb2.ModelConfigResponse(config=config)
 
+    def ModelStatistics(self, request):
+        try:
+            model = self._model(request.name, request.version) if request.name else self.model
+        except InvalidRequest as error:
+            raise grpc_error(error) from None
+        return json_format.ParseDict({"model_stats": [model.statistics()]}, service_pb2.ModelStatisticsResponse())
+
+    def SystemSharedMemoryStatus(self, request):
+        try:
+            regions = self.shared_memory.status(request.name)
+        except SharedMemoryError as error:
+            raise grpc_error(error) from None
+        response = service_pb2.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(
+                service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    def SystemSharedMemoryRegister(self, request):
+        try:
+            self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        except SharedMemoryError as error:
+            raise grpc_error(error) from None
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(self, request):
+        if request.name:
+            self.shared_memory.unregister(request.name)
+        else:
+            self.shared_memory.unregister_all()
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
+
     async def ModelInfer(self, request):
         try:
             model = self._model(request.model_name, request.model_version)
-            inputs = decode_grpc_inputs(request)
+            inputs = decode_grpc_inputs(request, self.shared_memory)
             wanted = [tensor.name for tensor in request.outputs]
+            in_shared_memory = {tensor.name: reference_from_parameters(f"output '{tensor.name}'", parameters_of(tensor))
+                                for tensor in request.outputs if "shared_memory_region" in tensor.parameters}
             timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
             outputs = await model.infer(inputs, wanted, timeout)
         except INFERENCE_ERRORS as error:
             raise grpc_error(error) from None
         response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in outputs.items():
-            response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+            tensor = response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+            reference = in_shared_memory.get(name)
+            if reference is None:
+                response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+                continue
+            try:
+                parameters = write_to_shared_memory(self.shared_memory, reference, name, array)
+            except SharedMemoryError as error:
+                raise grpc_error(error) from None
+            for key, value in parameters.items():
+                if isinstance(value, str):
+                    tensor.parameters[key].string_param = value
+                else:
+                    tensor.parameters[key].int64_param = value
+            response.raw_output_contents.append(b"")  # Triton keeps one entry per output, empty for shared memory
         return response
 
 
-def create_server(model: ServedModel, is_ready) -> GrpcServer:
-    return GrpcServer(InferenceService(model, is_ready).methods(), MAX_MESSAGE_BYTES)
+def create_server(model: ServedModel, is_ready, shared_memory: SystemSharedMemory) -> GrpcServer:
+    return GrpcServer(InferenceService(model, is_ready, shared_memory).methods(), MAX_MESSAGE_BYTES)

@@ -8,20 +8,22 @@ import logging
 from dataclasses import dataclass
 from typing import Awaitable
 
+import orjson
 from aiohttp import web
 
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepted_encoding, compress_response,
                                               error_response, json_response)
 from plansmith_runtime.model import ModelNotReady, ServedModel
-from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, decode_http_request,
-                                        encode_http_response)
+from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
+                                        decode_http_request, encode_http_response)
+from plansmith_runtime.shared_memory import SystemSharedMemory
 from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "plansmith"
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "system_shared_memory"]
 MAX_BODY_BYTES = 256 << 20
 _HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
 # What an inference answers with an error status (HTTP here, gRPC in grpc_api) instead of failing
@@ -42,13 +44,17 @@ def server_metadata() -> dict:
 
 @dataclass(frozen=True)
 class Route:
-    endpoint: str  # live, ready, server_metadata, model_metadata, model_ready, model_config, infer
-    model: str | None = None
+    endpoint: str  # a method of HttpApi: live, ready, model_metadata, infer, shared_memory_register, ...
+    model: str | None = None  # for model_statistics, None: every model
     version: str | None = None
+    region: str | None = None  # for shared_memory_status and _unregister, None: every region
 
 
-MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "infer": "infer"}
-METHODS = {"infer": "POST"}  # every other endpoint is GET
+MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "infer": "infer",
+                   "stats": "model_statistics"}
+SHARED_MEMORY_ACTIONS = ("status", "register", "unregister")
+METHODS = {"infer": "POST", "shared_memory_register": "POST", "shared_memory_unregister": "POST"}  # others: GET
+TAKES_BODY = frozenset({"infer", "shared_memory_register"})
 
 
 @functools.lru_cache(maxsize=1024)  # clients repeat a handful of paths: a hit skips the split and compares
@@ -64,6 +70,10 @@ def route(path: str) -> Route | None:
         return Route("live")
     if rest == ["health", "ready"]:
         return Route("ready")
+    if rest[0] == "systemsharedmemory":
+        return _shared_memory_route(rest[1:])
+    if rest == ["models", "stats"]:
+        return Route("model_statistics")
     if rest[0] != "models" or len(rest) < 2 or not rest[1]:
         return None
     name, rest = rest[1], rest[2:]
@@ -77,10 +87,20 @@ def route(path: str) -> Route | None:
     return Route(MODEL_ENDPOINTS[rest[0] if rest else ""], name, version)
 
 
+def _shared_memory_route(rest: list[str]) -> Route | None:
+    """v2/systemsharedmemory/{status,unregister} and .../region/{name}/{status,register,unregister}."""
+    if rest in (["status"], ["unregister"]):
+        return Route(f"shared_memory_{rest[0]}")
+    if len(rest) == 3 and rest[0] == "region" and rest[1] and rest[2] in SHARED_MEMORY_ACTIONS:
+        return Route(f"shared_memory_{rest[2]}", region=rest[1])
+    return None
+
+
 class HttpApi:
-    def __init__(self, model: ServedModel, is_ready) -> None:
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory) -> None:
         self.model = model
         self.is_ready = is_ready  # callable: server accepting requests and model ready
+        self.shared_memory = shared_memory  # the server's regions, shared with the gRPC front end
 
     def handle(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """The answer, or for an inference the coroutine that answers once the batch has run."""
@@ -90,8 +110,8 @@ class HttpApi:
         method = METHODS.get(target.endpoint, "GET")
         if request.method != method:
             return error_response(405, f"{request.path} takes {method}", (("Allow", method),))
-        if target.endpoint == "infer":
-            return self.infer(target, request)
+        if target.endpoint in TAKES_BODY:
+            return getattr(self, target.endpoint)(target, request)
         return getattr(self, target.endpoint)(target)
 
     def _model(self, target: Route) -> ServedModel:
@@ -135,12 +155,48 @@ class HttpApi:
             return error_response(503, f"model '{self.model.name}' is not ready: {self.model.reason}")
         return json_response(config_as_json(config))
 
+    def model_statistics(self, target: Route) -> HttpResponse:
+        if target.model is None:  # every model: this server's one
+            return json_response({"model_stats": [self.model.statistics()]})
+        try:
+            return json_response({"model_stats": [self._model(target).statistics()]})
+        except InvalidRequest as error:
+            return error_response(400, str(error))
+
+    def shared_memory_status(self, target: Route) -> HttpResponse:
+        try:
+            return json_response(self.shared_memory.status(target.region or ""))
+        except SharedMemoryError as error:
+            return error_response(400, str(error))
+
+    def shared_memory_register(self, target: Route, request: HttpRequest) -> HttpResponse:
+        assert target.region is not None
+        try:
+            document = orjson.loads(request.body)
+        except orjson.JSONDecodeError as error:
+            return error_response(400, f"failed to parse the request JSON: {error}")
+        if not isinstance(document, dict):
+            return error_response(400, "a shared memory registration is a JSON object with key, offset and byte_size")
+        try:
+            self.shared_memory.register(target.region, document.get("key"), document.get("offset", 0),
+                                        document.get("byte_size"))
+        except SharedMemoryError as error:
+            return error_response(400, str(error))
+        return HttpResponse(200, b"")
+
+    def shared_memory_unregister(self, target: Route) -> HttpResponse:
+        if target.region is None:
+            self.shared_memory.unregister_all()
+        else:
+            self.shared_memory.unregister(target.region)
+        return HttpResponse(200, b"")
+
     async def infer(self, target: Route, request: HttpRequest) -> HttpResponse:
         try:
             model = self._model(target)
-            decoded = decode_http_request(request.body, request.headers.get(_HEADER_CONTENT_LENGTH))
+            decoded = decode_http_request(request.body, request.headers.get(_HEADER_CONTENT_LENGTH), self.shared_memory)
             outputs = await model.infer(decoded.inputs, decoded.outputs)
-            payload, header_length = encode_http_response(model.name, model.version, decoded, outputs)
+            payload, header_length = encode_http_response(model.name, model.version, decoded, outputs, self.shared_memory)
         except INFERENCE_ERRORS as error:
             return error_response(error_status(error), str(error))
         if header_length is None:

@@ -9,7 +9,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import orjson
@@ -40,6 +40,34 @@ class InvalidRequest(ValueError):
 
 class ModelNotFound(InvalidRequest):
     pass
+
+
+class SharedMemoryError(InvalidRequest):
+    """A shared memory region that cannot be registered, found or used: HTTP 400 / gRPC INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True)
+class SharedMemoryReference:
+    """Where a request's tensor lives: `byte_size` bytes at `offset` into a registered region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+def reference_from_parameters(tensor: str, parameters: dict) -> SharedMemoryReference | None:
+    """The shared memory a tensor's parameters name (shared_memory_region, _byte_size, _offset), if any."""
+    region = parameters.get("shared_memory_region")
+    if region is None:
+        return None
+    byte_size = parameters.get("shared_memory_byte_size")
+    offset = parameters.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or not region:
+        raise SharedMemoryError(f"'{tensor}': shared_memory_region must be a region name, got {region!r}")
+    for label, value in (("shared_memory_byte_size", byte_size), ("shared_memory_offset", offset)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise SharedMemoryError(f"'{tensor}': {label} must be a non-negative integer, got {value!r}")
+    return SharedMemoryReference(region, byte_size, offset)  # type: ignore[arg-type]
 
 
 def datatype_of(dtype: str | np.dtype) -> str:
@@ -119,6 +147,7 @@ class InferRequest:
     outputs: Sequence[str]  # empty: all
     binary_outputs: Mapping[str, bool] = field(default_factory=dict)
     binary_default: bool = False
+    shared_memory_outputs: Mapping[str, SharedMemoryReference] = field(default_factory=dict)  # written there, not sent
 
 
 def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
@@ -160,9 +189,13 @@ def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
     return batch
 
 
+def tensor_layout(name: str, datatype: str, shape: Sequence[int]) -> tuple[np.dtype, tuple[int, ...]]:
+    """A request tensor's numpy dtype and shape, checked."""
+    return _numpy_dtype(name, datatype), _shape(name, shape)
+
+
 def array_from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview) -> np.ndarray:
-    dtype = _numpy_dtype(name, datatype)
-    shape = _shape(name, shape)
+    dtype, shape = tensor_layout(name, datatype, shape)
     _check_byte_length(name, datatype, dtype, shape, len(data))
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
@@ -209,9 +242,10 @@ class InputHeader:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    binary_size: int | None  # its bytes in the binary part after the header, or None: JSON `data`
+    binary_size: int | None  # its bytes in the binary part after the header, or None: JSON `data` or shared memory
     datatype: str = ""
     data: Any = None
+    shared_memory: SharedMemoryReference | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +257,7 @@ class RequestHeader:
     outputs: tuple[str, ...]
     binary_outputs: Mapping[str, bool]  # read-only
     binary_default: bool
+    shared_memory_outputs: Mapping[str, SharedMemoryReference]  # read-only
 
 
 def parse_request_header(text: bytes | memoryview) -> RequestHeader:
@@ -240,30 +275,41 @@ def parse_request_header(text: bytes | memoryview) -> RequestHeader:
         if any(seen.name == name for seen in inputs):
             raise InvalidRequest(f"input '{name}' is given twice")
         parameters = tensor.get("parameters") or {}
-        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-        if size is None and "data" not in tensor:
-            raise InvalidRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(f"input '{name}': parameters must be an object")
+        size = parameters.get("binary_data_size")
+        shared_memory = reference_from_parameters(f"input '{name}'", parameters)
+        if size is None and "data" not in tensor and shared_memory is None:
+            raise InvalidRequest(f"input '{name}' has neither 'data', binary_data_size nor shared_memory_region")
+        if shared_memory is not None and (size is not None or "data" in tensor):
+            raise InvalidRequest(f"input '{name}' names a shared memory region and also carries data")
         datatype = tensor.get("datatype")
         dtype, shape = _numpy_dtype(name, datatype), _shape(name, tensor.get("shape"))
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidRequest(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
             _check_byte_length(name, datatype, dtype, shape, size)
-        inputs.append(InputHeader(name, dtype, shape, size, datatype, tensor.get("data")))
+        inputs.append(InputHeader(name, dtype, shape, size, datatype, tensor.get("data"), shared_memory))
     request_parameters = document.get("parameters") or {}
     binary_default = bool(request_parameters.get("binary_data_output", False)) if isinstance(request_parameters, dict) else False
     outputs: list[str] = []
     binary_outputs: list[tuple[str, bool]] = []
+    shared_memory_outputs: dict[str, SharedMemoryReference] = {}
     for tensor in document.get("outputs") or []:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InvalidRequest("each requested output must be an object with a 'name'")
         outputs.append(tensor["name"])
         parameters = tensor.get("parameters") or {}
-        if isinstance(parameters, dict) and "binary_data" in parameters:
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(f"output '{tensor['name']}': parameters must be an object")
+        if "binary_data" in parameters:
             binary_outputs.append((tensor["name"], bool(parameters["binary_data"])))
+        shared_memory = reference_from_parameters(f"output '{tensor['name']}'", parameters)
+        if shared_memory is not None:
+            shared_memory_outputs[tensor["name"]] = shared_memory
     request_id = document.get("id", "")
     return RequestHeader(str(request_id) if request_id is not None else "", tuple(inputs), tuple(outputs),
-                         MappingProxyType(dict(binary_outputs)), binary_default)
+                         MappingProxyType(dict(binary_outputs)), binary_default, MappingProxyType(shared_memory_outputs))
 
 
 # A client sends the same header for every request of one shape (tritonclient builds it from the
@@ -274,9 +320,10 @@ MEMO_HEADER_BYTES = 2048
 _parse_repeated_header = functools.lru_cache(maxsize=256)(parse_request_header)
 
 
-def decode_http_request(body: bytes, header_length: str | None) -> InferRequest:
+def decode_http_request(body: bytes, header_length: str | None, shared_memory: SharedMemoryInputs | None = None) -> InferRequest:
     """Parse a POST .../infer body: JSON, or JSON followed by binary tensors when the
-    Inference-Header-Content-Length header gives the JSON's length."""
+    Inference-Header-Content-Length header gives the JSON's length. Inputs in shared memory are
+    read from `shared_memory`'s regions."""
     if header_length is not None:
         try:
             json_length = int(header_length)
@@ -293,6 +340,11 @@ def decode_http_request(body: bytes, header_length: str | None) -> InferRequest:
     offset = 0
     inputs: dict[str, np.ndarray] = {}
     for tensor in header.inputs:
+        if tensor.shared_memory is not None:
+            if shared_memory is None:
+                raise SharedMemoryError(f"input '{tensor.name}': this endpoint takes no shared memory")
+            inputs[tensor.name] = shared_memory.input_array(tensor.shared_memory, tensor.name, tensor.dtype, tensor.shape)
+            continue
         if tensor.binary_size is None:
             inputs[tensor.name] = _array_from_values(tensor.name, tensor.datatype, tensor.dtype, tensor.shape, tensor.data)
             continue
@@ -302,13 +354,15 @@ def decode_http_request(body: bytes, header_length: str | None) -> InferRequest:
         offset += tensor.binary_size
     if offset != len(binary):
         raise InvalidRequest(f"{len(binary) - offset} unexpected bytes after the binary inputs")
-    return InferRequest(header.id, inputs, header.outputs, header.binary_outputs, header.binary_default)
+    return InferRequest(header.id, inputs, header.outputs, header.binary_outputs, header.binary_default,
+                        header.shared_memory_outputs)
 
 
-def encode_http_response(model_name: str, version: str, request: InferRequest,
-                         outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
-    """The response body and, when some outputs are binary, the JSON header's length."""
-    if outputs and not request.id and all(request.binary_outputs.get(name, request.binary_default) for name in outputs):
+def encode_http_response(model_name: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
+                         shared_memory: SharedMemoryOutputs | None = None) -> tuple[bytes, int | None]:
+    """The response body and, when some outputs are binary, the JSON header's length. Outputs the
+    request placed in shared memory are written to `shared_memory` and described without data."""
+    if outputs and not request.id and not request.shared_memory_outputs and all(request.binary_outputs.get(name, request.binary_default) for name in outputs):
         # every output binary: the JSON header depends only on the outputs' names, dtypes and shapes
         layout = tuple([(name, array.dtype, array.shape) for name, array in outputs.items()])
         header = _binary_outputs_header(model_name, version, layout)
@@ -317,7 +371,10 @@ def encode_http_response(model_name: str, version: str, request: InferRequest,
     blobs: list[bytes] = []
     for name, array in outputs.items():
         entry = _output_entry(name, array.dtype, array.shape)
-        if request.binary_outputs.get(name, request.binary_default):
+        in_shared_memory = request.shared_memory_outputs.get(name)
+        if in_shared_memory is not None:
+            entry["parameters"] = write_to_shared_memory(shared_memory, in_shared_memory, name, array)
+        elif request.binary_outputs.get(name, request.binary_default):
             raw = array.tobytes()  # C order whatever the array's layout
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
@@ -339,6 +396,27 @@ def _binary_outputs_header(model_name: str, version: str, layout: tuple[tuple[st
     tensors = [{**_output_entry(name, dtype, shape), "parameters": {"binary_data_size": math.prod(shape) * dtype.itemsize}}
                for name, dtype, shape in layout]
     return orjson.dumps({"model_name": model_name, "model_version": version, "outputs": tensors})
+
+
+class SharedMemoryInputs(Protocol):
+    def input_array(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
+                    shape: tuple[int, ...]) -> np.ndarray: ...
+
+
+class SharedMemoryOutputs(Protocol):
+    def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int: ...
+
+
+def write_to_shared_memory(shared_memory: SharedMemoryOutputs | None, reference: SharedMemoryReference, name: str,
+                           array: np.ndarray) -> dict[str, Any]:
+    """Write an output where the request asked; the parameters a response describes it with."""
+    if shared_memory is None:
+        raise SharedMemoryError(f"output '{name}': this endpoint takes no shared memory")
+    written = shared_memory.write_output(reference, name, array)
+    parameters: dict[str, Any] = {"shared_memory_region": reference.region, "shared_memory_byte_size": written}
+    if reference.offset:
+        parameters["shared_memory_offset"] = reference.offset
+    return parameters
 
 
 def _output_entry(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from plansmith_runtime.grpc_api import create_server
 from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi, metrics_app
 from plansmith_runtime.http_transport import HttpServer
 from plansmith_runtime.model import LoadOptions, ServedModel
+from plansmith_runtime.shared_memory import SystemSharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Server:
     def __init__(self, config: ServingConfig, load: LoadOptions, listen: Listen) -> None:
         self.config, self.load_options, self.listen = config, load, listen
         self.model = ServedModel(config)
+        self.shared_memory = SystemSharedMemory()  # regions registered by clients, for both front ends
         self.accepting = True
 
     def is_ready(self) -> bool:
@@ -40,12 +42,12 @@ class Server:
     async def run(self) -> int:
         host = self.listen.host
         grace = self.config.grace_seconds
-        http_server = HttpServer(HttpApi(self.model, self.is_ready).handle, MAX_BODY_BYTES)
+        http_server = HttpServer(HttpApi(self.model, self.is_ready, self.shared_memory).handle, MAX_BODY_BYTES)
         metrics_runner = web.AppRunner(metrics_app(self.model), access_log=None, shutdown_timeout=1.0)
         await metrics_runner.setup()
         await http_server.start(host, self.listen.http_port, backlog=2048)
         await web.TCPSite(metrics_runner, host, self.listen.metrics_port).start()
-        grpc_server = create_server(self.model, self.is_ready)
+        grpc_server = create_server(self.model, self.is_ready, self.shared_memory)
         await grpc_server.start(host, self.listen.grpc_port, backlog=2048)
         log.info("listening", extra={"http": self.listen.http_port, "grpc": self.listen.grpc_port,
                                      "metrics": self.listen.metrics_port, "host": host, "model": self.model.name})
@@ -64,6 +66,7 @@ class Server:
         await asyncio.gather(grpc_server.close(grace), http_server.close(grace), return_exceptions=True)
         await self.model.stop(grace)
         await metrics_runner.cleanup()
+        self.shared_memory.close()
         if not loader.done():
             loader.cancel()
         log.info("stopped")

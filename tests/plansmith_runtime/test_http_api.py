@@ -10,6 +10,7 @@ from plansmith_runtime.config import BatchingPolicy, ServingConfig
 from plansmith_runtime.http_api import HttpApi, Route, route
 from plansmith_runtime.http_transport import HttpRequest, HttpResponse
 from plansmith_runtime.model import ServedModel
+from plansmith_runtime.shared_memory import SystemSharedMemory
 
 
 @pytest.mark.parametrize("path, expected", [
@@ -25,6 +26,14 @@ from plansmith_runtime.model import ServedModel
     ("/v2/models/resnet/versions/1/config", Route("model_config", "resnet", "1")),
     ("/v2/models/resnet/infer", Route("infer", "resnet")),
     ("/v2/models/resnet/versions/1/infer", Route("infer", "resnet", "1")),
+    ("/v2/models/stats", Route("model_statistics")),
+    ("/v2/models/resnet/stats", Route("model_statistics", "resnet")),
+    ("/v2/models/resnet/versions/1/stats", Route("model_statistics", "resnet", "1")),
+    ("/v2/systemsharedmemory/status", Route("shared_memory_status")),
+    ("/v2/systemsharedmemory/unregister", Route("shared_memory_unregister")),
+    ("/v2/systemsharedmemory/region/images/status", Route("shared_memory_status", region="images")),
+    ("/v2/systemsharedmemory/region/images/register", Route("shared_memory_register", region="images")),
+    ("/v2/systemsharedmemory/region/images/unregister", Route("shared_memory_unregister", region="images")),
 ])
 def test_route_names_every_kserve_v2_endpoint(path, expected):
     assert route(path) == expected
@@ -33,7 +42,9 @@ def test_route_names_every_kserve_v2_endpoint(path, expected):
 @pytest.mark.parametrize("path", [
     "/", "/v1/models/resnet", "/v2/health", "/v2/health/dead", "/v2/models", "/v2/models/", "/v2/models//infer",
     "/v2/models/resnet/versions", "/v2/models/resnet/versions//infer", "/v2/models/resnet/explain",
-    "/v2/models/resnet/infer/more", "/v2/repository/index",
+    "/v2/models/resnet/infer/more", "/v2/repository/index", "/v2/systemsharedmemory",
+    "/v2/systemsharedmemory/region/images", "/v2/systemsharedmemory/region//register",
+    "/v2/systemsharedmemory/region/images/delete", "/v2/cudasharedmemory/status",
 ])
 def test_route_rejects_unknown_paths(path):
     assert route(path) is None
@@ -42,7 +53,7 @@ def test_route_rejects_unknown_paths(path):
 @pytest.fixture
 def api():
     model = ServedModel(ServingConfig("resnet", BatchingPolicy()))
-    return HttpApi(model, lambda: model.ready)
+    return HttpApi(model, lambda: model.ready, SystemSharedMemory())
 
 
 def request(method: str, path: str, body: bytes = b"") -> HttpRequest:
@@ -82,3 +93,19 @@ async def test_a_model_still_loading_is_live_not_ready_and_refuses_inference(api
     assert other.status == 400 and "unknown model" in json.loads(other.body)["error"]
     version = await answer(api, request("GET", "/v2/models/resnet/versions/7/ready"))
     assert version.status == 400 and "has no version 7" in json.loads(version.body)["error"]
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "failed to parse"),
+    (b"[1, 2]", "JSON object with key, offset and byte_size"),
+    (b'{"offset": 0, "byte_size": 16}', "is not a shared memory object name"),
+    (b'{"key": "/k", "offset": 0}', "byte_size must be a non-negative integer"),
+    (b'{"key": "/k", "offset": "0", "byte_size": 16}', "offset must be a non-negative integer"),
+])
+def test_a_bad_shared_memory_registration_is_400_and_registers_nothing(api, body, message):
+    response = api.handle(request("POST", "/v2/systemsharedmemory/region/images/register", body))
+    assert response.status == 400 and message in json.loads(response.body)["error"]
+    assert api.shared_memory.status() == []
+    assert api.handle(request("GET", "/v2/systemsharedmemory/region/images/register")).status == 405
+    status = api.handle(request("GET", "/v2/systemsharedmemory/region/images/status"))
+    assert status.status == 400 and "unable to find" in json.loads(status.body)["error"]

@@ -170,3 +170,54 @@ def test_a_memoized_header_still_has_its_body_checked():
         decode_http_request(body[:-4], length)
     with pytest.raises(InvalidRequest, match="4 unexpected bytes"):
         decode_http_request(body + b"\0" * 4, length)
+
+
+class FakeRegions:
+    """Stands in for SystemSharedMemory (tested against real shared memory in test_shared_memory)."""
+
+    def __init__(self) -> None:
+        self.memory = np.zeros(64, np.float32)
+        self.written: dict[str, tuple] = {}
+
+    def input_array(self, reference, tensor, dtype, shape):
+        start = reference.offset // 4
+        return self.memory[start:start + int(np.prod(shape))].reshape(shape)
+
+    def write_output(self, reference, tensor, array):
+        self.written[tensor] = (reference, array.copy())
+        return array.nbytes
+
+
+def test_tensors_in_shared_memory_are_read_and_written_there_not_sent():
+    regions = FakeRegions()
+    regions.memory[4:12] = np.arange(8)
+    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4],
+                          "parameters": {"shared_memory_region": "in", "shared_memory_byte_size": 32,
+                                         "shared_memory_offset": 16}}],
+              "outputs": [{"name": "logits", "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 16,
+                                                            "binary_data": True}}]}
+    request = decode_http_request(json.dumps(header).encode(), None, regions)
+    np.testing.assert_array_equal(request.inputs["input"], np.arange(8, dtype=np.float32).reshape(2, 4))
+    logits = np.ones((2, 2), np.float32)
+    body, header_length = encode_http_response("m", "1", request, {"logits": logits}, regions)
+    assert header_length is None  # nothing binary follows: the output went to shared memory
+    assert json.loads(body)["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [2, 2], "parameters": {
+        "shared_memory_region": "out", "shared_memory_byte_size": 16}}]
+    reference, written = regions.written["logits"]
+    assert (reference.region, reference.byte_size, reference.offset) == ("out", 16, 0)
+    np.testing.assert_array_equal(written, logits)
+
+
+@pytest.mark.parametrize("parameters, extra, message", [
+    ({"shared_memory_region": "in"}, {}, "shared_memory_byte_size must be a non-negative integer"),
+    ({"shared_memory_region": "", "shared_memory_byte_size": 16}, {}, "must be a region name"),
+    ({"shared_memory_region": "in", "shared_memory_byte_size": 16, "shared_memory_offset": -4}, {}, "shared_memory_offset"),
+    ({"shared_memory_region": "in", "shared_memory_byte_size": 16}, {"data": [1, 2, 3, 4]}, "also carries data"),
+])
+def test_malformed_shared_memory_parameters_are_invalid_requests(parameters, extra, message):
+    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "parameters": parameters, **extra}]}
+    with pytest.raises(InvalidRequest, match=message):
+        decode_http_request(json.dumps(header).encode(), None, FakeRegions())
+    with pytest.raises(InvalidRequest, match="takes no shared memory"):  # a front end without regions
+        decode_http_request(json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "parameters": {
+            "shared_memory_region": "in", "shared_memory_byte_size": 16}}]}).encode(), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -394,3 +395,113 @@ def test_request_timeout_rejects_requests_left_in_the_queue(engines, start_serve
         http.infer("model", [http_input(x)])
     assert error.value.status() == "503"
     assert http.is_server_ready()
+
+
+def test_statistics_extension_counts_the_traffic_like_triton(engines, cnn_server):
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    assert "statistics" in http.get_server_metadata()["extensions"]
+    before = http.get_inference_statistics("cnn")["model_stats"][0]
+    x = engines["small_cnn"].model.sample_inputs(batch=3, seed=21)["input"]
+    for _ in range(4):
+        http.infer("cnn", [http_input(x)])
+        rpc.infer("cnn", [grpc_input(x)])
+    with pytest.raises(InferenceServerException):
+        http.infer("cnn", [http_input(x[:, :1])])  # wrong shape: a failure, before any queueing
+
+    stats = http.get_inference_statistics("cnn")["model_stats"][0]
+    assert (stats["name"], stats["version"]) == ("cnn", "1")
+    success = stats["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    assert success == 8
+    assert stats["inference_count"] - before["inference_count"] == 24
+    assert stats["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 1
+    for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert stats["inference_stats"][phase]["count"] == stats["inference_stats"]["success"]["count"]
+    assert stats["inference_stats"]["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
+    # every execution is in batch_stats under the batch size it ran
+    assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["inference_count"]
+    assert sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
+    assert stats["last_inference"] >= int((time.time() - 60) * 1000)
+
+    over_grpc = rpc.get_inference_statistics("cnn").model_stats[0]  # the same counters through gRPC's messages
+    assert over_grpc.inference_count == stats["inference_count"]
+    assert over_grpc.inference_stats.success.count == stats["inference_stats"]["success"]["count"]
+    assert {b.batch_size for b in over_grpc.batch_stats} == {b["batch_size"] for b in stats["batch_stats"]}
+    assert [s["name"] for s in http.get_inference_statistics()["model_stats"]] == ["cnn"]  # every model
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        http.get_inference_statistics("nope")
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        rpc.get_inference_statistics("nope")
+
+
+def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn_server):
+    import tritonclient.utils.shared_memory as shm
+
+    session = engines["small_cnn"].session()
+    x = engines["small_cnn"].model.sample_inputs(batch=2, seed=31)["input"]
+    expected = session.run(None, {"input": x})[0]
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    assert "system_shared_memory" in rpc.get_server_metadata().extensions
+    key = f"/plansmith-test-{os.getpid()}"
+    output_bytes = expected.nbytes
+    # one object, two regions in it: the input at offset 0, the outputs after it
+    handle = shm.create_shared_memory_region("whole", key, x.nbytes + 2 * output_bytes)
+    try:
+        shm.set_shared_memory_region(handle, [x])
+        http.register_system_shared_memory("images", key, x.nbytes)
+        rpc.register_system_shared_memory("logits", key, 2 * output_bytes, offset=x.nbytes)
+        status = http.get_system_shared_memory_status()
+        assert sorted((r["name"], r["key"], r["offset"], r["byte_size"]) for r in status) == [
+            ("images", key, 0, x.nbytes), ("logits", key, x.nbytes, 2 * output_bytes)]
+        assert rpc.get_system_shared_memory_status("logits").regions["logits"].offset == x.nbytes
+
+        def infer_over(client, module, output_offset):
+            tensor = module.InferInput("input", list(x.shape), "FP32")
+            tensor.set_shared_memory("images", x.nbytes)
+            wanted = module.InferRequestedOutput("logits")
+            wanted.set_shared_memory("logits", output_bytes, offset=output_offset)
+            return client.infer("cnn", [tensor], outputs=[wanted])
+
+        over_http = infer_over(http, httpclient, 0)
+        over_grpc = infer_over(rpc, grpcclient, output_bytes)
+        described = over_http.get_output("logits")
+        assert described["parameters"] == {"shared_memory_region": "logits", "shared_memory_byte_size": output_bytes}
+        assert "data" not in described  # the data went to shared memory, not into the response
+        assert over_grpc.get_output("logits").parameters["shared_memory_byte_size"].int64_param == output_bytes
+        both = shm.get_contents_as_numpy(handle, np.float32, [2, *expected.shape], offset=x.nbytes)
+        np.testing.assert_allclose(both[0], expected, **TOLERANCE)
+        np.testing.assert_allclose(both[1], expected, **TOLERANCE)
+
+        # input from shared memory, output in the response, mixed with raw bytes in one server
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_shared_memory("images", x.nbytes)
+        np.testing.assert_allclose(rpc.infer("cnn", [tensor]).as_numpy("logits"), expected, **TOLERANCE)
+
+        # mistakes are the client's: 400 / INVALID_ARGUMENT, and the server keeps serving
+        wrong_size = httpclient.InferInput("input", list(x.shape), "FP32")
+        wrong_size.set_shared_memory("images", x.nbytes - 4)
+        with pytest.raises(InferenceServerException, match="shared_memory_byte_size") as caught:
+            http.infer("cnn", [wrong_size])
+        assert caught.value.status() == "400"
+        small = grpcclient.InferRequestedOutput("logits")
+        small.set_shared_memory("logits", output_bytes - 4)
+        with pytest.raises(InferenceServerException, match="should be at least") as caught:
+            rpc.infer("cnn", [tensor], outputs=[small])
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException, match="already registered"):
+            http.register_system_shared_memory("images", key, x.nbytes)
+        with pytest.raises(InferenceServerException, match="unable to open"):
+            rpc.register_system_shared_memory("ghost", "/plansmith-no-such-object", 16)
+        with pytest.raises(InferenceServerException, match="do not fit"):
+            http.register_system_shared_memory("too-big", key, x.nbytes + 2 * output_bytes + 1)
+
+        http.unregister_system_shared_memory("images")
+        with pytest.raises(InferenceServerException, match="unable to find") as caught:
+            rpc.infer("cnn", [tensor])
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        rpc.unregister_system_shared_memory()  # all
+        assert http.get_system_shared_memory_status() == [] and not rpc.get_system_shared_memory_status().regions
+        np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
+    finally:
+        shm.destroy_shared_memory_region(handle)

@@ -1,0 +1,66 @@
+"""Decoding ModelInfer requests the way Triton does: inputs from raw_input_contents, typed contents
+or shared memory in one request."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as client_shm
+from tritonclient.grpc import service_pb2
+
+from plansmith_runtime.grpc_api import decode_grpc_inputs
+from plansmith_runtime.protocol import InvalidRequest
+from plansmith_runtime.shared_memory import SystemSharedMemory
+
+
+def request_of(*inputs) -> service_pb2.ModelInferRequest:
+    """The request tritonclient's gRPC client sends for these InferInputs."""
+    request = service_pb2.ModelInferRequest(model_name="m")
+    for tensor in inputs:
+        request.inputs.append(tensor._get_tensor())
+        if tensor._get_content() is not None:
+            request.raw_input_contents.append(tensor._get_content())
+    return request
+
+
+def test_raw_contents_belong_to_the_inputs_not_in_shared_memory():
+    a, b, c = (np.full((1, 4), value, np.float32) for value in (1, 2, 3))
+    key = f"/plansmith-grpc-{os.getpid()}"
+    handle = client_shm.create_shared_memory_region("b", key, b.nbytes)
+    registry = SystemSharedMemory()
+    try:
+        client_shm.set_shared_memory_region(handle, [b])
+        registry.register("b-region", key, 0, b.nbytes)
+        first, second, third = (grpcclient.InferInput(name, [1, 4], "FP32") for name in "abc")
+        first.set_data_from_numpy(a)
+        second.set_shared_memory("b-region", b.nbytes)
+        third.set_data_from_numpy(c)
+        arrays = decode_grpc_inputs(request_of(first, second, third), registry)
+        for name, expected in zip("abc", (a, b, c)):
+            np.testing.assert_array_equal(arrays[name], expected)
+
+        with pytest.raises(InvalidRequest, match="takes no shared memory"):
+            decode_grpc_inputs(request_of(first, second, third))
+        request = request_of(first, second, third)
+        request.raw_input_contents.append(c.tobytes())
+        with pytest.raises(InvalidRequest, match="3 raw_input_contents for 2 inputs"):
+            decode_grpc_inputs(request, registry)
+        del request.raw_input_contents[1:]
+        with pytest.raises(InvalidRequest, match="unable to find data for input 'c'"):
+            decode_grpc_inputs(request, registry)
+    finally:
+        registry.close()
+        client_shm.destroy_shared_memory_region(handle)
+
+
+def test_typed_contents_and_raw_contents_do_not_mix():
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="a", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1.0, 2.0])
+    np.testing.assert_array_equal(decode_grpc_inputs(request)["a"], [[1.0, 2.0]])
+    request.inputs.add(name="b", datatype="FP32", shape=[1, 2])
+    request.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    with pytest.raises(InvalidRequest, match="contents must not be given when raw_input_contents"):
+        decode_grpc_inputs(request)

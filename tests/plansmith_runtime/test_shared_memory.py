@@ -1,0 +1,70 @@
+"""The system shared memory registry against real POSIX shared memory objects, made the way
+clients make them (tritonclient.utils.shared_memory)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tritonclient.utils.shared_memory as client_shm
+
+from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
+from plansmith_runtime.shared_memory import SystemSharedMemory
+
+
+@pytest.fixture
+def shared_object():
+    key = f"/plansmith-unit-{os.getpid()}"
+    handle = client_shm.create_shared_memory_region("unit", key, 4096)
+    yield key, handle
+    client_shm.destroy_shared_memory_region(handle)
+
+
+def test_inputs_are_views_of_the_clients_memory_and_outputs_land_in_it(shared_object):
+    key, handle = shared_object
+    registry = SystemSharedMemory()
+    registry.register("tensors", key, offset=1024, byte_size=2048)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    client_shm.set_shared_memory_region(handle, [x], offset=1024 + 16)
+
+    array = registry.input_array(SharedMemoryReference("tensors", x.nbytes, 16), "input", np.dtype(np.float32), (2, 3))
+    np.testing.assert_array_equal(array, x)
+    client_shm.set_shared_memory_region(handle, [x + 100], offset=1024 + 16)
+    np.testing.assert_array_equal(array, x + 100)  # no copy: the client's later write shows through
+
+    assert registry.write_output(SharedMemoryReference("tensors", 64, 512), "logits", x * 2) == x.nbytes
+    np.testing.assert_array_equal(client_shm.get_contents_as_numpy(handle, np.float32, [2, 3], offset=1024 + 512), x * 2)
+    assert registry.status() == [{"name": "tensors", "key": key, "offset": 1024, "byte_size": 2048}]
+
+    registry.unregister("tensors")  # while `array` still views the mapping
+    np.testing.assert_array_equal(array, x + 100)
+    assert registry.status() == []
+    with pytest.raises(SharedMemoryError, match="unable to find"):
+        registry.status("tensors")
+
+
+def test_bad_registrations_and_references_are_the_clients_errors(shared_object):
+    key, _ = shared_object
+    registry = SystemSharedMemory()
+    with pytest.raises(SharedMemoryError, match="unable to open"):
+        registry.register("ghost", "/plansmith-no-such-object", 0, 16)
+    with pytest.raises(SharedMemoryError, match="do not fit"):
+        registry.register("big", key, 4000, 200)
+    with pytest.raises(SharedMemoryError, match="not a shared memory object name"):
+        registry.register("escape", "/../etc/passwd", 0, 16)
+    registry.register("small", key, 0, 64)
+    with pytest.raises(SharedMemoryError, match="already registered"):
+        registry.register("small", key, 0, 64)
+    float32 = np.dtype(np.float32)
+    with pytest.raises(SharedMemoryError, match="run past the end"):
+        registry.input_array(SharedMemoryReference("small", 64, 8), "input", float32, (16,))
+    with pytest.raises(SharedMemoryError, match="expected 64"):
+        registry.input_array(SharedMemoryReference("small", 32, 0), "input", float32, (16,))
+    with pytest.raises(SharedMemoryError, match="should be at least 64 bytes"):
+        registry.write_output(SharedMemoryReference("small", 32, 0), "logits", np.zeros(16, np.float32))
+    with pytest.raises(SharedMemoryError, match="unable to find"):
+        registry.input_array(SharedMemoryReference("other", 64, 0), "input", float32, (16,))
+    registry.unregister("never-registered")  # as in Triton: not an error
+    registry.close()
+    assert registry.status() == []
