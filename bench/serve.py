@@ -14,7 +14,9 @@ It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
   MLP: batching on / off throughput at c=64 (target >= 5x, with lower p99);
   CNNs: served items/s at c=64 / in-process ceiling (direct ONNX Runtime at its best batch size, one
     session on every core or one single-threaded session per core, whichever is faster; target >= 80%);
-  c=1: gRPC p50 minus a direct session.run p50 on the same input, batching on and off (target <= 1 ms).
+  c=1: gRPC p50 minus a direct session.run p50 on the same input, batching on and off (target <= 1 ms);
+    also with the input and output in system shared memory (Triton's extension, for a client on the
+    same host), the input written and the output read back on every call.
 With --triton-reference each engine is also served by a real Triton server (bench/triton_reference.py:
 the tritonserver in nvidia-pytriton's wheel, Python backend wrapping the same ONNX Runtime session, same
 batching settings; fetched once with pip) under the same generators, and every row is compared.
@@ -166,6 +168,77 @@ def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, con
     return {"rps": len(latencies) / duration, "p50": p50, "p95": p95, "p99": p99, "errors": errors}
 
 
+def grpc_shared_memory_load(url: str, model_name: str, input_name: str, array: np.ndarray, duration: float) -> dict:
+    """Concurrency 1 over gRPC with the input and output in system shared memory (Triton's extension;
+    regions registered through tritonclient). Each call writes the input into its region, as a
+    client with a new image each time would, and copies the output out of its region; the calls go
+    through the same stub and pre-serialized request as the gRPC generator's, from a fresh process as
+    its are, so the rows differ in where the tensors travel, not in the client."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        latencies = pool.submit(_shared_memory_worker, url, model_name, input_name, array, duration).result(
+            timeout=duration + 60)
+    p50, p95, p99 = percentiles(latencies)
+    return {"rps": len(latencies) / duration, "p50": p50, "p95": p95, "p99": p99, "errors": 0}
+
+
+def _shared_memory_worker(url: str, model_name: str, input_name: str, array: np.ndarray, duration: float) -> list[float]:
+    import grpc
+    import tritonclient.grpc as grpcclient
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient.grpc import service_pb2
+
+    client = grpcclient.InferenceServerClient(url)
+    output = client.get_model_metadata(model_name).outputs[0]
+    output_shape = [array.shape[0], *output.shape[1:]]
+    output_bytes = int(np.prod(output_shape)) * 4  # FP32
+    key = f"/plansmith-bench-{os.getpid()}"
+    # one object each: Triton maps a region with mmap at its offset, which must then be page-aligned
+    input_handle = shm.create_shared_memory_region("bench-input", f"{key}-input", array.nbytes)
+    output_handle = shm.create_shared_memory_region("bench-output", f"{key}-output", output_bytes)
+    input_view = shm.get_contents_as_numpy(input_handle, np.float32, array.shape)  # views of the regions
+    output_view = shm.get_contents_as_numpy(output_handle, np.float32, output_shape)
+    request = service_pb2.ModelInferRequest(model_name=model_name)
+    tensor = request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
+    tensor.parameters["shared_memory_region"].string_param = "bench-input"
+    tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+    wanted = request.outputs.add(name=output.name)
+    wanted.parameters["shared_memory_region"].string_param = "bench-output"
+    wanted.parameters["shared_memory_byte_size"].int64_param = output_bytes
+    payload = request.SerializeToString()
+
+    async def calls() -> list[float]:
+        channel = grpc.aio.insecure_channel(url)
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda body: body,
+                                   response_deserializer=service_pb2.ModelInferResponse.FromString)
+        np.copyto(input_view, array)
+        await call(payload)  # connect before the clock starts
+        latencies = []
+        stop_at = time.perf_counter() + duration
+        while time.perf_counter() < stop_at:
+            begin = time.perf_counter()
+            np.copyto(input_view, array)
+            await call(payload)
+            output_view.copy()
+            latencies.append(time.perf_counter() - begin)
+        await channel.close()
+        return latencies
+
+    try:
+        client.unregister_system_shared_memory()
+        client.register_system_shared_memory("bench-input", f"{key}-input", array.nbytes)
+        client.register_system_shared_memory("bench-output", f"{key}-output", output_bytes)
+        latencies = asyncio.run(calls())
+        client.unregister_system_shared_memory()
+    finally:
+        del input_view, output_view  # the handles cannot be closed while numpy views of them live
+        shm.destroy_shared_memory_region(input_handle)
+        shm.destroy_shared_memory_region(output_handle)
+        client.close()
+    return latencies
+
+
 def grpc_floor(url: str, duration: float) -> float:
     """p50 of a bare ServerLive round trip at concurrency 1 with the same client stack: the part
     of the c=1 latency that is the gRPC client and transport, not inference."""
@@ -307,6 +380,9 @@ def measure(server, server_name: str, kind: str, batching: bool, levels: list[in
                                      args.duration, args.processes)}
         if not args.no_http:
             figures["http"] = http_load(server.http, "model", input_name, array, concurrency, args.duration, workdir)
+        if concurrency == 1:
+            figures["grpc+shm"] = grpc_shared_memory_load(f"127.0.0.1:{server.grpc}", "model", input_name, array,
+                                                          args.duration / 2)
         after = server.batch_stats()
         executions = after[1] - before[1]
         mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
@@ -316,7 +392,7 @@ def measure(server, server_name: str, kind: str, batching: bool, levels: list[in
             row = {"server": server_name, "model": kind, "batching": "on" if batching else "off", "c": concurrency,
                    "protocol": protocol, "mean_batch": mean_batch, **result}
             rows.append(row)
-            print(f"  {server_name:9s} {kind:9s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:4s} "
+            print(f"  {server_name:9s} {kind:9s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:8s} "
                   f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
                   f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {mean_batch:.1f} over both)",
                   flush=True)
@@ -403,12 +479,16 @@ def main() -> int:
                       f"{summary[kind]['direct']['p50']:.3f} ms: added {added:.3f} ms [<= 1 ms]"
                       + (f"; of which a bare gRPC ServerLive round trip with the same client is {floor:.3f} ms"
                          if floor else ""))
+            shared = find(kind, batching, 1, "grpc+shm")
+            if shared:
+                print(f"    with the tensors in system shared memory: p50 {shared['p50']:.3f} ms, added "
+                      f"{shared['p50'] - summary[kind]['direct']['p50']:.3f} ms")
     if args.triton_reference:
         print("\nplansmith against the Triton reference (same engine, batching settings and generators):")
         for row in rows:
             triton = row["server"] == "plansmith" and find(row["model"], row["batching"], row["c"], row["protocol"], "triton")
             if triton:
-                print(f"  {row['model']:9s} batching {row['batching']:3s} c={row['c']:<3d} {row['protocol']:4s} "
+                print(f"  {row['model']:9s} batching {row['batching']:3s} c={row['c']:<3d} {row['protocol']:8s} "
                       f"{row['rps']:8.0f} vs {triton['rps']:8.0f} req/s = {row['rps'] / triton['rps']:5.2f}x; "
                       f"p99 {row['p99']:7.2f} vs {triton['p99']:7.2f} ms")
     print(f"\nload average after the run {os.getloadavg()[0]:.2f} (the machine is shared; figures move with it)")

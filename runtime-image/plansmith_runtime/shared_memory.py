@@ -9,6 +9,7 @@ the client's memory without a copy (a larger batch is concatenated as usual).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ class SystemSharedMemory:
                     shape: tuple[int, ...]) -> np.ndarray:
         """The input as a view of the region (no copy); its size must be what its shape needs."""
         region, start = self._span(reference, tensor)
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize
         if reference.byte_size != expected:
             raise SharedMemoryError(f"input '{tensor}': shared_memory_byte_size {reference.byte_size} for shape "
                                     f"{list(shape)}, expected {expected}")
