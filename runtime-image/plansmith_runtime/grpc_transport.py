@@ -1,4 +1,4 @@
-"""gRPC server transport: unary gRPC calls over HTTP/2 on an asyncio Protocol.
+"""gRPC server transport: unary and bidirectional streaming calls over HTTP/2 on an asyncio Protocol.
 
 Why not grpcio's server (grpc.aio, which the runtime used before): every call crosses from
 grpcio's poller threads into the event loop and back through its completion machinery, about
@@ -6,11 +6,13 @@ grpcio's poller threads into the event loop and back through its completion mach
 c=64 where a real Triton server on the same harness serves 7.2-7.8k. With a canned response and
 the same generator, grpc.aio served 4.2-4.7k calls/s, grpcio's synchronous server 3.0k, grpclib
 (pure Python, on h2) 3.7k, and a first cut of this transport 17.5k; the MLP now runs at 10-13.5k
-(docs/benchmarks.md). The KServe v2 service has unary methods only, so this keeps what they need
-from HTTP/2 (RFC 9113) and the gRPC wire format (grpc/doc/PROTOCOL-HTTP2.md): the connection
-preface and SETTINGS, flow control both ways, PING, RST_STREAM (a cancelled call), GOAWAY (a
-graceful close), CONTINUATION, padding, length-prefixed messages, gzip/deflate request messages,
-trailers with grpc-status and grpc-message, and size limits. Header compression (HPACK, stateful
+(docs/benchmarks.md). The KServe v2 service has unary methods and one bidirectional stream of
+independent requests (ModelStreamInfer), so this keeps what they need from HTTP/2 (RFC 9113) and
+the gRPC wire format (grpc/doc/PROTOCOL-HTTP2.md): the connection preface and SETTINGS, flow
+control both ways, PING, RST_STREAM (a cancelled call), GOAWAY (a graceful close), CONTINUATION,
+padding, length-prefixed messages, gzip/deflate request messages, grpc-timeout (the server answers
+DEADLINE_EXCEEDED at the deadline and cancels the call), trailers with grpc-status and
+grpc-message, and size limits. Header compression (HPACK, stateful
 per connection) is the `hpack` library's; responses send their headers as literals without
 indexing, so they need no encoder state and are built once."""
 
@@ -76,6 +78,18 @@ class UnaryMethod:
     handler: Handler
 
 
+@dataclass(frozen=True)
+class StreamingMethod:
+    """A bidirectional streaming method whose requests are independent (Triton's ModelStreamInfer):
+    the handler runs for each request message as it arrives, several at once, and each response
+    message is sent when it is ready, in completion order. The call ends with OK once the client
+    has closed its side and every response is out, or with the status of a GrpcError a handler
+    raises."""
+
+    request_type: type
+    handler: Handler
+
+
 class Http2Error(Exception):
     """The peer broke HTTP/2: the connection ends with GOAWAY and this error code."""
 
@@ -105,6 +119,18 @@ def status_block(status: grpc.StatusCode, message: str) -> bytes:
     if message:
         block += literal_header("grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"))
     return block
+
+
+GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def parse_grpc_timeout(value: bytes) -> float | None:
+    """Seconds in a grpc-timeout header (1-8 digits and a unit, gRPC's HTTP/2 protocol), None if malformed."""
+    unit = GRPC_TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not 1 <= len(digits) <= 8 or not digits.isdigit():
+        return None
+    return int(digits) * unit
 
 
 def unframe_message(body: bytes | memoryview, encoding: str | None, limit: int) -> bytes | memoryview:
@@ -141,10 +167,19 @@ class _Stream:
     size: int = 0
     unacknowledged: int = 0  # received bytes not yet given back with a WINDOW_UPDATE
     send_window: int = DEFAULT_WINDOW
-    outgoing: bytes = b""  # the framed response message; sent[:] of it has left in DATA frames
+    outgoing: bytes | bytearray = b""  # framed response messages; outgoing[:sent] has left in DATA frames
     sent: int = 0
+    complete: bool = False  # every response message is in `outgoing`: the trailers follow them
+    trailers: bytes = OK_TRAILERS
     answered: bool = False  # a response (or an error) has been queued: later DATA is ignored
     task: asyncio.Task | None = None
+    streaming: StreamingMethod | None = None  # set for a call of a streaming method
+    received: bytearray = field(default_factory=bytearray)  # streaming: request bytes not yet a whole message
+    tasks: set = field(default_factory=set)  # streaming: handlers still running
+    half_closed: bool = False  # streaming: the client sent END_STREAM
+    headers_sent: bool = False  # streaming: the response HEADERS are out
+    deadline: float | None = None  # loop time by which the client wants its answer (grpc-timeout)
+    deadline_timer: asyncio.TimerHandle | None = None
 
 
 class GrpcConnection(asyncio.Protocol):
@@ -185,8 +220,7 @@ class GrpcConnection(asyncio.Protocol):
         self._closed = True
         self.server.connections.discard(self)
         for stream in self._streams.values():
-            if stream.task is not None:
-                stream.task.cancel()
+            self._cancel(stream)
         self._streams.clear()
 
     def pause_writing(self) -> None:  # the peer does not read its responses: stop reading its requests
@@ -317,8 +351,8 @@ class GrpcConnection(asyncio.Protocol):
         elif frame_type == RST_STREAM:
             stream = self._streams.pop(stream_id, None)
             self._blocked.pop(stream_id, None)
-            if stream is not None and stream.task is not None:
-                stream.task.cancel()  # the client cancelled the call (or its deadline passed)
+            if stream is not None:
+                self._cancel(stream)  # the client cancelled the call (or its deadline passed)
         elif frame_type == GOAWAY:
             self._going_away = True  # the client opens no more streams; the open ones finish
         elif frame_type == PUSH_PROMISE:
@@ -368,6 +402,16 @@ class GrpcConnection(asyncio.Protocol):
                 stream.content_type = value.decode("latin-1")
             elif name == b"grpc-encoding":
                 stream.encoding = value.decode("latin-1")
+            elif name == b"grpc-timeout":  # a malformed one is ignored, as grpcio's server does
+                timeout = parse_grpc_timeout(value)
+                if timeout is not None:
+                    stream.deadline = asyncio.get_running_loop().time() + timeout
+        method = self.server.methods.get(stream.path)
+        if isinstance(method, StreamingMethod) and stream.content_type.startswith("application/grpc"):
+            stream.streaming = method
+            stream.outgoing = bytearray()
+            if stream.deadline is not None:
+                stream.deadline_timer = asyncio.get_running_loop().call_at(stream.deadline, self._deadline_passed, stream)
         self._streams[stream_id] = stream
         if end_stream:
             self._request_complete(stream)
@@ -401,7 +445,12 @@ class GrpcConnection(asyncio.Protocol):
             self._answer_error(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the request exceeds the maximum message size {self.server.max_message_bytes}")
             return
-        stream.body.append(data)
+        if stream.streaming is not None:
+            stream.size = 0  # the size limit is per message: see _next_messages
+            stream.received += data
+            self._next_messages(stream)
+        else:
+            stream.body.append(data)
         if flags & END_STREAM:
             self._request_complete(stream)
         elif stream.unacknowledged >= RECEIVE_WINDOW // 2:
@@ -447,6 +496,10 @@ class GrpcConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ calls
 
     def _request_complete(self, stream: _Stream) -> None:
+        if stream.streaming is not None:
+            stream.half_closed = True
+            self._finish_streaming(stream)
+            return
         if stream.answered:
             return
         stream.answered = True
@@ -460,6 +513,10 @@ class GrpcConnection(asyncio.Protocol):
             return
         body = stream.body[0] if len(stream.body) == 1 else b"".join(stream.body)  # views of the reads' bytes
         stream.body = []
+        loop = asyncio.get_running_loop()
+        if stream.deadline is not None and loop.time() >= stream.deadline:
+            self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            return
         try:
             request = method.request_type.FromString(unframe_message(body, stream.encoding, self.server.max_message_bytes))
             answer = method.handler(request)
@@ -471,8 +528,110 @@ class GrpcConnection(asyncio.Protocol):
             return
         if hasattr(answer, "SerializeToString"):
             self._answer(stream, answer)
+            return
+        stream.task = loop.create_task(self._await_answer(stream, answer))
+        if stream.deadline is not None:
+            stream.deadline_timer = loop.call_at(stream.deadline, self._deadline_passed, stream)
+
+    def _deadline_passed(self, stream: _Stream) -> None:
+        """The call outlived its grpc-timeout: answer DEADLINE_EXCEEDED and cancel its work (as a
+        gRPC server does; the batcher then drops the request if it is still queued)."""
+        if stream.streaming is not None:
+            self._end_streaming(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         else:
-            stream.task = asyncio.get_running_loop().create_task(self._await_answer(stream, answer))
+            self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        self._flush_soon()
+        self._cancel(stream)
+
+    @staticmethod
+    def _cancel(stream: _Stream) -> None:
+        if stream.task is not None:
+            stream.task.cancel()
+        current = asyncio.current_task() if stream.tasks else None
+        for task in list(stream.tasks):
+            if task is not current:  # a handler ending the call itself returns on its own
+                task.cancel()
+        if stream.deadline_timer is not None:
+            stream.deadline_timer.cancel()
+
+    # ------------------------------------------------------------------ streaming calls
+
+    def _next_messages(self, stream: _Stream) -> None:
+        """Start a handler for every whole request message received so far."""
+        received, limit = stream.received, self.server.max_message_bytes
+        while len(received) >= 5 and not stream.answered:
+            length = int.from_bytes(received[1:5], "big")
+            if length > limit:
+                self._end_streaming(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"a request message exceeds the maximum message size {limit}")
+                return
+            if len(received) < 5 + length:
+                return
+            framed = bytes(received[:5 + length])
+            del received[:5 + length]
+            try:
+                request = stream.streaming.request_type.FromString(unframe_message(framed, stream.encoding, limit))
+                answer = stream.streaming.handler(request)
+            except GrpcError as error:
+                self._end_streaming(stream, error.status, error.message)
+                return
+            except Exception as error:  # noqa: BLE001  (protobuf's DecodeError, or a handler's bug)
+                self._answer_unexpected(stream, error)
+                return
+            if hasattr(answer, "SerializeToString"):
+                self._send_message(stream, answer)
+            else:
+                task = asyncio.get_running_loop().create_task(self._await_streamed(stream, answer))
+                stream.tasks.add(task)
+
+    async def _await_streamed(self, stream: _Stream, answer: Awaitable) -> None:
+        try:
+            response = await answer
+        except GrpcError as error:
+            self._end_streaming(stream, error.status, error.message)
+        except asyncio.CancelledError:
+            return  # the client reset the stream, the deadline passed, or the connection is gone
+        except Exception as error:  # noqa: BLE001
+            self._answer_unexpected(stream, error)
+        else:
+            self._send_message(stream, response)
+        finally:
+            stream.tasks.discard(asyncio.current_task())
+        self._finish_streaming(stream)
+        self._flush_soon()
+
+    def _send_message(self, stream: _Stream, response) -> None:
+        if stream.answered or stream.stream_id not in self._streams:
+            return
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            self._send(frame(HEADERS, END_HEADERS, stream.stream_id, RESPONSE_HEADERS))
+        message = response.SerializeToString()
+        stream.outgoing += b"\x00" + len(message).to_bytes(4, "big") + message
+        self._send_data(stream)
+
+    def _finish_streaming(self, stream: _Stream) -> None:
+        """End the call with OK once the client has closed its side and every response is queued."""
+        if stream.half_closed and not stream.tasks and not stream.answered and stream.stream_id in self._streams:
+            stream.answered = stream.complete = True
+            if stream.deadline_timer is not None:
+                stream.deadline_timer.cancel()
+            if not stream.headers_sent:
+                stream.headers_sent = True
+                self._send(frame(HEADERS, END_HEADERS, stream.stream_id, RESPONSE_HEADERS))
+            self._send_data(stream)
+
+    def _end_streaming(self, stream: _Stream, status: grpc.StatusCode, message: str) -> None:
+        """End the call with an error status at once, cancelling the handlers still running."""
+        if stream.answered or stream.stream_id not in self._streams:
+            return
+        if stream.headers_sent:  # responses went out already: the status follows them in the trailers
+            stream.answered = stream.complete = True
+            stream.trailers = status_block(status, message)
+            self._send_data(stream)
+        else:
+            self._answer_error(stream, status, message)
+        self._cancel(stream)
 
     async def _await_answer(self, stream: _Stream, answer: Awaitable) -> None:
         try:
@@ -480,21 +639,31 @@ class GrpcConnection(asyncio.Protocol):
         except GrpcError as error:
             self._answer_error(stream, error.status, error.message)
         except asyncio.CancelledError:
-            return  # the client reset the stream, or the connection is gone
+            return  # the client reset the stream, the deadline passed, or the connection is gone
         except Exception as error:  # noqa: BLE001
             self._answer_unexpected(stream, error)
         else:
             self._answer(stream, response)
+        finally:
+            if stream.deadline_timer is not None:
+                stream.deadline_timer.cancel()
         self._flush_soon()
 
     def _answer_unexpected(self, stream: _Stream, error: Exception) -> None:
+        status, message = self._unexpected(stream, error)
+        if stream.streaming is not None:
+            self._end_streaming(stream, status, message)
+        else:
+            self._answer_error(stream, status, message)
+
+    @staticmethod
+    def _unexpected(stream: _Stream, error: Exception) -> tuple[grpc.StatusCode, str]:
         from google.protobuf.message import DecodeError
 
         if isinstance(error, DecodeError):
-            self._answer_error(stream, grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse the request message: {error}")
-        else:
-            log.exception("gRPC handler for %s failed", stream.path, exc_info=error)
-            self._answer_error(stream, grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            return grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse the request message: {error}"
+        log.exception("gRPC handler for %s failed", stream.path, exc_info=error)
+        return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
 
     def _answer_error(self, stream: _Stream, status: grpc.StatusCode, message: str) -> None:
         """A trailers-only response: one HEADERS frame with the status and END_STREAM."""
@@ -508,6 +677,7 @@ class GrpcConnection(asyncio.Protocol):
             return  # reset by the client meanwhile
         message = response.SerializeToString()
         stream.outgoing = b"\x00" + len(message).to_bytes(4, "big") + message
+        stream.complete = True
         self._send(frame(HEADERS, END_HEADERS, stream.stream_id, RESPONSE_HEADERS))
         self._send_data(stream)
 
@@ -524,7 +694,12 @@ class GrpcConnection(asyncio.Protocol):
             stream.sent += size
             self._send_window -= size
             stream.send_window -= size
-        self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, OK_TRAILERS))
+        if not stream.complete:  # a streaming call with more responses to come
+            del outgoing[:stream.sent]  # type: ignore[union-attr]  (a bytearray for streaming calls)
+            stream.sent = 0
+            self._blocked.pop(stream.stream_id, None)
+            return
+        self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, stream.trailers))
         self._blocked.pop(stream.stream_id, None)
         self._streams.pop(stream.stream_id, None)
 
@@ -536,10 +711,10 @@ class GrpcConnection(asyncio.Protocol):
 
 
 class GrpcServer:
-    """Listens and serves unary `methods` (full method path -> UnaryMethod); `close` stops
-    accepting, sends GOAWAY, lets open calls finish (bounded by a grace period) and closes."""
+    """Listens and serves `methods` (full method path -> UnaryMethod or StreamingMethod); `close`
+    stops accepting, sends GOAWAY, lets open calls finish (bounded by a grace period) and closes."""
 
-    def __init__(self, methods: dict[str, UnaryMethod], max_message_bytes: int) -> None:
+    def __init__(self, methods: dict[str, UnaryMethod | StreamingMethod], max_message_bytes: int) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.connections: set[GrpcConnection] = set()

@@ -14,7 +14,7 @@ import pytest
 import uvloop
 from tritonclient.grpc import service_pb2
 
-from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, UnaryMethod
+from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, StreamingMethod, UnaryMethod
 
 LIMIT = 16 << 20
 Request, Response = service_pb2.ModelInferRequest, service_pb2.ModelInferResponse
@@ -45,6 +45,15 @@ class EchoService:
     def Crash(self, request):
         raise RuntimeError("a bug in a handler")
 
+    async def Stream(self, request):
+        """Each request of a stream on its own: "fail" ends the call, "slow" waits for release."""
+        if request.id == "fail":
+            raise GrpcError(grpc.StatusCode.FAILED_PRECONDITION, "this request ends the stream")
+        if request.id == "slow":
+            return await self.Slow(request)
+        await asyncio.sleep(0)
+        return Response(id=request.id, model_name="streamed")
+
 
 class ServerThread:
     """A GrpcServer in its own thread and uvloop event loop, as the serving process runs it."""
@@ -52,6 +61,7 @@ class ServerThread:
     def __init__(self, service: EchoService) -> None:
         methods = {f"/test.Echo/{name}": UnaryMethod(Request, getattr(service, name))
                    for name in ("Echo", "Slow", "Fail", "Crash")}
+        methods["/test.Echo/Stream"] = StreamingMethod(Request, service.Stream)
         self.server = GrpcServer(methods, LIMIT)
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -305,3 +315,100 @@ def test_a_header_block_that_never_ends_is_refused(echo):
             received += chunk
     goaway = received.rfind(b"\x07\x00\x00\x00\x00\x00")
     assert goaway > 0 and b"header block over" in received[goaway:]
+
+
+def test_parse_grpc_timeout_reads_every_unit_and_refuses_malformed_values():
+    from plansmith_runtime.grpc_transport import parse_grpc_timeout
+
+    assert parse_grpc_timeout(b"2H") == 7200 and parse_grpc_timeout(b"3M") == 180 and parse_grpc_timeout(b"1S") == 1
+    assert parse_grpc_timeout(b"250m") == 0.25 and parse_grpc_timeout(b"99999999u") == pytest.approx(99.999999)
+    assert parse_grpc_timeout(b"5n") == pytest.approx(5e-9)
+    for malformed in (b"", b"S", b"10", b"1.5S", b"-1S", b"123456789S", b"10x"):
+        assert parse_grpc_timeout(malformed) is None
+
+
+def test_the_server_enforces_the_calls_grpc_timeout(echo):
+    """A client that sends grpc-timeout but never resets the stream (unlike grpcio, which resets it
+    at its own deadline) still gets DEADLINE_EXCEEDED, and the handler's work is cancelled."""
+    import hpack as hpack_library
+
+    from plansmith_runtime.grpc_transport import frame
+
+    server, service = echo
+    encoder = hpack_library.Encoder()
+    body = Request(id="late").SerializeToString()
+    message = b"\x00" + len(body).to_bytes(4, "big") + body
+
+    def call(stream: int, path: str, timeout: str) -> bytes:
+        block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", server.url),
+                                ("content-type", "application/grpc"), ("grpc-timeout", timeout)])
+        return frame(1, 0x4, stream, block) + frame(0, 0x1, stream, message)
+
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        started = time.monotonic()
+        raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + call(1, "/test.Echo/Slow", "150m"))
+        frames = read_frames(raw, until_stream_ends=1)
+        waited = time.monotonic() - started
+        raw.sendall(call(3, "/test.Echo/Echo", "10S"))  # a timeout the call meets: answered normally
+        later = read_frames(raw, until_stream_ends=3)
+    decoder = hpack_library.Decoder()
+    blocks = [dict(decoder.decode(payload)) for kind, _, stream, payload in frames + later if kind == 1]
+    assert blocks[0]["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+    assert waited >= 0.14, "answered before the deadline"
+    assert service.cancelled.wait(5), "the handler's task was not cancelled"
+    assert blocks[-1]["grpc-status"] == "0"
+
+
+def streaming(channel: grpc.Channel):
+    return channel.stream_stream("/test.Echo/Stream", request_serializer=Request.SerializeToString,
+                                 response_deserializer=Response.FromString)
+
+
+def test_a_stream_answers_each_request_before_the_client_closes_its_side(echo):
+    """The requests of a stream run as they arrive: each answer comes back while the client still
+    holds the stream open (it sends the next request only after reading the last answer)."""
+    import queue
+
+    server, _ = echo
+    outgoing: queue.Queue = queue.Queue()
+
+    def requests():
+        while (item := outgoing.get()) is not None:
+            yield item
+
+    with channel_to(server.url) as channel:
+        responses = streaming(channel)(requests(), timeout=10)
+        for index in range(5):
+            outgoing.put(Request(id=f"r{index}"))
+            answer = next(responses)
+            assert (answer.id, answer.model_name) == (f"r{index}", "streamed")
+        outgoing.put(None)  # close our side: the call ends with OK
+        assert list(responses) == []
+        assert responses.code() == grpc.StatusCode.OK
+        many = streaming(channel)(iter([Request(id=str(i)) for i in range(50)]))  # all at once, answered as they finish
+        assert sorted(int(r.id) for r in many) == list(range(50))
+
+
+def test_an_error_ends_the_stream_after_the_answers_already_given(echo):
+    server, _ = echo
+    with channel_to(server.url) as channel:
+        responses = streaming(channel)(iter([Request(id="first"), Request(id="fail"), Request(id="never")]))
+        received = []
+        with pytest.raises(grpc.RpcError) as failed:
+            for response in responses:
+                received.append(response.id)
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ends the stream" in failed.value.details()
+        assert "first" in received and "never" not in received
+        assert method(channel, "Echo")(Request(id="after")).id == "after"
+
+
+def test_a_stream_the_client_cancels_cancels_its_running_requests(echo):
+    server, service = echo
+    with channel_to(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as expired:
+            list(streaming(channel)(iter([Request(id="slow")]), timeout=0.3))
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert service.cancelled.wait(5), "the request's task was not cancelled"
+        assert method(channel, "Echo")(Request(id="after")).id == "after"
