@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
-from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, UnaryMethod
+from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, array_from_bytes, array_from_json,
@@ -101,14 +101,14 @@ class InferenceService:
         self.is_ready = is_ready
         self.shared_memory = shared_memory  # the server's regions, shared with the HTTP front end
 
-    def methods(self) -> dict[str, UnaryMethod]:
+    def methods(self) -> dict[str, UnaryMethod | StreamingMethod]:
         """Full method path ("/inference.GRPCInferenceService/ModelInfer") -> request type and handler."""
-        implemented = {}
+        implemented: dict[str, UnaryMethod | StreamingMethod] = {}
         for method in SERVICE.methods:
             handler = getattr(self, method.name, None)
             if handler is not None:
-                implemented[f"/{SERVICE.full_name}/{method.name}"] = UnaryMethod(
-                    getattr(service_pb2, method.input_type.name), handler)
+                kind = StreamingMethod if method.client_streaming else UnaryMethod
+                implemented[f"/{SERVICE.full_name}/{method.name}"] = kind(getattr(service_pb2, method.input_type.name), handler)
         return implemented
 
     def _model(self, name: str, version: str) -> ServedModel:
@@ -216,6 +216,15 @@ class InferenceService:
                     tensor.parameters[key].int64_param = value
             response.raw_output_contents.append(b"")  # Triton keeps one entry per output, empty for shared memory
         return response
+
+    async def ModelStreamInfer(self, request):
+        """One request of the bidirectional stream tritonclient's start_stream / stream_infer open.
+        As in Triton, a request that fails is answered on the stream with its error_message, and
+        the stream goes on."""
+        try:
+            return service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+        except GrpcError as error:
+            return service_pb2.ModelStreamInferResponse(error_message=error.message)
 
 
 def create_server(model: ServedModel, is_ready, shared_memory: SystemSharedMemory) -> GrpcServer:

@@ -505,3 +505,52 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines, cnn_server):
+    """tritonclient's bidirectional ModelStreamInfer (sync start_stream / async_stream_infer and
+    asyncio stream_infer): each request's answer comes back with its id; a bad request is answered
+    with an error on the stream, which goes on."""
+    import queue
+
+    session = engines["small_cnn"].session()
+    inputs = {f"request-{i}": engines["small_cnn"].model.sample_inputs(batch=1 + i % 3, seed=40 + i)["input"]
+              for i in range(12)}
+    expected = {request_id: session.run(None, {"input": x})[0] for request_id, x in inputs.items()}
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for request_id, x in inputs.items():
+            client.async_stream_infer("cnn", [grpc_input(x)], request_id=request_id)
+        client.async_stream_infer("cnn", [grpc_input(x[:, :1])], request_id="bad shape")
+        client.async_stream_infer("cnn", [grpc_input(inputs["request-0"])], request_id="after the error")
+        got, errors = {}, []
+        for _ in range(len(inputs) + 2):
+            result, error = answers.get(timeout=30)
+            if error is not None:
+                errors.append(str(error))
+            else:
+                got[result.get_response().id] = result.as_numpy("logits")
+    finally:
+        client.stop_stream()
+    assert len(errors) == 1 and "shape" in errors[0]
+    for request_id, logits in expected.items():
+        np.testing.assert_allclose(got[request_id], logits, **TOLERANCE)
+    np.testing.assert_allclose(got["after the error"], expected["request-0"], **TOLERANCE)
+
+    async def asynchronous():
+        async def requests():
+            for request_id, x in inputs.items():
+                yield {"model_name": "cnn", "inputs": [grpc_input(x, module=grpcaio)], "request_id": request_id}
+
+        aio = grpcaio.InferenceServerClient(cnn_server.grpc_url)
+        try:
+            return {result.get_response().id: result.as_numpy("logits")
+                    async for result, error in aio.stream_infer(requests()) if error is None}
+        finally:
+            await aio.close()
+
+    streamed = asyncio.run(asynchronous())
+    for request_id, logits in expected.items():
+        np.testing.assert_allclose(streamed[request_id], logits, **TOLERANCE)
