@@ -517,14 +517,8 @@ class GrpcConnection(asyncio.Protocol):
         if stream.deadline is not None and loop.time() >= stream.deadline:
             self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             return
-        try:
-            request = method.request_type.FromString(unframe_message(body, stream.encoding, self.server.max_message_bytes))
-            answer = method.handler(request)
-        except GrpcError as error:
-            self._answer_error(stream, error.status, error.message)
-            return
-        except Exception as error:  # noqa: BLE001  (protobuf's DecodeError, or a handler's bug)
-            self._answer_unexpected(stream, error)
+        answer = self._call_handler(stream, method, body)
+        if answer is None:
             return
         if hasattr(answer, "SerializeToString"):
             self._answer(stream, answer)
@@ -533,13 +527,22 @@ class GrpcConnection(asyncio.Protocol):
         if stream.deadline is not None:
             stream.deadline_timer = loop.call_at(stream.deadline, self._deadline_passed, stream)
 
+    def _call_handler(self, stream: _Stream, method: UnaryMethod | StreamingMethod, framed: bytes | memoryview):
+        """The handler's answer to one request message (a response, or a coroutine of one); None
+        when the message or the handler failed, the call then being answered with the error."""
+        try:
+            request = method.request_type.FromString(unframe_message(framed, stream.encoding, self.server.max_message_bytes))
+            return method.handler(request)
+        except GrpcError as error:
+            self._fail_call(stream, error.status, error.message)
+        except Exception as error:  # noqa: BLE001  (protobuf's DecodeError, or a handler's bug)
+            self._answer_unexpected(stream, error)
+        return None
+
     def _deadline_passed(self, stream: _Stream) -> None:
         """The call outlived its grpc-timeout: answer DEADLINE_EXCEEDED and cancel its work (as a
         gRPC server does; the batcher then drops the request if it is still queued)."""
-        if stream.streaming is not None:
-            self._end_streaming(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        else:
-            self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        self._fail_call(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         self._flush_soon()
         self._cancel(stream)
 
@@ -569,36 +572,14 @@ class GrpcConnection(asyncio.Protocol):
                 return
             framed = bytes(received[:5 + length])
             del received[:5 + length]
-            try:
-                request = stream.streaming.request_type.FromString(unframe_message(framed, stream.encoding, limit))
-                answer = stream.streaming.handler(request)
-            except GrpcError as error:
-                self._end_streaming(stream, error.status, error.message)
-                return
-            except Exception as error:  # noqa: BLE001  (protobuf's DecodeError, or a handler's bug)
-                self._answer_unexpected(stream, error)
+            answer = self._call_handler(stream, stream.streaming, framed)
+            if answer is None:
                 return
             if hasattr(answer, "SerializeToString"):
                 self._send_message(stream, answer)
             else:
-                task = asyncio.get_running_loop().create_task(self._await_streamed(stream, answer))
+                task = asyncio.get_running_loop().create_task(self._await_answer(stream, answer))
                 stream.tasks.add(task)
-
-    async def _await_streamed(self, stream: _Stream, answer: Awaitable) -> None:
-        try:
-            response = await answer
-        except GrpcError as error:
-            self._end_streaming(stream, error.status, error.message)
-        except asyncio.CancelledError:
-            return  # the client reset the stream, the deadline passed, or the connection is gone
-        except Exception as error:  # noqa: BLE001
-            self._answer_unexpected(stream, error)
-        else:
-            self._send_message(stream, response)
-        finally:
-            stream.tasks.discard(asyncio.current_task())
-        self._finish_streaming(stream)
-        self._flush_soon()
 
     def _send_message(self, stream: _Stream, response) -> None:
         if stream.answered or stream.stream_id not in self._streams:
@@ -634,27 +615,38 @@ class GrpcConnection(asyncio.Protocol):
         self._cancel(stream)
 
     async def _await_answer(self, stream: _Stream, answer: Awaitable) -> None:
+        """Send what a handler's coroutine returns: the call's response, or one response of a stream."""
+        streaming = stream.streaming is not None
         try:
             response = await answer
         except GrpcError as error:
-            self._answer_error(stream, error.status, error.message)
+            self._fail_call(stream, error.status, error.message)
         except asyncio.CancelledError:
             return  # the client reset the stream, the deadline passed, or the connection is gone
         except Exception as error:  # noqa: BLE001
             self._answer_unexpected(stream, error)
         else:
-            self._answer(stream, response)
+            if streaming:
+                self._send_message(stream, response)
+            else:
+                self._answer(stream, response)
         finally:
-            if stream.deadline_timer is not None:
+            if streaming:
+                stream.tasks.discard(asyncio.current_task())
+            elif stream.deadline_timer is not None:
                 stream.deadline_timer.cancel()
+        if streaming:
+            self._finish_streaming(stream)
         self._flush_soon()
 
-    def _answer_unexpected(self, stream: _Stream, error: Exception) -> None:
-        status, message = self._unexpected(stream, error)
+    def _fail_call(self, stream: _Stream, status: grpc.StatusCode, message: str) -> None:
         if stream.streaming is not None:
             self._end_streaming(stream, status, message)
         else:
             self._answer_error(stream, status, message)
+
+    def _answer_unexpected(self, stream: _Stream, error: Exception) -> None:
+        self._fail_call(stream, *self._unexpected(stream, error))
 
     @staticmethod
     def _unexpected(stream: _Stream, error: Exception) -> tuple[grpc.StatusCode, str]:
