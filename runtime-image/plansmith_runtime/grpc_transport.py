@@ -12,9 +12,9 @@ the gRPC wire format (grpc/doc/PROTOCOL-HTTP2.md): the connection preface and SE
 control both ways, PING, RST_STREAM (a cancelled call), GOAWAY (a graceful close), CONTINUATION,
 padding, length-prefixed messages, gzip/deflate request messages, grpc-timeout (the server answers
 DEADLINE_EXCEEDED at the deadline and cancels the call), trailers with grpc-status and
-grpc-message, and size limits. Header compression (HPACK, stateful
-per connection) is the `hpack` library's; responses send their headers as literals without
-indexing, so they need no encoder state and are built once."""
+grpc-message, and size limits. Header compression (HPACK, stateful per connection) is the `hpack`
+library's; responses send their headers as literals without indexing, so they need no encoder
+state and are built once."""
 
 from __future__ import annotations
 
@@ -440,16 +440,15 @@ class GrpcConnection(asyncio.Protocol):
             return  # a refused, reset or already answered stream: only the connection window counts
         data = self._unpad(flags, payload)
         stream.unacknowledged += len(payload)
-        stream.size += len(data)
-        if stream.size > self.server.max_message_bytes + 5:
-            self._answer_error(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the request exceeds the maximum message size {self.server.max_message_bytes}")
-            return
         if stream.streaming is not None:
-            stream.size = 0  # the size limit is per message: see _next_messages
             stream.received += data
-            self._next_messages(stream)
+            self._next_messages(stream)  # each message is held to the size limit there
         else:
+            stream.size += len(data)
+            if stream.size > self.server.max_message_bytes + 5:
+                self._answer_error(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the request exceeds the maximum message size {self.server.max_message_bytes}")
+                return
             stream.body.append(data)
         if flags & END_STREAM:
             self._request_complete(stream)
@@ -498,6 +497,8 @@ class GrpcConnection(asyncio.Protocol):
     def _request_complete(self, stream: _Stream) -> None:
         if stream.streaming is not None:
             stream.half_closed = True
+            if stream.received:
+                self._end_streaming(stream, grpc.StatusCode.INTERNAL, "the request stream ended inside a message")
             self._finish_streaming(stream)
             return
         if stream.answered:

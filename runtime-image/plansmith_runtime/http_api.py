@@ -17,8 +17,8 @@ from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepte
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
                                         decode_http_request, encode_http_response)
-from plansmith_runtime.shared_memory import SystemSharedMemory
 from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
+from plansmith_runtime.shared_memory import SystemSharedMemory
 
 log = logging.getLogger(__name__)
 

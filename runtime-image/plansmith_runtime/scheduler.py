@@ -232,10 +232,11 @@ class DynamicBatcher:
 
     async def _execute(self, executor: Executor, batch: list[Pending]) -> None:
         start = time.monotonic_ns()
+        items = sum(p.batch for p in batch)
         try:
             feeds = concatenate([p.inputs for p in batch])
             formed = time.monotonic_ns()
-            if sum(p.batch for p in batch) <= self.inline_max_items:
+            if items <= self.inline_max_items:
                 outputs = executor.run(feeds)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._pool, executor.run, feeds)
@@ -255,7 +256,7 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result(part)
                 answered += 1
-        self.metrics.record_execution(sum(p.batch for p in batch), answered, (formed - start) / 1000,
+        self.metrics.record_execution(items, answered, (formed - start) / 1000,
                                       (ran - formed) / 1000, (time.monotonic_ns() - ran) / 1000)
 
     async def close(self, grace_seconds: float) -> None:

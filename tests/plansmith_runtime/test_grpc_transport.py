@@ -412,3 +412,23 @@ def test_a_stream_the_client_cancels_cancels_its_running_requests(echo):
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert service.cancelled.wait(5), "the request's task was not cancelled"
         assert method(channel, "Echo")(Request(id="after")).id == "after"
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"\x00\x00\x00\x00\x10" + b"\x08", grpc.StatusCode.INTERNAL),  # ends 15 bytes short of its message
+    (b"\x00" + (LIMIT + 1).to_bytes(4, "big"), grpc.StatusCode.RESOURCE_EXHAUSTED),  # announces one over the limit
+], ids=["ends-inside-a-message", "message-over-the-limit"])
+def test_a_stream_ending_inside_a_message_or_over_the_limit_fails_with_its_status(echo, data, status):
+    import hpack as hpack_library
+
+    from plansmith_runtime.grpc_transport import frame
+
+    server, _ = echo
+    block = hpack_library.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Stream"),
+                                            (":authority", server.url), ("content-type", "application/grpc")])
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x4, 1, block) + frame(0, 0x1, 1, data))
+        frames = read_frames(raw, until_stream_ends=1)
+    trailers = dict(hpack_library.Decoder().decode([payload for kind, _, stream, payload in frames if kind == 1][-1]))
+    assert trailers["grpc-status"] == str(status.value[0])
