@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
-from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, StreamingMethod, UnaryMethod
+from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, array_from_bytes, array_from_json,
@@ -101,9 +101,9 @@ class InferenceService:
         self.is_ready = is_ready
         self.shared_memory = shared_memory  # the server's regions, shared with the HTTP front end
 
-    def methods(self) -> dict[str, UnaryMethod | StreamingMethod]:
+    def methods(self) -> dict[str, Method]:
         """Full method path ("/inference.GRPCInferenceService/ModelInfer") -> request type and handler."""
-        implemented: dict[str, UnaryMethod | StreamingMethod] = {}
+        implemented: dict[str, Method] = {}
         for method in SERVICE.methods:
             handler = getattr(self, method.name, None)
             if handler is not None:

@@ -19,6 +19,8 @@ state and are built once."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import struct
 import zlib
@@ -61,7 +63,9 @@ RECEIVE_WINDOW = 16 << 20
 RECEIVE_FRAME_SIZE = 1 << 20
 MAX_HEADER_LIST_BYTES = 64 << 10
 
-Handler = Callable[[object], "object | Awaitable[object]"]  # a request message -> its response message
+# A request message -> its response message: a plain function, or a coroutine function for a call
+# that waits (an inference)
+Handler = Callable[[object], "object | Awaitable[object]"]
 
 
 class GrpcError(Exception):
@@ -73,21 +77,26 @@ class GrpcError(Exception):
 
 
 @dataclass(frozen=True)
-class UnaryMethod:
+class Method:
     request_type: type  # the protobuf message class requests are parsed into
     handler: Handler
 
+    @functools.cached_property
+    def waits(self) -> bool:
+        """The handler is a coroutine function: it runs in a task."""
+        return inspect.iscoroutinefunction(self.handler)
 
-@dataclass(frozen=True)
-class StreamingMethod:
+
+class UnaryMethod(Method):
+    """One request message, one response message."""
+
+
+class StreamingMethod(Method):
     """A bidirectional streaming method whose requests are independent (Triton's ModelStreamInfer):
     the handler runs for each request message as it arrives, several at once, and each response
     message is sent when it is ready, in completion order. The call ends with OK once the client
     has closed its side and every response is out, or with the status of a GrpcError a handler
     raises."""
-
-    request_type: type
-    handler: Handler
 
 
 class Http2Error(Exception):
@@ -518,26 +527,26 @@ class GrpcConnection(asyncio.Protocol):
         if stream.deadline is not None and loop.time() >= stream.deadline:
             self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             return
-        answer = self._call_handler(stream, method, body)
-        if answer is None:
-            return
-        if hasattr(answer, "SerializeToString"):
-            self._answer(stream, answer)
-            return
-        stream.task = loop.create_task(self._await_answer(stream, answer))
-        if stream.deadline is not None:
+        stream.task = self._handle(stream, method, body)
+        if stream.task is not None and stream.deadline is not None:
             stream.deadline_timer = loop.call_at(stream.deadline, self._deadline_passed, stream)
 
-    def _call_handler(self, stream: _Stream, method: UnaryMethod | StreamingMethod, framed: bytes | memoryview):
-        """The handler's answer to one request message (a response, or a coroutine of one); None
-        when the message or the handler failed, the call then being answered with the error."""
+    def _handle(self, stream: _Stream, method: Method, framed: bytes | memoryview) -> asyncio.Task | None:
+        """Parse one request message and answer it: a plain handler's response goes out at once; a
+        coroutine handler runs in the task returned (the task calls it, so a task cancelled before
+        it starts leaves no coroutine behind). A bad message or a failing handler fails the call."""
         try:
             request = method.request_type.FromString(unframe_message(framed, stream.encoding, self.server.max_message_bytes))
-            return method.handler(request)
+            if method.waits:
+                return asyncio.get_running_loop().create_task(self._await_answer(stream, method.handler, request))
+            response = method.handler(request)
         except GrpcError as error:
             self._fail_call(stream, error.status, error.message)
+            return None
         except Exception as error:  # noqa: BLE001  (protobuf's DecodeError, or a handler's bug)
             self._answer_unexpected(stream, error)
+            return None
+        self._respond(stream, response)
         return None
 
     def _deadline_passed(self, stream: _Stream) -> None:
@@ -573,13 +582,8 @@ class GrpcConnection(asyncio.Protocol):
                 return
             framed = bytes(received[:5 + length])
             del received[:5 + length]
-            answer = self._call_handler(stream, stream.streaming, framed)
-            if answer is None:
-                return
-            if hasattr(answer, "SerializeToString"):
-                self._send_message(stream, answer)
-            else:
-                task = asyncio.get_running_loop().create_task(self._await_answer(stream, answer))
+            task = self._handle(stream, stream.streaming, framed)
+            if task is not None:
                 stream.tasks.add(task)
 
     def _send_message(self, stream: _Stream, response) -> None:
@@ -615,11 +619,11 @@ class GrpcConnection(asyncio.Protocol):
             self._answer_error(stream, status, message)
         self._cancel(stream)
 
-    async def _await_answer(self, stream: _Stream, answer: Awaitable) -> None:
-        """Send what a handler's coroutine returns: the call's response, or one response of a stream."""
+    async def _await_answer(self, stream: _Stream, handler: Handler, request) -> None:
+        """Send what a coroutine handler returns: the call's response, or one response of a stream."""
         streaming = stream.streaming is not None
         try:
-            response = await answer
+            response = await handler(request)  # type: ignore[misc]
         except GrpcError as error:
             self._fail_call(stream, error.status, error.message)
         except asyncio.CancelledError:
@@ -627,10 +631,7 @@ class GrpcConnection(asyncio.Protocol):
         except Exception as error:  # noqa: BLE001
             self._answer_unexpected(stream, error)
         else:
-            if streaming:
-                self._send_message(stream, response)
-            else:
-                self._answer(stream, response)
+            self._respond(stream, response)
         finally:
             if streaming:
                 stream.tasks.discard(asyncio.current_task())
@@ -639,6 +640,12 @@ class GrpcConnection(asyncio.Protocol):
         if streaming:
             self._finish_streaming(stream)
         self._flush_soon()
+
+    def _respond(self, stream: _Stream, response) -> None:
+        if stream.streaming is not None:
+            self._send_message(stream, response)
+        else:
+            self._answer(stream, response)
 
     def _fail_call(self, stream: _Stream, status: grpc.StatusCode, message: str) -> None:
         if stream.streaming is not None:
@@ -704,10 +711,10 @@ class GrpcConnection(asyncio.Protocol):
 
 
 class GrpcServer:
-    """Listens and serves `methods` (full method path -> UnaryMethod or StreamingMethod); `close`
+    """Listens and serves `methods` (full method path -> a UnaryMethod or StreamingMethod); `close`
     stops accepting, sends GOAWAY, lets open calls finish (bounded by a grace period) and closes."""
 
-    def __init__(self, methods: dict[str, UnaryMethod | StreamingMethod], max_message_bytes: int) -> None:
+    def __init__(self, methods: dict[str, Method], max_message_bytes: int) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.connections: set[GrpcConnection] = set()

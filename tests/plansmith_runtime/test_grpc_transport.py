@@ -432,3 +432,4 @@ def test_a_stream_ending_inside_a_message_or_over_the_limit_fails_with_its_statu
         frames = read_frames(raw, until_stream_ends=1)
     trailers = dict(hpack_library.Decoder().decode([payload for kind, _, stream, payload in frames if kind == 1][-1]))
     assert trailers["grpc-status"] == str(status.value[0])
+
