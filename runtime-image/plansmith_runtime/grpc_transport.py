@@ -253,6 +253,9 @@ class GrpcConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self._closed:
+            # A call's last frames may still wait for the end of this loop turn (_flush_soon): the
+            # connection is idle once they are queued, and the transport sends what it was given.
+            self._flush()
             self.transport.close()
 
     def _fail(self, code: int, message: str) -> None:

@@ -433,3 +433,25 @@ def test_a_stream_ending_inside_a_message_or_over_the_limit_fails_with_its_statu
     trailers = dict(hpack_library.Decoder().decode([payload for kind, _, stream, payload in frames if kind == 1][-1]))
     assert trailers["grpc-status"] == str(status.value[0])
 
+
+def test_closing_a_connection_first_sends_the_frames_waiting_for_the_end_of_the_loop_turn():
+    """A call's last frames are written at the end of the loop turn (_flush_soon), but the call
+    already counts as done: a graceful close that came in between lost them (a SIGTERM race)."""
+    from plansmith_runtime.grpc_transport import GrpcConnection
+
+    class RecordingTransport:
+        def __init__(self) -> None:
+            self.events: list = []
+
+        def write(self, data: bytes) -> None:
+            self.events.append(bytes(data))
+
+        def close(self) -> None:
+            self.events.append("closed")
+
+    connection, transport = GrpcConnection(GrpcServer({}, LIMIT)), RecordingTransport()
+    connection.connection_made(transport)
+    connection._send(b"the last frames of a call")  # queued as _answer queues them
+    assert connection.idle
+    connection.close()
+    assert transport.events[-2:] == [b"the last frames of a call", "closed"]
