@@ -162,6 +162,19 @@ class InferenceService:
             raise grpc_error(error) from None
         return json_format.ParseDict({"model_stats": [model.statistics()]}, service_pb2.ModelStatisticsResponse())
 
+    def RepositoryIndex(self, request):
+        entry = self.model.repository_entry()
+        response = service_pb2.RepositoryIndexResponse()
+        if not request.ready or entry["state"] == "READY":
+            response.models.add(**entry)
+        return response
+
+    def RepositoryModelLoad(self, request):
+        raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, self.model.control_refusal(request.model_name, "load"))
+
+    def RepositoryModelUnload(self, request):
+        raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, self.model.control_refusal(request.model_name, "unload"))
+
     def SystemSharedMemoryStatus(self, request):
         try:
             regions = self.shared_memory.status(request.name)

@@ -23,7 +23,7 @@ from plansmith_runtime.shared_memory import SystemSharedMemory
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "plansmith"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "system_shared_memory"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics", "system_shared_memory"]
 MAX_BODY_BYTES = 256 << 20
 _HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
 # What an inference answers with an error status (HTTP here, gRPC in grpc_api) instead of failing
@@ -53,8 +53,9 @@ class Route:
 MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "infer": "infer",
                    "stats": "model_statistics"}
 SHARED_MEMORY_ACTIONS = ("status", "register", "unregister")
-METHODS = {"infer": "POST", "shared_memory_register": "POST", "shared_memory_unregister": "POST"}  # others: GET
-TAKES_BODY = frozenset({"infer", "shared_memory_register"})
+METHODS = {"infer": "POST", "shared_memory_register": "POST", "shared_memory_unregister": "POST",
+           "repository_index": "POST", "repository_load": "POST", "repository_unload": "POST"}  # others: GET
+TAKES_BODY = frozenset({"infer", "shared_memory_register", "repository_index"})
 
 
 @functools.lru_cache(maxsize=1024)  # clients repeat a handful of paths: a hit skips the split and compares
@@ -74,6 +75,10 @@ def route(path: str) -> Route | None:
         return _shared_memory_route(rest[1:])
     if rest == ["models", "stats"]:
         return Route("model_statistics")
+    if rest == ["repository", "index"]:
+        return Route("repository_index")
+    if len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[2] and rest[3] in ("load", "unload"):
+        return Route(f"repository_{rest[3]}", rest[2])
     if rest[0] != "models" or len(rest) < 2 or not rest[1]:
         return None
     name, rest = rest[1], rest[2:]
@@ -162,6 +167,20 @@ class HttpApi:
             return json_response({"model_stats": [self._model(target).statistics()]})
         except InvalidRequest as error:
             return error_response(400, str(error))
+
+    def repository_index(self, target: Route, request: HttpRequest) -> HttpResponse:
+        try:
+            ready_only = bool(request.body) and orjson.loads(request.body).get("ready", False)
+        except (orjson.JSONDecodeError, AttributeError):
+            return error_response(400, "a repository index request is empty or a JSON object like {\"ready\": true}")
+        entry = self.model.repository_entry()
+        return json_response([entry] if not ready_only or entry["state"] == "READY" else [])
+
+    def repository_load(self, target: Route) -> HttpResponse:
+        return error_response(400, self.model.control_refusal(target.model or "", "load"))
+
+    def repository_unload(self, target: Route) -> HttpResponse:
+        return error_response(400, self.model.control_refusal(target.model or "", "unload"))
 
     def shared_memory_status(self, target: Route) -> HttpResponse:
         try:

@@ -94,6 +94,10 @@ def intra_op_threads(requested: int, instances: int, cpus: int) -> int:
     return max(1, cpus // instances) if instances > 1 else 0
 
 
+# ServedModel.state -> the state Triton's repository index reports
+REPOSITORY_STATES = {"LOADING": "LOADING", "READY": "READY", "UNAVAILABLE": "UNAVAILABLE", "STOPPING": "UNLOADING"}
+
+
 class ServedModel:
     def __init__(self, config: ServingConfig) -> None:
         self.config = config
@@ -196,6 +200,18 @@ class ServedModel:
             "inputs": [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": shape(t)} for t in self.signature.inputs],
             "outputs": [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": shape(t)} for t in self.signature.outputs],
         }
+
+    def repository_entry(self) -> dict:
+        """This model in Triton's repository index (the model_repository extension)."""
+        entry = {"name": self.name, "version": self.version, "state": REPOSITORY_STATES[self.state]}
+        if self.reason and self.state != "READY":
+            entry["reason"] = self.reason
+        return entry
+
+    def control_refusal(self, name: str, action: str) -> str:
+        """Why a repository load or unload is refused: the served model is the pod's."""
+        return (f"cannot {action} model '{name}': this server serves the one model it was started with ('{self.name}'); "
+                "models are loaded and unloaded by changing the InferenceModel, not through the repository API")
 
     def statistics(self) -> dict:
         """This model's entry of Triton's statistics extension."""

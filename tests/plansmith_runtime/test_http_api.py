@@ -34,6 +34,9 @@ from plansmith_runtime.shared_memory import SystemSharedMemory
     ("/v2/systemsharedmemory/region/images/status", Route("shared_memory_status", region="images")),
     ("/v2/systemsharedmemory/region/images/register", Route("shared_memory_register", region="images")),
     ("/v2/systemsharedmemory/region/images/unregister", Route("shared_memory_unregister", region="images")),
+    ("/v2/repository/index", Route("repository_index")),
+    ("/v2/repository/models/resnet/load", Route("repository_load", "resnet")),
+    ("/v2/repository/models/resnet/unload", Route("repository_unload", "resnet")),
 ])
 def test_route_names_every_kserve_v2_endpoint(path, expected):
     assert route(path) == expected
@@ -42,9 +45,10 @@ def test_route_names_every_kserve_v2_endpoint(path, expected):
 @pytest.mark.parametrize("path", [
     "/", "/v1/models/resnet", "/v2/health", "/v2/health/dead", "/v2/models", "/v2/models/", "/v2/models//infer",
     "/v2/models/resnet/versions", "/v2/models/resnet/versions//infer", "/v2/models/resnet/explain",
-    "/v2/models/resnet/infer/more", "/v2/repository/index", "/v2/systemsharedmemory",
+    "/v2/models/resnet/infer/more", "/v2/systemsharedmemory",
     "/v2/systemsharedmemory/region/images", "/v2/systemsharedmemory/region//register",
-    "/v2/systemsharedmemory/region/images/delete", "/v2/cudasharedmemory/status",
+    "/v2/systemsharedmemory/region/images/delete", "/v2/cudasharedmemory/status", "/v2/repository",
+    "/v2/repository/models/resnet", "/v2/repository/models//load", "/v2/repository/models/resnet/reload",
 ])
 def test_route_rejects_unknown_paths(path):
     assert route(path) is None
@@ -109,3 +113,13 @@ def test_a_bad_shared_memory_registration_is_400_and_registers_nothing(api, body
     assert api.handle(request("GET", "/v2/systemsharedmemory/region/images/register")).status == 405
     status = api.handle(request("GET", "/v2/systemsharedmemory/region/images/status"))
     assert status.status == 400 and "unable to find" in json.loads(status.body)["error"]
+
+
+def test_the_repository_index_reports_a_loading_model_with_its_reason(api):
+    everything = api.handle(request("POST", "/v2/repository/index"))
+    assert json.loads(everything.body) == [{"name": "resnet", "version": "1", "state": "LOADING",
+                                            "reason": "loading the engine"}]
+    assert json.loads(api.handle(request("POST", "/v2/repository/index", b'{"ready": true}')).body) == []
+    assert api.handle(request("POST", "/v2/repository/index", b"[1]")).status == 400
+    refused = api.handle(request("POST", "/v2/repository/models/resnet/unload"))
+    assert refused.status == 400 and "serves the one model" in json.loads(refused.body)["error"]

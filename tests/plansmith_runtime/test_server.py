@@ -554,3 +554,17 @@ def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines,
     streamed = asyncio.run(asynchronous())
     for request_id, logits in expected.items():
         np.testing.assert_allclose(streamed[request_id], logits, **TOLERANCE)
+
+
+def test_repository_index_lists_the_model_and_load_unload_are_refused_with_the_reason(cnn_server):
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    assert "model_repository" in http.get_server_metadata()["extensions"]
+    assert http.get_model_repository_index() == [{"name": "cnn", "version": "1", "state": "READY"}]
+    index = rpc.get_model_repository_index().models
+    assert [(m.name, m.version, m.state) for m in index] == [("cnn", "1", "READY")]
+    for client in (http, rpc):
+        for action in (client.load_model, client.unload_model):
+            with pytest.raises(InferenceServerException, match="serves the one model it was started with"):
+                action("cnn")
+    assert http.is_model_ready("cnn")  # refused, not unloaded
