@@ -365,20 +365,25 @@ def streaming(channel: grpc.Channel):
                                  response_deserializer=Response.FromString)
 
 
-def test_a_stream_answers_each_request_before_the_client_closes_its_side(echo):
-    """The requests of a stream run as they arrive: each answer comes back while the client still
-    holds the stream open (it sends the next request only after reading the last answer)."""
+def open_stream(channel: grpc.Channel):
+    """A Stream call fed from a queue: put requests one at a time, None to close the client's side."""
     import queue
 
-    server, _ = echo
     outgoing: queue.Queue = queue.Queue()
 
     def requests():
         while (item := outgoing.get()) is not None:
             yield item
 
+    return streaming(channel)(requests(), timeout=10), outgoing
+
+
+def test_a_stream_answers_each_request_before_the_client_closes_its_side(echo):
+    """The requests of a stream run as they arrive: each answer comes back while the client still
+    holds the stream open (it sends the next request only after reading the last answer)."""
+    server, _ = echo
     with channel_to(server.url) as channel:
-        responses = streaming(channel)(requests(), timeout=10)
+        responses, outgoing = open_stream(channel)
         for index in range(5):
             outgoing.put(Request(id=f"r{index}"))
             answer = next(responses)
@@ -391,17 +396,9 @@ def test_a_stream_answers_each_request_before_the_client_closes_its_side(echo):
 
 
 def test_an_error_ends_the_stream_after_the_answers_already_given(echo):
-    import queue
-
     server, _ = echo
-    outgoing: queue.Queue = queue.Queue()
-
-    def requests():
-        while (item := outgoing.get()) is not None:
-            yield item
-
     with channel_to(server.url) as channel:
-        responses = streaming(channel)(requests(), timeout=10)
+        responses, outgoing = open_stream(channel)
         outgoing.put(Request(id="first"))
         assert next(responses).id == "first"  # answered: the error below comes after it, in the trailers
         outgoing.put(Request(id="fail"))
