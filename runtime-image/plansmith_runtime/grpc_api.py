@@ -163,9 +163,8 @@ class InferenceService:
         return json_format.ParseDict({"model_stats": [model.statistics()]}, service_pb2.ModelStatisticsResponse())
 
     def RepositoryIndex(self, request):
-        entry = self.model.repository_entry()
         response = service_pb2.RepositoryIndexResponse()
-        if not request.ready or entry["state"] == "READY":
+        for entry in self.model.repository_index(request.ready):
             response.models.add(**entry)
         return response
 

@@ -173,8 +173,7 @@ class HttpApi:
             ready_only = bool(request.body) and orjson.loads(request.body).get("ready", False)
         except (orjson.JSONDecodeError, AttributeError):
             return error_response(400, "a repository index request is empty or a JSON object like {\"ready\": true}")
-        entry = self.model.repository_entry()
-        return json_response([entry] if not ready_only or entry["state"] == "READY" else [])
+        return json_response(self.model.repository_index(ready_only))
 
     def repository_load(self, target: Route) -> HttpResponse:
         return error_response(400, self.model.control_refusal(target.model or "", "load"))

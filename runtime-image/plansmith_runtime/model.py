@@ -201,12 +201,15 @@ class ServedModel:
             "outputs": [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": shape(t)} for t in self.signature.outputs],
         }
 
-    def repository_entry(self) -> dict:
-        """This model in Triton's repository index (the model_repository extension)."""
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        """Triton's repository index (the model_repository extension): this server's one model,
+        unless only ready models are asked for and it is not ready."""
+        if ready_only and not self.ready:
+            return []
         entry = {"name": self.name, "version": self.version, "state": REPOSITORY_STATES[self.state]}
-        if self.reason and self.state != "READY":
+        if self.reason and not self.ready:
             entry["reason"] = self.reason
-        return entry
+        return [entry]
 
     def control_refusal(self, name: str, action: str) -> str:
         """Why a repository load or unload is refused: the served model is the pod's."""
