@@ -71,6 +71,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def load_figures(latencies: list[float], duration: float, errors: int = 0) -> dict:
+    """Throughput and p50/p95/p99 (ms) of the calls a generator timed over `duration` seconds."""
+    p50, p95, p99 = percentiles(latencies)
+    return {"rps": len(latencies) / duration, "p50": p50, "p95": p95, "p99": p99, "errors": errors}
+
+
 def percentiles(latencies: list[float]) -> tuple[float, float, float]:
     if not latencies:
         return float("nan"), float("nan"), float("nan")
@@ -100,6 +106,28 @@ class Server(ServedProcess):
 # --------------------------------------------------------------------------- gRPC generator
 
 
+def model_infer_call(channel):
+    """The method tritonclient.grpc.service_pb2_grpc.GRPCInferenceServiceStub.ModelInfer calls,
+    taking a request serialized beforehand."""
+    from tritonclient.grpc import service_pb2
+
+    return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda body: body,
+                               response_deserializer=service_pb2.ModelInferResponse.FromString)
+
+
+async def back_to_back(one_call, duration: float) -> list[float]:
+    """Latencies of `one_call()` awaited one after another for `duration` seconds, after one untimed
+    call that connects."""
+    await one_call()
+    latencies = []
+    stop_at = time.perf_counter() + duration
+    while time.perf_counter() < stop_at:
+        begin = time.perf_counter()
+        await one_call()
+        latencies.append(time.perf_counter() - begin)
+    return latencies
+
+
 def _grpc_worker(url: str, model_name: str, input_name: str, array: np.ndarray, concurrency: int,
                  duration: float, start_at: float, results) -> None:
     """One generator process: `concurrency` coroutines calling ModelInfer back to back through
@@ -116,10 +144,7 @@ def _grpc_worker(url: str, model_name: str, input_name: str, array: np.ndarray, 
 
     async def main():
         channel = grpc.aio.insecure_channel(url)
-        # the method tritonclient.grpc.service_pb2_grpc.GRPCInferenceServiceStub.ModelInfer calls
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                   request_serializer=lambda body: body,
-                                   response_deserializer=service_pb2.ModelInferResponse.FromString)
+        call = model_infer_call(channel)
         latencies: list[float] = []
         errors = 0
         first = await call(payload)  # connect (and check the answer) before the clock starts
@@ -164,8 +189,7 @@ def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, con
         errors += failed
     for worker in workers:
         worker.join()
-    p50, p95, p99 = percentiles(latencies)
-    return {"rps": len(latencies) / duration, "p50": p50, "p95": p95, "p99": p99, "errors": errors}
+    return load_figures(latencies, duration, errors)
 
 
 def grpc_shared_memory_load(url: str, model_name: str, input_name: str, array: np.ndarray, duration: float) -> dict:
@@ -179,8 +203,7 @@ def grpc_shared_memory_load(url: str, model_name: str, input_name: str, array: n
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         latencies = pool.submit(_shared_memory_worker, url, model_name, input_name, array, duration).result(
             timeout=duration + 60)
-    p50, p95, p99 = percentiles(latencies)
-    return {"rps": len(latencies) / duration, "p50": p50, "p95": p95, "p99": p99, "errors": 0}
+    return load_figures(latencies, duration)
 
 
 def _shared_memory_worker(url: str, model_name: str, input_name: str, array: np.ndarray, duration: float) -> list[float]:
@@ -210,18 +233,14 @@ def _shared_memory_worker(url: str, model_name: str, input_name: str, array: np.
 
     async def calls() -> list[float]:
         channel = grpc.aio.insecure_channel(url)
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda body: body,
-                                   response_deserializer=service_pb2.ModelInferResponse.FromString)
-        np.copyto(input_view, array)
-        await call(payload)  # connect before the clock starts
-        latencies = []
-        stop_at = time.perf_counter() + duration
-        while time.perf_counter() < stop_at:
-            begin = time.perf_counter()
+        call = model_infer_call(channel)
+
+        async def one_call():
             np.copyto(input_view, array)
             await call(payload)
             output_view.copy()
-            latencies.append(time.perf_counter() - begin)
+
+        latencies = await back_to_back(one_call, duration)
         await channel.close()
         return latencies
 
@@ -250,13 +269,7 @@ def grpc_floor(url: str, duration: float) -> float:
         call = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
                                    request_serializer=service_pb2.ServerLiveRequest.SerializeToString,
                                    response_deserializer=service_pb2.ServerLiveResponse.FromString)
-        await call(service_pb2.ServerLiveRequest())
-        latencies = []
-        stop_at = time.perf_counter() + duration
-        while time.perf_counter() < stop_at:
-            begin = time.perf_counter()
-            await call(service_pb2.ServerLiveRequest())
-            latencies.append(time.perf_counter() - begin)
+        latencies = await back_to_back(lambda: call(service_pb2.ServerLiveRequest()), duration)
         await channel.close()
         return latencies
 
