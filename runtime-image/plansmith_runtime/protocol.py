@@ -320,7 +320,7 @@ MEMO_HEADER_BYTES = 2048
 _parse_repeated_header = functools.lru_cache(maxsize=256)(parse_request_header)
 
 
-def decode_http_request(body: bytes, header_length: str | None, shared_memory: SharedMemoryInputs | None = None) -> InferRequest:
+def decode_http_request(body: bytes | memoryview, header_length: str | None, shared_memory: SharedMemoryInputs | None = None) -> InferRequest:
     """Parse a POST .../infer body: JSON, or JSON followed by binary tensors when the
     Inference-Header-Content-Length header gives the JSON's length. Inputs in shared memory are
     read from `shared_memory`'s regions."""
@@ -331,7 +331,7 @@ def decode_http_request(body: bytes, header_length: str | None, shared_memory: S
             raise InvalidRequest(f"{HEADER_CONTENT_LENGTH} is not an integer: {header_length!r}") from None
         if not 0 <= json_length <= len(body):
             raise InvalidRequest(f"{HEADER_CONTENT_LENGTH} {json_length} is outside the body ({len(body)} bytes)")
-        header = (_parse_repeated_header(body[:json_length]) if json_length <= MEMO_HEADER_BYTES
+        header = (_parse_repeated_header(bytes(body[:json_length])) if json_length <= MEMO_HEADER_BYTES  # hashable
                   else parse_request_header(memoryview(body)[:json_length]))
     else:
         json_length = len(body)

@@ -1,17 +1,20 @@
 """The HTTP/1.1 transport on a real loopback socket, spoken to byte by byte: keep-alive,
-pipelining in order, 100-continue, chunked bodies, limits, malformed input and a graceful close."""
+pipelining in order, 100-continue, chunked bodies, limits, malformed input, a graceful close, and
+large bodies received into their own buffers."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
+import os
 import zlib
 
 import pytest
 
-from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, HttpServer, accepted_encoding,
-                                              compress_response, path_of)
+from plansmith_runtime.http_transport import (DIRECT_BODY_BYTES, HttpRequest, HttpResponse, HttpServer,
+                                              accepted_encoding, compress_response, path_of)
 
 MAX_BODY = 1024
 # the server fixture and the tests share one event loop (fixtures default to the session loop here)
@@ -320,3 +323,83 @@ async def test_close_finishes_in_flight_requests_and_closes_idle_connections():
         await asyncio.open_connection("127.0.0.1", port)
     busy_writer.close()
     idle_writer.close()
+
+
+# Large bodies (DIRECT_BODY_BYTES and up) are received by the socket straight into their own buffer.
+
+LARGE_MAX_BODY = 4 << 20
+
+
+async def digest(request: HttpRequest) -> HttpResponse:
+    """Answers with the body's length and sha256, and whether it came in a buffer of its own."""
+    body = request.body
+    document = {"path": request.path, "length": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                "received_directly": isinstance(body, memoryview)}
+    return HttpResponse(200, json.dumps(document).encode())
+
+
+@pytest.fixture
+async def large_server():
+    http = HttpServer(digest, LARGE_MAX_BODY)
+    await http.start("127.0.0.1", 0)
+    yield http
+    await http.close(1.0)
+
+
+def expected_digest(path: str, body: bytes, received_directly: bool) -> dict:
+    return {"path": path, "length": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+            "received_directly": received_directly}
+
+
+@pytest.mark.parametrize("piece", [None, 1000, 70_000], ids=["one-write", "1000-byte-writes", "70000-byte-writes"])
+@on_session_loop
+async def test_large_bodies_arrive_whole_with_the_requests_after_them(large_server, piece):
+    reader, writer = await asyncio.open_connection("127.0.0.1", large_server.port)
+    first, second, small = os.urandom(300_000), os.urandom(DIRECT_BODY_BYTES), b"small"
+    stream = post("/first", first) + post("/second", second) + post("/small", small)
+    if piece is None:  # pipelined: every request in one write
+        writer.write(stream)
+    else:  # in pieces that cut heads and bodies anywhere, each read on its own
+        for start in range(0, len(stream), piece):
+            writer.write(stream[start:start + piece])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+    answers = [json.loads((await read_response(reader))[2]) for _ in range(3)]
+    assert answers == [expected_digest("/first", first, True), expected_digest("/second", second, True),
+                       expected_digest("/small", small, False)]
+    writer.close()
+
+
+@on_session_loop
+async def test_a_large_body_keeps_its_content_encoding_and_connection_close(large_server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", large_server.port)
+    plain = os.urandom(200_000)  # incompressible: its gzip is as large, so it is received directly
+    writer.write(post("/gzip", gzip.compress(plain), "Content-Encoding: gzip\r\n")
+                 + post("/last", plain, "Connection: close\r\n"))
+    assert json.loads((await read_response(reader))[2]) == expected_digest("/gzip", plain, False)  # decoded: bytes
+    status, body = await read_last_response(reader)
+    assert status == 200 and json.loads(body) == expected_digest("/last", plain, True)
+
+
+@on_session_loop
+async def test_a_client_gone_in_the_middle_of_a_large_body_leaves_the_server_serving(large_server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", large_server.port)
+    body = os.urandom(500_000)
+    writer.write(post("/cut", body)[:200_000])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert not large_server.connections
+    reader, writer = await asyncio.open_connection("127.0.0.1", large_server.port)
+    writer.write(post("/whole", body))
+    assert json.loads((await read_response(reader))[2]) == expected_digest("/whole", body, True)
+    writer.close()
+
+
+@on_session_loop
+async def test_a_large_body_over_the_limit_gets_413_before_it_is_received(large_server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", large_server.port)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (LARGE_MAX_BODY + 1))  # no body yet
+    status, body = await read_last_response(reader)
+    assert status == 413 and b"larger than" in body

@@ -19,6 +19,8 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
 from tritonclient.utils import InferenceServerException
 
+from plansmith_runtime.http_transport import DIRECT_BODY_BYTES
+
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -43,7 +45,10 @@ def grpc_input(array: np.ndarray, name: str = "input", module=grpcclient, dataty
 
 def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server):
     session = engines["small_cnn"].session()
-    x = engines["small_cnn"].model.sample_inputs(batch=3, seed=11)["input"]
+    # 8 images: 98 KB in binary and more as JSON, so over HTTP both bodies are received into buffers of
+    # their own (http_transport.DIRECT_BODY_BYTES)
+    x = engines["small_cnn"].model.sample_inputs(batch=8, seed=11)["input"]
+    assert x.nbytes >= DIRECT_BODY_BYTES
     expected = session.run(None, {"input": x})[0]
 
     http = httpclient.InferenceServerClient(cnn_server.http_url)
@@ -65,7 +70,7 @@ def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server)
 
     http_aio, grpc_aio = asyncio.run(asynchronous())
     for result in (binary, as_json, over_grpc, http_aio, grpc_aio):
-        assert result.shape == (3, 10)
+        assert result.shape == (8, 10)
         np.testing.assert_allclose(result, expected, **TOLERANCE)
 
 
