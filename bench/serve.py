@@ -13,7 +13,10 @@ served twice, batching on and off, and driven at each concurrency by
 It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
   MLP: batching on / off throughput at c=64 (target >= 5x, with lower p99);
   CNNs: served items/s at c=64 / in-process ceiling (direct ONNX Runtime at its best batch size, one
-    session on every core or one single-threaded session per core, whichever is faster; target >= 80%);
+    session on every core or one single-threaded session per core, whichever is faster; target >= 80%),
+    in the default layout (one instance, ONNX Runtime's threads, maxBatchSize 32) and, for the models
+    named by --throughput-layout (the compute-bound 224x224 CNN), also at c=64 in the throughput layout:
+    the ceiling's own way of running (its sessions as the instances, its best batch size as maxBatchSize);
   c=1: gRPC p50 minus a direct session.run p50 on the same input, batching on and off (target <= 1 ms);
     also with the input and output in system shared memory (Triton's extension, for a client on the
     same host), the input written and the output read back on every call.
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,39 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
 MAX_BATCH = 32
 QUEUE_DELAY_US = 100
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an engine is served: the batch limit and the executors. plansmith and the Triton reference
+    get the same one."""
+
+    name: str
+    max_batch_size: int = MAX_BATCH
+    instances: int = 1
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default, one thread per core in each session
+
+    def plansmith_args(self) -> list[str]:
+        args = ["--max-batch-size", str(self.max_batch_size), "--instances", str(self.instances)]
+        return args + (["--intra-op-threads", str(self.intra_op_threads)] if self.intra_op_threads else [])
+
+
+    def describe(self) -> str:
+        threads = f"{self.intra_op_threads}-threaded" if self.intra_op_threads else "ONNX Runtime's threads"
+        return f"{self.instances} instance(s), {threads}, maxBatchSize {self.max_batch_size}"
+
+
+DEFAULT_LAYOUT = Layout("default")
+
+
+def throughput_layout(direct: dict) -> Layout:
+    """A compute-bound model served the way its in-process ceiling ran fastest: the same sessions
+    (one on every core, or one single-threaded session per core) and its best batch size as the
+    largest batch. On this CPU the 224x224 CNN computes an item no faster at batch 32 than at batch 1,
+    and with one single-threaded instance per core a preempted thread stalls one batch, not both
+    cores' share of it (docs/benchmarks.md)."""
+    return Layout("throughput", max_batch_size=direct["ceiling_batch"], instances=direct["ceiling_sessions"],
+                  intra_op_threads=direct["ceiling_threads"])
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -90,11 +127,12 @@ def percentiles(latencies: list[float]) -> tuple[float, float, float]:
 class Server(ServedProcess):
     """`plansmith serve` on free ports."""
 
-    def __init__(self, manifest_uri: str, batching: bool, log_path: Path, extra: list[str]) -> None:
+    def __init__(self, manifest_uri: str, batching: bool, log_path: Path, extra: list[str],
+                 layout: Layout = DEFAULT_LAYOUT) -> None:
         for attempt in range(3):  # free ports can be taken by another process before the server binds them
             self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
             args = [PLANSMITH, "serve", "--manifest", manifest_uri, "--host", "127.0.0.1", "--http-port", str(self.http),
-                    "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--max-batch-size", str(MAX_BATCH),
+                    "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *layout.plansmith_args(),
                     "--max-queue-delay-us", str(QUEUE_DELAY_US), "--max-queue-size", "4096", "--log-level", "WARNING"]
             if not batching:
                 args.append("--no-batching")
@@ -351,13 +389,15 @@ def direct_figures(engine_path: Path, input_name: str, array: np.ndarray, durati
     options.intra_op_num_threads = 1
     per_core = [ort.InferenceSession(str(engine_path), options, providers=["CPUExecutionProvider"])
                 for _ in range(os.cpu_count() or 1)]
-    best = (0.0, 1, "")
+    best = (0.0, 1, 1, 0)  # items/s, batch size, sessions, intra-op threads a session (0: every core)
     for batch in (1, 4, 8, 16, 32):
         batched = np.repeat(array, batch, axis=0)
-        best = max(best, (_items_per_second([session], input_name, batched, duration / 10), batch, "1 session"),
-                   (_items_per_second(per_core, input_name, batched, duration / 10), batch,
-                    f"{len(per_core)} single-threaded sessions"))
-    return {"p50": percentiles(latencies)[0], "ceiling": best[0], "ceiling_batch": best[1], "ceiling_how": best[2]}
+        best = max(best, (_items_per_second([session], input_name, batched, duration / 10), batch, 1, 0),
+                   (_items_per_second(per_core, input_name, batched, duration / 10), batch, len(per_core), 1))
+    items, batch, sessions, threads = best
+    return {"p50": percentiles(latencies)[0], "ceiling": items, "ceiling_batch": batch, "ceiling_sessions": sessions,
+            "ceiling_threads": threads,
+            "ceiling_how": f"{sessions} single-threaded sessions" if threads else "1 session on every core"}
 
 
 # --------------------------------------------------------------------------- main
@@ -383,8 +423,8 @@ def build(kind: str, workdir: Path) -> tuple[str, Path, str, np.ndarray]:
     return result.manifest_uri, engine, info.input_name, info.sample_inputs(batch=1, seed=3)[info.input_name]
 
 
-def measure(server, server_name: str, kind: str, batching: bool, levels: list[int], input_name: str, array: np.ndarray,
-            args: argparse.Namespace, workdir: Path) -> list[dict]:
+def measure(server, server_name: str, kind: str, layout: Layout, batching: bool, levels: list[int], input_name: str,
+            array: np.ndarray, args: argparse.Namespace, workdir: Path) -> list[dict]:
     """Every concurrency level over gRPC and HTTP against one running server."""
     rows = []
     for concurrency in levels:
@@ -402,10 +442,10 @@ def measure(server, server_name: str, kind: str, batching: bool, levels: list[in
         for protocol, result in figures.items():
             if result is None:
                 continue
-            row = {"server": server_name, "model": kind, "batching": "on" if batching else "off", "c": concurrency,
-                   "protocol": protocol, "mean_batch": mean_batch, **result}
+            row = {"server": server_name, "model": kind, "layout": layout.name, "batching": "on" if batching else "off",
+                   "c": concurrency, "protocol": protocol, "mean_batch": mean_batch, **result}
             rows.append(row)
-            print(f"  {server_name:9s} {kind:9s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:8s} "
+            print(f"  {server_name:9s} {kind:9s} {layout.name:10s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:8s} "
                   f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
                   f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {mean_batch:.1f} over both)",
                   flush=True)
@@ -423,6 +463,8 @@ def main() -> int:
     parser.add_argument("--server-args", default="", help="extra `plansmith serve` flags, e.g. '--instances 2'")
     parser.add_argument("--triton-reference", action="store_true",
                         help="also serve each engine from a real Triton server (bench/triton_reference.py) and compare")
+    parser.add_argument("--throughput-layout", default="cnn224", metavar="MODELS",
+                        help="models also served in the throughput layout at the top concurrency ('' for none)")
     args = parser.parse_args()
     if not args.no_http and not shutil.which("wrk"):
         parser.error("the HTTP runs need wrk (apt-get install wrk), or pass --no-http")
@@ -437,34 +479,45 @@ def main() -> int:
         summary[kind] = {"direct": direct}
         print(f"\n{kind}: direct session.run p50 {direct['p50']:.3f} ms; in-process ceiling "
               f"{direct['ceiling']:.0f} items/s at batch {direct['ceiling_batch']} ({direct['ceiling_how']})", flush=True)
-        for batching in [mode == "on" for mode in args.batching.split(",")]:
-            server = Server(manifest_uri, batching, workdir / f"{kind}-{batching}.log", args.server_args.split())
-            try:
-                if batching and 1 in levels:
-                    summary[kind]["floor"] = grpc_floor(f"127.0.0.1:{server.grpc}", args.duration / 2)
-                rows += measure(server, "plansmith", kind, batching, levels, input_name, array, args, workdir)
-            finally:
-                server.stop()
-            if args.triton_reference:
-                from triton_reference import TritonServer
-
-                triton = TritonServer(engine, batching, MAX_BATCH, QUEUE_DELAY_US, workdir, free_port)
+        layouts = [(DEFAULT_LAYOUT, levels)]
+        if kind in args.throughput_layout.split(","):
+            layout = throughput_layout(direct)
+            summary[kind]["throughput_layout"] = layout
+            print(f"  {kind}: the throughput layout, as the ceiling ran: {layout.describe()}", flush=True)
+            layouts.append((layout, [max(levels)]))  # a layout for load: at c=1 a request would get one core
+        for layout, layout_levels in layouts:
+            for batching in [mode == "on" for mode in args.batching.split(",")]:
+                server = Server(manifest_uri, batching, workdir / f"{kind}-{layout.name}-{batching}.log",
+                                args.server_args.split(), layout)
                 try:
-                    rows += measure(triton, "triton", kind, batching, levels, input_name, array, args, workdir)
+                    if batching and 1 in layout_levels:
+                        summary[kind]["floor"] = grpc_floor(f"127.0.0.1:{server.grpc}", args.duration / 2)
+                    rows += measure(server, "plansmith", kind, layout, batching, layout_levels, input_name, array, args,
+                                    workdir)
                 finally:
-                    triton.stop()
+                    server.stop()
+                if args.triton_reference:
+                    from triton_reference import TritonServer
+
+                    triton = TritonServer(engine, batching, layout, QUEUE_DELAY_US, workdir, free_port)
+                    try:
+                        rows += measure(triton, "triton", kind, layout, batching, layout_levels, input_name, array, args,
+                                        workdir)
+                    finally:
+                        triton.stop()
         # The machine is shared: measure the ceiling again after the served runs and keep the
         # higher one, so the served/ceiling ratio is not flattered by a slow first measurement.
         again = direct_figures(engine, input_name, array, args.duration)
         if again["ceiling"] > direct["ceiling"]:
-            direct.update(ceiling=again["ceiling"], ceiling_batch=again["ceiling_batch"], ceiling_how=again["ceiling_how"])
+            direct.update({key: value for key, value in again.items() if key.startswith("ceiling")})
         direct["p50"] = min(direct["p50"], again["p50"])
         print(f"  {kind}: ceiling measured again after the runs: {again['ceiling']:.0f} items/s "
               f"(batch {again['ceiling_batch']}, {again['ceiling_how']}); using {direct['ceiling']:.0f}", flush=True)
 
-    def find(model, batching, c, protocol="grpc", server="plansmith"):
+    def find(model, batching, c, protocol="grpc", server="plansmith", layout="default"):
         for row in rows:
-            if (row["server"], row["model"], row["batching"], row["c"], row["protocol"]) == (server, model, batching, c, protocol):
+            if ((row["server"], row["model"], row["layout"], row["batching"], row["c"], row["protocol"])
+                    == (server, model, layout, batching, c, protocol)):
                 return row
         return None
 
@@ -476,12 +529,14 @@ def main() -> int:
             print(f"  MLP {protocol} c={top}: batching on/off throughput {on['rps'] / off['rps']:.2f}x [>= 5x]; "
                   f"p99 on {on['p99']:.2f} ms vs off {off['p99']:.2f} ms [on lower]")
         for kind in ("small_cnn", "cnn224"):
-            for batching in ("on", "off"):
-                cnn = find(kind, batching, top, protocol)
-                if cnn and kind in summary:
-                    ceiling = summary[kind]["direct"]["ceiling"]
-                    print(f"  {kind} {protocol} c={top} batching {batching}: {cnn['rps']:.0f} items/s = "
-                          f"{100 * cnn['rps'] / ceiling:.0f}% of the in-process ceiling {ceiling:.0f} items/s [>= 80%]")
+            for layout in (DEFAULT_LAYOUT, summary.get(kind, {}).get("throughput_layout")):
+                for batching in ("on", "off") if layout else ():
+                    cnn = find(kind, batching, top, protocol, layout=layout.name)
+                    if cnn and kind in summary:
+                        ceiling = summary[kind]["direct"]["ceiling"]
+                        print(f"  {kind} {protocol} c={top} {layout.name} layout, batching {batching}: {cnn['rps']:.0f} "
+                              f"items/s = {100 * cnn['rps'] / ceiling:.0f}% of the in-process ceiling {ceiling:.0f} "
+                              f"items/s [>= 80%]")
     for kind in summary:
         floor = summary[kind].get("floor")
         for batching in ("on", "off"):  # batching on waits out maxQueueDelayMicroseconds by design (Triton too)
@@ -499,9 +554,10 @@ def main() -> int:
     if args.triton_reference:
         print("\nplansmith against the Triton reference (same engine, batching settings and generators):")
         for row in rows:
-            triton = row["server"] == "plansmith" and find(row["model"], row["batching"], row["c"], row["protocol"], "triton")
+            triton = row["server"] == "plansmith" and find(row["model"], row["batching"], row["c"], row["protocol"],
+                                                           "triton", row["layout"])
             if triton:
-                print(f"  {row['model']:9s} batching {row['batching']:3s} c={row['c']:<3d} {row['protocol']:8s} "
+                print(f"  {row['model']:9s} {row['layout']:10s} batching {row['batching']:3s} c={row['c']:<3d} {row['protocol']:8s} "
                       f"{row['rps']:8.0f} vs {triton['rps']:8.0f} req/s = {row['rps'] / triton['rps']:5.2f}x; "
                       f"p99 {row['p99']:7.2f} vs {triton['p99']:7.2f} ms")
     print(f"\nload average after the run {os.getloadavg()[0]:.2f} (the machine is shared; figures move with it)")

@@ -40,8 +40,10 @@ class TritonPythonModel:
     requests, split back per request."""
 
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        self.session = ort.InferenceSession(config["parameters"]["engine"]["string_value"],
+        parameters = json.loads(args["model_config"])["parameters"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(parameters["intra_op_threads"]["string_value"])  # 0: ONNX Runtime's default
+        self.session = ort.InferenceSession(parameters["engine"]["string_value"], options,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
@@ -83,22 +85,24 @@ def install() -> Path:
     return root
 
 
-def write_repository(directory: Path, engine: Path, batching: bool, max_batch_size: int, delay_us: int) -> Path:
-    """A model repository with one Python-backend model named "model"; config.pbtxt is rendered from
+def write_repository(directory: Path, engine: Path, batching: bool, layout, delay_us: int) -> Path:
+    """A model repository with one Python-backend model named "model", served in `layout` (serve.Layout:
+    max_batch_size, instances and each session's intra_op_threads); config.pbtxt is rendered from
     tritonclient's ModelConfig message, so its fields are checked by protobuf."""
     import onnxruntime as ort
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     session = ort.InferenceSession(str(engine), providers=["CPUExecutionProvider"])
-    config = model_config_pb2.ModelConfig(name="model", backend="python", max_batch_size=max_batch_size)
+    config = model_config_pb2.ModelConfig(name="model", backend="python", max_batch_size=layout.max_batch_size)
     for tensors, add in ((session.get_inputs(), config.input.add), (session.get_outputs(), config.output.add)):
         for tensor in tensors:
             add(name=tensor.name, data_type=model_config_pb2.TYPE_FP32, dims=[int(d) for d in tensor.shape[1:]])
     if batching:
         config.dynamic_batching.max_queue_delay_microseconds = delay_us
-    config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    config.instance_group.add(count=layout.instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
     config.parameters["engine"].string_value = str(engine)
+    config.parameters["intra_op_threads"].string_value = str(layout.intra_op_threads)
     model = directory / "model"
     (model / "1").mkdir(parents=True, exist_ok=True)
     (model / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -112,11 +116,10 @@ class TritonServer(ServedProcess):
 
     stop_timeout = 60.0
 
-    def __init__(self, engine: Path, batching: bool, max_batch_size: int, delay_us: int, workdir: Path,
-                 free_port) -> None:
+    def __init__(self, engine: Path, batching: bool, layout, delay_us: int, workdir: Path, free_port) -> None:
         root = install()
-        mode = "on" if batching else "off"
-        repository = write_repository(workdir / f"triton-repo-{mode}", engine, batching, max_batch_size, delay_us)
+        mode = f"{layout.name}-{'on' if batching else 'off'}"
+        repository = write_repository(workdir / f"triton-repo-{mode}", engine, batching, layout, delay_us)
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         log_path = workdir / f"triton-{mode}.log"
         command = [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
