@@ -41,11 +41,12 @@ MAX_HEAD_BYTES = 64 << 10
 KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
 # Bytes read from a socket at a time into the server's read buffer, and fed to the parser from there.
 READ_BUFFER_BYTES = 64 << 10
-# A body of at least this many bytes with a Content-Length is received by the socket straight into a
-# buffer of its own: otherwise a 600 KB image is copied three times on the event loop (into a bytes
-# object per read, into the parser's body chunks, into one joined body), 28% of the loop thread's
-# time serving the 224x224 CNN (perf). Not below the read buffer's size: a body this large cannot end
-# in the read that brought its head, so the parser never sees the bytes after it.
+# A body of at least this many bytes with a Content-Length (and over gRPC, a DATA frame's payload) is
+# received by the socket straight into a buffer of its own: otherwise a 600 KB image is copied three
+# times on the event loop (into a bytes object per read, into the parser's body chunks, into one
+# joined body), 28% of the loop thread's time serving the 224x224 CNN (perf). Not below the read
+# buffer's size: a body this large cannot end in the read that brought its head, so the parser
+# never sees the bytes after it.
 DIRECT_BODY_BYTES = READ_BUFFER_BYTES
 
 

@@ -4,7 +4,9 @@ control, compression, cancellation and a graceful close, over loopback."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -253,20 +255,62 @@ def test_frames_cut_across_reads_are_put_back_together(echo):
     assert Response.FromString(received[5:]).raw_output_contents[0] == payload
 
 
-def read_frames(raw: socket.socket, until_stream_ends: int) -> list[tuple[int, int, int, bytes]]:
-    """(type, flags, stream, payload) of every frame the server sends until `until_stream_ends` ends."""
-    frames, buffered = [], b""
+def read_frames(raw: socket.socket, *until_streams_end: int) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of every frame the server sends until every stream in
+    `until_streams_end` has ended."""
+    frames, buffered, open_streams = [], b"", set(until_streams_end)
     while True:
         while len(buffered) >= 9 and len(buffered) >= 9 + int.from_bytes(buffered[:3], "big"):
             length = int.from_bytes(buffered[:3], "big")
             kind, flags, stream = buffered[3], buffered[4], int.from_bytes(buffered[5:9], "big")
             frames.append((kind, flags, stream, buffered[9:9 + length]))
             buffered = buffered[9 + length:]
-            if stream == until_stream_ends and flags & 0x1 and kind in (0, 1):
+            if flags & 0x1 and kind in (0, 1):
+                open_streams.discard(stream)
+            if not open_streams:
                 return frames
         chunk = raw.recv(65536)
         assert chunk, "the server closed the connection"
         buffered += chunk
+
+
+@pytest.mark.parametrize("piece", [None, 7000], ids=["one-write", "7000-byte-writes"])
+def test_large_data_frames_read_into_their_own_buffers_arrive_whole(echo, piece):
+    """DATA frames of DIRECT_BODY_BYTES and more (padded or not) whose payload the socket reads into
+    a buffer of its own, then a small call, on one connection; written at once or cut anywhere."""
+    import hpack as hpack_library
+
+    from plansmith_runtime.grpc_transport import frame
+    from plansmith_runtime.http_transport import DIRECT_BODY_BYTES
+
+    server, _ = echo
+    encoder = hpack_library.Encoder()
+    payloads = {1: os.urandom(300_000), 3: os.urandom(DIRECT_BODY_BYTES), 5: b"small"}
+    window = 16 << 20  # for the answers: SETTINGS_INITIAL_WINDOW_SIZE, and the connection's WINDOW_UPDATE
+    outgoing = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack(">HI", 0x4, window))
+                + frame(8, 0, 0, struct.pack(">I", window - 65535)))
+    for stream, payload in payloads.items():
+        body = Request(id=f"call {stream}", raw_input_contents=[payload]).SerializeToString()
+        message = b"\x00" + len(body).to_bytes(4, "big") + body
+        block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Echo"),
+                                (":authority", server.url), ("content-type", "application/grpc")])
+        outgoing += frame(1, 0x4, stream, block)
+        if stream == 3:  # padded, END_STREAM
+            outgoing += frame(0, 0x1 | 0x8, stream, bytes([9]) + message + b"\x00" * 9)
+        else:  # the 300 KB message in two frames, the second one large
+            outgoing += frame(0, 0, stream, message[:1000]) + frame(0, 0x1, stream, message[1000:])
+    host, port = server.url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for offset in range(0, len(outgoing), piece or len(outgoing)):
+            raw.sendall(outgoing[offset:offset + (piece or len(outgoing))])
+            if piece:
+                time.sleep(0.0002)
+        frames = read_frames(raw, *payloads)
+    for stream, payload in payloads.items():
+        data = b"".join(body for kind, _, number, body in frames if kind == 0 and number == stream)
+        response = Response.FromString(data[5:])
+        assert response.id == f"call {stream}" and response.raw_output_contents[0] == payload
 
 
 def test_continuation_padding_and_ping_are_understood(echo):
@@ -290,7 +334,7 @@ def test_continuation_padding_and_ping_are_understood(echo):
     host, port = server.url.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         raw.sendall(outgoing)
-        frames = read_frames(raw, until_stream_ends=1)
+        frames = read_frames(raw, 1)
     assert (6, 0x1, 0, b"pingpong") in frames  # the PING came back acknowledged
     decoder = hpack_library.Decoder()
     headers = [dict(decoder.decode(payload)) for kind, _, stream, payload in frames if kind == 1 and stream == 1]
@@ -348,10 +392,10 @@ def test_the_server_enforces_the_calls_grpc_timeout(echo):
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         started = time.monotonic()
         raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + call(1, "/test.Echo/Slow", "150m"))
-        frames = read_frames(raw, until_stream_ends=1)
+        frames = read_frames(raw, 1)
         waited = time.monotonic() - started
         raw.sendall(call(3, "/test.Echo/Echo", "10S"))  # a timeout the call meets: answered normally
-        later = read_frames(raw, until_stream_ends=3)
+        later = read_frames(raw, 3)
     decoder = hpack_library.Decoder()
     blocks = [dict(decoder.decode(payload)) for kind, _, stream, payload in frames + later if kind == 1]
     assert blocks[0]["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
@@ -439,7 +483,7 @@ def test_a_stream_ending_inside_a_message_or_over_the_limit_fails_with_its_statu
     host, port = server.url.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x4, 1, block) + frame(0, 0x1, 1, data))
-        frames = read_frames(raw, until_stream_ends=1)
+        frames = read_frames(raw, 1)
     trailers = dict(hpack_library.Decoder().decode([payload for kind, _, stream, payload in frames if kind == 1][-1]))
     assert trailers["grpc-status"] == str(status.value[0])
 
