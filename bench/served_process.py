@@ -20,15 +20,19 @@ class ServedProcess:
 
     def launch(self, command: list[str], log_path: Path, ready_timeout: float) -> bool:
         """Start `command` (listening on self.http/grpc/metrics) and wait until /v2/health/ready
-        answers 200; False (and stopped) when it exits or is not ready in time."""
+        answers 200 and the metrics endpoint answers (Triton starts it after the model is ready);
+        False (and stopped) when it exits or is not ready in time."""
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
+        waiting_for = [f"http://127.0.0.1:{self.http}/v2/health/ready", f"http://127.0.0.1:{self.metrics}/metrics"]
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=1) as response:
+                with urllib.request.urlopen(waiting_for[0], timeout=1) as response:
                     if response.status == 200:
-                        return True
+                        waiting_for.pop(0)
+                        if not waiting_for:
+                            return True
             except OSError:
                 time.sleep(0.1)
         self.stop()
