@@ -5,6 +5,7 @@ large bodies received into their own buffers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -34,12 +35,21 @@ async def echo(request: HttpRequest) -> HttpResponse:
     return HttpResponse(200, json.dumps(document).encode(), headers=(("X-Answer", "yes"),))
 
 
+@contextlib.asynccontextmanager
+async def serving(handler, max_body: int, **options):
+    """An HttpServer on a free loopback port, closed afterwards."""
+    http = HttpServer(handler, max_body, **options)
+    await http.start("127.0.0.1", 0)
+    try:
+        yield http
+    finally:
+        await http.close(1.0)
+
+
 @pytest.fixture
 async def server():
-    http = HttpServer(echo, MAX_BODY)
-    await http.start("127.0.0.1", 0)
-    yield http
-    await http.close(1.0)
+    async with serving(echo, MAX_BODY) as http:
+        yield http
 
 
 @pytest.fixture
@@ -285,9 +295,7 @@ async def test_a_client_that_does_not_read_holds_at_most_one_response_in_the_ser
 
 @on_session_loop
 async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_a_busy_one_is_not():
-    server = HttpServer(echo, MAX_BODY, keep_alive_timeout=0.2)
-    await server.start("127.0.0.1", 0)
-    try:
+    async with serving(echo, MAX_BODY, keep_alive_timeout=0.2) as server:
         idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
         idle_writer.write(post("/x", b"once"))
         assert (await read_response(idle_reader))[0] == 200
@@ -298,8 +306,6 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_a_busy_
         assert status == 200 and "connection" not in headers and json.loads(body)["body"] == "slow"
         idle_writer.close()
         busy_writer.close()
-    finally:
-        await server.close(1.0)
 
 
 @on_session_loop
@@ -340,10 +346,8 @@ async def digest(request: HttpRequest) -> HttpResponse:
 
 @pytest.fixture
 async def large_server():
-    http = HttpServer(digest, LARGE_MAX_BODY)
-    await http.start("127.0.0.1", 0)
-    yield http
-    await http.close(1.0)
+    async with serving(digest, LARGE_MAX_BODY) as http:
+        yield http
 
 
 def expected_digest(path: str, body: bytes, received_directly: bool) -> dict:
