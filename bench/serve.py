@@ -67,7 +67,6 @@ class Layout:
         args = ["--max-batch-size", str(self.max_batch_size), "--instances", str(self.instances)]
         return args + (["--intra-op-threads", str(self.intra_op_threads)] if self.intra_op_threads else [])
 
-
     def describe(self) -> str:
         threads = f"{self.intra_op_threads}-threaded" if self.intra_op_threads else "ONNX Runtime's threads"
         return f"{self.instances} instance(s), {threads}, maxBatchSize {self.max_batch_size}"
@@ -84,6 +83,7 @@ def throughput_layout(direct: dict) -> Layout:
     cores' share of it (docs/benchmarks.md)."""
     return Layout("throughput", max_batch_size=direct["ceiling_batch"], instances=direct["ceiling_sessions"],
                   intra_op_threads=direct["ceiling_threads"])
+
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -482,7 +482,6 @@ def main() -> int:
         layouts = [(DEFAULT_LAYOUT, levels)]
         if kind in args.throughput_layout.split(","):
             layout = throughput_layout(direct)
-            summary[kind]["throughput_layout"] = layout
             print(f"  {kind}: the throughput layout, as the ceiling ran: {layout.describe()}", flush=True)
             layouts.append((layout, [max(levels)]))  # a layout for load: at c=1 a request would get one core
         for layout, layout_levels in layouts:
@@ -529,12 +528,12 @@ def main() -> int:
             print(f"  MLP {protocol} c={top}: batching on/off throughput {on['rps'] / off['rps']:.2f}x [>= 5x]; "
                   f"p99 on {on['p99']:.2f} ms vs off {off['p99']:.2f} ms [on lower]")
         for kind in ("small_cnn", "cnn224"):
-            for layout in (DEFAULT_LAYOUT, summary.get(kind, {}).get("throughput_layout")):
-                for batching in ("on", "off") if layout else ():
-                    cnn = find(kind, batching, top, protocol, layout=layout.name)
+            for layout in ("default", "throughput"):
+                for batching in ("on", "off"):
+                    cnn = find(kind, batching, top, protocol, layout=layout)
                     if cnn and kind in summary:
                         ceiling = summary[kind]["direct"]["ceiling"]
-                        print(f"  {kind} {protocol} c={top} {layout.name} layout, batching {batching}: {cnn['rps']:.0f} "
+                        print(f"  {kind} {protocol} c={top} {layout} layout, batching {batching}: {cnn['rps']:.0f} "
                               f"items/s = {100 * cnn['rps'] / ceiling:.0f}% of the in-process ceiling {ceiling:.0f} "
                               f"items/s [>= 80%]")
     for kind in summary:
