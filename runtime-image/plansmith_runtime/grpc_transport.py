@@ -344,7 +344,8 @@ class GrpcConnection(asyncio.BufferedProtocol):
             if len(buffer) < 9:
                 return
             waiting_for = buffer[0] << 16 | buffer[1] << 8 | buffer[2]
-            if waiting_for <= RECEIVE_FRAME_SIZE and len(buffer) < 9 + waiting_for:
+            large_data = buffer[3] == DATA and waiting_for >= DIRECT_BODY_BYTES  # read into its own buffer below
+            if waiting_for <= RECEIVE_FRAME_SIZE and len(buffer) < 9 + waiting_for and not large_data:
                 return  # the frame is still incomplete: copy the buffer out once, when it is whole
             data = bytes(buffer)
             buffer.clear()

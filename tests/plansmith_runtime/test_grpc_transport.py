@@ -16,7 +16,7 @@ import pytest
 import uvloop
 from tritonclient.grpc import service_pb2
 
-from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, StreamingMethod, UnaryMethod
+from plansmith_runtime.grpc_transport import GrpcConnection, GrpcError, GrpcServer, StreamingMethod, UnaryMethod
 
 LIMIT = 16 << 20
 Request, Response = service_pb2.ModelInferRequest, service_pb2.ModelInferResponse
@@ -274,10 +274,12 @@ def read_frames(raw: socket.socket, *until_streams_end: int) -> list[tuple[int, 
         buffered += chunk
 
 
-@pytest.mark.parametrize("piece", [None, 7000], ids=["one-write", "7000-byte-writes"])
-def test_large_data_frames_read_into_their_own_buffers_arrive_whole(echo, piece):
+@pytest.mark.parametrize("writes", ["one", "7000-byte", "cut-in-a-large-frame-header"])
+def test_large_data_frames_read_into_their_own_buffers_arrive_whole(echo, writes):
     """DATA frames of DIRECT_BODY_BYTES and more (padded or not) whose payload the socket reads into
-    a buffer of its own, then a small call, on one connection; written at once or cut anywhere."""
+    a buffer of its own, then a small call, on one connection; written at once, cut every 7000
+    bytes, or cut inside the header of a large frame (the rest of the header comes with the next
+    read)."""
     import hpack as hpack_library
 
     from plansmith_runtime.grpc_transport import frame
@@ -298,14 +300,17 @@ def test_large_data_frames_read_into_their_own_buffers_arrive_whole(echo, piece)
         if stream == 3:  # padded, END_STREAM
             outgoing += frame(0, 0x1 | 0x8, stream, bytes([9]) + message + b"\x00" * 9)
         else:  # the 300 KB message in two frames, the second one large
-            outgoing += frame(0, 0, stream, message[:1000]) + frame(0, 0x1, stream, message[1000:])
+            outgoing += frame(0, 0, stream, message[:1000])
+            large_frame_at = len(outgoing)
+            outgoing += frame(0, 0x1, stream, message[1000:])
+    cuts = {"one": [], "7000-byte": list(range(7000, len(outgoing), 7000)),
+            "cut-in-a-large-frame-header": [large_frame_at + 4]}[writes]
     host, port = server.url.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for offset in range(0, len(outgoing), piece or len(outgoing)):
-            raw.sendall(outgoing[offset:offset + (piece or len(outgoing))])
-            if piece:
-                time.sleep(0.0002)
+        for start, end in zip([0, *cuts], [*cuts, len(outgoing)]):
+            raw.sendall(outgoing[start:end])
+            time.sleep(0.002 if writes == "cut-in-a-large-frame-header" else 0.0002)
         frames = read_frames(raw, *payloads)
     for stream, payload in payloads.items():
         data = b"".join(body for kind, _, number, body in frames if kind == 0 and number == stream)
@@ -488,21 +493,48 @@ def test_a_stream_ending_inside_a_message_or_over_the_limit_fails_with_its_statu
     assert trailers["grpc-status"] == str(status.value[0])
 
 
+class RecordingTransport:
+    """What a GrpcConnection driven without a socket writes, and whether it closed."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def write(self, data: bytes) -> None:
+        self.events.append(bytes(data))
+
+    def close(self) -> None:
+        self.events.append("closed")
+
+
+def read_into(connection: GrpcConnection, data: bytes) -> None:
+    """One read as the event loop does it for a BufferedProtocol: into the buffer the connection gives."""
+    buffer = connection.get_buffer(len(data))
+    assert len(buffer) >= len(data)
+    buffer[:len(data)] = data
+    connection.buffer_updated(len(data))
+
+
+def test_the_rest_of_a_large_data_frame_is_read_into_its_own_buffer_even_after_a_cut_header():
+    from plansmith_runtime.grpc_transport import frame
+    from plansmith_runtime.http_transport import DIRECT_BODY_BYTES, READ_BUFFER_BYTES
+
+    server = GrpcServer({}, LIMIT)
+    connection = GrpcConnection(server)
+    connection.connection_made(RecordingTransport())
+    payload = os.urandom(DIRECT_BODY_BYTES + 1000)
+    data_frame = frame(0, 0x1, 1, payload)
+    read_into(connection, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + data_frame[:4])
+    read_into(connection, data_frame[4:9])  # the header is whole: the payload gets a buffer of its own
+    assert len(connection.get_buffer(-1)) == len(payload)
+    read_into(connection, data_frame[9:5009])
+    assert len(connection.get_buffer(-1)) == len(payload) - 5000
+    read_into(connection, data_frame[5009:])
+    assert connection.get_buffer(-1) is server.read_buffer and len(server.read_buffer) == READ_BUFFER_BYTES
+
+
 def test_closing_a_connection_first_sends_the_frames_waiting_for_the_end_of_the_loop_turn():
     """A call's last frames are written at the end of the loop turn (_flush_soon), but the call
     already counts as done: a graceful close that came in between lost them (a SIGTERM race)."""
-    from plansmith_runtime.grpc_transport import GrpcConnection
-
-    class RecordingTransport:
-        def __init__(self) -> None:
-            self.events: list = []
-
-        def write(self, data: bytes) -> None:
-            self.events.append(bytes(data))
-
-        def close(self) -> None:
-            self.events.append("closed")
-
     connection, transport = GrpcConnection(GrpcServer({}, LIMIT)), RecordingTransport()
     connection.connection_made(transport)
     connection._send(b"the last frames of a call")  # queued as _answer queues them
