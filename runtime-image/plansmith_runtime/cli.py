@@ -60,7 +60,8 @@ def register(subparsers) -> None:
     batching.add_argument("--max-queue-size", type=int)
     batching.add_argument("--timeout-us", type=int, help="reject requests queued longer than this")
     batching.add_argument("--instances", type=int, help="execution instances running batches concurrently")
-    batching.add_argument("--intra-op-threads", type=int, default=0, help="threads per ONNX Runtime session (0: default)")
+    batching.add_argument("--intra-op-threads", type=int, default=0, help="threads per ONNX Runtime session (0: the CPUs this process may use, "
+                          "affinity and cgroup quota, shared between the instances)")
     batching.add_argument("--warmup-iterations", type=int)
     batching.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM: time to finish in-flight requests")

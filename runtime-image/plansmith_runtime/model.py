@@ -18,6 +18,7 @@ import numpy as np
 from plansmith.manifest import Manifest, TensorSpec
 from plansmith_runtime import compatibility
 from plansmith_runtime.config import ServingConfig, check_against_engine
+from plansmith_runtime.cpus import available_cpus
 from plansmith_runtime.executors import Executor, create_executor
 from plansmith_runtime.loader import fetch_engine
 from plansmith_runtime.metrics import Metrics, model_statistics
@@ -86,12 +87,15 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def intra_op_threads(requested: int, instances: int, cpus: int) -> int:
-    """Threads per session: as asked, else share the CPUs between the instances (0: the backend's
-    default, which uses every core, for a single instance)."""
+def intra_op_threads(requested: int, instances: int, cpus: int, machine_cpus: int) -> int:
+    """Threads per session: as asked, else the `cpus` this process may use (cpus.available_cpus: a
+    pod's CPU limit) shared between the instances. A single instance that may use every one of the
+    machine's cores gets 0: the backend's default, a thread per core."""
     if requested:
         return requested
-    return max(1, cpus // instances) if instances > 1 else 0
+    if instances > 1:
+        return max(1, cpus // instances)
+    return 0 if cpus >= machine_cpus else cpus
 
 
 # ServedModel.state -> the state Triton's repository index reports
@@ -110,6 +114,7 @@ class ServedModel:
         self.signature: Signature | None = None
         self.batcher: DynamicBatcher | None = None
         self._executors: list[Executor] = []
+        self._intra_op_threads = 0  # threads a session: see intra_op_threads
         self._warm_compute_us: dict[int, float] = {}  # batch size -> fastest warmup run
         self._model_config = None
 
@@ -138,7 +143,8 @@ class ServedModel:
         self.state = "READY"
         self.reason = ""
         log.info("model ready", extra={"model": self.name, "engine": self.manifest.key, "backend": self.manifest.backend,
-                                       "instances": len(self._executors), "inline_max_items": self.batcher.inline_max_items})
+                                       "instances": len(self._executors), "intra_op_threads": self._intra_op_threads,
+                                       "inline_max_items": self.batcher.inline_max_items})
 
     def _load_blocking(self, options: LoadOptions) -> None:
         directory = options.cache_dir or Path(tempfile.mkdtemp(prefix="plansmith-engine-"))
@@ -151,8 +157,9 @@ class ServedModel:
         check_against_engine(self.config.policy, manifest.max_batch_size)
         self.manifest = manifest
         self.signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs), self.config.policy.max_batch_size)
-        threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, os.cpu_count() or 1)
-        self._executors = [create_executor(engine, intra_op_threads=threads, max_batch_size=self.config.policy.max_batch_size)
+        self._intra_op_threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, available_cpus(),
+                                                  os.cpu_count() or 1)
+        self._executors = [create_executor(engine, intra_op_threads=self._intra_op_threads, max_batch_size=self.config.policy.max_batch_size)
                            for _ in range(self.config.instances)]
         if self.config.warmup_enabled:
             self._warm_up()
