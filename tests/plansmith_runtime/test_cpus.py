@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from plansmith_runtime import cpus
-from plansmith_runtime.cpus import available_cpus, quota_cpus
+from plansmith_runtime.cpus import available_cpus, cgroup_cpu_limit, quota_cpus
 from plansmith_runtime.model import intra_op_threads
 
 
@@ -24,17 +26,58 @@ def test_quota_cpus_reads_cgroup_v2_and_v1(cpu_max, quota_us, period_us, expecte
     assert quota_cpus(cpu_max, quota_us, period_us) == expected
 
 
-def test_available_cpus_is_the_affinity_bounded_by_the_quota(tmp_path, monkeypatch):
-    affinity = len(os.sched_getaffinity(0))
-    assert available_cpus() <= affinity  # this machine's own cgroup files, whatever they say
-    cpu_max = tmp_path / "cpu.max"
-    monkeypatch.setattr(cpus, "CGROUP_V2_CPU_MAX", cpu_max)
-    cpu_max.write_text("100000 100000\n")
-    assert available_cpus() == 1
-    cpu_max.write_text(f"{(affinity + 8) * 100000} 100000\n")  # a quota above the affinity: the affinity
-    assert available_cpus() == affinity
-    cpu_max.write_text("not a quota\n")  # unreadable: the affinity, with a warning
-    assert available_cpus() == affinity
+def cgroup_tree(root: Path, quotas: dict[str, str], name: str) -> None:
+    """Directories under `root` with a quota file `name` holding each text of `quotas` (path -> text)."""
+    for path, text in quotas.items():
+        directory = root / path
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+
+
+def test_the_tightest_quota_on_the_cgroup_or_an_ancestor_counts_cgroup_v2(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    cgroup_tree(tmp_path, {"kubepods/pod1": "300000 100000\n", "kubepods/pod1/app": "max 100000\n"}, "cpu.max")
+    assert cgroup_cpu_limit("0::/kubepods/pod1/app\n", tmp_path) == 3  # the pod's limit, set on the parent
+    (tmp_path / "kubepods/pod1/app/cpu.max").write_text("200000 100000\n")
+    assert cgroup_cpu_limit("0::/kubepods/pod1/app\n", tmp_path) == 2
+    # in a container the mount is the container's own cgroup: the host's path is not under it
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert cgroup_cpu_limit("0::/kubepods/pod2/other\n", tmp_path) == 1
+    assert cgroup_cpu_limit("0::/\n", tmp_path / "kubepods") is None  # no cgroup.controllers: not v2 here
+
+
+def test_the_tightest_quota_on_the_cgroup_or_an_ancestor_counts_cgroup_v1(tmp_path):
+    cgroup_tree(tmp_path / "cpu", {"": "-1\n", "kubepods": "400000\n", "kubepods/app": "-1\n"}, "cpu.cfs_quota_us")
+    cgroup_tree(tmp_path / "cpu", {"": "100000\n", "kubepods": "100000\n", "kubepods/app": "100000\n"},
+                "cpu.cfs_period_us")
+    text = "5:memory:/kubepods/app\n4:cpu,cpuacct:/kubepods/app\n0::/\n"
+    assert cgroup_cpu_limit(text, tmp_path) == 4
+    assert cgroup_cpu_limit("4:cpu,cpuacct:/\n", tmp_path) is None
+    (tmp_path / "cpu/kubepods/app/cpu.cfs_quota_us").write_text("not a number\n")
+    with pytest.raises(ValueError):
+        cgroup_cpu_limit(text, tmp_path)
+
+
+CPU_CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (CPU_CGROUP_V1 / "cpu.cfs_quota_us").exists(),
+                    reason="creates a cgroup v1 cpu group, which needs root and the v1 cpu controller")
+def test_a_process_in_a_cgroup_with_a_one_cpu_quota_sizes_for_one_cpu(tmp_path):
+    """A real cgroup: the kernel's own files and /proc/self/cgroup, as a pod's process sees them."""
+    group = CPU_CGROUP_V1 / f"plansmith-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+        probe = "from plansmith_runtime.cpus import available_cpus; print(available_cpus())"
+        joined = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"', sys.executable, probe],
+                                capture_output=True, text=True, timeout=60, check=True)
+        outside = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        group.rmdir()
+    assert joined.stdout.strip() == "1"
+    assert outside.stdout.strip() == str(len(os.sched_getaffinity(0)))
 
 
 @pytest.mark.parametrize("requested, instances, process_cpus, machine_cpus, expected", [
