@@ -9,6 +9,7 @@ GPUs here are simulated (docs/local-cluster.md): engines are keyed per GPU type 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -85,7 +86,8 @@ def body(name: str, e2e, **overrides) -> dict:
         "build": {"precision": "fp32", "timeoutSeconds": 600, "accuracy": {"minCosine": 0.999, "samples": 4}},
         "serving": {"replicas": 1, "maxBatchSize": 8, "instances": 1,
                     "dynamicBatching": {"maxQueueDelayMicroseconds": 500, "preferredBatchSizes": [4, 8]},
-                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                    # a CPU limit below the node's cores: the runtime sizes its threads by it
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1"}},
                     "warmup": {"iterations": 1}},
         "storage": {"uri": STORE, "secretRef": {"name": "plansmith-s3"}},
     }
@@ -135,6 +137,15 @@ def infer(host: str, model_name: str, batch: np.ndarray) -> np.ndarray:
     return triton.infer(model_name, inputs).as_numpy("logits")
 
 
+def model_ready_log(e2e, pod: str) -> dict:
+    """The serving runtime's "model ready" log entry (JSON lines) in a pod's log."""
+    text = client.CoreV1Api(e2e["api"]).read_namespaced_pod_log(pod, NAMESPACE)
+    entries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    ready_entries = [entry for entry in entries if entry.get("message") == "model ready"]
+    assert ready_entries, f"no 'model ready' entry in the log of {pod}:\n{text[-2000:]}"
+    return ready_entries[-1]
+
+
 def test_model_is_built_per_gpu_type_served_and_answers(e2e):
     objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body("cnn", e2e))
     launched = wait_for("two build Jobs", lambda: len(jobs(e2e)) == 2 and jobs(e2e), timeout=60)
@@ -167,6 +178,8 @@ def test_model_is_built_per_gpu_type_served_and_answers(e2e):
     serving_pods = client.CoreV1Api(e2e["api"]).list_namespaced_pod(
         NAMESPACE, label_selector="app.kubernetes.io/component=serving").items
     assert {p.spec.node_name for p in serving_pods} == {"plansmith-dev-h100", "plansmith-dev-a10g"}
+    for pod in serving_pods:  # the pod's CPU limit, read from its cgroup, not the node's cores
+        assert model_ready_log(e2e, pod.metadata.name)["intra_op_threads"] == 1
 
     service = client.CoreV1Api(e2e["api"]).read_namespaced_service("cnn", NAMESPACE)
     batch = np.random.default_rng(7).standard_normal((3, 3, 32, 32), dtype=np.float32)
