@@ -4,6 +4,8 @@ tritonclient's generated protobuf modules) served by `grpc_transport`."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Sequence
 
 import grpc
 import numpy as np
@@ -14,6 +16,7 @@ from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.model import ModelNotReady, ServedModel
+from plansmith_runtime.protobuf_wire import split_bytes_field
 from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, array_from_bytes, array_from_json,
                                         datatype_of, reference_from_parameters, tensor_layout, write_to_shared_memory)
 from plansmith_runtime.scheduler import QueueFull, RequestTimedOut, ShuttingDown
@@ -47,11 +50,33 @@ def parameters_of(message) -> dict:
             if value.WhichOneof("parameter_choice")}
 
 
-def decode_grpc_inputs(request, shared_memory: SystemSharedMemory | None = None) -> dict[str, np.ndarray]:
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """A ModelInferRequest as the inference methods take it: the message without its
+    raw_input_contents, and those apart, as views of the received bytes (parse_infer_request)."""
+    message: service_pb2.ModelInferRequest
+    raw_input_contents: Sequence[bytes | memoryview]
+
+
+RAW_INPUT_CONTENTS = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+
+
+def parse_infer_request(data: bytes | memoryview) -> InferCall:
+    """Parse a ModelInferRequest without copying its tensors (protobuf_wire says why)."""
+    split = split_bytes_field(data, RAW_INPUT_CONTENTS)
+    if split is None:  # a message protobuf_wire does not walk: protobuf parses (and copies) it all
+        message = service_pb2.ModelInferRequest.FromString(data)
+        return InferCall(message, message.raw_input_contents)
+    rest, raw = split
+    return InferCall(service_pb2.ModelInferRequest.FromString(rest), raw)
+
+
+def decode_grpc_inputs(request, shared_memory: SystemSharedMemory | None = None,
+                       raw_input_contents: Sequence[bytes | memoryview] | None = None) -> dict[str, np.ndarray]:
     """The request's inputs: from shared memory when an input names a region, else from typed
-    `contents`, else from raw_input_contents, whose entries belong, in order, to the inputs that
-    have neither (as in Triton)."""
-    raw = request.raw_input_contents
+    `contents`, else from the raw input contents (`raw_input_contents`, default the message's),
+    whose entries belong, in order, to the inputs that have neither (as in Triton)."""
+    raw = request.raw_input_contents if raw_input_contents is None else raw_input_contents
     next_raw = 0
     arrays: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
@@ -108,7 +133,9 @@ class InferenceService:
             handler = getattr(self, method.name, None)
             if handler is not None:
                 kind = StreamingMethod if method.client_streaming else UnaryMethod
-                implemented[f"/{SERVICE.full_name}/{method.name}"] = kind(getattr(service_pb2, method.input_type.name), handler)
+                request_type = getattr(service_pb2, method.input_type.name)
+                parse = parse_infer_request if request_type is service_pb2.ModelInferRequest else None
+                implemented[f"/{SERVICE.full_name}/{method.name}"] = kind(request_type, handler, parse)
         return implemented
 
     def _model(self, name: str, version: str) -> ServedModel:
@@ -199,10 +226,11 @@ class InferenceService:
             self.shared_memory.unregister_all()
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
-    async def ModelInfer(self, request):
+    async def ModelInfer(self, call: InferCall):
+        request = call.message
         try:
             model = self._model(request.model_name, request.model_version)
-            inputs = decode_grpc_inputs(request, self.shared_memory)
+            inputs = decode_grpc_inputs(request, self.shared_memory, call.raw_input_contents)
             wanted = [tensor.name for tensor in request.outputs]
             in_shared_memory = {tensor.name: reference_from_parameters(f"output '{tensor.name}'", parameters_of(tensor))
                                 for tensor in request.outputs if "shared_memory_region" in tensor.parameters}
@@ -229,12 +257,12 @@ class InferenceService:
             response.raw_output_contents.append(b"")  # Triton keeps one entry per output, empty for shared memory
         return response
 
-    async def ModelStreamInfer(self, request):
+    async def ModelStreamInfer(self, call: InferCall):
         """One request of the bidirectional stream tritonclient's start_stream / stream_infer open.
         As in Triton, a request that fails is answered on the stream with its error_message, and
         the stream goes on."""
         try:
-            return service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+            return service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(call))
         except GrpcError as error:
             return service_pb2.ModelStreamInferResponse(error_message=error.message)
 

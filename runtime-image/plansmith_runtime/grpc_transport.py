@@ -81,6 +81,12 @@ class GrpcError(Exception):
 class Method:
     request_type: type  # the protobuf message class requests are parsed into
     handler: Handler
+    # what the handler takes, from a request message's bytes; None: request_type.FromString
+    parse: Callable[[bytes | memoryview], object] | None = None
+
+    @functools.cached_property
+    def parser(self) -> Callable[[bytes | memoryview], object]:
+        return self.parse or self.request_type.FromString
 
     @functools.cached_property
     def waits(self) -> bool:
@@ -150,7 +156,7 @@ def unframe_message(body: bytes | memoryview, encoding: str | None, limit: int) 
     compressed, length = body[0], int.from_bytes(body[1:5], "big")
     if len(body) != 5 + length:
         raise GrpcError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
-    message = body[5:]
+    message = memoryview(body)[5:]  # a slice of bytes would copy the message
     if not compressed:
         return message
     if encoding in ("gzip", "deflate"):
@@ -583,7 +589,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
         coroutine handler runs in the task returned (the task calls it, so a task cancelled before
         it starts leaves no coroutine behind). A bad message or a failing handler fails the call."""
         try:
-            request = method.request_type.FromString(unframe_message(framed, stream.encoding, self.server.max_message_bytes))
+            request = method.parser(unframe_message(framed, stream.encoding, self.server.max_message_bytes))
             if method.waits:
                 return asyncio.get_running_loop().create_task(self._await_answer(stream, method.handler, request))
             response = method.handler(request)

@@ -1,4 +1,4 @@
-"""Decoding ModelInfer requests the way Triton does: inputs from raw_input_contents, typed contents
+"""Parsing and decoding ModelInfer requests the way Triton does: inputs from raw_input_contents, typed contents
 or shared memory in one request."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as client_shm
 from tritonclient.grpc import service_pb2
 
-from plansmith_runtime.grpc_api import decode_grpc_inputs
+from plansmith_runtime.grpc_api import decode_grpc_inputs, parse_infer_request
 from plansmith_runtime.protocol import InvalidRequest
 from plansmith_runtime.shared_memory import SystemSharedMemory
 
@@ -64,3 +64,28 @@ def test_typed_contents_and_raw_contents_do_not_mix():
     request.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
     with pytest.raises(InvalidRequest, match="contents must not be given when raw_input_contents"):
         decode_grpc_inputs(request)
+
+
+def test_an_infer_request_is_parsed_with_its_tensors_as_views_of_the_received_bytes():
+    images = np.random.default_rng(5).standard_normal((2, 3, 8, 8), dtype=np.float32)
+    first, second = grpcclient.InferInput("images", list(images.shape), "FP32"), grpcclient.InferInput("ids", [2], "INT64")
+    first.set_data_from_numpy(images)
+    second.set_data_from_numpy(np.array([7, 9], np.int64))
+    request = request_of(first, second)
+    request.id = "call-1"
+    received = request.SerializeToString()
+
+    call = parse_infer_request(memoryview(received))
+    assert call.message.id == "call-1" and [t.name for t in call.message.inputs] == ["images", "ids"]
+    assert not call.message.raw_input_contents
+    assert [bytes(raw) for raw in call.raw_input_contents] == list(request.raw_input_contents)
+    arrays = decode_grpc_inputs(call.message, raw_input_contents=call.raw_input_contents)
+    np.testing.assert_array_equal(arrays["images"], images)
+    np.testing.assert_array_equal(arrays["ids"], [7, 9])
+    assert arrays["images"].base is not None and np.shares_memory(arrays["images"], np.frombuffer(received, np.uint8))
+
+    # wire bytes that protobuf_wire leaves to protobuf (a group) parse the same, with copies
+    grouped = parse_infer_request(received + bytes([8 << 3 | 3, 8 << 3 | 4]))
+    assert [bytes(raw) for raw in grouped.raw_input_contents] == list(request.raw_input_contents)
+    np.testing.assert_array_equal(decode_grpc_inputs(grouped.message, raw_input_contents=grouped.raw_input_contents)["images"],
+                                  images)
