@@ -423,22 +423,34 @@ def build(kind: str, workdir: Path) -> tuple[str, Path, str, np.ndarray]:
     return result.manifest_uri, engine, info.input_name, info.sample_inputs(batch=1, seed=3)[info.input_name]
 
 
+def server_time_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """A request's mean time inside the server between two readings of its counters (Triton's
+    nv_inference_request_duration_us: from receiving the request to sending the response)."""
+    served = after.get("nv_inference_request_success", 0.0) - before.get("nv_inference_request_success", 0.0)
+    if not served:
+        return None
+    return (after.get("nv_inference_request_duration_us", 0.0) - before.get("nv_inference_request_duration_us", 0.0)) / served / 1000
+
+
 def measure(server, server_name: str, kind: str, layout: Layout, batching: bool, levels: list[int], input_name: str,
             array: np.ndarray, args: argparse.Namespace, workdir: Path) -> list[dict]:
     """Every concurrency level over gRPC and HTTP against one running server."""
     rows = []
     for concurrency in levels:
-        before = server.batch_stats()
+        before = server.counters()
         figures = {"grpc": grpc_load(f"127.0.0.1:{server.grpc}", "model", input_name, array, concurrency,
                                      args.duration, args.processes)}
+        if concurrency == 1 and figures["grpc"]:
+            figures["grpc"]["server_ms"] = server_time_ms(before, server.counters())
         if not args.no_http:
             figures["http"] = http_load(server.http, "model", input_name, array, concurrency, args.duration, workdir)
         if concurrency == 1:
             figures["grpc+shm"] = grpc_shared_memory_load(f"127.0.0.1:{server.grpc}", "model", input_name, array,
                                                           args.duration / 2)
-        after = server.batch_stats()
-        executions = after[1] - before[1]
-        mean_batch = (after[0] - before[0]) / executions if executions else float("nan")
+        after = server.counters()
+        executions = after.get("nv_inference_exec_count", 0.0) - before.get("nv_inference_exec_count", 0.0)
+        items = after.get("nv_inference_count", 0.0) - before.get("nv_inference_count", 0.0)
+        mean_batch = items / executions if executions else float("nan")
         for protocol, result in figures.items():
             if result is None:
                 continue
@@ -546,6 +558,12 @@ def main() -> int:
                       f"{summary[kind]['direct']['p50']:.3f} ms: added {added:.3f} ms [<= 1 ms]"
                       + (f"; of which a bare gRPC ServerLive round trip with the same client is {floor:.3f} ms"
                          if floor else ""))
+                for server in ("plansmith", "triton"):
+                    timed = find(kind, batching, 1, server=server)
+                    if timed and timed.get("server_ms") is not None:
+                        print(f"    {server}: inside the server {timed['server_ms']:.3f} ms a request (mean of its "
+                              f"request-duration counter, {timed['server_ms'] - summary[kind]['direct']['p50']:+.3f} ms "
+                              f"over the direct run), outside it (client and transport) {timed['p50'] - timed['server_ms']:.3f} ms")
             shared = find(kind, batching, 1, "grpc+shm")
             if shared:
                 print(f"    with the tensors in system shared memory: p50 {shared['p50']:.3f} ms, added "

@@ -1,5 +1,5 @@
 """A KServe v2 server process the serving benchmark drives (plansmith's, or the Triton reference):
-its ports, readiness, the batch counters of its Prometheus metrics, and a SIGTERM to stop it."""
+its ports, readiness, the counters of its Prometheus metrics, and a SIGTERM to stop it."""
 
 from __future__ import annotations
 
@@ -38,11 +38,10 @@ class ServedProcess:
         self.stop()
         return False
 
-    def batch_stats(self) -> tuple[float, float]:
-        """nv_inference_count and nv_inference_exec_count (Triton's names, served by both)."""
+    def counters(self) -> dict[str, float]:
+        """The nv_inference_* counters of its Prometheus metrics (Triton's names, served by both)."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
-        values = dict(re.findall(r"^(nv_inference_(?:count|exec_count))\{[^}]*\} (\S+)$", text, re.M))
-        return float(values.get("nv_inference_count", 0)), float(values.get("nv_inference_exec_count", 0))
+        return {name: float(value) for name, value in re.findall(r"^(nv_inference_\w+)\{[^}]*\} (\S+)$", text, re.M)}
 
     def stop(self) -> None:
         if self.process.poll() is None:
