@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served_process import ServedProcess  # noqa: E402
+from served_process import ServedProcess, mean_batch, server_time_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
@@ -423,15 +423,6 @@ def build(kind: str, workdir: Path) -> tuple[str, Path, str, np.ndarray]:
     return result.manifest_uri, engine, info.input_name, info.sample_inputs(batch=1, seed=3)[info.input_name]
 
 
-def server_time_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
-    """A request's mean time inside the server between two readings of its counters (Triton's
-    nv_inference_request_duration_us: from receiving the request to sending the response)."""
-    served = after.get("nv_inference_request_success", 0.0) - before.get("nv_inference_request_success", 0.0)
-    if not served:
-        return None
-    return (after.get("nv_inference_request_duration_us", 0.0) - before.get("nv_inference_request_duration_us", 0.0)) / served / 1000
-
-
 def measure(server, server_name: str, kind: str, layout: Layout, batching: bool, levels: list[int], input_name: str,
             array: np.ndarray, args: argparse.Namespace, workdir: Path) -> list[dict]:
     """Every concurrency level over gRPC and HTTP against one running server."""
@@ -447,19 +438,16 @@ def measure(server, server_name: str, kind: str, layout: Layout, batching: bool,
         if concurrency == 1:
             figures["grpc+shm"] = grpc_shared_memory_load(f"127.0.0.1:{server.grpc}", "model", input_name, array,
                                                           args.duration / 2)
-        after = server.counters()
-        executions = after.get("nv_inference_exec_count", 0.0) - before.get("nv_inference_exec_count", 0.0)
-        items = after.get("nv_inference_count", 0.0) - before.get("nv_inference_count", 0.0)
-        mean_batch = items / executions if executions else float("nan")
+        batch = mean_batch(before, server.counters())
         for protocol, result in figures.items():
             if result is None:
                 continue
             row = {"server": server_name, "model": kind, "layout": layout.name, "batching": "on" if batching else "off",
-                   "c": concurrency, "protocol": protocol, "mean_batch": mean_batch, **result}
+                   "c": concurrency, "protocol": protocol, "mean_batch": batch, **result}
             rows.append(row)
             print(f"  {server_name:9s} {kind:9s} {layout.name:10s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:8s} "
                   f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
-                  f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {mean_batch:.1f} over both)",
+                  f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {batch:.1f} over both)",
                   flush=True)
     return rows
 

@@ -52,3 +52,21 @@ class ServedProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+def counted(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    """How much a counter of ServedProcess.counters() rose between two readings."""
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
+    """Items per execution between two readings (nv_inference_count over nv_inference_exec_count)."""
+    executions = counted(before, after, "nv_inference_exec_count")
+    return counted(before, after, "nv_inference_count") / executions if executions else float("nan")
+
+
+def server_time_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """A request's mean time inside the server between two readings (Triton's
+    nv_inference_request_duration_us: from receiving the request to sending the response)."""
+    served = counted(before, after, "nv_inference_request_success")
+    return counted(before, after, "nv_inference_request_duration_us") / served / 1000 if served else None

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import serve as serve_bench  # noqa: E402  (bench/serve.py: the `plansmith serve` process wrapper)
+from served_process import mean_batch  # noqa: E402
 
 MODELS = ("resnet50", "bert")
 PRECISIONS = ("fp32", "fp16")
@@ -550,12 +551,10 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                     continue
                 try:
                     for concurrency in cfg["concurrency"]:
-                        before = server.batch_stats()
+                        before = server.counters()
                         figures = load(f"127.0.0.1:{server.grpc}", "model", arrays, concurrency,
                                        cfg["serve_seconds"], cfg["processes"])
-                        after = server.batch_stats()
-                        executions = after[1] - before[1]
-                        figures["mean_batch"] = (after[0] - before[0]) / executions if executions else float("nan")
+                        figures["mean_batch"] = mean_batch(before, server.counters())
                         served.setdefault(mode, {})[f"c{concurrency}"] = figures
                         print(f"  {model_name:8s} {precision} batching {mode:3s} c={concurrency:<3d} "
                               f"{figures['items_per_s']:8.0f} items/s  p50 {figures['p50']:7.2f} ms  p99 "
