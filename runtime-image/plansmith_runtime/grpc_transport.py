@@ -181,6 +181,10 @@ class _Stream:
     encoding: str | None = None
     body: list[bytes | memoryview] = field(default_factory=list)
     size: int = 0
+    # A unary request message that spans DATA frames: received into one buffer of its length (from
+    # its 5-byte prefix) rather than joined at the end, a large frame's payload read straight there.
+    message: memoryview | None = None
+    filled: int = 0  # bytes of `message` received
     unacknowledged: int = 0  # received bytes not yet given back with a WINDOW_UPDATE
     send_window: int = DEFAULT_WINDOW
     outgoing: bytes | bytearray = b""  # framed response messages; outgoing[:sent] has left in DATA frames
@@ -367,9 +371,10 @@ class GrpcConnection(asyncio.BufferedProtocol):
                     raise Http2Error(FRAME_SIZE_ERROR, f"a frame of {length} bytes exceeds {RECEIVE_FRAME_SIZE}")
                 if end - position - 9 < length:
                     if length_and_type & 0xFF == DATA and length >= DIRECT_BODY_BYTES:
-                        payload = memoryview(np.empty(length, np.uint8))  # uninitialized: the socket fills it
-                        payload[:end - position - 9] = view[position + 9:]
-                        self._large_frame = _LargeFrame(flags, stream_id & 0x7FFFFFFF, payload, end - position - 9)
+                        head = view[position + 9:]
+                        payload = self._large_data_buffer(stream_id & 0x7FFFFFFF, flags, length, head)
+                        payload[:len(head)] = head
+                        self._large_frame = _LargeFrame(flags, stream_id & 0x7FFFFFFF, payload, len(head))
                         position = end
                     break
                 payload = view[position + 9:position + 9 + length]
@@ -382,6 +387,27 @@ class GrpcConnection(asyncio.BufferedProtocol):
             self._buffer += view[position:]
         self._give_back_window()
         self._flush()
+
+    def _large_data_buffer(self, stream_id: int, flags: int, length: int, head: memoryview) -> memoryview:
+        """Where the socket reads the rest of a large DATA frame: the place it takes in its stream's
+        request message, or a buffer of its own (uninitialized: the socket fills it)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and not flags & PADDED:
+            if stream.message is None and not stream.body and stream.streaming is None and not stream.answered:
+                self._start_message(stream, head, length)
+            message = stream.message
+            if message is not None and stream.filled + length <= len(message):
+                return message[stream.filled:stream.filled + length]
+        return memoryview(np.empty(length, np.uint8))
+
+    def _start_message(self, stream: _Stream, first: memoryview, frame_length: int) -> None:
+        """Give a unary request one buffer for its message when its first DATA (`first`, of a frame
+        of `frame_length` bytes) shows an uncompressed message longer than that frame."""
+        if len(first) < 5 or first[0] != 0:
+            return  # the prefix is not here yet, or a compressed message: joined at the end, then inflated
+        total = 5 + int.from_bytes(first[1:5], "big")
+        if frame_length < total <= self.server.max_message_bytes + 5:
+            stream.message, stream.filled = memoryview(np.empty(total, np.uint8)), 0
 
     def _frame(self, frame_type: int, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._header_fragments is not None and frame_type != CONTINUATION:
@@ -511,7 +537,18 @@ class GrpcConnection(asyncio.BufferedProtocol):
                 self._answer_error(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"the request exceeds the maximum message size {self.server.max_message_bytes}")
                 return
-            stream.body.append(data)
+            if stream.message is None and not stream.body:
+                self._start_message(stream, data, len(data))
+            message = stream.message
+            if message is None:
+                stream.body.append(data)
+            elif stream.filled + len(data) > len(message):
+                self._answer_error(stream, grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
+                return
+            else:
+                if data.obj is not message.obj:  # not read in place (_large_data_buffer)
+                    message[stream.filled:stream.filled + len(data)] = data
+                stream.filled += len(data)
         if flags & END_STREAM:
             self._request_complete(stream)
         elif stream.unacknowledged >= RECEIVE_WINDOW // 2:
@@ -574,7 +611,10 @@ class GrpcConnection(asyncio.BufferedProtocol):
         if method is None:
             self._answer_error(stream, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {stream.path}")
             return
-        body = stream.body[0] if len(stream.body) == 1 else b"".join(stream.body)  # views of the reads' bytes
+        if stream.message is not None:
+            body, stream.message = stream.message[:stream.filled], None  # shorter than its prefix says: refused below
+        else:
+            body = stream.body[0] if len(stream.body) == 1 else b"".join(stream.body)  # views of the reads' bytes
         stream.body = []
         loop = asyncio.get_running_loop()
         if stream.deadline is not None and loop.time() >= stream.deadline:

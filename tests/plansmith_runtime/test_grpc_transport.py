@@ -541,3 +541,129 @@ def test_closing_a_connection_first_sends_the_frames_waiting_for_the_end_of_the_
     assert connection.idle
     connection.close()
     assert transport.events[-2:] == [b"the last frames of a call", "closed"]
+
+
+def start_call(connection: GrpcConnection, stream: int) -> None:
+    """The connection preface, SETTINGS and a call's HEADERS for /test.Echo/Record, in one read."""
+    import hpack as hpack_library
+
+    from plansmith_runtime.grpc_transport import frame
+
+    block = hpack_library.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Record"),
+                                            (":authority", "x"), ("content-type", "application/grpc")])
+    read_into(connection, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x4, stream, block))
+
+
+def send_data(connection: GrpcConnection, stream: int, flags: int, payload: bytes, reads: list[int] | None = None) -> None:
+    """A DATA frame, in reads of 50,000 bytes or at the offsets `reads` says."""
+    from plansmith_runtime.grpc_transport import frame
+
+    data = frame(0, flags, stream, payload)
+    cuts = reads if reads is not None else list(range(50_000, len(data), 50_000))
+    for begin, end in zip([0, *cuts], [*cuts, len(data)]):
+        read_into(connection, data[begin:end])
+
+
+def recording_connection() -> tuple[GrpcConnection, RecordingTransport, list]:
+    """A connection without a socket whose /test.Echo/Record method records what its parser gets."""
+    received: list = []
+
+    def record(data):
+        received.append(data)
+        return Request.FromString(data)
+
+    methods = {"/test.Echo/Record": UnaryMethod(Request, lambda request: Response(id=request.id), record)}
+    connection, transport = GrpcConnection(GrpcServer(methods, LIMIT)), RecordingTransport()
+    connection.connection_made(transport)
+    return connection, transport, received
+
+
+def grpc_status_of(transport: RecordingTransport) -> str:
+    """The grpc-status the connection answered with (its trailers, or a trailers-only response)."""
+    import hpack as hpack_library
+
+    written = b"".join(event for event in transport.events if isinstance(event, bytes))
+    blocks, position = [], 0
+    while position + 9 <= len(written):
+        length = int.from_bytes(written[position:position + 3], "big")
+        if written[position + 3] == 1:
+            blocks.append(written[position + 9:position + 9 + length])
+        position += 9 + length
+    decoder = hpack_library.Decoder()
+    return next(h["grpc-status"] for h in (dict(decoder.decode(block)) for block in blocks) if "grpc-status" in h)
+
+
+def framed(request: service_pb2.ModelInferRequest) -> bytes:
+    body = request.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def test_a_message_in_several_data_frames_is_received_into_one_buffer_without_a_join():
+    """A 400 KB request in four DATA frames (a small one with the prefix, a large one, a small one,
+    a large one): it reaches the parser as a view of one buffer of exactly its length, and the
+    socket reads the large frames straight into their place in it."""
+    request = Request(id="one buffer", raw_input_contents=[os.urandom(400_000)])
+    message = framed(request)
+
+    async def main():
+        connection, transport, received = recording_connection()
+        start_call(connection, 1)
+        send_data(connection, 1, 0, message[:1_000])
+        stream = connection._streams[1]
+        assert stream.message is not None and len(stream.message) == len(message)
+        send_data(connection, 1, 0, message[1_000:151_000], reads=[9 + 1_000])
+        assert stream.filled == 151_000 and received == []
+        send_data(connection, 1, 0, message[151_000:153_000])
+        send_data(connection, 1, 0x1, message[153_000:], reads=[9 + 10])
+        return transport, received
+
+    transport, received = asyncio.run(main())
+    (data,) = received
+    assert isinstance(data, memoryview) and len(data.obj) == len(message) and bytes(data) == message[5:]
+    assert grpc_status_of(transport) == "0"
+
+
+@pytest.mark.parametrize("first_read", [9 + 10, 9 + 3])
+def test_the_first_large_frame_of_a_message_is_read_into_the_message_when_its_prefix_came_with_its_header(first_read):
+    """A 300 KB message in two large frames. When the read with the first frame's header also holds
+    the message's 5-byte prefix, the rest of that frame goes straight into the message's buffer;
+    with 3 bytes of it, into a buffer of the frame's own, copied into the message once whole. The
+    second frame goes into the message either way."""
+    from plansmith_runtime.grpc_transport import frame
+
+    message = framed(Request(id="in place", raw_input_contents=[os.urandom(300_000)]))
+    first, second = frame(0, 0, 1, message[:100_000]), frame(0, 0x1, 1, message[100_000:])
+
+    async def main():
+        connection, _, received = recording_connection()
+        start_call(connection, 1)
+        read_into(connection, first[:first_read])
+        stream = connection._streams[1]
+        in_place = stream.message is not None and connection.get_buffer(-1).obj is stream.message.obj
+        read_into(connection, first[first_read:])
+        read_into(connection, second[:20])
+        assert connection.get_buffer(-1).obj is stream.message.obj
+        read_into(connection, second[20:])
+        return in_place, received
+
+    in_place, (data,) = asyncio.run(main())
+    assert in_place == (first_read == 9 + 10)
+    assert bytes(data) == message[5:] and len(data.obj) == len(message)
+
+
+@pytest.mark.parametrize("ending", ["a second message", "short of its prefix"])
+def test_a_multi_frame_message_longer_or_shorter_than_its_prefix_fails_the_call(ending):
+    """Two messages in a unary call, or a message that ends (END_STREAM) before its prefix's length:
+    INTERNAL, as when the message comes in one frame."""
+    message = framed(Request(id="x", raw_input_contents=[os.urandom(200_000)]))
+    last = message[100_000:] + framed(Request(id="y")) if ending == "a second message" else message[100_000:-10]
+
+    async def main():
+        connection, transport, received = recording_connection()
+        start_call(connection, 1)
+        send_data(connection, 1, 0, message[:100_000])
+        send_data(connection, 1, 0x1, last)
+        return transport, received
+
+    transport, received = asyncio.run(main())
+    assert received == [] and grpc_status_of(transport) == str(grpc.StatusCode.INTERNAL.value[0])
