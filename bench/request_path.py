@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import serve as serve_bench  # noqa: E402  (bench/serve.py: builds the generated
 from plansmith_runtime.config import BatchingPolicy, ServingConfig  # noqa: E402
 from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi  # noqa: E402
 from plansmith_runtime.http_transport import HttpConnection, HttpServer  # noqa: E402
+from plansmith_runtime.log_settings import LogControl, LogSettings  # noqa: E402
 from plansmith_runtime.model import LoadOptions, ServedModel  # noqa: E402
 from plansmith_runtime.shared_memory import SystemSharedMemory  # noqa: E402
 
@@ -90,7 +92,8 @@ async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rou
     await model.load(LoadOptions(manifest_uri))
     if not model.ready:
         raise SystemExit(f"model not ready: {model.reason}")
-    server = HttpServer(HttpApi(model, lambda: True, SystemSharedMemory()).handle, MAX_BODY_BYTES)
+    log_control = LogControl(LogSettings(), [], logging.getLogger("plansmith-request-path"))
+    server = HttpServer(HttpApi(model, lambda: True, SystemSharedMemory(), log_control).handle, MAX_BODY_BYTES)
     loop = asyncio.get_running_loop()
     state: dict = {}
 

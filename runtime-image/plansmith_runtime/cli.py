@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     batching.add_argument("--warmup-iterations", type=int)
     batching.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM: time to finish in-flight requests")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL at start; clients change "
+                        "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")
     parser.set_defaults(handler=cmd_serve)
 
 
@@ -120,9 +121,15 @@ def find_manifest_with_builder(model, args) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from plansmith_runtime.log_settings import InvalidLogSetting, install
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    try:
+        log_control = install(args.log_level, handler)
+    except InvalidLogSetting as error:
+        print(f"plansmith serve: --log-level: {error}", file=sys.stderr)
+        return 2
 
     from plansmith.validation import SpecFileError, read_single_model
     from plansmith_runtime.config import ConfigError
@@ -149,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     manifest = args.manifest or find_manifest_with_builder(model, args)
     listen = Listen(args.host, args.http_port, args.grpc_port, args.metrics_port)
     try:
-        return run(config, LoadOptions(manifest, args.cache_dir, endpoint), listen)
+        return run(config, LoadOptions(manifest, args.cache_dir, endpoint), listen, log_control)
     except OSError as error:  # a port in use or an address that is not ours
         print(f"plansmith serve: cannot listen: {error}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from tritonclient.grpc import service_pb2
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
+from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protobuf_wire import split_bytes_field
 from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, array_from_bytes, array_from_json,
@@ -46,8 +47,14 @@ def grpc_status(error: BaseException) -> grpc.StatusCode:
 
 def parameters_of(message) -> dict:
     """A protobuf map of InferParameter as plain values."""
-    return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in message.parameters.items()
-            if value.WhichOneof("parameter_choice")}
+    return {key: value for key, value in choices(message.parameters).items() if value is not None}
+
+
+def choices(mapping) -> dict:
+    """A protobuf map whose values hold a `parameter_choice` oneof (InferParameter, a log
+    setting's SettingValue) as plain values; None for a value with nothing chosen."""
+    return {key: getattr(value, choice) if (choice := value.WhichOneof("parameter_choice")) else None
+            for key, value in mapping.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +128,11 @@ class InferenceService:
     extensions it does not announce, answer UNIMPLEMENTED). Each takes the request message and
     returns the response, or a coroutine of it when the call waits (an inference)."""
 
-    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory) -> None:
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl) -> None:
         self.model = model
         self.is_ready = is_ready
         self.shared_memory = shared_memory  # the server's regions, shared with the HTTP front end
+        self.log_control = log_control  # the process's log settings, shared with the HTTP front end
 
     def methods(self) -> dict[str, Method]:
         """Full method path ("/inference.GRPCInferenceService/ModelInfer") -> request type and handler."""
@@ -226,6 +234,22 @@ class InferenceService:
             self.shared_memory.unregister_all()
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
+    def LogSettings(self, request):
+        """Triton's logging extension: the settings a request names are changed (none: read them)."""
+        try:
+            settings = self.log_control.update(choices(request.settings))
+        except InvalidLogSetting as error:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        response = service_pb2.LogSettingsResponse()
+        for name, value in settings.items():
+            if isinstance(value, bool):
+                response.settings[name].bool_param = value
+            elif isinstance(value, int):
+                response.settings[name].uint32_param = value
+            else:
+                response.settings[name].string_param = value
+        return response
+
     async def ModelInfer(self, call: InferCall):
         request = call.message
         try:
@@ -267,5 +291,5 @@ class InferenceService:
             return service_pb2.ModelStreamInferResponse(error_message=error.message)
 
 
-def create_server(model: ServedModel, is_ready, shared_memory: SystemSharedMemory) -> GrpcServer:
-    return GrpcServer(InferenceService(model, is_ready, shared_memory).methods(), MAX_MESSAGE_BYTES)
+def create_server(model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl) -> GrpcServer:
+    return GrpcServer(InferenceService(model, is_ready, shared_memory, log_control).methods(), MAX_MESSAGE_BYTES)

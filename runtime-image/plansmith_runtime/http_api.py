@@ -14,6 +14,7 @@ from aiohttp import web
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepted_encoding, compress_response,
                                               error_response, json_response)
+from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
                                         decode_http_request, encode_http_response)
@@ -23,7 +24,7 @@ from plansmith_runtime.shared_memory import SystemSharedMemory
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "plansmith"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics", "system_shared_memory"]
+EXTENSIONS = ["binary_tensor_data", "logging", "model_configuration", "model_repository", "statistics", "system_shared_memory"]
 MAX_BODY_BYTES = 256 << 20
 _HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
 # What an inference answers with an error status (HTTP here, gRPC in grpc_api) instead of failing
@@ -53,9 +54,10 @@ class Route:
 MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "infer": "infer",
                    "stats": "model_statistics"}
 SHARED_MEMORY_ACTIONS = ("status", "register", "unregister")
-METHODS = {"infer": "POST", "shared_memory_register": "POST", "shared_memory_unregister": "POST",
-           "repository_index": "POST", "repository_load": "POST", "repository_unload": "POST"}  # others: GET
-TAKES_BODY = frozenset({"infer", "shared_memory_register", "repository_index"})
+POST = ("POST",)
+METHODS = {"infer": POST, "shared_memory_register": POST, "shared_memory_unregister": POST, "repository_index": POST,
+           "repository_load": POST, "repository_unload": POST, "log_settings": ("GET", "POST")}  # others: GET
+TAKES_BODY = frozenset({"infer", "shared_memory_register", "repository_index", "log_settings"})
 
 
 @functools.lru_cache(maxsize=1024)  # clients repeat a handful of paths: a hit skips the split and compares
@@ -71,6 +73,8 @@ def route(path: str) -> Route | None:
         return Route("live")
     if rest == ["health", "ready"]:
         return Route("ready")
+    if rest == ["logging"]:
+        return Route("log_settings")
     if rest[0] == "systemsharedmemory":
         return _shared_memory_route(rest[1:])
     if rest == ["models", "stats"]:
@@ -102,19 +106,21 @@ def _shared_memory_route(rest: list[str]) -> Route | None:
 
 
 class HttpApi:
-    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory) -> None:
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl) -> None:
         self.model = model
         self.is_ready = is_ready  # callable: server accepting requests and model ready
         self.shared_memory = shared_memory  # the server's regions, shared with the gRPC front end
+        self.log_control = log_control  # the process's log settings, shared with the gRPC front end
 
     def handle(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """The answer, or for an inference the coroutine that answers once the batch has run."""
         target = route(request.path)
         if target is None:
             return error_response(404, f"no endpoint at {request.path}")
-        method = METHODS.get(target.endpoint, "GET")
-        if request.method != method:
-            return error_response(405, f"{request.path} takes {method}", (("Allow", method),))
+        methods = METHODS.get(target.endpoint, ("GET",))
+        if request.method not in methods:
+            allowed = ", ".join(methods)
+            return error_response(405, f"{request.path} takes {' or '.join(methods)}", (("Allow", allowed),))
         if target.endpoint in TAKES_BODY:
             return getattr(self, target.endpoint)(target, request)
         return getattr(self, target.endpoint)(target)
@@ -180,6 +186,21 @@ class HttpApi:
 
     def repository_unload(self, target: Route) -> HttpResponse:
         return error_response(400, self.model.control_refusal(target.model or "", "unload"))
+
+    def log_settings(self, target: Route, request: HttpRequest) -> HttpResponse:
+        """Triton's logging extension: GET reads the log settings, POST changes some of them."""
+        if request.method == "GET":
+            return json_response(self.log_control.settings.as_triton())
+        try:
+            changes = orjson.loads(request.body)
+        except orjson.JSONDecodeError as error:
+            return error_response(400, f"failed to parse the log settings JSON: {error}")
+        if not isinstance(changes, dict):
+            return error_response(400, "log settings are a JSON object like {\"log_verbose_level\": 1}")
+        try:
+            return json_response(self.log_control.update(changes))
+        except InvalidLogSetting as error:
+            return error_response(400, str(error))
 
     def shared_memory_status(self, target: Route) -> HttpResponse:
         try:

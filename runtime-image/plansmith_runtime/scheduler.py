@@ -258,6 +258,10 @@ class DynamicBatcher:
                 answered += 1
         self.metrics.record_execution(items, answered, (formed - start) / 1000,
                                       (ran - formed) / 1000, (time.monotonic_ns() - ran) / 1000)
+        if log.isEnabledFor(logging.DEBUG):  # Triton's verbose log (log_verbose_level 1 and up)
+            log.debug("batch executed", extra={"requests": len(batch), "items": items, "answered": answered,
+                                               "queued_us": round((start - batch[0].enqueued_ns) / 1000),
+                                               "compute_us": round((ran - formed) / 1000)})
 
     async def close(self, grace_seconds: float) -> None:
         """Stop taking requests, finish the queued and running ones (bounded by the grace period)."""

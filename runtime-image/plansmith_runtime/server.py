@@ -15,6 +15,7 @@ from plansmith_runtime.config import ServingConfig
 from plansmith_runtime.grpc_api import create_server
 from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi, metrics_app
 from plansmith_runtime.http_transport import HttpServer
+from plansmith_runtime.log_settings import LogControl
 from plansmith_runtime.model import LoadOptions, ServedModel
 from plansmith_runtime.shared_memory import SystemSharedMemory
 
@@ -30,8 +31,9 @@ class Listen:
 
 
 class Server:
-    def __init__(self, config: ServingConfig, load: LoadOptions, listen: Listen) -> None:
+    def __init__(self, config: ServingConfig, load: LoadOptions, listen: Listen, log_control: LogControl) -> None:
         self.config, self.load_options, self.listen = config, load, listen
+        self.log_control = log_control  # Triton's logging extension changes it at runtime
         self.model = ServedModel(config)
         self.shared_memory = SystemSharedMemory()  # regions registered by clients, for both front ends
         self.accepting = True
@@ -42,12 +44,12 @@ class Server:
     async def run(self) -> int:
         host = self.listen.host
         grace = self.config.grace_seconds
-        http_server = HttpServer(HttpApi(self.model, self.is_ready, self.shared_memory).handle, MAX_BODY_BYTES)
+        http_server = HttpServer(HttpApi(self.model, self.is_ready, self.shared_memory, self.log_control).handle, MAX_BODY_BYTES)
         metrics_runner = web.AppRunner(metrics_app(self.model), access_log=None, shutdown_timeout=1.0)
         await metrics_runner.setup()
         await http_server.start(host, self.listen.http_port, backlog=2048)
         await web.TCPSite(metrics_runner, host, self.listen.metrics_port).start()
-        grpc_server = create_server(self.model, self.is_ready, self.shared_memory)
+        grpc_server = create_server(self.model, self.is_ready, self.shared_memory, self.log_control)
         await grpc_server.start(host, self.listen.grpc_port, backlog=2048)
         log.info("listening", extra={"http": self.listen.http_port, "grpc": self.listen.grpc_port,
                                      "metrics": self.listen.metrics_port, "host": host, "model": self.model.name})
@@ -73,8 +75,8 @@ class Server:
         return 0
 
 
-def run(config: ServingConfig, load: LoadOptions, listen: Listen) -> int:
-    server = Server(config, load, listen)
+def run(config: ServingConfig, load: LoadOptions, listen: Listen, log_control: LogControl) -> int:
+    server = Server(config, load, listen, log_control)
     if os.environ.get("PLANSMITH_EVENT_LOOP", "uvloop") == "uvloop":
         try:  # uvloop's libuv transports cut the per-request socket cost of the default loop
             import uvloop

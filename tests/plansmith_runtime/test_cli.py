@@ -52,3 +52,8 @@ def test_grpc_port_in_use_is_reported(engines, capsys):
     assert code == 1
     error = capsys.readouterr().err
     assert "cannot listen" in error and f"('127.0.0.1', {port})" in error and "address already in use" in error
+
+
+def test_an_unknown_log_level_is_a_usage_error(capsys):
+    assert main(["serve", "--manifest", "file:///x", "--log-level", "LOUD"]) == 2
+    assert "--log-level: unknown log level 'LOUD'" in capsys.readouterr().err

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
 from plansmith_runtime.config import BatchingPolicy, ServingConfig
 from plansmith_runtime.http_api import HttpApi, Route, route
 from plansmith_runtime.http_transport import HttpRequest, HttpResponse
+from plansmith_runtime.log_settings import LogControl, LogSettings
 from plansmith_runtime.model import ServedModel
 from plansmith_runtime.shared_memory import SystemSharedMemory
 
@@ -37,6 +39,7 @@ from plansmith_runtime.shared_memory import SystemSharedMemory
     ("/v2/repository/index", Route("repository_index")),
     ("/v2/repository/models/resnet/load", Route("repository_load", "resnet")),
     ("/v2/repository/models/resnet/unload", Route("repository_unload", "resnet")),
+    ("/v2/logging", Route("log_settings")),
 ])
 def test_route_names_every_kserve_v2_endpoint(path, expected):
     assert route(path) == expected
@@ -57,7 +60,7 @@ def test_route_rejects_unknown_paths(path):
 @pytest.fixture
 def api():
     model = ServedModel(ServingConfig("resnet", BatchingPolicy()))
-    return HttpApi(model, lambda: model.ready, SystemSharedMemory())
+    return HttpApi(model, lambda: model.ready, SystemSharedMemory(), LogControl(LogSettings(), [], logging.getLogger("test-http-api")))
 
 
 def request(method: str, path: str, body: bytes = b"") -> HttpRequest:
@@ -123,3 +126,20 @@ def test_the_repository_index_reports_a_loading_model_with_its_reason(api):
     assert api.handle(request("POST", "/v2/repository/index", b"[1]")).status == 400
     refused = api.handle(request("POST", "/v2/repository/models/resnet/unload"))
     assert refused.status == 400 and "serves the one model" in json.loads(refused.body)["error"]
+
+
+def test_the_logging_endpoint_reads_and_changes_the_log_settings(api):
+    current = api.handle(request("GET", "/v2/logging"))
+    assert current.status == 200 and json.loads(current.body)["log_verbose_level"] == 0
+    changed = api.handle(request("POST", "/v2/logging", b'{"log_verbose_level": 1, "log_info": null}'))
+    assert changed.status == 200 and json.loads(changed.body) == {
+        "log_file": "", "log_info": True, "log_warning": True, "log_error": True, "log_verbose_level": 1,
+        "log_format": "default"}
+    assert api.log_control.settings.verbose_level == 1
+    for body, message in ((b"{bad", "failed to parse"), (b"[1]", "JSON object"),
+                          (b'{"log_file": "/var/log/x"}', "can not be updated")):
+        refused = api.handle(request("POST", "/v2/logging", body))
+        assert refused.status == 400 and message in json.loads(refused.body)["error"]
+    assert api.log_control.settings.verbose_level == 1
+    wrong = api.handle(request("PUT", "/v2/logging"))
+    assert wrong.status == 405 and dict(wrong.headers) == {"Allow": "GET, POST"}

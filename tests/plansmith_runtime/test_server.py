@@ -573,3 +573,35 @@ def test_repository_index_lists_the_model_and_load_unload_are_refused_with_the_r
             with pytest.raises(InferenceServerException, match="serves the one model it was started with"):
                 action("cnn")
     assert http.is_model_ready("cnn")  # refused, not unloaded
+
+
+def test_log_settings_change_at_runtime_through_tritonclient(engines, start_server):
+    """Triton's logging extension over both protocols: verbose logging switched on shows each batch
+    in the log; a setting the server cannot take is refused with its reason; INFO switched off
+    silences the shutdown's INFO lines."""
+    server = start_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
+                          "--warmup-iterations", "1").wait_ready()
+    http, rpc = httpclient.InferenceServerClient(server.http_url), grpcclient.InferenceServerClient(server.grpc_url)
+    x = engines["small_cnn"].model.sample_inputs(batch=2, seed=5)["input"]
+    assert "logging" in http.get_server_metadata()["extensions"]
+    assert http.get_log_settings() == {"log_file": "", "log_info": True, "log_warning": True, "log_error": True,
+                                       "log_verbose_level": 0, "log_format": "default"}
+    http.infer("cnn", [http_input(x)])
+    assert "batch executed" not in server.log()
+
+    updated = rpc.update_log_settings({"log_verbose_level": 1}, as_json=True)["settings"]
+    assert updated["log_verbose_level"] == {"uint32_param": 1} and updated["log_info"] == {"bool_param": True}
+    rpc.infer("cnn", [grpc_input(x)])
+    entries = [json.loads(line) for line in server.log().splitlines() if '"batch executed"' in line]
+    assert entries and entries[-1]["level"] == "DEBUG" and entries[-1]["items"] == 2
+    assert http.get_log_settings()["log_verbose_level"] == 1  # one setting for both protocols
+
+    with pytest.raises(InferenceServerException, match="log_format 'ISO8601' is not supported"):
+        http.update_log_settings({"log_format": "ISO8601"})
+    with pytest.raises(InferenceServerException, match="can not be updated through network protocol") as refused:
+        rpc.update_log_settings({"log_file": "/var/log/triton.log"})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+    assert http.update_log_settings({"log_info": False, "log_verbose_level": 0})["log_info"] is False
+    assert server.terminate() == 0
+    assert '"shutting down' not in server.log() and '"stopped"' not in server.log()
