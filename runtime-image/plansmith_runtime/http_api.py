@@ -39,6 +39,17 @@ def error_status(error: BaseException) -> int:
     return 500
 
 
+def json_object(body: bytes | memoryview, expected: str) -> dict:
+    """A request body that must be a JSON object; InvalidRequest saying `expected` when it is not."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidRequest(f"failed to parse the request JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest(expected)
+    return document
+
+
 def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": runtime_version, "extensions": EXTENSIONS}
 
@@ -192,14 +203,9 @@ class HttpApi:
         if request.method == "GET":
             return json_response(self.log_control.settings.as_triton())
         try:
-            changes = orjson.loads(request.body)
-        except orjson.JSONDecodeError as error:
-            return error_response(400, f"failed to parse the log settings JSON: {error}")
-        if not isinstance(changes, dict):
-            return error_response(400, "log settings are a JSON object like {\"log_verbose_level\": 1}")
-        try:
+            changes = json_object(request.body, 'log settings are a JSON object like {"log_verbose_level": 1}')
             return json_response(self.log_control.update(changes))
-        except InvalidLogSetting as error:
+        except (InvalidRequest, InvalidLogSetting) as error:
             return error_response(400, str(error))
 
     def shared_memory_status(self, target: Route) -> HttpResponse:
@@ -211,15 +217,10 @@ class HttpApi:
     def shared_memory_register(self, target: Route, request: HttpRequest) -> HttpResponse:
         assert target.region is not None
         try:
-            document = orjson.loads(request.body)
-        except orjson.JSONDecodeError as error:
-            return error_response(400, f"failed to parse the request JSON: {error}")
-        if not isinstance(document, dict):
-            return error_response(400, "a shared memory registration is a JSON object with key, offset and byte_size")
-        try:
+            document = json_object(request.body, "a shared memory registration is a JSON object with key, offset and byte_size")
             self.shared_memory.register(target.region, document.get("key"), document.get("offset", 0),
                                         document.get("byte_size"))
-        except SharedMemoryError as error:
+        except InvalidRequest as error:  # SharedMemoryError is one
             return error_response(400, str(error))
         return HttpResponse(200, b"")
 
