@@ -30,10 +30,9 @@ from urllib.parse import quote
 
 import grpc
 import hpack
-import numpy as np
 from hpack.hpack import encode_integer
 
-from plansmith_runtime.http_transport import DIRECT_BODY_BYTES, READ_BUFFER_BYTES, wait_until_idle
+from plansmith_runtime.http_transport import DIRECT_BODY_BYTES, READ_BUFFER_BYTES, receive_buffer, wait_until_idle
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +389,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
 
     def _large_data_buffer(self, stream_id: int, flags: int, length: int, head: memoryview) -> memoryview:
         """Where the socket reads the rest of a large DATA frame: the place it takes in its stream's
-        request message, or a buffer of its own (uninitialized: the socket fills it)."""
+        request message, or a buffer of its own."""
         stream = self._streams.get(stream_id)
         if stream is not None and not flags & PADDED:
             if stream.message is None and not stream.body and stream.streaming is None and not stream.answered:
@@ -398,7 +397,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
             message = stream.message
             if message is not None and stream.filled + length <= len(message):
                 return message[stream.filled:stream.filled + length]
-        return memoryview(np.empty(length, np.uint8))
+        return receive_buffer(length)
 
     def _start_message(self, stream: _Stream, first: memoryview, frame_length: int) -> None:
         """Give a unary request one buffer for its message when its first DATA (`first`, of a frame
@@ -407,7 +406,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
             return  # the prefix is not here yet, or a compressed message: joined at the end, then inflated
         total = 5 + int.from_bytes(first[1:5], "big")
         if frame_length < total <= self.server.max_message_bytes + 5:
-            stream.message, stream.filled = memoryview(np.empty(total, np.uint8)), 0
+            stream.message, stream.filled = receive_buffer(total), 0
 
     def _frame(self, frame_type: int, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._header_fragments is not None and frame_type != CONTINUATION:
