@@ -13,13 +13,15 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
+from plansmith_runtime.classification import classify_outputs
 from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protobuf_wire import split_bytes_field
 from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, array_from_bytes, array_from_json,
-                                        datatype_of, reference_from_parameters, tensor_layout, write_to_shared_memory)
+                                        datatype_of, reference_from_parameters, requested_classes, tensor_bytes,
+                                        tensor_layout, write_to_shared_memory)
 from plansmith_runtime.scheduler import QueueFull, RequestTimedOut, ShuttingDown
 from plansmith_runtime.shared_memory import SystemSharedMemory
 
@@ -258,8 +260,12 @@ class InferenceService:
             wanted = [tensor.name for tensor in request.outputs]
             in_shared_memory = {tensor.name: reference_from_parameters(f"output '{tensor.name}'", parameters_of(tensor))
                                 for tensor in request.outputs if "shared_memory_region" in tensor.parameters}
+            classifications = {tensor.name: count for tensor in request.outputs if "classification" in tensor.parameters
+                               and (count := requested_classes(tensor.name, parameters_of(tensor)))}
             timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
             outputs = await model.infer(inputs, wanted, timeout)
+            if classifications:
+                outputs = classify_outputs(outputs, classifications, model.has_batch_dim)
         except INFERENCE_ERRORS as error:
             raise grpc_error(error) from None
         response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
@@ -267,7 +273,7 @@ class InferenceService:
             tensor = response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
             reference = in_shared_memory.get(name)
             if reference is None:
-                response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+                response.raw_output_contents.append(tensor_bytes(array))
                 continue
             try:
                 parameters = write_to_shared_memory(self.shared_memory, reference, name, array)

@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from plansmith_runtime import __version__ as runtime_version
+from plansmith_runtime.classification import classify_outputs
 from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepted_encoding, compress_response,
                                               error_response, json_response)
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
@@ -24,7 +25,7 @@ from plansmith_runtime.shared_memory import SystemSharedMemory
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "plansmith"
-EXTENSIONS = ["binary_tensor_data", "logging", "model_configuration", "model_repository", "statistics", "system_shared_memory"]
+EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository", "statistics", "system_shared_memory"]
 MAX_BODY_BYTES = 256 << 20
 _HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
 # What an inference answers with an error status (HTTP here, gRPC in grpc_api) instead of failing
@@ -236,6 +237,8 @@ class HttpApi:
             model = self._model(target)
             decoded = decode_http_request(request.body, request.headers.get(_HEADER_CONTENT_LENGTH), self.shared_memory)
             outputs = await model.infer(decoded.inputs, decoded.outputs)
+            if decoded.classifications:
+                outputs = classify_outputs(outputs, decoded.classifications, model.has_batch_dim)
             payload, header_length = encode_http_response(model.name, model.version, decoded, outputs, self.shared_memory)
         except INFERENCE_ERRORS as error:
             return error_response(error_status(error), str(error))

@@ -229,6 +229,11 @@ class ServedModel:
 
     # ------------------------------------------------------------------ inference
 
+    @property
+    def has_batch_dim(self) -> bool:
+        """Whether dim 0 of every tensor is the batch (maxBatchSize > 0), as Triton's batch properties say."""
+        return self.config.policy.max_batch_size > 0
+
     def check_version(self, version: str | None) -> None:
         if version and version != self.version:
             raise InvalidRequest(f"model '{self.name}' has no version {version} (serving version {self.version})")

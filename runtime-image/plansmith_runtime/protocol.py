@@ -13,6 +13,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import orjson
+from tritonclient.utils import serialize_byte_tensor
 
 from plansmith.manifest import TensorSpec
 from plansmith_runtime.batching import signature_of
@@ -24,6 +25,8 @@ DATATYPE_TO_NUMPY = {
     "FP16": "float16", "FP32": "float32", "FP64": "float64",
 }
 _DTYPE_TO_DATATYPE = {np.dtype(value): key for key, value in DATATYPE_TO_NUMPY.items()}
+# outputs only: a classification result (the classification extension) is a tensor of byte strings
+_DTYPE_TO_DATATYPE[np.dtype(object)] = "BYTES"
 # Triton's model config enum names (model_config.proto DataType)
 DATATYPE_TO_CONFIG = {
     "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
@@ -68,6 +71,18 @@ def reference_from_parameters(tensor: str, parameters: dict) -> SharedMemoryRefe
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SharedMemoryError(f"'{tensor}': {label} must be a non-negative integer, got {value!r}")
     return SharedMemoryReference(region, byte_size, offset)  # type: ignore[arg-type]
+
+
+def requested_classes(tensor: str, parameters: Mapping[str, Any]) -> int:
+    """How many classes an output's parameters ask for (Triton's classification extension: the
+    "classification" parameter tritonclient's `InferRequestedOutput(name, class_count=N)` sets);
+    0 when the output is wanted as it is."""
+    count = parameters.get("classification", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise InvalidRequest(f"output '{tensor}': classification must be a non-negative integer, got {count!r}")
+    if count and "shared_memory_region" in parameters:
+        raise InvalidRequest(f"output '{tensor}': a classification result is not written to shared memory")
+    return count
 
 
 def datatype_of(dtype: str | np.dtype) -> str:
@@ -148,6 +163,7 @@ class InferRequest:
     binary_outputs: Mapping[str, bool] = field(default_factory=dict)
     binary_default: bool = False
     shared_memory_outputs: Mapping[str, SharedMemoryReference] = field(default_factory=dict)  # written there, not sent
+    classifications: Mapping[str, int] = field(default_factory=dict)  # outputs returned as their top classes
 
 
 def check_inputs(signature: Signature, arrays: dict[str, np.ndarray]) -> int:
@@ -258,6 +274,7 @@ class RequestHeader:
     binary_outputs: Mapping[str, bool]  # read-only
     binary_default: bool
     shared_memory_outputs: Mapping[str, SharedMemoryReference]  # read-only
+    classifications: Mapping[str, int]  # read-only
 
 
 def parse_request_header(text: bytes | memoryview) -> RequestHeader:
@@ -295,6 +312,7 @@ def parse_request_header(text: bytes | memoryview) -> RequestHeader:
     outputs: list[str] = []
     binary_outputs: list[tuple[str, bool]] = []
     shared_memory_outputs: dict[str, SharedMemoryReference] = {}
+    classifications: dict[str, int] = {}
     for tensor in document.get("outputs") or []:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InvalidRequest("each requested output must be an object with a 'name'")
@@ -307,9 +325,12 @@ def parse_request_header(text: bytes | memoryview) -> RequestHeader:
         shared_memory = reference_from_parameters(f"output '{tensor['name']}'", parameters)
         if shared_memory is not None:
             shared_memory_outputs[tensor["name"]] = shared_memory
+        if count := requested_classes(tensor["name"], parameters):
+            classifications[tensor["name"]] = count
     request_id = document.get("id", "")
     return RequestHeader(str(request_id) if request_id is not None else "", tuple(inputs), tuple(outputs),
-                         MappingProxyType(dict(binary_outputs)), binary_default, MappingProxyType(shared_memory_outputs))
+                         MappingProxyType(dict(binary_outputs)), binary_default, MappingProxyType(shared_memory_outputs),
+                         MappingProxyType(classifications))
 
 
 # A client sends the same header for every request of one shape (tritonclient builds it from the
@@ -355,14 +376,15 @@ def decode_http_request(body: bytes | memoryview, header_length: str | None, sha
     if offset != len(binary):
         raise InvalidRequest(f"{len(binary) - offset} unexpected bytes after the binary inputs")
     return InferRequest(header.id, inputs, header.outputs, header.binary_outputs, header.binary_default,
-                        header.shared_memory_outputs)
+                        header.shared_memory_outputs, header.classifications)
 
 
 def encode_http_response(model_name: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
                          shared_memory: SharedMemoryOutputs | None = None) -> tuple[bytes, int | None]:
     """The response body and, when some outputs are binary, the JSON header's length. Outputs the
     request placed in shared memory are written to `shared_memory` and described without data."""
-    if outputs and not request.id and not request.shared_memory_outputs and all(request.binary_outputs.get(name, request.binary_default) for name in outputs):
+    if (outputs and not request.id and not request.shared_memory_outputs and not request.classifications
+            and all(request.binary_outputs.get(name, request.binary_default) for name in outputs)):
         # every output binary: the JSON header depends only on the outputs' names, dtypes and shapes
         layout = tuple([(name, array.dtype, array.shape) for name, array in outputs.items()])
         header = _binary_outputs_header(model_name, version, layout)
@@ -375,9 +397,11 @@ def encode_http_response(model_name: str, version: str, request: InferRequest, o
         if in_shared_memory is not None:
             entry["parameters"] = write_to_shared_memory(shared_memory, in_shared_memory, name, array)
         elif request.binary_outputs.get(name, request.binary_default):
-            raw = array.tobytes()  # C order whatever the array's layout
+            raw = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
+        elif array.dtype == object:  # BYTES (a classification result): JSON strings
+            entry["data"] = [element.decode() for element in array.reshape(-1)]
         else:  # orjson writes numpy arrays directly, without a list of Python floats in between
             entry["data"] = np.ascontiguousarray(array).reshape(-1)
         tensors.append(entry)
@@ -388,6 +412,15 @@ def encode_http_response(model_name: str, version: str, request: InferRequest, o
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def tensor_bytes(array: np.ndarray) -> bytes:
+    """A tensor's contents as the binary tensor extension and gRPC's raw_output_contents carry them:
+    C order whatever the array's layout, and a BYTES tensor's elements each after its 4-byte
+    little-endian length (tritonclient's own serializer writes that layout)."""
+    if array.dtype != object:
+        return array.tobytes()
+    return serialize_byte_tensor(array).item() if array.size else b""
 
 
 @functools.lru_cache(maxsize=256)  # a model answers a handful of output shapes; made once, not per request

@@ -7,7 +7,7 @@ import pytest
 
 from plansmith.manifest import TensorSpec
 from plansmith_runtime.protocol import (InferRequest, InvalidRequest, Signature, check_inputs, decode_http_request,
-                                        encode_http_response)
+                                        encode_http_response, requested_classes, tensor_bytes)
 
 SIGNATURE = Signature((TensorSpec(name="input", dtype="float32", shape=[-1, 4]),),
                       (TensorSpec(name="logits", dtype="float32", shape=[-1, 2]),), max_batch_size=8)
@@ -221,3 +221,39 @@ def test_malformed_shared_memory_parameters_are_invalid_requests(parameters, ext
     with pytest.raises(InvalidRequest, match="takes no shared memory"):  # a front end without regions
         decode_http_request(json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "parameters": {
             "shared_memory_region": "in", "shared_memory_byte_size": 16}}]}).encode(), None)
+
+
+def test_classification_counts_are_read_from_each_outputs_parameters():
+    body, length = binary_body(np.ones((1, 4), np.float32), outputs=[
+        {"name": "logits", "parameters": {"classification": 3, "binary_data": False}}, {"name": "other"}])
+    request = decode_http_request(body, length)
+    assert request.classifications == {"logits": 3} and request.binary_outputs == {"logits": False}
+    assert requested_classes("logits", {"classification": 0}) == 0  # 0: the raw tensor, as tritonclient's default
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"classification": -1}, "classification must be a non-negative integer, got -1"),
+    ({"classification": True}, "classification must be a non-negative integer, got True"),
+    ({"classification": "3"}, "classification must be a non-negative integer, got '3'"),
+    ({"classification": 2, "shared_memory_region": "out", "shared_memory_byte_size": 8},
+     "a classification result is not written to shared memory"),
+])
+def test_malformed_classification_parameters_are_invalid_requests(parameters, message):
+    body, length = binary_body(np.ones((1, 4), np.float32), outputs=[{"name": "logits", "parameters": parameters}])
+    with pytest.raises(InvalidRequest, match=f"output 'logits': {message}"):
+        decode_http_request(body, length, FakeRegions())
+
+
+def test_a_bytes_output_is_sent_length_prefixed_in_binary_and_as_strings_in_json():
+    classes = np.array([[b"7.125000:3", b"2.250000:1"]], dtype=object)
+    assert tensor_bytes(classes) == b"\x0a\x00\x00\x007.125000:3\x0a\x00\x00\x002.250000:1"
+    assert tensor_bytes(np.empty((1, 0), dtype=object)) == b""
+    binary = InferRequest(id="", inputs={}, outputs=["logits"], binary_default=True, classifications={"logits": 2})
+    body, length = encode_http_response("m", "1", binary, {"logits": classes})
+    assert json.loads(body[:length])["outputs"] == [
+        {"name": "logits", "datatype": "BYTES", "shape": [1, 2], "parameters": {"binary_data_size": 28}}]
+    assert body[length:] == tensor_bytes(classes)
+    as_json = InferRequest(id="", inputs={}, outputs=["logits"], classifications={"logits": 2})
+    body, length = encode_http_response("m", "1", as_json, {"logits": classes})
+    assert length is None and json.loads(body)["outputs"] == [
+        {"name": "logits", "datatype": "BYTES", "shape": [1, 2], "data": ["7.125000:3", "2.250000:1"]}]

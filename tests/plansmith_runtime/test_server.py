@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 import time
 import urllib.request
@@ -72,6 +73,36 @@ def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server)
     for result in (binary, as_json, over_grpc, http_aio, grpc_aio):
         assert result.shape == (8, 10)
         np.testing.assert_allclose(result, expected, **TOLERANCE)
+
+
+def test_classification_extension_returns_each_images_top_classes_over_http_and_grpc(engines, cnn_server):
+    x = engines["small_cnn"].model.sample_inputs(batch=3, seed=5)["input"]
+    logits = engines["small_cnn"].session().run(None, {"input": x})[0]
+
+    def check(classes: np.ndarray) -> None:
+        assert classes.shape == (3, 4)
+        for scores, top in zip(logits, classes):
+            pairs = [(element.decode() if isinstance(element, bytes) else element).split(":") for element in top]
+            assert all(re.fullmatch(r"-?\d+\.\d{6}", value) for value, _ in pairs)  # std::to_string, as Triton
+            indices = [int(index) for _, index in pairs]
+            assert indices == np.argsort(-scores, kind="stable")[:4].tolist()
+            np.testing.assert_allclose([float(value) for value, _ in pairs], scores[indices], atol=1e-5)
+
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    assert "classification" in http.get_server_metadata()["extensions"]
+    for binary in (True, False):
+        check(http.infer("cnn", [http_input(x)], outputs=[
+            httpclient.InferRequestedOutput("logits", binary_data=binary, class_count=4)]).as_numpy("logits"))
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    check(rpc.infer("cnn", [grpc_input(x)], outputs=[grpcclient.InferRequestedOutput("logits", class_count=4)]).as_numpy("logits"))
+
+    with pytest.raises(InferenceServerException, match="classification must be a non-negative integer, got -2") as refused:
+        http.infer("cnn", [http_input(x)], outputs=[httpclient.InferRequestedOutput("logits", class_count=-2)])
+    assert refused.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="classification must be a non-negative integer, got -2") as refused:
+        rpc.infer("cnn", [grpc_input(x)], outputs=[grpcclient.InferRequestedOutput("logits", class_count=-2)])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert http.is_server_ready()
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
