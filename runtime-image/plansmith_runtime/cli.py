@@ -28,6 +28,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -65,6 +75,8 @@ def register(subparsers) -> None:
     batching.add_argument("--warmup-iterations", type=int)
     batching.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM: time to finish in-flight requests")
+    parser.add_argument("--metrics-interval-ms", type=_positive, default=2000,
+                        help="how often the GPU and CPU metrics (nv_gpu_*, nv_cpu_*) are polled, as Triton's flag")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL at start; clients change "
                         "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")
     parser.set_defaults(handler=cmd_serve)
@@ -101,6 +113,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
         warmup_iterations=args.warmup_iterations or serving.warmup.iterations,
         intra_op_threads=args.intra_op_threads,
         grace_seconds=args.grace_seconds,
+        metrics_interval_ms=args.metrics_interval_ms,
         max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
     )
 

@@ -21,6 +21,7 @@ from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, M
                                         decode_http_request, encode_http_response)
 from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
 from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.system_metrics import SystemMetrics
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +252,10 @@ class HttpApi:
         return compress_response(response, accepted_encoding(request.headers.get("accept-encoding")))
 
 
-def metrics_app(model: ServedModel) -> web.Application:
+def metrics_app(model: ServedModel, system: SystemMetrics) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=model.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(body=model.metrics.render() + system.render().encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     app = web.Application()
     app.add_routes([web.get("/metrics", metrics)])

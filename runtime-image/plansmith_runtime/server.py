@@ -18,6 +18,7 @@ from plansmith_runtime.http_transport import HttpServer
 from plansmith_runtime.log_settings import LogControl
 from plansmith_runtime.model import LoadOptions, ServedModel
 from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.system_metrics import NvmlGpus, SystemMetrics
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ class Server:
         host = self.listen.host
         grace = self.config.grace_seconds
         http_server = HttpServer(HttpApi(self.model, self.is_ready, self.shared_memory, self.log_control).handle, MAX_BODY_BYTES)
-        metrics_runner = web.AppRunner(metrics_app(self.model), access_log=None, shutdown_timeout=1.0)
+        system_metrics = SystemMetrics(NvmlGpus(os.environ.get("CUDA_VISIBLE_DEVICES")), self.config.metrics_interval_ms)
+        system_metrics.start()
+        metrics_runner = web.AppRunner(metrics_app(self.model, system_metrics), access_log=None, shutdown_timeout=1.0)
         await metrics_runner.setup()
         await http_server.start(host, self.listen.http_port, backlog=2048)
         await web.TCPSite(metrics_runner, host, self.listen.metrics_port).start()
@@ -68,6 +71,7 @@ class Server:
         await asyncio.gather(grpc_server.close(grace), http_server.close(grace), return_exceptions=True)
         await self.model.stop(grace)
         await metrics_runner.cleanup()
+        system_metrics.stop()
         self.shared_memory.close()
         if not loader.done():
             loader.cancel()

@@ -57,3 +57,11 @@ def test_grpc_port_in_use_is_reported(engines, capsys):
 def test_an_unknown_log_level_is_a_usage_error(capsys):
     assert main(["serve", "--manifest", "file:///x", "--log-level", "LOUD"]) == 2
     assert "--log-level: unknown log level 'LOUD'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval", ["0", "-5", "often"])
+def test_a_metrics_interval_that_is_not_a_positive_integer_is_a_usage_error(interval, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--manifest", "file:///x", "--metrics-interval-ms", interval])
+    assert exited.value.code == 2
+    assert "--metrics-interval-ms" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from plansmith_runtime.http_transport import DIRECT_BODY_BYTES
+from plansmith_runtime.system_metrics import NvmlGpus
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -29,7 +32,7 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 def cnn_server(engines, module_server):
     return module_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
                          "--max-batch-size", "16", "--preferred-batch-sizes", "4,8", "--max-queue-delay-us", "2000",
-                         "--instances", "2", "--warmup-iterations", "1").wait_ready()
+                         "--instances", "2", "--warmup-iterations", "1", "--metrics-interval-ms", "100").wait_ready()
 
 
 def http_input(array: np.ndarray, name: str = "input", binary: bool = True, module=httpclient):
@@ -148,6 +151,18 @@ def test_health_metadata_and_config_like_triton(cnn_server):
         rpc.get_model_metadata("nope")
     # warmup ran every batch size the batcher forms (1, the preferred sizes, the maximum) before ready
     assert '"batch_sizes": [1, 4, 8, 16]' in cnn_server.log()
+
+
+def test_metrics_port_polls_tritons_cpu_metrics_and_gpu_ones_where_nvml_sees_gpus(cnn_server):
+    time.sleep(0.3)  # polled every 100 ms here: the CPU utilization needs two polls
+    _, body = cnn_server.get("/metrics", cnn_server.metrics_port)
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    assert 0.0 <= families["nv_cpu_utilization"].samples[0].value <= 1.0
+    memory_total = int(re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1)) * 1024
+    assert families["nv_cpu_memory_total_bytes"].samples[0].value == memory_total
+    assert 0 < families["nv_cpu_memory_used_bytes"].samples[0].value < memory_total
+    gpus = NvmlGpus(os.environ.get("CUDA_VISIBLE_DEVICES")).handles
+    assert ("nv_gpu_memory_used_bytes" in families) == bool(gpus), "GPU metrics exactly where NVML sees GPUs"
 
 
 def test_concurrent_clients_get_their_own_results_in_batches(engines, cnn_server):
