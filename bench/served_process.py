@@ -40,8 +40,19 @@ class ServedProcess:
 
     def counters(self) -> dict[str, float]:
         """The nv_inference_* counters of its Prometheus metrics (Triton's names, served by both)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
-        return {name: float(value) for name, value in re.findall(r"^(nv_inference_\w+)\{[^}]*\} (\S+)$", text, re.M)}
+        return {name: float(value) for name, value in re.findall(r"^(nv_inference_\w+)\{[^}]*\} (\S+)$",
+                                                                 self._metrics_text(), re.M)}
+
+    def gpu_metrics(self) -> dict[str, dict[str, float]]:
+        """Triton's per-GPU metrics (nv_gpu_*, nv_energy_consumption) by gpu_uuid, as last polled."""
+        readings: dict[str, dict[str, float]] = {}
+        for name, uuid, value in re.findall(r'^(nv_gpu_\w+|nv_energy_consumption)\{gpu_uuid="([^"]+)"\} (\S+)$',
+                                            self._metrics_text(), re.M):
+            readings.setdefault(uuid, {})[name] = float(value)
+        return readings
+
+    def _metrics_text(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -527,6 +527,21 @@ def load(url: str, model: str, arrays: dict, concurrency: int, duration: float, 
             "request_bytes": sent // max(1, len(latencies)), "response_bytes": received // max(1, len(latencies))}
 
 
+def gpu_summary(gpus: dict[str, dict[str, float]], items_per_s: float) -> str:
+    """What the served GPU was doing at the end of a load, from the server's nv_gpu_* metrics."""
+    parts = []
+    for uuid, reading in gpus.items():
+        text = f"{uuid[:12]}: {reading.get('nv_gpu_utilization', float('nan')):.0%} busy"
+        power = reading.get("nv_gpu_power_usage")
+        if power is not None:
+            text += f", {power:.0f} W" + (f" = {power / items_per_s * 1000:.1f} mJ an item" if items_per_s else "")
+        used = reading.get("nv_gpu_memory_used_bytes")
+        if used is not None:
+            text += f", {used / 2**30:.1f} GiB used"
+        parts.append(text)
+    return ("  GPU " + "; ".join(parts)) if parts else ""
+
+
 def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precisions: list[str]) -> None:
     serve_bench.PLANSMITH = shutil.which("plansmith") or serve_bench.PLANSMITH
     serve_bench.MAX_BATCH = cfg["max_batch"]
@@ -555,11 +570,14 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                         figures = load(f"127.0.0.1:{server.grpc}", "model", arrays, concurrency,
                                        cfg["serve_seconds"], cfg["processes"])
                         figures["mean_batch"] = mean_batch(before, server.counters())
+                        # the server's last poll of Triton's GPU metrics, taken during the load
+                        figures["gpus"] = server.gpu_metrics()
                         served.setdefault(mode, {})[f"c{concurrency}"] = figures
                         print(f"  {model_name:8s} {precision} batching {mode:3s} c={concurrency:<3d} "
                               f"{figures['items_per_s']:8.0f} items/s  p50 {figures['p50']:7.2f} ms  p99 "
                               f"{figures['p99']:7.2f} ms  {figures['payload_bytes_per_s'] / 1e6:8.1f} MB/s payload  "
-                              f"mean batch {figures['mean_batch']:.1f}  errors {figures['errors']}", flush=True)
+                              f"mean batch {figures['mean_batch']:.1f}  errors {figures['errors']}"
+                              f"{gpu_summary(figures['gpus'], figures['items_per_s'])}", flush=True)
                 finally:
                     server.stop()
         save(state, workdir)
