@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from plansmith_runtime.system_metrics import DEFAULT_INTERVAL_MS
+
 RESERVED_LOG_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -75,7 +77,7 @@ def register(subparsers) -> None:
     batching.add_argument("--warmup-iterations", type=int)
     batching.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM: time to finish in-flight requests")
-    parser.add_argument("--metrics-interval-ms", type=_positive, default=2000,
+    parser.add_argument("--metrics-interval-ms", type=_positive, default=DEFAULT_INTERVAL_MS,
                         help="how often the GPU and CPU metrics (nv_gpu_*, nv_cpu_*) are polled, as Triton's flag")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL at start; clients change "
                         "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")

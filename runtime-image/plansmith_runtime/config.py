@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from plansmith.spec import ServingSpec
+from plansmith_runtime.system_metrics import DEFAULT_INTERVAL_MS
 
 
 class ConfigError(ValueError):
@@ -47,7 +48,7 @@ class ServingConfig:
     warmup_iterations: int = 2
     intra_op_threads: int = 0  # 0: the backend decides
     grace_seconds: float = 30.0
-    metrics_interval_ms: int = 2000  # how often the GPU and CPU metrics are polled (Triton's --metrics-interval-ms)
+    metrics_interval_ms: int = DEFAULT_INTERVAL_MS  # how often the GPU and CPU metrics are polled
     max_batch_from_engine: bool = False  # no spec and no --max-batch-size: use the engine's maxBatchSize
 
     def for_engine(self, engine_max_batch: int) -> "ServingConfig":

@@ -231,8 +231,9 @@ class ServedModel:
 
     @property
     def has_batch_dim(self) -> bool:
-        """Whether dim 0 of every tensor is the batch (maxBatchSize > 0), as Triton's batch properties say."""
-        return self.config.policy.max_batch_size > 0
+        """Whether dim 0 of every tensor is the batch (maxBatchSize > 0), as Triton's batch properties
+        say; known once the model is loaded."""
+        return self.signature is not None and self.signature.has_batch_dim
 
     def check_version(self, version: str | None) -> None:
         if version and version != self.version:

@@ -6,8 +6,8 @@ Triton's names, help texts and types, so its Grafana dashboards and alerts work 
 As in Triton, a thread polls them every `--metrics-interval-ms` (2000 by default) and a scrape shows
 the latest poll. The CPU figures are the machine's, as Triton reads them (/proc/stat: busy over busy
 plus idle jiffies since the previous poll; /proc/meminfo: used = MemTotal - MemAvailable). The GPU
-figures come from NVML (nvidia-ml-py, where Triton uses DCGM, which has no Python binding on PyPI)
-for the GPUs CUDA may use here (CUDA_VISIBLE_DEVICES, indices or UUIDs). A figure NVML cannot read
+figures come from NVML (nvidia-ml-py, already a dependency; Triton reads them from DCGM, a service
+of its own that a serving image does not carry) for the GPUs CUDA may use here (CUDA_VISIBLE_DEVICES, indices or UUIDs). A figure NVML cannot read
 for a device (a MIG instance has no utilization or power of its own) is left out, not reported as 0.
 The parsing and rendering are pure functions; `NvmlGpus` and `SystemMetrics` are the I/O.
 """
