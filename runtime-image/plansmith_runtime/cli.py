@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from plansmith_runtime.summaries import parse_metrics_config
 from plansmith_runtime.system_metrics import DEFAULT_INTERVAL_MS
 
 RESERVED_LOG_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -79,6 +80,9 @@ def register(subparsers) -> None:
     parser.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM: time to finish in-flight requests")
     parser.add_argument("--metrics-interval-ms", type=_positive, default=DEFAULT_INTERVAL_MS,
                         help="how often the GPU and CPU metrics (nv_gpu_*, nv_cpu_*) are polled, as Triton's flag")
+    parser.add_argument("--metrics-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="Triton's: summary_latencies=true adds nv_inference_*_summary_us (p50 ... p99.9 over "
+                             "the last minute); summary_quantiles=0.5:0.05,0.99:0.001 picks the quantiles")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL at start; clients change "
                         "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")
     parser.set_defaults(handler=cmd_serve)
@@ -116,6 +120,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
         intra_op_threads=args.intra_op_threads,
         grace_seconds=args.grace_seconds,
         metrics_interval_ms=args.metrics_interval_ms,
+        summary_quantiles=parse_metrics_config(args.metrics_config),
         max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
     )
 

@@ -49,6 +49,7 @@ class ServingConfig:
     intra_op_threads: int = 0  # 0: the backend decides
     grace_seconds: float = 30.0
     metrics_interval_ms: int = DEFAULT_INTERVAL_MS  # how often the GPU and CPU metrics are polled
+    summary_quantiles: tuple[tuple[float, float], ...] = ()  # latency summaries' (quantile, error); (): off
     max_batch_from_engine: bool = False  # no spec and no --max-batch-size: use the engine's maxBatchSize
 
     def for_engine(self, engine_max_batch: int) -> "ServingConfig":

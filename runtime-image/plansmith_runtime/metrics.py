@@ -9,10 +9,14 @@ depth gauge.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+from plansmith_runtime.summaries import SlidingSummary
 
 TRITON_COUNTERS = (
     ("nv_inference_request_success", "success", "Number of successful inference requests, all batch sizes"),
@@ -27,6 +31,15 @@ TRITON_COUNTERS = (
 )
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Triton's latency summaries (--metrics-config summary_latencies=true), its names and help texts
+TRITON_SUMMARIES = (
+    ("nv_inference_request_summary_us", "Summary of inference request duration in microseconds (includes cached requests)"),
+    ("nv_inference_queue_summary_us", "Summary of inference queuing duration in microseconds (includes cached requests)"),
+    ("nv_inference_compute_input_summary_us", "Cumulative compute input duration in microseconds (does not include cached requests)"),
+    ("nv_inference_compute_infer_summary_us", "Cumulative compute inference duration in microseconds (does not include cached requests)"),
+    ("nv_inference_compute_output_summary_us", "Cumulative inference compute output duration in microseconds (does not include cached requests)"),
+)
 
 
 @dataclass
@@ -61,9 +74,12 @@ class ModelStats:
 
 
 class Metrics:
-    def __init__(self, model: str, version: str = "1") -> None:
+    def __init__(self, model: str, version: str = "1", summary_quantiles: Sequence[tuple[float, float]] = ()) -> None:
         self.model, self.version = model, version
         self.stats = ModelStats()
+        self.summary_quantiles = tuple(quantile for quantile, _ in summary_quantiles)
+        # request, queue, compute input, compute infer, compute output (TRITON_SUMMARIES' order); none when off
+        self.summaries = [SlidingSummary() for _ in TRITON_SUMMARIES] if summary_quantiles else []
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("model", "version")
         self.batch_size = Histogram("plansmith_batch_size", "Items per model execution (batch size formed by the batcher)",
@@ -87,7 +103,23 @@ class Metrics:
         lines.append("# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting "
                      "execution per-model\n# TYPE nv_inference_pending_request_count gauge\n"
                      f"nv_inference_pending_request_count{label} {self.stats.pending}\n")
+        labels = f'model="{self.model}",version="{self.version}"'
+        for (name, help_text), summary in zip(TRITON_SUMMARIES, self.summaries):
+            lines.append(f"# HELP {name} {help_text}\n# TYPE {name} summary\n"
+                         f"{name}_count{{{labels}}} {summary.count}\n{name}_sum{{{labels}}} {_number(summary.sum)}\n")
+            lines.extend(f'{name}{{{labels},quantile="{quantile:g}"}} {_number(value)}\n'
+                         for quantile, value in zip(self.summary_quantiles, summary.quantiles(self.summary_quantiles)))
         return "".join(lines).encode() + generate_latest(self.registry)
+
+    def record_success(self, request_us: float, queue_us: float) -> None:
+        """A request answered: its time from arrival to answer and its part of that in the queue."""
+        stats = self.stats
+        stats.success += 1
+        stats.request_us += request_us
+        stats.queue_us += queue_us
+        if self.summaries:
+            self.summaries[0].observe(request_us)
+            self.summaries[1].observe(queue_us)
 
     def record_execution(self, items: int, requests: int, input_us: float, infer_us: float, output_us: float) -> None:
         """A batch of `items` ran; `requests` of its requests were still waiting for the answer."""
@@ -97,6 +129,10 @@ class Metrics:
         stats.compute_input_us += input_us * requests
         stats.compute_us += infer_us * requests
         stats.compute_output_us += output_us * requests
+        if self.summaries and requests:  # every answered request of the batch took these phases
+            self.summaries[2].observe(input_us, requests)
+            self.summaries[3].observe(infer_us, requests)
+            self.summaries[4].observe(output_us, requests)
         stats.last_inference_ms = time.time_ns() // 1_000_000
         size = stats.batch_sizes.get(items)
         if size is None:
@@ -109,6 +145,11 @@ class Metrics:
 
     def set_queue_depth(self, depth: int) -> None:
         self.stats.pending = depth
+
+
+def _number(value: float) -> str:
+    """A sample value as the exposition format writes it (NaN for an empty summary window)."""
+    return "NaN" if math.isnan(value) else repr(float(value))
 
 
 def _duration(count: int, us: float) -> dict:

@@ -109,7 +109,7 @@ class ServedModel:
         self.version = VERSION
         self.state = "LOADING"
         self.reason = "loading the engine"
-        self.metrics = Metrics(self.name, self.version)
+        self.metrics = Metrics(self.name, self.version, config.summary_quantiles)
         self.manifest: Manifest | None = None
         self.signature: Signature | None = None
         self.batcher: DynamicBatcher | None = None
@@ -260,9 +260,7 @@ class ServedModel:
         finally:
             stats.in_flight -= 1
         result = pending.future.result()
-        stats.success += 1
-        stats.request_us += (time.monotonic_ns() - received) / 1000
-        stats.queue_us += pending.queue_us
+        self.metrics.record_success((time.monotonic_ns() - received) / 1000, pending.queue_us)
         if outputs:
             return {name: result[name] for name in outputs}
         return result

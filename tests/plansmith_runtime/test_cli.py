@@ -65,3 +65,8 @@ def test_a_metrics_interval_that_is_not_a_positive_integer_is_a_usage_error(inte
         main(["serve", "--manifest", "file:///x", "--metrics-interval-ms", interval])
     assert exited.value.code == 2
     assert "--metrics-interval-ms" in capsys.readouterr().err
+
+
+def test_a_metrics_config_triton_does_not_take_is_a_usage_error(capsys):
+    assert main(["serve", "--manifest", "file:///x", "--metrics-config", "summary_latencies=yes"]) == 2
+    assert "--metrics-config 'summary_latencies=yes': summary_latencies is true or false" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Metrics are exposed under Triton's names, so Triton dashboards and alerts work unchanged."""
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from plansmith_runtime.metrics import Metrics
@@ -45,3 +46,31 @@ def test_model_statistics_read_as_tritons_protobuf_message_and_charge_each_reque
     text = metrics.render().decode()
     assert 'nv_inference_compute_input_duration_us{model="resnet",version="1"} ' in text
     assert 'nv_inference_compute_output_duration_us{model="resnet",version="1"} ' in text
+
+
+def test_latency_summaries_appear_only_when_asked_with_tritons_names_and_quantile_labels():
+    assert "summary" not in Metrics("resnet", "1").render().decode()  # Triton's default: off
+    metrics = Metrics("resnet", "1", ((0.5, 0.05), (0.99, 0.001)))
+    empty = {family.name: family for family in text_string_to_metric_families(metrics.render().decode())}
+    assert [sample.value for sample in empty["nv_inference_request_summary_us"].samples][:2] == [0, 0]  # count, sum
+    for request_us in range(1, 101):  # 1..100 us
+        metrics.record_success(float(request_us), queue_us=10.0)
+    metrics.record_execution(items=8, requests=5, input_us=3.0, infer_us=400.0, output_us=2.0)
+    text = metrics.render().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    names = [name for name in families if name.endswith("_summary_us")]
+    assert names == ["nv_inference_request_summary_us", "nv_inference_queue_summary_us", "nv_inference_compute_input_summary_us",
+                     "nv_inference_compute_infer_summary_us", "nv_inference_compute_output_summary_us"]
+    assert all(families[name].type == "summary" for name in names)
+
+    def samples(name):
+        return {sample.labels.get("quantile", sample.name.rsplit("_", 1)[-1]): sample.value for sample in families[name].samples}
+
+    request = samples("nv_inference_request_summary_us")
+    assert (request["count"], request["sum"]) == (100, 5050.0)
+    assert request["0.5"] == pytest.approx(50, rel=0.01) and request["0.99"] == pytest.approx(99, rel=0.01)
+    assert samples("nv_inference_queue_summary_us")["sum"] == 1000.0
+    infer = samples("nv_inference_compute_infer_summary_us")
+    assert (infer["count"], infer["sum"]) == (5, 2000.0)  # each of the batch's 5 requests took its 400 us
+    assert metrics.stats.success == 100 and metrics.stats.request_us == 5050.0  # the counters as before
+    assert 'nv_inference_request_summary_us{model="resnet",version="1",quantile="0.99"} ' in text

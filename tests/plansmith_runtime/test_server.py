@@ -32,7 +32,8 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 def cnn_server(engines, module_server):
     return module_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
                          "--max-batch-size", "16", "--preferred-batch-sizes", "4,8", "--max-queue-delay-us", "2000",
-                         "--instances", "2", "--warmup-iterations", "1", "--metrics-interval-ms", "100").wait_ready()
+                         "--instances", "2", "--warmup-iterations", "1", "--metrics-interval-ms", "100",
+                         "--metrics-config", "summary_latencies=true").wait_ready()
 
 
 def http_input(array: np.ndarray, name: str = "input", binary: bool = True, module=httpclient):
@@ -163,6 +164,29 @@ def test_metrics_port_polls_tritons_cpu_metrics_and_gpu_ones_where_nvml_sees_gpu
     assert 0 < families["nv_cpu_memory_used_bytes"].samples[0].value < memory_total
     gpus = NvmlGpus(os.environ.get("CUDA_VISIBLE_DEVICES")).handles
     assert ("nv_gpu_memory_used_bytes" in families) == bool(gpus), "GPU metrics exactly where NVML sees GPUs"
+
+
+def test_latency_summaries_follow_the_counters_and_order_their_quantiles(engines, cnn_server):
+    x = engines["small_cnn"].model.sample_inputs(batch=1, seed=2)["input"]
+    client = httpclient.InferenceServerClient(cnn_server.http_url)
+    for _ in range(20):
+        client.infer("cnn", [http_input(x)])
+    _, body = cnn_server.get("/metrics", cnn_server.metrics_port)
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+
+    def summary(name):
+        return {sample.labels.get("quantile", sample.name.rsplit("_", 1)[-1]): sample.value
+                for sample in families[name].samples}
+
+    request = summary("nv_inference_request_summary_us")
+    assert request["count"] == families["nv_inference_request_success"].samples[0].value >= 20
+    # the counter is printed in whole microseconds
+    assert request["sum"] == pytest.approx(families["nv_inference_request_duration_us"].samples[0].value, abs=request["count"])
+    quantiles = [request[q] for q in ("0.5", "0.9", "0.95", "0.99", "0.999")]  # Triton's default quantiles
+    assert quantiles == sorted(quantiles) and quantiles[0] > 0
+    infer = summary("nv_inference_compute_infer_summary_us")
+    assert infer["count"] == request["count"]
+    assert 0 < infer["0.5"] < request["0.99"]  # a request's compute is part of its time in the server
 
 
 def test_concurrent_clients_get_their_own_results_in_batches(engines, cnn_server):
