@@ -233,6 +233,16 @@ class WarmupSpec(ApiModel):
     iterations: int = Field(default=2, ge=1, description="Runs of each batch size the batcher can form.")
 
 
+class MetricsSpec(ApiModel):
+    """What the serving pods' metrics port (8002) shows beyond Triton's default counters."""
+
+    latency_summaries: bool = Field(
+        default=False,
+        description="Triton's latency summaries (--metrics-config summary_latencies=true): p50, p90, p95, p99 and "
+                    "p99.9 of each request's time in the server, in the queue and in compute, over the last minute.",
+    )
+
+
 class Toleration(ApiModel):
     """A Kubernetes toleration for the serving and build pods."""
 
@@ -269,6 +279,7 @@ class ServingSpec(ApiModel):
         default_factory=ResourceRequirements, description="CPU and memory of the serving container."
     )
     warmup: WarmupSpec = Field(default_factory=WarmupSpec, description="Warmup before ready.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Metrics beyond Triton's default counters.")
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Extra node labels serving and build pods must match."
     )

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from plansmith_runtime.summaries import parse_metrics_config
 from plansmith_runtime.system_metrics import DEFAULT_INTERVAL_MS
 
 RESERVED_LOG_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -94,6 +93,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
 
     from plansmith.spec import DynamicBatching, ServingSpec
     from plansmith_runtime.config import ServingConfig, policy_from_spec
+    from plansmith_runtime.summaries import parse_metrics_config
 
     serving = spec_serving or ServingSpec(dynamic_batching=DynamicBatching())
     policy = policy_from_spec(serving)
@@ -120,7 +120,9 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
         intra_op_threads=args.intra_op_threads,
         grace_seconds=args.grace_seconds,
         metrics_interval_ms=args.metrics_interval_ms,
-        summary_quantiles=parse_metrics_config(args.metrics_config),
+        # the spec's choice first: a --metrics-config setting given on the command line overrides it
+        summary_quantiles=parse_metrics_config(
+            ["summary_latencies=true"] * serving.metrics.latency_summaries + args.metrics_config),
         max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
     )
 

@@ -70,3 +70,22 @@ def test_a_metrics_interval_that_is_not_a_positive_integer_is_a_usage_error(inte
 def test_a_metrics_config_triton_does_not_take_is_a_usage_error(capsys):
     assert main(["serve", "--manifest", "file:///x", "--metrics-config", "summary_latencies=yes"]) == 2
     assert "--metrics-config 'summary_latencies=yes': summary_latencies is true or false" in capsys.readouterr().err
+
+
+def test_the_specs_latency_summaries_are_on_unless_the_command_line_turns_them_off():
+    import argparse
+
+    from plansmith.validation import parse_spec
+    from plansmith_runtime import cli as runtime_cli
+    from plansmith_runtime.summaries import DEFAULT_QUANTILES
+
+    parser = argparse.ArgumentParser()
+    runtime_cli.register(parser.add_subparsers())
+    serving = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"metrics": {"latencySummaries": True}}}).serving
+
+    def quantiles(*flags):
+        return runtime_cli.serving_config(parser.parse_args(["serve", *flags]), serving, "m").summary_quantiles
+
+    assert quantiles() == DEFAULT_QUANTILES
+    assert quantiles("--metrics-config", "summary_latencies=false") == ()
+    assert quantiles("--metrics-config", "summary_quantiles=0.99:0.001") == ((0.99, 0.001),)

@@ -418,7 +418,8 @@ def test_serve_from_model_yaml_takes_settings_and_engine_from_the_spec(engines, 
         "spec": {"model": {"uri": f"file://{info.path}", "inputs": info.spec_inputs()},
                  "build": {"backend": "onnxruntime", "precision": "fp32"},
                  "serving": {"maxBatchSize": 32, "instances": 1,
-                             "dynamicBatching": {"preferredBatchSizes": [8, 16], "maxQueueDelayMicroseconds": 300}},
+                             "dynamicBatching": {"preferredBatchSizes": [8, 16], "maxQueueDelayMicroseconds": 300},
+                             "metrics": {"latencySummaries": True}},
                  "storage": {"uri": store}}}))
     server = start_server(str(spec_file)).wait_ready()
     assert "engine found through the builder" in server.log() and '"status": "hit"' in server.log()
@@ -429,6 +430,7 @@ def test_serve_from_model_yaml_takes_settings_and_engine_from_the_spec(engines, 
     x = info.sample_inputs(batch=2, seed=5)["input"]
     np.testing.assert_allclose(http.infer("tiny-mlp", [http_input(x)]).as_numpy("logits"),
                                engines["mlp"].session().run(None, {"input": x})[0], **TOLERANCE)
+    assert server.metrics()['nv_inference_request_summary_us_count{model="tiny-mlp",version="1"}'] == 1
 
 
 def test_serves_an_engine_from_s3(s3_server, start_server, tmp_path, monkeypatch):

@@ -178,6 +178,8 @@ def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list
         if batching.preferred_batch_sizes:
             args += ["--preferred-batch-sizes", ",".join(map(str, batching.preferred_batch_sizes))]
     args += ["--warmup-iterations", str(serving.warmup.iterations)] if serving.warmup.enabled else ["--no-warmup"]
+    if serving.metrics.latency_summaries:
+        args += ["--metrics-config", "summary_latencies=true"]
     return args
 
 

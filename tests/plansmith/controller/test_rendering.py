@@ -122,6 +122,14 @@ def test_batching_off_is_passed_on():
     assert "--no-warmup" in rendering.runtime_args("m", no_warmup, "s3://engines/engines/k/manifest.json")
 
 
+def test_latency_summaries_are_asked_of_the_runtime_only_when_the_spec_wants_them():
+    plain = parse_spec({"model": {"uri": "s3://models/m.onnx"}})
+    assert "--metrics-config" not in rendering.runtime_args("m", plain, "s3://engines/engines/k/manifest.json")
+    summaries = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"metrics": {"latencySummaries": True}}})
+    args = rendering.runtime_args("m", summaries, "s3://engines/engines/k/manifest.json")
+    assert args[args.index("--metrics-config") + 1] == "summary_latencies=true"
+
+
 def test_service_selects_all_targets_of_the_model():
     service = rendering.render_service(name="resnet", namespace="ml")
     assert service["spec"]["selector"] == {"plansmith.io/model": "resnet", "app.kubernetes.io/component": "serving"}
