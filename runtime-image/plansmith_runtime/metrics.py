@@ -34,11 +34,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # Triton's latency summaries (--metrics-config summary_latencies=true), its names and help texts
 TRITON_SUMMARIES = (
-    ("nv_inference_request_summary_us", "Summary of inference request duration in microseconds (includes cached requests)"),
-    ("nv_inference_queue_summary_us", "Summary of inference queuing duration in microseconds (includes cached requests)"),
-    ("nv_inference_compute_input_summary_us", "Cumulative compute input duration in microseconds (does not include cached requests)"),
-    ("nv_inference_compute_infer_summary_us", "Cumulative compute inference duration in microseconds (does not include cached requests)"),
-    ("nv_inference_compute_output_summary_us", "Cumulative inference compute output duration in microseconds (does not include cached requests)"),
+    ("request", "nv_inference_request_summary_us",
+     "Summary of inference request duration in microseconds (includes cached requests)"),
+    ("queue", "nv_inference_queue_summary_us",
+     "Summary of inference queuing duration in microseconds (includes cached requests)"),
+    ("compute_input", "nv_inference_compute_input_summary_us",
+     "Cumulative compute input duration in microseconds (does not include cached requests)"),
+    ("compute_infer", "nv_inference_compute_infer_summary_us",
+     "Cumulative compute inference duration in microseconds (does not include cached requests)"),
+    ("compute_output", "nv_inference_compute_output_summary_us",
+     "Cumulative inference compute output duration in microseconds (does not include cached requests)"),
 )
 
 
@@ -78,8 +83,8 @@ class Metrics:
         self.model, self.version = model, version
         self.stats = ModelStats()
         self.summary_quantiles = tuple(quantile for quantile, _ in summary_quantiles)
-        # request, queue, compute input, compute infer, compute output (TRITON_SUMMARIES' order); none when off
-        self.summaries = [SlidingSummary() for _ in TRITON_SUMMARIES] if summary_quantiles else []
+        # by TRITON_SUMMARIES' first column; none when off
+        self.summaries = {key: SlidingSummary() for key, _, _ in TRITON_SUMMARIES} if summary_quantiles else {}
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("model", "version")
         self.batch_size = Histogram("plansmith_batch_size", "Items per model execution (batch size formed by the batcher)",
@@ -96,17 +101,18 @@ class Metrics:
 
     def render(self) -> bytes:
         lines = []
-        label = f'{{model="{self.model}",version="{self.version}"}}'
+        labels = f'model="{self.model}",version="{self.version}"'
+        label = f"{{{labels}}}"
         for name, attribute, help_text in TRITON_COUNTERS:
             value = getattr(self.stats, attribute)
             lines.append(f"# HELP {name} {help_text}\n# TYPE {name} counter\n{name}{label} {int(value)}\n")
         lines.append("# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting "
                      "execution per-model\n# TYPE nv_inference_pending_request_count gauge\n"
                      f"nv_inference_pending_request_count{label} {self.stats.pending}\n")
-        labels = f'model="{self.model}",version="{self.version}"'
-        for (name, help_text), summary in zip(TRITON_SUMMARIES, self.summaries):
+        for key, name, help_text in TRITON_SUMMARIES if self.summaries else ():
+            summary = self.summaries[key]
             lines.append(f"# HELP {name} {help_text}\n# TYPE {name} summary\n"
-                         f"{name}_count{{{labels}}} {summary.count}\n{name}_sum{{{labels}}} {_number(summary.sum)}\n")
+                         f"{name}_count{label} {summary.count}\n{name}_sum{label} {_number(summary.sum)}\n")
             lines.extend(f'{name}{{{labels},quantile="{quantile:g}"}} {_number(value)}\n'
                          for quantile, value in zip(self.summary_quantiles, summary.quantiles(self.summary_quantiles)))
         return "".join(lines).encode() + generate_latest(self.registry)
@@ -118,8 +124,8 @@ class Metrics:
         stats.request_us += request_us
         stats.queue_us += queue_us
         if self.summaries:
-            self.summaries[0].observe(request_us)
-            self.summaries[1].observe(queue_us)
+            self.summaries["request"].observe(request_us)
+            self.summaries["queue"].observe(queue_us)
 
     def record_execution(self, items: int, requests: int, input_us: float, infer_us: float, output_us: float) -> None:
         """A batch of `items` ran; `requests` of its requests were still waiting for the answer."""
@@ -130,9 +136,9 @@ class Metrics:
         stats.compute_us += infer_us * requests
         stats.compute_output_us += output_us * requests
         if self.summaries and requests:  # every answered request of the batch took these phases
-            self.summaries[2].observe(input_us, requests)
-            self.summaries[3].observe(infer_us, requests)
-            self.summaries[4].observe(output_us, requests)
+            self.summaries["compute_input"].observe(input_us, requests)
+            self.summaries["compute_infer"].observe(infer_us, requests)
+            self.summaries["compute_output"].observe(output_us, requests)
         stats.last_inference_ms = time.time_ns() // 1_000_000
         size = stats.batch_sizes.get(items)
         if size is None:
