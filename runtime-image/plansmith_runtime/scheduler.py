@@ -117,6 +117,15 @@ class Pending:
     queue_us: float = field(default=0.0)
 
 
+def form_and_run(executor: Executor, inputs: list[dict[str, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
+    """Join the requests' inputs into one batch and run it: when the batch was formed, and its
+    outputs. Joining copies every request's tensors (19 MB for 32 224x224 images), and numpy makes
+    that copy without holding the GIL, so on an executor thread it leaves the event loop free to
+    receive the next requests: serving large inputs, the loop thread is the bound."""
+    feeds = concatenate(inputs)
+    return time.monotonic_ns(), executor.run(feeds)
+
+
 class DynamicBatcher:
     def __init__(self, policy: BatchingPolicy, executors: Sequence[Executor], metrics: Metrics,
                  queue_limit: int, inline_max_items: int = 0, waker: type[DeadlineWaker] = DeadlineWaker) -> None:
@@ -234,12 +243,12 @@ class DynamicBatcher:
         start = time.monotonic_ns()
         items = sum(p.batch for p in batch)
         try:
-            feeds = concatenate([p.inputs for p in batch])
-            formed = time.monotonic_ns()
+            inputs = [p.inputs for p in batch]
             if items <= self.inline_max_items:
-                outputs = executor.run(feeds)
-            else:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._pool, executor.run, feeds)
+                formed, outputs = form_and_run(executor, inputs)
+            else:  # the batch is formed in the executor thread too: see form_and_run
+                formed, outputs = await asyncio.get_running_loop().run_in_executor(self._pool, form_and_run, executor,
+                                                                                   inputs)
             ran = time.monotonic_ns()
             parts = split(outputs, [p.batch for p in batch])
         except Exception as error:  # any backend failure fails this batch's requests, not the server
