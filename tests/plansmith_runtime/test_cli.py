@@ -61,10 +61,17 @@ def test_an_unknown_log_level_is_a_usage_error(capsys):
 
 @pytest.mark.parametrize("interval", ["0", "-5", "often"])
 def test_a_metrics_interval_that_is_not_a_positive_integer_is_a_usage_error(interval, capsys):
+    import argparse
+
+    from plansmith_runtime import cli as runtime_cli
+
+    parser = argparse.ArgumentParser()  # parsed only: a wrongly accepted value must not start a server
+    runtime_cli.register(parser.add_subparsers())
     with pytest.raises(SystemExit) as exited:
-        main(["serve", "--manifest", "file:///x", "--metrics-interval-ms", interval])
+        parser.parse_args(["serve", "--manifest", "file:///x", "--metrics-interval-ms", interval])
     assert exited.value.code == 2
     assert "--metrics-interval-ms" in capsys.readouterr().err
+    assert parser.parse_args(["serve", "--metrics-interval-ms", "1"]).metrics_interval_ms == 1
 
 
 def test_a_metrics_config_triton_does_not_take_is_a_usage_error(capsys):
