@@ -82,6 +82,11 @@ def register(subparsers) -> None:
     parser.add_argument("--metrics-config", action="append", default=[], metavar="KEY=VALUE",
                         help="Triton's: summary_latencies=true adds nv_inference_*_summary_us (p50 ... p99.9 over "
                              "the last minute); summary_quantiles=0.5:0.05,0.99:0.001 picks the quantiles")
+    parser.add_argument("--trace-config", action="append", default=[], metavar="[triton,]KEY=VALUE",
+                        help="Triton's request tracing: level=TIMESTAMPS (and/or level=TENSORS), rate=N (trace every "
+                             "N-th request, default 1000), count=N (-1: no limit), triton,file=PATH (where traces "
+                             "go), triton,log-frequency=N (write every N traces to PATH.0, PATH.1, ...; 0: to PATH "
+                             "at exit). Clients change all but the file through tritonclient's update_trace_settings")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL at start; clients change "
                         "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")
     parser.set_defaults(handler=cmd_serve)
@@ -94,6 +99,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
     from plansmith.spec import DynamicBatching, ServingSpec
     from plansmith_runtime.config import ServingConfig, policy_from_spec
     from plansmith_runtime.summaries import parse_metrics_config
+    from plansmith_runtime.tracing import parse_trace_config
 
     serving = spec_serving or ServingSpec(dynamic_batching=DynamicBatching())
     policy = policy_from_spec(serving)
@@ -123,6 +129,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
         # the spec's choice first: a --metrics-config setting given on the command line overrides it
         summary_quantiles=parse_metrics_config(
             ["summary_latencies=true"] * serving.metrics.latency_summaries + args.metrics_config),
+        trace=parse_trace_config(args.trace_config),
         max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
     )
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from plansmith.spec import ServingSpec
 from plansmith_runtime.system_metrics import DEFAULT_INTERVAL_MS
+from plansmith_runtime.tracing import TraceSettings
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,7 @@ class ServingConfig:
     grace_seconds: float = 30.0
     metrics_interval_ms: int = DEFAULT_INTERVAL_MS  # how often the GPU and CPU metrics are polled
     summary_quantiles: tuple[tuple[float, float], ...] = ()  # latency summaries' (quantile, error); (): off
+    trace: TraceSettings = TraceSettings()  # the trace settings the server starts with (--trace-config)
     max_batch_from_engine: bool = False  # no spec and no --max-batch-size: use the engine's maxBatchSize
 
     def for_engine(self, engine_max_batch: int) -> "ServingConfig":

@@ -4,6 +4,7 @@ tritonclient's generated protobuf modules) served by `grpc_transport`."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,16 +15,18 @@ from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.classification import classify_outputs
-from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, StreamingMethod, UnaryMethod
+from plansmith_runtime import tracing
+from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, ObservedResponse, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protobuf_wire import split_bytes_field
-from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, array_from_bytes, array_from_json,
-                                        datatype_of, reference_from_parameters, requested_classes, tensor_bytes,
-                                        tensor_layout, write_to_shared_memory)
+from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, SharedMemoryReference,
+                                        array_from_bytes, array_from_json, datatype_of, reference_from_parameters,
+                                        requested_classes, tensor_bytes, tensor_layout, write_to_shared_memory)
 from plansmith_runtime.scheduler import QueueFull, RequestTimedOut, ShuttingDown
 from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.tracing import InvalidTraceSetting, TraceControl, TraceSettingNotSettable, changes_from_grpc
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +68,20 @@ class InferCall:
     raw_input_contents, and those apart, as views of the received bytes (parse_infer_request)."""
     message: service_pb2.ModelInferRequest
     raw_input_contents: Sequence[bytes | memoryview]
+    read_started_ns: int = 0  # time.monotonic_ns() when the transport began reading it
 
 
 RAW_INPUT_CONTENTS = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
-def parse_infer_request(data: bytes | memoryview) -> InferCall:
+def parse_infer_request(data: bytes | memoryview, read_started_ns: int = 0) -> InferCall:
     """Parse a ModelInferRequest without copying its tensors (protobuf_wire says why)."""
     split = split_bytes_field(data, RAW_INPUT_CONTENTS)
     if split is None:  # a message protobuf_wire does not walk: protobuf parses (and copies) it all
         message = service_pb2.ModelInferRequest.FromString(data)
-        return InferCall(message, message.raw_input_contents)
+        return InferCall(message, message.raw_input_contents, read_started_ns)
     rest, raw = split
-    return InferCall(service_pb2.ModelInferRequest.FromString(rest), raw)
+    return InferCall(service_pb2.ModelInferRequest.FromString(rest), raw, read_started_ns)
 
 
 def decode_grpc_inputs(request, shared_memory: SystemSharedMemory | None = None,
@@ -130,11 +134,13 @@ class InferenceService:
     extensions it does not announce, answer UNIMPLEMENTED). Each takes the request message and
     returns the response, or a coroutine of it when the call waits (an inference)."""
 
-    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl) -> None:
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl,
+                 trace_control: TraceControl) -> None:
         self.model = model
         self.is_ready = is_ready
         self.shared_memory = shared_memory  # the server's regions, shared with the HTTP front end
         self.log_control = log_control  # the process's log settings, shared with the HTTP front end
+        self.trace_control = trace_control  # the trace settings and samplers, shared with the HTTP front end
 
     def methods(self) -> dict[str, Method]:
         """Full method path ("/inference.GRPCInferenceService/ModelInfer") -> request type and handler."""
@@ -252,23 +258,56 @@ class InferenceService:
                 response.settings[name].string_param = value
         return response
 
+    def TraceSetting(self, request):
+        """Triton's trace extension: the settings a request names are changed (none: read them), for
+        the model it names or globally; a setting without values is cleared."""
+        model = request.model_name or None
+        try:
+            settings = self.trace_control.update(model, changes_from_grpc(
+                {name: value.value for name, value in request.settings.items()}))
+        except TraceSettingNotSettable as error:
+            raise GrpcError(grpc.StatusCode.UNIMPLEMENTED, str(error)) from None
+        except InvalidTraceSetting as error:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        response = service_pb2.TraceSettingResponse()
+        for name, value in settings.items():
+            response.settings[name].value.extend(value if isinstance(value, list) else [value])
+        return response
+
     async def ModelInfer(self, call: InferCall):
         request = call.message
+        trace = self.trace_control.start(request.model_name, request.id)
+        if trace is not None:
+            trace.stamp(tracing.GRPC_WAITREAD_START, call.read_started_ns)
+            trace.stamp(tracing.GRPC_WAITREAD_END, time.monotonic_ns())
         try:
-            model = self._model(request.model_name, request.model_version)
-            inputs = decode_grpc_inputs(request, self.shared_memory, call.raw_input_contents)
-            wanted = [tensor.name for tensor in request.outputs]
-            in_shared_memory = {tensor.name: reference_from_parameters(f"output '{tensor.name}'", parameters_of(tensor))
-                                for tensor in request.outputs if "shared_memory_region" in tensor.parameters}
-            classifications = {tensor.name: count for tensor in request.outputs if "classification" in tensor.parameters
-                               and (count := requested_classes(tensor.name, parameters_of(tensor)))}
-            timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
-            outputs = await model.infer(inputs, wanted, timeout)
-            if classifications:
-                outputs = classify_outputs(outputs, classifications, model.has_batch_dim)
-        except INFERENCE_ERRORS as error:
-            raise grpc_error(error) from None
-        response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            try:
+                model = self._model(request.model_name, request.model_version)
+                inputs = decode_grpc_inputs(request, self.shared_memory, call.raw_input_contents)
+                wanted = [tensor.name for tensor in request.outputs]
+                in_shared_memory = {tensor.name: reference_from_parameters(f"output '{tensor.name}'", parameters_of(tensor))
+                                    for tensor in request.outputs if "shared_memory_region" in tensor.parameters}
+                classifications = {tensor.name: count for tensor in request.outputs if "classification" in tensor.parameters
+                                   and (count := requested_classes(tensor.name, parameters_of(tensor)))}
+                timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
+                outputs = await model.infer(inputs, wanted, timeout, trace)
+                if classifications:
+                    outputs = classify_outputs(outputs, classifications, model.has_batch_dim)
+            except INFERENCE_ERRORS as error:
+                raise grpc_error(error) from None
+            response = self._infer_response(model, request.id, outputs, in_shared_memory)
+        except BaseException:  # answered with an error status, or cancelled: the trace ends without a send
+            if trace is not None:
+                trace.finish()
+            raise
+        if trace is None:
+            return response
+        trace.stamp(tracing.INFER_RESPONSE_COMPLETE, time.monotonic_ns())
+        return ObservedResponse(response, trace.sent_over_grpc)
+
+    def _infer_response(self, model: ServedModel, request_id: str, outputs: dict[str, np.ndarray],
+                        in_shared_memory: dict[str, SharedMemoryReference | None]) -> service_pb2.ModelInferResponse:
+        response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request_id)
         for name, array in outputs.items():
             tensor = response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
             reference = in_shared_memory.get(name)
@@ -292,10 +331,15 @@ class InferenceService:
         As in Triton, a request that fails is answered on the stream with its error_message, and
         the stream goes on."""
         try:
-            return service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(call))
+            response = await self.ModelInfer(call)
         except GrpcError as error:
             return service_pb2.ModelStreamInferResponse(error_message=error.message)
+        if type(response) is ObservedResponse:  # a traced request
+            return response._replace(message=service_pb2.ModelStreamInferResponse(infer_response=response.message))
+        return service_pb2.ModelStreamInferResponse(infer_response=response)
 
 
-def create_server(model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl) -> GrpcServer:
-    return GrpcServer(InferenceService(model, is_ready, shared_memory, log_control).methods(), MAX_MESSAGE_BYTES)
+def create_server(model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl,
+                  trace_control: TraceControl) -> GrpcServer:
+    service = InferenceService(model, is_ready, shared_memory, log_control, trace_control)
+    return GrpcServer(service.methods(), MAX_MESSAGE_BYTES)

@@ -23,9 +23,10 @@ import functools
 import inspect
 import logging
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, NamedTuple
 from urllib.parse import quote
 
 import grpc
@@ -80,12 +81,16 @@ class GrpcError(Exception):
 class Method:
     request_type: type  # the protobuf message class requests are parsed into
     handler: Handler
-    # what the handler takes, from a request message's bytes; None: request_type.FromString
-    parse: Callable[[bytes | memoryview], object] | None = None
+    # what the handler takes, from a request message's bytes and when its reading began (a
+    # time.monotonic_ns()); None: request_type.FromString of the bytes
+    parse: Callable[[bytes | memoryview, int], object] | None = None
 
     @functools.cached_property
-    def parser(self) -> Callable[[bytes | memoryview], object]:
-        return self.parse or self.request_type.FromString
+    def parser(self) -> Callable[[bytes | memoryview, int], object]:
+        if self.parse is not None:
+            return self.parse
+        from_string = self.request_type.FromString
+        return lambda data, read_started_ns: from_string(data)
 
     @functools.cached_property
     def waits(self) -> bool:
@@ -95,6 +100,14 @@ class Method:
 
 class UnaryMethod(Method):
     """One request message, one response message."""
+
+
+class ObservedResponse(NamedTuple):
+    """A handler's response with a callback the transport calls once the response is queued to the
+    socket (with time.monotonic_ns() before and after), or could not be, the call having ended
+    without it (with None, None)."""
+    message: object
+    on_sent: Callable[[int | None, int | None], None]
 
 
 class StreamingMethod(Method):
@@ -198,6 +211,7 @@ class _Stream:
     half_closed: bool = False  # streaming: the client sent END_STREAM
     headers_sent: bool = False  # streaming: the response HEADERS are out
     deadline: float | None = None  # loop time by which the client wants its answer (grpc-timeout)
+    read_started_ns: int = 0  # when reading the (next) request message began: the stream opened, or the last one was read
     deadline_timer: asyncio.TimerHandle | None = None
 
 
@@ -481,7 +495,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
         if self._going_away or len(self._streams) >= MAX_CONCURRENT_STREAMS:
             self._send(frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
             return
-        stream = _Stream(stream_id, send_window=self._peer_initial_window)
+        stream = _Stream(stream_id, send_window=self._peer_initial_window, read_started_ns=time.monotonic_ns())
         for name, value in headers:
             if name == b":path":
                 stream.path = value.decode("latin-1")
@@ -628,7 +642,8 @@ class GrpcConnection(asyncio.BufferedProtocol):
         coroutine handler runs in the task returned (the task calls it, so a task cancelled before
         it starts leaves no coroutine behind). A bad message or a failing handler fails the call."""
         try:
-            request = method.parser(unframe_message(framed, stream.encoding, self.server.max_message_bytes))
+            request = method.parser(unframe_message(framed, stream.encoding, self.server.max_message_bytes),
+                                    stream.read_started_ns)
             if method.waits:
                 return asyncio.get_running_loop().create_task(self._await_answer(stream, method.handler, request))
             response = method.handler(request)
@@ -675,6 +690,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
             framed = bytes(received[:5 + length])
             del received[:5 + length]
             task = self._handle(stream, stream.streaming, framed)
+            stream.read_started_ns = time.monotonic_ns()
             if task is not None:
                 stream.tasks.add(task)
 
@@ -734,7 +750,14 @@ class GrpcConnection(asyncio.BufferedProtocol):
         self._flush_soon()
 
     def _respond(self, stream: _Stream, response) -> None:
-        if stream.streaming is not None:
+        if type(response) is ObservedResponse:
+            started = time.monotonic_ns()
+            if stream.stream_id not in self._streams or (stream.streaming is not None and stream.answered):
+                response.on_sent(None, None)  # the call ended meanwhile: nothing is sent
+                return
+            self._respond(stream, response.message)
+            response.on_sent(started, time.monotonic_ns())
+        elif stream.streaming is not None:
             self._send_message(stream, response)
         else:
             self._answer(stream, response)

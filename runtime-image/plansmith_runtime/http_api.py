@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Awaitable
 
@@ -15,6 +16,7 @@ from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime.classification import classify_outputs
 from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepted_encoding, compress_response,
                                               error_response, json_response)
+from plansmith_runtime import tracing
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
@@ -22,11 +24,13 @@ from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, M
 from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
 from plansmith_runtime.shared_memory import SystemSharedMemory
 from plansmith_runtime.system_metrics import SystemMetrics
+from plansmith_runtime.tracing import InvalidTraceSetting, TraceControl, TraceSettingNotSettable
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "plansmith"
-EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository", "statistics", "system_shared_memory"]
+EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository", "statistics",
+              "system_shared_memory", "trace"]
 MAX_BODY_BYTES = 256 << 20
 _HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
 # What an inference answers with an error status (HTTP here, gRPC in grpc_api) instead of failing
@@ -69,8 +73,10 @@ MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "mode
 SHARED_MEMORY_ACTIONS = ("status", "register", "unregister")
 POST = ("POST",)
 METHODS = {"infer": POST, "shared_memory_register": POST, "shared_memory_unregister": POST, "repository_index": POST,
-           "repository_load": POST, "repository_unload": POST, "log_settings": ("GET", "POST")}  # others: GET
-TAKES_BODY = frozenset({"infer", "shared_memory_register", "repository_index", "log_settings"})
+           "repository_load": POST, "repository_unload": POST, "log_settings": ("GET", "POST"),
+           "trace_settings": ("GET", "POST")}  # others: GET
+TAKES_BODY = frozenset({"infer", "shared_memory_register", "repository_index", "log_settings", "trace_settings"})
+TRACE_SETTING = ["trace", "setting"]
 
 
 @functools.lru_cache(maxsize=1024)  # clients repeat a handful of paths: a hit skips the split and compares
@@ -88,6 +94,8 @@ def route(path: str) -> Route | None:
         return Route("ready")
     if rest == ["logging"]:
         return Route("log_settings")
+    if rest == TRACE_SETTING:
+        return Route("trace_settings")
     if rest[0] == "systemsharedmemory":
         return _shared_memory_route(rest[1:])
     if rest == ["models", "stats"]:
@@ -99,6 +107,8 @@ def route(path: str) -> Route | None:
     if rest[0] != "models" or len(rest) < 2 or not rest[1]:
         return None
     name, rest = rest[1], rest[2:]
+    if rest == TRACE_SETTING:
+        return Route("trace_settings", name)
     version = None
     if rest[:1] == ["versions"]:
         if len(rest) < 2 or not rest[1]:
@@ -119,11 +129,13 @@ def _shared_memory_route(rest: list[str]) -> Route | None:
 
 
 class HttpApi:
-    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl) -> None:
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl,
+                 trace_control: TraceControl) -> None:
         self.model = model
         self.is_ready = is_ready  # callable: server accepting requests and model ready
         self.shared_memory = shared_memory  # the server's regions, shared with the gRPC front end
         self.log_control = log_control  # the process's log settings, shared with the gRPC front end
+        self.trace_control = trace_control  # the trace settings and samplers, shared with the gRPC front end
 
     def handle(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """The answer, or for an inference the coroutine that answers once the batch has run."""
@@ -210,6 +222,19 @@ class HttpApi:
         except (InvalidRequest, InvalidLogSetting) as error:
             return error_response(400, str(error))
 
+    def trace_settings(self, target: Route, request: HttpRequest) -> HttpResponse:
+        """Triton's trace extension: GET reads the global or a model's trace settings, POST changes
+        some of them (a null clears one)."""
+        try:
+            if request.method == "GET":
+                return json_response(self.trace_control.settings(target.model))
+            changes = json_object(request.body, 'trace settings are a JSON object like {"trace_rate": "100"}')
+            return json_response(self.trace_control.update(target.model, changes))
+        except TraceSettingNotSettable as error:
+            return error_response(501, str(error))
+        except (InvalidRequest, InvalidTraceSetting) as error:
+            return error_response(400, str(error))
+
     def shared_memory_status(self, target: Route) -> HttpResponse:
         try:
             return json_response(self.shared_memory.status(target.region or ""))
@@ -234,22 +259,36 @@ class HttpApi:
         return HttpResponse(200, b"")
 
     async def infer(self, target: Route, request: HttpRequest) -> HttpResponse:
+        trace = None
         try:
             model = self._model(target)
             decoded = decode_http_request(request.body, request.headers.get(_HEADER_CONTENT_LENGTH), self.shared_memory)
-            outputs = await model.infer(decoded.inputs, decoded.outputs)
+            trace = self.trace_control.start(model.name, decoded.id)
+            if trace is not None:
+                trace.stamp(tracing.HTTP_RECV_START, request.receive_started_ns)
+                trace.stamp(tracing.HTTP_RECV_END, request.received_ns)
+            outputs = await model.infer(decoded.inputs, decoded.outputs, trace=trace)
             if decoded.classifications:
                 outputs = classify_outputs(outputs, decoded.classifications, model.has_batch_dim)
             payload, header_length = encode_http_response(model.name, model.version, decoded, outputs, self.shared_memory)
         except INFERENCE_ERRORS as error:
-            return error_response(error_status(error), str(error))
+            response = error_response(error_status(error), str(error))
+            return response if trace is None else response._replace(on_sent=trace.sent_over_http)
+        except BaseException:  # cancelled, or a bug answered 500 by the transport: the trace ends here
+            if trace is not None:
+                trace.finish()
+            raise
         if header_length is None:
             response = HttpResponse(200, payload)
         else:
             response = HttpResponse(200, payload, "application/octet-stream", ((HEADER_CONTENT_LENGTH, str(header_length)),))
         # Like Triton, only a successful inference response is compressed (tritonclient's asyncio
         # client asks for gzip on every request but decompresses inference results only).
-        return compress_response(response, accepted_encoding(request.headers.get("accept-encoding")))
+        response = compress_response(response, accepted_encoding(request.headers.get("accept-encoding")))
+        if trace is None:
+            return response
+        trace.stamp(tracing.INFER_RESPONSE_COMPLETE, time.monotonic_ns())
+        return response._replace(on_sent=trace.sent_over_http)
 
 
 def metrics_app(model: ServedModel, system: SystemMetrics) -> web.Application:

@@ -62,6 +62,8 @@ class HttpRequest:
     path: str  # percent-decoded, without the query string
     headers: dict[str, str]  # lower-case names
     body: bytes | memoryview  # a memoryview of its own buffer when received directly (DIRECT_BODY_BYTES or more)
+    receive_started_ns: int = 0  # time.monotonic_ns() when its first byte was parsed
+    received_ns: int = 0  # ... and when its last byte was
 
 
 class HttpResponse(NamedTuple):  # immutable, and made in a third of a frozen dataclass's time
@@ -69,6 +71,9 @@ class HttpResponse(NamedTuple):  # immutable, and made in a third of a frozen da
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    # called once the response is written (with time.monotonic_ns() before and after the write) or
+    # cannot be, the client being gone (with None, None)
+    on_sent: Callable[[int | None, int | None], None] | None = None
 
 
 # A handler answers at once, or returns an awaitable of the answer (a coroutine, for a request that
@@ -233,6 +238,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._reset()
 
     def _reset(self) -> None:
+        self._began_ns = time.monotonic_ns()
         self._url = b""
         self._head_size = 0
         self._headers: dict[str, str] = {}
@@ -354,7 +360,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         except httptools.HttpParserInvalidURLError:
             self._fail(400, "malformed request target")
             return
-        request = HttpRequest(self._method, path, self._headers, body)
+        request = HttpRequest(self._method, path, self._headers, body, self._began_ns, time.monotonic_ns())
         self._enqueue(request, keep_alive)
 
     def _enqueue(self, item: HttpRequest | HttpResponse, keep_alive: bool) -> None:
@@ -415,10 +421,16 @@ class HttpConnection(asyncio.BufferedProtocol):
                 self._close()
 
     def _write(self, response: HttpResponse, keep_alive: bool) -> None:
+        on_sent = response.on_sent
         if self.transport is None or self.transport.is_closing():  # the client went away
+            if on_sent is not None:
+                on_sent(None, None)
             return
+        started = time.monotonic_ns() if on_sent is not None else 0
         self.transport.write(render_response(response, keep_alive, self.server.clock.date()) + response.body)
         self.last_active = time.monotonic()
+        if on_sent is not None:
+            on_sent(started, time.monotonic_ns())
 
     def _fail(self, status: int, message: str) -> None:
         """Answer a request the parser or the limits reject, after the requests before it, then close:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from plansmith.manifest import Manifest, TensorSpec
-from plansmith_runtime import compatibility
+from plansmith_runtime import compatibility, tracing
 from plansmith_runtime.config import ServingConfig, check_against_engine
 from plansmith_runtime.cpus import available_cpus
 from plansmith_runtime.executors import Executor, create_executor
@@ -24,6 +24,7 @@ from plansmith_runtime.loader import fetch_engine
 from plansmith_runtime.metrics import Metrics, model_statistics
 from plansmith_runtime.protocol import InvalidRequest, Signature
 from plansmith_runtime.scheduler import DynamicBatcher
+from plansmith_runtime.tracing import Trace
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,10 @@ class ServedModel:
         if version and version != self.version:
             raise InvalidRequest(f"model '{self.name}' has no version {version} (serving version {self.version})")
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str], timeout_us: int = 0) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str], timeout_us: int = 0,
+                    trace: Trace | None = None) -> dict[str, np.ndarray]:
+        """The outputs asked for (all when none are); a sampled request's `trace` gets its
+        timestamps from REQUEST_START to REQUEST_END, and its tensors."""
         received = time.monotonic_ns()
         stats = self.metrics.stats
         stats.in_flight += 1
@@ -251,7 +255,10 @@ class ServedModel:
             for name in outputs:
                 if name not in known:
                     raise InvalidRequest(f"unexpected inference output '{name}', the model has {sorted(known)}")
-            pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us)
+            if trace is not None:
+                trace.stamp(tracing.REQUEST_START, received)
+                trace.record_tensors(tracing.TENSOR_QUEUE_INPUT, inputs)
+            pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us, trace)
             await pending.future
         except BaseException:
             stats.failure += 1
@@ -260,9 +267,13 @@ class ServedModel:
         finally:
             stats.in_flight -= 1
         result = pending.future.result()
-        self.metrics.record_success((time.monotonic_ns() - received) / 1000, pending.queue_us)
+        answered = time.monotonic_ns()
+        self.metrics.record_success((answered - received) / 1000, pending.queue_us)
         if outputs:
-            return {name: result[name] for name in outputs}
+            result = {name: result[name] for name in outputs}
+        if trace is not None:
+            trace.record_tensors(tracing.TENSOR_BACKEND_OUTPUT, result)
+            trace.stamp(tracing.REQUEST_END, answered)
         return result
 
     async def stop(self, grace_seconds: float) -> None:

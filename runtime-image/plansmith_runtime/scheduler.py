@@ -18,7 +18,9 @@ import numpy as np
 from plansmith_runtime.batching import concatenate, plan_batch, split
 from plansmith_runtime.config import BatchingPolicy
 from plansmith_runtime.executors import Executor
+from plansmith_runtime import tracing
 from plansmith_runtime.metrics import Metrics
+from plansmith_runtime.tracing import Trace
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ class Pending:
     enqueued_ns: int
     deadline_ns: int | None = None
     queue_us: float = field(default=0.0)
+    trace: Trace | None = None  # a sampled request's: stamped QUEUE_START and COMPUTE_*
 
 
 def form_and_run(executor: Executor, inputs: list[dict[str, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
@@ -124,6 +127,15 @@ def form_and_run(executor: Executor, inputs: list[dict[str, np.ndarray]]) -> tup
     receive the next requests: serving large inputs, the loop thread is the bound."""
     feeds = concatenate(inputs)
     return time.monotonic_ns(), executor.run(feeds)
+
+
+def stamp_compute(trace: Trace, start: int, formed: int, ran: int, split_done: int) -> None:
+    """A traced request's share of its batch's run: the batch's start, inputs joined, outputs
+    computed, outputs split back (Triton's COMPUTE_START ... COMPUTE_END)."""
+    trace.stamp(tracing.COMPUTE_START, start)
+    trace.stamp(tracing.COMPUTE_INPUT_END, formed)
+    trace.stamp(tracing.COMPUTE_OUTPUT_START, ran)
+    trace.stamp(tracing.COMPUTE_END, split_done)
 
 
 class DynamicBatcher:
@@ -157,7 +169,8 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def enqueue(self, inputs: dict[str, np.ndarray], batch: int, signature: tuple, timeout_us: int = 0) -> Pending:
+    def enqueue(self, inputs: dict[str, np.ndarray], batch: int, signature: tuple, timeout_us: int = 0,
+                trace: Trace | None = None) -> Pending:
         """Queue a request; its outputs, or the error that failed it, come on the Pending's future."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
@@ -167,7 +180,9 @@ class DynamicBatcher:
         now = time.monotonic_ns()
         timeout_us = timeout_us or self.policy.timeout_us
         pending = Pending(inputs, batch, signature, asyncio.get_running_loop().create_future(), now,
-                          now + timeout_us * 1000 if timeout_us else None)
+                          now + timeout_us * 1000 if timeout_us else None, trace=trace)
+        if trace is not None:
+            trace.stamp(tracing.QUEUE_START, now)
         self._queue.append(pending)
         if pending.deadline_ns is not None:
             self._queued_with_timeout += 1
@@ -260,13 +275,16 @@ class DynamicBatcher:
         finally:
             self._idle.put_nowait(executor)
         answered = 0
+        split_done = time.monotonic_ns()
         for pending, part in zip(batch, parts):
             pending.queue_us = (start - pending.enqueued_ns) / 1000
+            if pending.trace is not None:
+                stamp_compute(pending.trace, start, formed, ran, split_done)
             if not pending.future.done():
                 pending.future.set_result(part)
                 answered += 1
         self.metrics.record_execution(items, answered, (formed - start) / 1000,
-                                      (ran - formed) / 1000, (time.monotonic_ns() - ran) / 1000)
+                                      (ran - formed) / 1000, (split_done - ran) / 1000)
         if log.isEnabledFor(logging.DEBUG):  # Triton's verbose log (log_verbose_level 1 and up)
             log.debug("batch executed", extra={"requests": len(batch), "items": items, "answered": answered,
                                                "queued_us": round((start - batch[0].enqueued_ns) / 1000),

@@ -16,9 +16,10 @@ from plansmith_runtime.grpc_api import create_server
 from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi, metrics_app
 from plansmith_runtime.http_transport import HttpServer
 from plansmith_runtime.log_settings import LogControl
-from plansmith_runtime.model import LoadOptions, ServedModel
+from plansmith_runtime.model import VERSION, LoadOptions, ServedModel
 from plansmith_runtime.shared_memory import SystemSharedMemory
 from plansmith_runtime.system_metrics import NvmlGpus, SystemMetrics
+from plansmith_runtime.tracing import TraceControl
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Server:
         self.log_control = log_control  # Triton's logging extension changes it at runtime
         self.model = ServedModel(config)
         self.shared_memory = SystemSharedMemory()  # regions registered by clients, for both front ends
+        self.trace_control = TraceControl(config.trace, [self.model.name], VERSION)  # Triton's trace extension
         self.accepting = True
 
     def is_ready(self) -> bool:
@@ -45,14 +47,15 @@ class Server:
     async def run(self) -> int:
         host = self.listen.host
         grace = self.config.grace_seconds
-        http_server = HttpServer(HttpApi(self.model, self.is_ready, self.shared_memory, self.log_control).handle, MAX_BODY_BYTES)
+        http_api = HttpApi(self.model, self.is_ready, self.shared_memory, self.log_control, self.trace_control)
+        http_server = HttpServer(http_api.handle, MAX_BODY_BYTES)
         system_metrics = SystemMetrics(NvmlGpus(os.environ.get("CUDA_VISIBLE_DEVICES")), self.config.metrics_interval_ms)
         system_metrics.start()
         metrics_runner = web.AppRunner(metrics_app(self.model, system_metrics), access_log=None, shutdown_timeout=1.0)
         await metrics_runner.setup()
         await http_server.start(host, self.listen.http_port, backlog=2048)
         await web.TCPSite(metrics_runner, host, self.listen.metrics_port).start()
-        grpc_server = create_server(self.model, self.is_ready, self.shared_memory, self.log_control)
+        grpc_server = create_server(self.model, self.is_ready, self.shared_memory, self.log_control, self.trace_control)
         await grpc_server.start(host, self.listen.grpc_port, backlog=2048)
         log.info("listening", extra={"http": self.listen.http_port, "grpc": self.listen.grpc_port,
                                      "metrics": self.listen.metrics_port, "host": host, "model": self.model.name})
@@ -73,6 +76,7 @@ class Server:
         await metrics_runner.cleanup()
         system_metrics.stop()
         self.shared_memory.close()
+        self.trace_control.close()  # the traces collected and not written yet (log_frequency 0: all of them)
         if not loader.done():
             loader.cancel()
         log.info("stopped")

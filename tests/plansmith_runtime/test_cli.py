@@ -79,6 +79,11 @@ def test_a_metrics_config_triton_does_not_take_is_a_usage_error(capsys):
     assert "--metrics-config 'summary_latencies=yes': summary_latencies is true or false" in capsys.readouterr().err
 
 
+def test_a_trace_config_that_would_trace_nothing_is_a_usage_error(capsys):
+    assert main(["serve", "--manifest", "file:///x", "--trace-config", "level=TIMESTAMPS"]) == 2
+    assert "--trace-config level=TIMESTAMPS would trace nothing: trace file name is not given" in capsys.readouterr().err
+
+
 def test_the_specs_latency_summaries_are_on_unless_the_command_line_turns_them_off():
     import argparse
 

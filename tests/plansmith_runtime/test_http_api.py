@@ -13,6 +13,7 @@ from plansmith_runtime.http_transport import HttpRequest, HttpResponse
 from plansmith_runtime.log_settings import LogControl, LogSettings
 from plansmith_runtime.model import ServedModel
 from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.tracing import TraceControl, TraceSettings
 
 
 @pytest.mark.parametrize("path, expected", [
@@ -27,6 +28,8 @@ from plansmith_runtime.shared_memory import SystemSharedMemory
     ("/v2/models/resnet/config", Route("model_config", "resnet")),
     ("/v2/models/resnet/versions/1/config", Route("model_config", "resnet", "1")),
     ("/v2/models/resnet/infer", Route("infer", "resnet")),
+    ("/v2/trace/setting", Route("trace_settings")),
+    ("/v2/models/resnet/trace/setting", Route("trace_settings", "resnet")),
     ("/v2/models/resnet/versions/1/infer", Route("infer", "resnet", "1")),
     ("/v2/models/stats", Route("model_statistics")),
     ("/v2/models/resnet/stats", Route("model_statistics", "resnet")),
@@ -52,6 +55,7 @@ def test_route_names_every_kserve_v2_endpoint(path, expected):
     "/v2/systemsharedmemory/region/images", "/v2/systemsharedmemory/region//register",
     "/v2/systemsharedmemory/region/images/delete", "/v2/cudasharedmemory/status", "/v2/repository",
     "/v2/repository/models/resnet", "/v2/repository/models//load", "/v2/repository/models/resnet/reload",
+    "/v2/trace", "/v2/models/resnet/trace", "/v2/models/resnet/versions/1/trace/setting",
 ])
 def test_route_rejects_unknown_paths(path):
     assert route(path) is None
@@ -60,7 +64,8 @@ def test_route_rejects_unknown_paths(path):
 @pytest.fixture
 def api():
     model = ServedModel(ServingConfig("resnet", BatchingPolicy()))
-    return HttpApi(model, lambda: model.ready, SystemSharedMemory(), LogControl(LogSettings(), [], logging.getLogger("test-http-api")))
+    return HttpApi(model, lambda: model.ready, SystemSharedMemory(), LogControl(LogSettings(), [], logging.getLogger("test-http-api")),
+                   TraceControl(TraceSettings(), [model.name], model.version))
 
 
 def request(method: str, path: str, body: bytes = b"") -> HttpRequest:
@@ -87,6 +92,17 @@ async def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(api):
     wrong = await answer(api, request("GET", "/v2/models/resnet/infer"))
     assert wrong.status == 405 and dict(wrong.headers) == {"Allow": "POST"}
     assert (await answer(api, request("POST", "/v2/health/live"))).status == 405
+
+
+async def test_trace_settings_take_a_json_object_and_get_or_post(api):
+    refused = await answer(api, request("POST", "/v2/trace/setting", b'["trace_rate", "1"]'))
+    assert refused.status == 400 and "trace settings are a JSON object" in json.loads(refused.body)["error"]
+    unparsable = await answer(api, request("POST", "/v2/models/resnet/trace/setting", b"{rate"))
+    assert unparsable.status == 400 and "failed to parse" in json.loads(unparsable.body)["error"]
+    wrong = await answer(api, request("PUT", "/v2/trace/setting"))
+    assert wrong.status == 405 and dict(wrong.headers) == {"Allow": "GET, POST"}
+    read = await answer(api, request("GET", "/v2/models/resnet/trace/setting"))
+    assert read.status == 200 and json.loads(read.body)["trace_level"] == ["OFF"]
 
 
 async def test_a_model_still_loading_is_live_not_ready_and_refuses_inference(api):

@@ -677,3 +677,107 @@ def test_log_settings_change_at_runtime_through_tritonclient(engines, start_serv
     assert http.update_log_settings({"log_info": False, "log_verbose_level": 0})["log_info"] is False
     assert server.terminate() == 0
     assert '"shutting down' not in server.log() and '"stopped"' not in server.log()
+
+
+HTTP_TRACE = ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END",
+              "COMPUTE_OUTPUT_START", "COMPUTE_END", "REQUEST_END", "INFER_RESPONSE_COMPLETE", "HTTP_SEND_START",
+              "HTTP_SEND_END"]
+GRPC_TRACE = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *HTTP_TRACE[2:-2], "GRPC_SEND_START", "GRPC_SEND_END"]
+
+
+def traces_in(path: Path) -> dict[str, dict]:
+    """A Triton trace file's traces by request id: header, timestamps in file order, tensors."""
+    objects = json.loads(path.read_text())
+    traces = {entry["id"]: {**entry, "timestamps": [], "tensors": []} for entry in objects if "model_name" in entry}
+    for entry in objects:
+        if "timestamps" in entry:
+            traces[entry["id"]]["timestamps"].extend((stamp["name"], stamp["ns"]) for stamp in entry["timestamps"])
+        elif "activity" in entry:
+            traces[entry["id"]]["tensors"].append((entry["activity"], entry["tensor"]))
+    return {trace.get("request_id", ""): trace for trace in traces.values()}
+
+
+def assert_timeline(trace: dict, names: list[str]) -> None:
+    assert [name for name, _ in trace["timestamps"]] == names
+    times = [ns for _, ns in trace["timestamps"]]
+    assert times == sorted(times) and times[0] > 0, trace["timestamps"]
+
+
+def test_trace_extension_writes_tritons_trace_files_for_sampled_requests(engines, start_server, tmp_path):
+    """Triton's trace extension through tritonclient: tracing switched on at runtime (globally over
+    HTTP, for the model over gRPC), every timestamp of a request over HTTP, gRPC and a gRPC stream
+    in the order the request reached it, tensors at level TENSORS, the count running out, the
+    settings Triton refuses, and the traces kept until exit written when the server stops."""
+    trace_file = tmp_path / "trace.json"
+    server = start_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
+                          "--warmup-iterations", "1", "--trace-config", f"triton,file={trace_file}",
+                          "--trace-config", "rate=1").wait_ready()
+    http, rpc = httpclient.InferenceServerClient(server.http_url), grpcclient.InferenceServerClient(server.grpc_url)
+    x = engines["small_cnn"].model.sample_inputs(batch=2, seed=8)["input"]
+    assert "trace" in http.get_server_metadata()["extensions"]
+    assert http.get_trace_settings() == {"trace_level": ["OFF"], "trace_rate": "1", "trace_count": "-1",
+                                         "log_frequency": "0", "trace_file": str(trace_file), "trace_mode": "triton"}
+    http.infer("cnn", [http_input(x)], request_id="while-off")
+
+    on = http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "log_frequency": "2"})
+    assert on["trace_level"] == ["TIMESTAMPS"] and on["log_frequency"] == "2"
+    http.infer("cnn", [http_input(x)], request_id="over-http")
+    rpc.infer("cnn", [grpc_input(x)], request_id="over-grpc")
+    written = traces_in(Path(f"{trace_file}.0"))
+    assert set(written) == {"over-http", "over-grpc"}
+    assert written["over-http"]["model_name"] == "cnn" and written["over-http"]["model_version"] == 1
+    assert_timeline(written["over-http"], HTTP_TRACE)
+    assert_timeline(written["over-grpc"], GRPC_TRACE)
+
+    # the model's own settings: its tensors, one trace only
+    model_settings = rpc.update_trace_settings(model_name="cnn", settings={"trace_level": ["TENSORS"], "trace_count": "1"},
+                                               as_json=True)["settings"]
+    assert model_settings["trace_level"] == {"value": ["TENSORS"]} and model_settings["log_frequency"] == {"value": ["2"]}
+    outputs = rpc.infer("cnn", [grpc_input(x)], request_id="tensors").as_numpy("logits")
+    rpc.infer("cnn", [grpc_input(x)], request_id="after-the-count")
+    assert http.get_trace_settings(model_name="cnn")["trace_count"] == "0"
+    assert http.get_trace_settings()["trace_count"] == "-1"  # the global count is the global sampler's
+    written = traces_in(Path(f"{trace_file}.1"))  # the count's last trace: written at once
+    assert list(written) == ["tensors"] and written["tensors"]["timestamps"] == []
+    (queued, into), (backend, out) = written["tensors"]["tensors"]
+    assert (queued, backend) == ("TENSOR_QUEUE_INPUT", "TENSOR_BACKEND_OUTPUT")
+    assert into == {"name": "input", "data": ",".join(format(v, "g") for v in x.ravel().tolist()),
+                    "shape": "2,3,32,32", "dtype": "FP32"}
+    assert out["name"] == "logits" and out["shape"] == "2,10"
+    np.testing.assert_allclose(np.array(out["data"].split(","), np.float32), outputs.ravel(), rtol=1e-5)
+
+    # refused, and the server goes on serving
+    with pytest.raises(InferenceServerException, match="trace file location can not be updated") as refused:
+        http.update_trace_settings(settings={"trace_file": str(tmp_path / "other.json")})
+    assert refused.value.status() == "501"
+    with pytest.raises(InferenceServerException, match="can not be updated") as refused:
+        rpc.update_trace_settings(settings={"trace_file": None})
+    assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
+    with pytest.raises(InferenceServerException, match="Unable to parse 'trace_rate', got: often") as refused:
+        http.update_trace_settings(model_name="cnn", settings={"trace_rate": "often"})
+    assert refused.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="expect only 1 value for 'trace_count'") as refused:
+        rpc.update_trace_settings(settings={"trace_count": ["1", "2"]})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="Request for unknown model : bert"):
+        http.get_trace_settings(model_name="bert")
+    assert http.get_trace_settings(model_name="cnn")["trace_rate"] == "1"
+
+    # the model follows the global settings again; traces kept until the server stops (log_frequency 0)
+    rpc.update_trace_settings(model_name="cnn", settings={"trace_level": None, "trace_count": None})
+    assert http.update_trace_settings(settings={"log_frequency": None})["log_frequency"] == "0"
+    http.infer("cnn", [http_input(x)], request_id="kept")
+    answers: list = []
+    rpc.start_stream(callback=lambda result, error: answers.append(error or result))
+    rpc.async_stream_infer("cnn", [grpc_input(x)], request_id="streamed")
+    deadline = time.monotonic() + 10
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rpc.stop_stream()
+    assert not trace_file.exists()
+    assert server.terminate() == 0
+    written = traces_in(trace_file)
+    assert set(written) == {"kept", "streamed"}
+    assert_timeline(written["kept"], HTTP_TRACE)
+    assert_timeline(written["streamed"], GRPC_TRACE)
+    assert not Path(f"{trace_file}.2").exists()
