@@ -9,7 +9,9 @@ with the builder's engine, the dynamic batcher and ONNX Runtime) from fake trans
 feeds one binary-tensor infer request to each of 64 connections and runs the event loop until the
 64 responses are written. It prints the process's CPU time a request (all threads) with batching
 on and off, alternating the two modes `--repeats` times so that both see the same machine, and the
-on/off ratio of the medians. What it leaves out: the sockets' system calls and uvloop's I/O
+on/off ratio of the medians. With `--trace-rate N` a third mode runs in turn with them: batching on,
+every N-th request traced (Triton's trace extension at level TIMESTAMPS, written 1,000 traces a
+file), and its cost a request over batching on untraced is printed. What it leaves out: the sockets' system calls and uvloop's I/O
 (about 14 us a request under wrk) and the load generator.
 """
 
@@ -37,6 +39,7 @@ from plansmith_runtime.http_transport import HttpConnection, HttpServer  # noqa:
 from plansmith_runtime.log_settings import LogControl, LogSettings  # noqa: E402
 from plansmith_runtime.model import LoadOptions, ServedModel  # noqa: E402
 from plansmith_runtime.shared_memory import SystemSharedMemory  # noqa: E402
+from plansmith_runtime.tracing import TIMESTAMPS, TraceControl, TraceSettings  # noqa: E402
 
 CONNECTIONS = 64
 
@@ -86,14 +89,17 @@ def receive(connection: HttpConnection, data: bytes) -> None:
         view = view[size:]
 
 
-async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rounds: int) -> float:
+async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rounds: int,
+                          trace: TraceSettings = TraceSettings()) -> float:
     policy = BatchingPolicy(max_batch_size=32, enabled=batching, max_queue_delay_us=100)
     model = ServedModel(ServingConfig("model", policy, warmup_iterations=3))
     await model.load(LoadOptions(manifest_uri))
     if not model.ready:
         raise SystemExit(f"model not ready: {model.reason}")
     log_control = LogControl(LogSettings(), [], logging.getLogger("plansmith-request-path"))
-    server = HttpServer(HttpApi(model, lambda: True, SystemSharedMemory(), log_control).handle, MAX_BODY_BYTES)
+    trace_control = TraceControl(trace, [model.name], model.version)
+    server = HttpServer(HttpApi(model, lambda: True, SystemSharedMemory(), log_control, trace_control).handle,
+                        MAX_BODY_BYTES)
     loop = asyncio.get_running_loop()
     state: dict = {}
 
@@ -120,6 +126,7 @@ async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rou
     await run(rounds)
     elapsed = time.process_time() - started
     await model.stop(1.0)
+    trace_control.close()
     return elapsed / (rounds * CONNECTIONS) * 1e6
 
 
@@ -128,19 +135,30 @@ def main() -> int:
     parser.add_argument("--models", default="mlp", help="of mlp, small_cnn, cnn224")
     parser.add_argument("--rounds", type=int, default=400, help="rounds of 64 requests per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating on/off measurements")
+    parser.add_argument("--trace-rate", type=int, default=0, help="also measure batching on with every N-th "
+                        "request traced (0: not)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="plansmith-request-path-"))
     for kind in args.models.split(","):
         manifest_uri, _, input_name, array = serve_bench.build(kind, workdir)
         request = infer_request(input_name, array)
-        figures: dict[bool, list[float]] = {True: [], False: []}
+        traced = TraceSettings(level=frozenset({TIMESTAMPS}), rate=args.trace_rate, log_frequency=1000,
+                               file=str(workdir / f"{kind}-trace.json"))
+        figures: dict[bool | str, list[float]] = {True: [], False: [], "traced": []}
         for _ in range(args.repeats):
             for batching in (True, False):
                 figures[batching].append(uvloop.run(cpu_per_request(manifest_uri, request, batching, args.rounds)))
+            if args.trace_rate:
+                figures["traced"].append(uvloop.run(cpu_per_request(manifest_uri, request, True, args.rounds, traced)))
         on, off = statistics.median(figures[True]), statistics.median(figures[False])
         print(f"{kind}: CPU a request, batching on {', '.join(f'{v:.1f}' for v in figures[True])} us; "
               f"off {', '.join(f'{v:.1f}' for v in figures[False])} us")
         print(f"{kind}: in-process on/off throughput bound (off / on CPU a request, medians): {off / on:.2f}x")
+        if args.trace_rate:
+            with_traces = statistics.median(figures["traced"])
+            print(f"{kind}: batching on, every {args.trace_rate}th request traced: "
+                  f"{', '.join(f'{v:.1f}' for v in figures['traced'])} us; {with_traces - on:+.1f} us a request "
+                  f"({with_traces / on - 1:+.1%}) over untraced")
     return 0
 
 
