@@ -12,7 +12,8 @@ As in Triton (tracer.cc, http_server.cc, grpc_server.cc):
   no limit) and reads back as what is left; the trace file cannot be changed through the protocol.
 - traces are written when `log_frequency` of them are collected, to `FILE.0`, `FILE.1`, ...; with
   `log_frequency` 0 they are kept until the settings change or the server stops, then appended to
-  FILE itself. A file is a JSON array of objects: a header (id, model_name, model_version,
+  FILE itself (here also whenever HELD_TRACES of them are held: Triton's memory grows with every
+  trace until then). A file is a JSON array of objects: a header (id, model_name, model_version,
   request_id), then one object per timestamp ({"id", "timestamps": [{"name", "ns"}]}) and per
   tensor ({"id", "activity", "tensor": {"name", "data", "shape", "dtype"}}). Timestamps are
   nanoseconds of the monotonic clock (Triton's steady_clock).
@@ -45,6 +46,7 @@ INT32_MAX = 2147483647
 # Triton's setting names -> TraceSettings fields, for the settings the protocol may change
 SETTABLE = {"trace_level": "level", "trace_rate": "rate", "trace_count": "count", "log_frequency": "log_frequency"}
 FILE_NOT_SETTABLE = "trace file location can not be updated through network protocol"
+HELD_TRACES = 1000  # with log_frequency 0, traces held before they are appended to the file anyway
 
 # The timestamps a trace records, in the order a request reaches them
 HTTP_RECV_START, HTTP_RECV_END = "HTTP_RECV_START", "HTTP_RECV_END"
@@ -369,6 +371,8 @@ class Sampler:
         frequency = self.settings.log_frequency
         if (frequency and len(self._chunks) >= frequency) or (self.remaining == 0 and self.collected == self.created):
             self._write(numbered=True)
+        elif not frequency and len(self._chunks) >= HELD_TRACES:
+            self._write(numbered=False)
 
     def close(self) -> None:
         """Write what is left: numbered like the rest with a log_frequency, else appended to FILE."""

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 
+from plansmith_runtime import tracing
 from plansmith_runtime.tracing import (COMPUTE_START, HTTP_SEND_END, HTTP_SEND_START, REQUEST_START, TENSOR_QUEUE_INPUT,
                                        TENSORS, TIMESTAMPS, InvalidTraceSetting, Sampler, TraceControl, TraceFile,
                                        TraceSettingNotSettable, TraceSettings, changes_from_grpc, parse_changes,
@@ -218,6 +219,16 @@ def test_without_log_frequency_traces_are_appended_to_the_file_when_the_settings
     control.start("resnet", "c").finish()
     control.close()
     assert trace_ids(read_json(tmp_path / "trace.json")) == [1, 2, 3]  # still one JSON array
+
+
+def test_without_log_frequency_held_traces_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracing, "HELD_TRACES", 3)
+    control = TraceControl(tracing_settings(tmp_path), ["resnet"], "1")
+    for _ in range(7):
+        control.start("resnet", "").finish()
+    assert trace_ids(read_json(tmp_path / "trace.json")) == [1, 2, 3, 4, 5, 6]
+    control.close()
+    assert trace_ids(read_json(tmp_path / "trace.json")) == list(range(1, 8))
 
 
 def test_traces_record_only_their_levels(tmp_path):
