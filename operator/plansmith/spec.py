@@ -243,6 +243,34 @@ class MetricsSpec(ApiModel):
     )
 
 
+TRACE_FILE = "/tmp/trace.json"  # in the serving pod's scratch volume
+
+
+class TraceSpec(ApiModel):
+    """Triton's request tracing in the serving pods (its trace extension, trace mode triton): every rate-th
+    request's timestamps, and at level TENSORS its inputs and outputs, written as JSON to /tmp/trace.json in
+    the pod (kubectl cp). Clients change these settings at runtime through tritonclient's update_trace_settings."""
+
+    level: list[Literal["TIMESTAMPS", "TENSORS"]] = Field(
+        default_factory=lambda: ["TIMESTAMPS"],
+        description="What a trace records: TIMESTAMPS (when the request was received, queued, computed, answered) "
+                    "and/or TENSORS. Empty: tracing off until a client switches it on.",
+    )
+    rate: int = Field(default=1000, ge=1, le=4294967295, description="Trace every rate-th request.")
+    count: int | None = Field(default=None, ge=1, description="Traces to take in all. Unset: no limit.")
+    log_frequency: int = Field(
+        default=0, ge=0, le=4294967295,
+        description="Write the traces every logFrequency of them to /tmp/trace.json.0, .1, ... "
+                    "0: append them to /tmp/trace.json every 1,000 and when the pod stops.",
+    )
+
+    def trace_config(self) -> list[str]:
+        """These settings as `plansmith serve --trace-config` entries (Triton's flag)."""
+        entries = [f"triton,file={TRACE_FILE}", f"rate={self.rate}", f"count={self.count or -1}",
+                   f"triton,log-frequency={self.log_frequency}"]
+        return entries + [f"level={level}" for level in self.level]
+
+
 class Toleration(ApiModel):
     """A Kubernetes toleration for the serving and build pods."""
 
@@ -280,6 +308,7 @@ class ServingSpec(ApiModel):
     )
     warmup: WarmupSpec = Field(default_factory=WarmupSpec, description="Warmup before ready.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Metrics beyond Triton's default counters.")
+    trace: TraceSpec | None = Field(default=None, description="Request tracing (Triton's trace extension). Unset: none.")
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Extra node labels serving and build pods must match."
     )

@@ -129,7 +129,8 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
         # the spec's choice first: a --metrics-config setting given on the command line overrides it
         summary_quantiles=parse_metrics_config(
             ["summary_latencies=true"] * serving.metrics.latency_summaries + args.metrics_config),
-        trace=parse_trace_config(args.trace_config),
+        # the spec's settings first: a --trace-config entry given on the command line overrides them
+        trace=parse_trace_config([*(serving.trace.trace_config() if serving.trace else ()), *args.trace_config]),
         max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
     )
 

@@ -71,6 +71,9 @@ def test_example_manifest_is_valid(repo_root):
         (spec_with(serving__mig={"profile": "big"}), "spec.serving.mig.profile"),
         (spec_with(targets=[{"computeCapability": "nine"}]), "spec.targets[0].computeCapability"),
         (spec_with(storage__uri="gs://bucket/engines"), "spec.storage.uri"),
+        (spec_with(serving__trace={"level": ["SPANS"]}), "spec.serving.trace.level[0]"),
+        (spec_with(serving__trace={"count": 0}), "spec.serving.trace.count"),
+        (spec_with(serving__trace={"rate": 0}), "spec.serving.trace.rate"),
         ({"build": {}}, "spec.model"),
     ],
 )

@@ -101,3 +101,28 @@ def test_the_specs_latency_summaries_are_on_unless_the_command_line_turns_them_o
     assert quantiles() == DEFAULT_QUANTILES
     assert quantiles("--metrics-config", "summary_latencies=false") == ()
     assert quantiles("--metrics-config", "summary_quantiles=0.99:0.001") == ((0.99, 0.001),)
+
+
+def test_the_trace_settings_the_operator_renders_are_the_runtimes_and_flags_override_them():
+    import argparse
+
+    from plansmith.controller import rendering
+    from plansmith.validation import parse_spec
+    from plansmith_runtime import cli as runtime_cli
+    from plansmith_runtime.tracing import TENSORS, TIMESTAMPS, TraceSettings
+
+    parser = argparse.ArgumentParser()
+    runtime_cli.register(parser.add_subparsers())
+    spec = parse_spec({"model": {"uri": "s3://models/m.onnx"},
+                       "serving": {"trace": {"level": ["TENSORS"], "rate": 10, "logFrequency": 100}}})
+    rendered = parser.parse_args(["serve", *rendering.runtime_args("m", spec, "s3://engines/engines/k/manifest.json")])
+    expected = TraceSettings(level=frozenset({TENSORS}), rate=10, count=-1, log_frequency=100, file="/tmp/trace.json")
+    assert runtime_cli.serving_config(rendered, spec.serving, "m").trace == expected
+    # `plansmith serve MODEL.yaml` takes the spec's, and its flags override them
+    local = parser.parse_args(["serve", "--trace-config", "rate=1", "--trace-config", "level=TIMESTAMPS"])
+    assert runtime_cli.serving_config(local, spec.serving, "m").trace == TraceSettings(
+        level=frozenset({TIMESTAMPS, TENSORS}), rate=1, log_frequency=100, file="/tmp/trace.json")
+    # off in the spec (no level): the file is set, so clients can switch tracing on at runtime
+    off = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"trace": {"level": []}}})
+    assert runtime_cli.serving_config(parser.parse_args(["serve"]), off.serving, "m").trace == TraceSettings(
+        file="/tmp/trace.json")

@@ -180,6 +180,9 @@ def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list
     args += ["--warmup-iterations", str(serving.warmup.iterations)] if serving.warmup.enabled else ["--no-warmup"]
     if serving.metrics.latency_summaries:
         args += ["--metrics-config", "summary_latencies=true"]
+    if serving.trace is not None:
+        for entry in serving.trace.trace_config():
+            args += ["--trace-config", entry]
     return args
 
 

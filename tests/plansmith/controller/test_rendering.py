@@ -130,6 +130,20 @@ def test_latency_summaries_are_asked_of_the_runtime_only_when_the_spec_wants_the
     assert args[args.index("--metrics-config") + 1] == "summary_latencies=true"
 
 
+def test_tracing_is_asked_of_the_runtime_with_tritons_trace_config_only_when_the_spec_wants_it():
+    plain = parse_spec({"model": {"uri": "s3://models/m.onnx"}})
+    assert "--trace-config" not in rendering.runtime_args("m", plain, "s3://engines/engines/k/manifest.json")
+    traced = parse_spec({"model": {"uri": "s3://models/m.onnx"},
+                         "serving": {"trace": {"level": ["TIMESTAMPS", "TENSORS"], "rate": 50, "count": 200}}})
+    args = rendering.runtime_args("m", traced, "s3://engines/engines/k/manifest.json")
+    entries = [args[index + 1] for index, arg in enumerate(args) if arg == "--trace-config"]
+    assert entries == ["triton,file=/tmp/trace.json", "rate=50", "count=200", "triton,log-frequency=0",
+                       "level=TIMESTAMPS", "level=TENSORS"]
+    # /tmp is the pod's scratch volume: the trace file is written there
+    container = deployment()["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "scratch", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
 def test_service_selects_all_targets_of_the_model():
     service = rendering.render_service(name="resnet", namespace="ml")
     assert service["spec"]["selector"] == {"plansmith.io/model": "resnet", "app.kubernetes.io/component": "serving"}
