@@ -773,6 +773,8 @@ def test_trace_extension_writes_tritons_trace_files_for_sampled_requests(engines
     deadline = time.monotonic() + 10
     while not answers and time.monotonic() < deadline:
         time.sleep(0.01)
+    # checked before stop_stream: tritonclient's stream thread never ends after a response it cannot parse
+    assert len(answers) == 1 and not isinstance(answers[0], InferenceServerException), answers
     rpc.stop_stream()
     assert not trace_file.exists()
     assert server.terminate() == 0

@@ -151,6 +151,16 @@ def test_a_models_override_follows_the_global_settings_it_leaves_out(tmp_path):
     assert control.start("resnet", "") is None
 
 
+def test_a_model_without_an_override_shares_the_global_sampler(tmp_path):
+    control = TraceControl(tracing_settings(tmp_path, count=3), ["resnet"], "1")
+    control.update("resnet", {"trace_rate": "1"})  # an override: the model samples on its own
+    control.start("resnet", "")
+    assert (control.settings("resnet")["trace_count"], control.settings()["trace_count"]) == ("2", "3")
+    control.update("resnet", {"trace_rate": None})  # cleared: the global sampler's traces and count again
+    control.start("resnet", "")
+    assert control.settings()["trace_count"] == control.settings("resnet")["trace_count"] == "2"
+
+
 def test_settings_that_would_trace_nothing_are_refused_and_nothing_changes(tmp_path):
     control = TraceControl(TraceSettings(), ["resnet"], "1")  # started without a trace file
     with pytest.raises(InvalidTraceSetting, match="Attempting to set invalid trace setting: trace file name is not given"):
