@@ -1,6 +1,6 @@
 """The HTTP request path's CPU a request, in this process, without sockets.
 
-    .venv/bin/python bench/request_path.py [--models mlp] [--rounds 400] [--repeats 3]
+    .venv/bin/python bench/request_path.py [--models mlp] [--rounds 400] [--repeats 3] [--trace-rate N]
 
 `bench/serve.py` measures the server under real load, where the shared machine moves throughput by
 10% between two runs of the same code; that hides changes of a few microseconds a request. This
@@ -11,8 +11,8 @@ feeds one binary-tensor infer request to each of 64 connections and runs the eve
 on and off, alternating the two modes `--repeats` times so that both see the same machine, and the
 on/off ratio of the medians. With `--trace-rate N` a third mode runs in turn with them: batching on,
 every N-th request traced (Triton's trace extension at level TIMESTAMPS, written 1,000 traces a
-file), and its cost a request over batching on untraced is printed. What it leaves out: the sockets' system calls and uvloop's I/O
-(about 14 us a request under wrk) and the load generator.
+file), and its cost a request over batching on untraced is printed. What it leaves out: the
+sockets' system calls and uvloop's I/O (about 14 us a request under wrk) and the load generator.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main() -> int:
         print(f"{kind}: in-process on/off throughput bound (off / on CPU a request, medians): {off / on:.2f}x")
         if args.trace_rate:
             with_traces = statistics.median(figures["traced"])
-            print(f"{kind}: batching on, every {args.trace_rate}th request traced: "
+            print(f"{kind}: batching on, 1 request in {args.trace_rate} traced: "
                   f"{', '.join(f'{v:.1f}' for v in figures['traced'])} us; {with_traces - on:+.1f} us a request "
                   f"({with_traces / on - 1:+.1%}) over untraced")
     return 0

@@ -211,7 +211,7 @@ class _Stream:
     half_closed: bool = False  # streaming: the client sent END_STREAM
     headers_sent: bool = False  # streaming: the response HEADERS are out
     deadline: float | None = None  # loop time by which the client wants its answer (grpc-timeout)
-    read_started_ns: int = 0  # when reading the (next) request message began: the stream opened, or the last one was read
+    read_started_ns: int = 0  # when reading its (next) request message began: the stream opened, or the last was read
     deadline_timer: asyncio.TimerHandle | None = None
 
 

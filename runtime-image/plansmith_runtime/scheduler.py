@@ -15,10 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
+from plansmith_runtime import tracing
 from plansmith_runtime.batching import concatenate, plan_batch, split
 from plansmith_runtime.config import BatchingPolicy
 from plansmith_runtime.executors import Executor
-from plansmith_runtime import tracing
 from plansmith_runtime.metrics import Metrics
 from plansmith_runtime.tracing import Trace
 
