@@ -349,6 +349,7 @@ class Sampler:
     created: int = 0
     collected: int = 0
     _chunks: list[bytes] = field(default_factory=list)  # collected traces not written yet
+    _closed: bool = False  # replaced by new settings, or the server stopped: write what still comes at once
 
     def __post_init__(self) -> None:
         self.remaining = self.settings.count
@@ -371,11 +372,13 @@ class Sampler:
         frequency = self.settings.log_frequency
         if (frequency and len(self._chunks) >= frequency) or (self.remaining == 0 and self.collected == self.created):
             self._write(numbered=True)
-        elif not frequency and len(self._chunks) >= HELD_TRACES:
-            self._write(numbered=False)
+        elif self._closed or (not frequency and len(self._chunks) >= HELD_TRACES):
+            self._write(numbered=bool(frequency))
 
     def close(self) -> None:
-        """Write what is left: numbered like the rest with a log_frequency, else appended to FILE."""
+        """Write what is left: numbered like the rest with a log_frequency, else appended to FILE. A
+        trace of a request still running when its sampler closes is written when it completes."""
+        self._closed = True
         if self._chunks:
             self._write(numbered=bool(self.settings.log_frequency))
 

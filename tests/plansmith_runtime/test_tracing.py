@@ -241,6 +241,14 @@ def test_without_log_frequency_held_traces_are_bounded(tmp_path, monkeypatch):
     assert trace_ids(read_json(tmp_path / "trace.json")) == list(range(1, 8))
 
 
+def test_a_request_traced_before_a_settings_change_is_written_when_it_completes(tmp_path):
+    control = TraceControl(tracing_settings(tmp_path), ["resnet"], "1")
+    running = control.start("resnet", "running")
+    control.update(None, {"trace_rate": "5"})  # its sampler is replaced meanwhile
+    running.finish()
+    assert [entry.get("request_id") for entry in read_json(tmp_path / "trace.json")] == ["running"]
+
+
 def test_traces_record_only_their_levels(tmp_path):
     for level, expect_timestamps, expect_tensors in ([{TIMESTAMPS}, True, False], [{TENSORS}, False, True],
                                                     [{TIMESTAMPS, TENSORS}, True, True]):
