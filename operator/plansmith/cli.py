@@ -17,7 +17,8 @@ import yaml
 from plansmith.validation import InvalidSpec, load_models
 
 
-SUBCOMMAND_MODULES: list[str] = ["plansmith.controller.cli", "plansmith_builder.cli", "plansmith_runtime.cli", "plansmith.devcluster.cli", "plansmith.up"]
+SUBCOMMAND_MODULES: list[str] = ["plansmith.controller.cli", "plansmith_builder.cli", "plansmith_runtime.cli",
+                                   "plansmith_runtime.trace_summary", "plansmith.devcluster.cli", "plansmith.up"]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

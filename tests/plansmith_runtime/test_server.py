@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from plansmith_runtime.http_transport import DIRECT_BODY_BYTES
 from plansmith_runtime.system_metrics import NvmlGpus
+from plansmith_runtime.trace_summary import read_traces, summarize
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -783,3 +784,12 @@ def test_trace_extension_writes_tritons_trace_files_for_sampled_requests(engines
     assert_timeline(written["kept"], HTTP_TRACE)
     assert_timeline(written["streamed"], GRPC_TRACE)
     assert not Path(f"{trace_file}.2").exists()
+
+    # plansmith trace-summary reads them: every span of each timed request, over each protocol
+    groups = {group.protocol: group for group in summarize(read_traces(
+        [trace_file, Path(f"{trace_file}.0"), Path(f"{trace_file}.1")]))}
+    assert {protocol: group.traces for protocol, group in groups.items()} == {"HTTP": 2, "GRPC": 2, "unknown": 1}
+    spans = ("request", "receive", "handler", "queue", "compute", "input", "infer", "output", "overhead", "send")
+    for group in (groups["HTTP"], groups["GRPC"]):
+        assert {name: len(values) for name, values in group.spans.items()} == dict.fromkeys(spans, 2)
+        assert all(value >= 0 for values in group.spans.values() for value in values)
