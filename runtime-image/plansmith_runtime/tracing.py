@@ -84,7 +84,8 @@ class TraceSettings:
         if self.rate == 0:
             return "sample rate must be non-zero"
         if not self.file:
-            return "trace file name is not given (the server's --trace-config triton,file=PATH sets it)"
+            return ("trace file name is not given (an InferenceModel's spec.serving.trace sets it for its pods, "
+                    "--trace-config triton,file=PATH for plansmith serve)")
         if self.count == 0:
             return "trace count is 0: no trace is left to take"
         return None
