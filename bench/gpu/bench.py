@@ -13,7 +13,10 @@ calls of one session can share it):
          GPU as OrtValues) and PyTorch eager FP32 / FP16 (channels-last for the CNN) at batch 1, 64, 256.
   serve  each engine behind `plansmith serve` on loopback, driven through tritonclient's gRPC
          service definitions (KServe v2 ModelInfer) at the given concurrencies, batching on and off;
-         payload bytes/s (request + response messages) are reported with the throughput.
+         payload bytes/s (request + response messages) are reported with the throughput. With
+         --trace-rate N the server traces every N-th request (Triton's trace extension) and each
+         load's line is followed by where its traced requests spent their time (p50 / p99 of each
+         span: receive, queue, compute input / infer / output, overhead, send).
   all    both.
 
 The table (markdown) is printed last and written to OUT/table.md, every figure to OUT/results.json.
@@ -542,6 +545,36 @@ def gpu_summary(gpus: dict[str, dict[str, float]], items_per_s: float) -> str:
     return ("  GPU " + "; ".join(parts)) if parts else ""
 
 
+def trace_arguments(trace_file: Path, rate: int) -> list[str]:
+    """`plansmith serve` flags tracing every `rate`-th request into `trace_file` (none for rate 0)."""
+    if not rate:
+        return []
+    return ["--trace-config", f"triton,file={trace_file}", "--trace-config", "level=TIMESTAMPS",
+            "--trace-config", f"rate={rate}"]
+
+
+def traced_spans(trace_file: Path, windows: dict[str, tuple[int, int]]) -> dict[str, dict]:
+    """Per load (a window of time.monotonic_ns(), the server's trace clock: both are the machine's
+    CLOCK_MONOTONIC), the traced requests' span statistics (plansmith trace-summary's)."""
+    from plansmith_runtime.trace_summary import read_traces, span_statistics, summarize
+
+    if not trace_file.is_file():
+        return {}
+    requests = read_traces([trace_file])
+    spans = {}
+    for load, (start, end) in windows.items():
+        inside = [request for request in requests if start <= request.timestamps.get("REQUEST_START", -1) <= end]
+        for group in summarize(inside):
+            spans[load] = {"traces": group.traces, **span_statistics(group)}
+    return spans
+
+
+def trace_line(spans: dict) -> str:
+    names = ("receive", "queue", "input", "infer", "output", "overhead", "send")
+    return (f"{spans['traces']} traced: p50 / p99 us " +
+            ", ".join(f"{name} {spans[name]['p50']:.0f} / {spans[name]['p99']:.0f}" for name in names if name in spans))
+
+
 def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precisions: list[str]) -> None:
     serve_bench.PLANSMITH = shutil.which("plansmith") or serve_bench.PLANSMITH
     serve_bench.MAX_BATCH = cfg["max_batch"]
@@ -558,8 +591,12 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
             for batching in (True, False):
                 mode = "on" if batching else "off"
                 log_path = workdir / f"serve-{model_name}-{precision}-{mode}.log"
+                trace_file = workdir / f"trace-{model_name}-{precision}-{mode}.json"
+                trace_file.unlink(missing_ok=True)
+                windows: dict[str, tuple[int, int]] = {}
                 try:
-                    server = serve_bench.Server(row["manifest_uri"], batching, log_path, [])
+                    server = serve_bench.Server(row["manifest_uri"], batching, log_path,
+                                                trace_arguments(trace_file, cfg["trace_rate"]))
                 except RuntimeError as error:
                     served[mode] = {"error": str(error)[-2000:]}
                     print(f"  {model_name} {precision} batching {mode}: server failed: {str(error)[-2000:]}", flush=True)
@@ -567,8 +604,10 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                 try:
                     for concurrency in cfg["concurrency"]:
                         before = server.counters()
+                        started = time.monotonic_ns()
                         figures = load(f"127.0.0.1:{server.grpc}", "model", arrays, concurrency,
                                        cfg["serve_seconds"], cfg["processes"])
+                        windows[f"c{concurrency}"] = (started, time.monotonic_ns())
                         figures["mean_batch"] = mean_batch(before, server.counters())
                         # the server's last poll of Triton's GPU metrics, taken during the load
                         figures["gpus"] = server.gpu_metrics()
@@ -579,7 +618,10 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                               f"mean batch {figures['mean_batch']:.1f}  errors {figures['errors']}"
                               f"{gpu_summary(figures['gpus'], figures['items_per_s'])}", flush=True)
                 finally:
-                    server.stop()
+                    server.stop()  # the server writes the traces it holds as it stops
+                for load_name, spans in traced_spans(trace_file, windows).items():
+                    served[mode][load_name]["trace"] = spans
+                    print(f"  {model_name:8s} {precision} batching {mode:3s} {load_name}: {trace_line(spans)}", flush=True)
         save(state, workdir)
 
 
@@ -680,9 +722,11 @@ def main() -> int:
     parser.add_argument("--concurrency", help="comma-separated concurrencies (default: 1,64; smoke 1,8)")
     parser.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline (kept from an earlier run)")
     parser.add_argument("--skip-variants", action="store_true", help="no raw-session provider-option variants")
+    parser.add_argument("--trace-rate", type=int, default=0, help="serve: trace every N-th request and show where "
+                        "the traced requests spent their time (0: no tracing)")
     args = parser.parse_args()
     cfg = settings(args.cpu_smoke)
-    cfg.update(skip_torch=args.skip_torch, skip_variants=args.skip_variants)
+    cfg.update(skip_torch=args.skip_torch, skip_variants=args.skip_variants, trace_rate=args.trace_rate)
     if args.concurrency:
         cfg["concurrency"] = [int(c) for c in args.concurrency.split(",")]
     models, precisions = args.models.split(","), args.precisions.split(",")

@@ -115,23 +115,32 @@ def span_order(protocol: str) -> list[tuple[str, int]]:
     return order
 
 
-def render(groups: Sequence[Group]) -> str:
+def span_statistics(group: Group) -> dict[str, dict[str, float]]:
+    """Each span's mean, p50, p95 and p99 in microseconds, in the printout's order."""
     import numpy as np  # here: the plansmith command imports this module for every subcommand
 
+    statistics = {}
+    for name, _ in span_order(group.protocol):
+        values = group.spans.get(name)
+        if values:
+            p50, p95, p99 = np.percentile(values, [50, 95, 99])
+            statistics[name] = {"mean": float(np.mean(values)), "p50": float(p50), "p95": float(p95), "p99": float(p99)}
+    return statistics
+
+
+def render(groups: Sequence[Group]) -> str:
     lines = []
     for group in groups:
         lines.append(f"{group.model} (version {group.version}), {group.protocol}: {group.traces} traces")
-        if not any(group.spans.values()):
+        statistics = span_statistics(group)
+        if not statistics:
             lines.append("  (no timestamps: traced at level TENSORS only)")
             continue
         lines.append(f"  {'span':<14}{'mean':>10}{'p50':>10}{'p95':>10}{'p99':>10}   us")
-        for name, depth in span_order(group.protocol):
-            values = group.spans.get(name)
-            if not values:
-                continue
-            p50, p95, p99 = np.percentile(values, [50, 95, 99])
-            label = "  " * depth + name
-            lines.append(f"  {label:<14}{np.mean(values):>10.1f}{p50:>10.1f}{p95:>10.1f}{p99:>10.1f}")
+        depths = dict(span_order(group.protocol))
+        for name, figures in statistics.items():
+            label = "  " * depths[name] + name
+            lines.append(f"  {label:<14}" + "".join(f"{figures[key]:>10.1f}" for key in ("mean", "p50", "p95", "p99")))
     return "\n".join(lines) if lines else "no traced requests"
 
 
