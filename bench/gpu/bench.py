@@ -578,7 +578,7 @@ def trace_line(spans: dict) -> str:
 def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precisions: list[str]) -> None:
     serve_bench.PLANSMITH = shutil.which("plansmith") or serve_bench.PLANSMITH
     # the engines' largest batch, and the instances asked for (bench/serve.py's default layout has its own)
-    layout = serve_bench.Layout("gpu", max_batch_size=cfg["max_batch"], instances=cfg["instances"])
+    layout = serve_bench.Layout("gpu", max_batch_size=cfg["serve_max_batch"] or cfg["max_batch"], instances=cfg["instances"])
     for model_name in models:
         entry = state.get("models", {}).get(model_name)
         if not entry:
@@ -723,6 +723,7 @@ def main() -> int:
     parser.add_argument("--concurrency", help="comma-separated concurrencies (default: 1,64; smoke 1,8)")
     parser.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline (kept from an earlier run)")
     parser.add_argument("--skip-variants", action="store_true", help="no raw-session provider-option variants")
+    parser.add_argument("--serve-max-batch", type=int, default=0, help="serve: maxBatchSize (0: the engines', 64)")
     parser.add_argument("--instances", type=int, default=1, help="serve: execution instances (each its own sessions "
                         "and CUDA stream), batches running concurrently")
     parser.add_argument("--trace-rate", type=int, default=0, help="serve: trace every N-th request and show where "
@@ -730,7 +731,7 @@ def main() -> int:
     args = parser.parse_args()
     cfg = settings(args.cpu_smoke)
     cfg.update(skip_torch=args.skip_torch, skip_variants=args.skip_variants, trace_rate=args.trace_rate,
-               instances=args.instances)
+               instances=args.instances, serve_max_batch=args.serve_max_batch)
     if args.concurrency:
         cfg["concurrency"] = [int(c) for c in args.concurrency.split(",")]
     models, precisions = args.models.split(","), args.precisions.split(",")
