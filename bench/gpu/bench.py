@@ -577,8 +577,9 @@ def trace_line(spans: dict) -> str:
 
 def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precisions: list[str]) -> None:
     serve_bench.PLANSMITH = shutil.which("plansmith") or serve_bench.PLANSMITH
-    # the engines' largest batch, and the instances asked for (bench/serve.py's default layout has its own)
-    layout = serve_bench.Layout("gpu", max_batch_size=cfg["serve_max_batch"] or cfg["max_batch"], instances=cfg["instances"])
+    # the batch limit and instances asked for (bench/serve.py's default layout has its own), within the engines'
+    layout = serve_bench.Layout("gpu", max_batch_size=min(cfg["serve_max_batch"], cfg["max_batch"]),
+                                instances=cfg["instances"])
     for model_name in models:
         entry = state.get("models", {}).get(model_name)
         if not entry:
@@ -723,7 +724,8 @@ def main() -> int:
     parser.add_argument("--concurrency", help="comma-separated concurrencies (default: 1,64; smoke 1,8)")
     parser.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline (kept from an earlier run)")
     parser.add_argument("--skip-variants", action="store_true", help="no raw-session provider-option variants")
-    parser.add_argument("--serve-max-batch", type=int, default=0, help="serve: maxBatchSize (0: the engines', 64)")
+    parser.add_argument("--serve-max-batch", type=int, default=32, help="serve: maxBatchSize (default 32, as runs 10-14 "
+                        "served; the engines take 64, which at c=64 halves the throughput: docs/benchmarks.md)")
     parser.add_argument("--instances", type=int, default=1, help="serve: execution instances (each its own sessions "
                         "and CUDA stream), batches running concurrently")
     parser.add_argument("--trace-rate", type=int, default=0, help="serve: trace every N-th request and show where "
