@@ -14,8 +14,8 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
 from plansmith_runtime import __version__ as runtime_version
-from plansmith_runtime.classification import classify_outputs
 from plansmith_runtime import tracing
+from plansmith_runtime.classification import classify_outputs
 from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, ObservedResponse, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl

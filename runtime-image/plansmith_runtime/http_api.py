@@ -13,10 +13,10 @@ import orjson
 from aiohttp import web
 
 from plansmith_runtime import __version__ as runtime_version
+from plansmith_runtime import tracing
 from plansmith_runtime.classification import classify_outputs
 from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepted_encoding, compress_response,
                                               error_response, json_response)
-from plansmith_runtime import tracing
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
