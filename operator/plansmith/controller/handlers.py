@@ -28,7 +28,7 @@ from plansmith.controller import rendering
 from plansmith.controller.catalog import CatalogError, Credentials, EngineCatalog
 from plansmith.controller.kube import KubeApi
 from plansmith.controller.settings import OperatorSettings
-from plansmith.controller.status import Observation, TargetObservation, compute_status
+from plansmith.controller.status import Observation, TargetObservation, compute_status, rollout_complete
 from plansmith.controller.targets import NodeInfo, Target, discover_targets, node_info
 from plansmith.engine_key import effective_quantization, engine_key, manifest_uri
 from plansmith.manifest import Manifest
@@ -133,8 +133,7 @@ def build_job_index(namespace: str, name: str, status: kopf.Status, labels: kopf
 def serving_index(namespace: str, name: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
                   meta: kopf.Meta, **_: Any) -> dict:
     template_annotations = spec.get("template", {}).get("metadata", {}).get("annotations", {}) or {}
-    rolled_out = (status.get("observedGeneration", 0) >= meta.get("generation", 0)
-                  and status.get("updatedReplicas", 0) >= spec.get("replicas", 1))
+    rolled_out = rollout_complete(meta.get("generation", 0), spec.get("replicas", 1), dict(status))
     return {(namespace, labels.get(rendering.MODEL_LABEL)): {
         "name": name, "target": labels.get(rendering.TARGET_LABEL),
         "key": template_annotations.get(rendering.KEY_LABEL), "replicas": spec.get("replicas", 1),

@@ -32,6 +32,17 @@ class Observation:
     endpoint: str | None = None
 
 
+def rollout_complete(generation: int, wanted_replicas: int, status: dict[str, Any]) -> bool:
+    """Whether a Deployment runs its current pod template everywhere, as `kubectl rollout status`
+    decides: the controller saw the latest spec, every wanted replica has the new template and is
+    available, and no pod of an older template is left. Counting the new template's pods alone is
+    not enough: a surge pod that cannot be scheduled (no room on the node) has it too, while the old
+    pod goes on serving the old spec."""
+    updated = status.get("updatedReplicas", 0) or 0
+    return (status.get("observedGeneration", 0) >= generation and updated >= wanted_replicas
+            and (status.get("replicas", 0) or 0) <= updated and (status.get("availableReplicas", 0) or 0) >= updated)
+
+
 def condition(type_: str, ok: bool, reason: str, message: str, generation: int,
               previous: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
     status = "True" if ok else "False"
@@ -83,7 +94,9 @@ def compute_status(obs: Observation, previous_conditions: list[dict[str, Any]], 
     elif len(built) < total or not obs.targets:
         serving = cond("ServingReady", False, "WaitingForEngines", "serving starts once every target has an engine")
     else:
-        serving = cond("ServingReady", False, "RollingOut", f"{ready}/{wanted} serving replicas ready")
+        behind = [t.slug for t in obs.targets if not (t.serving_current and t.serving_ready >= t.serving_wanted)]
+        serving = cond("ServingReady", False, "RollingOut",
+                       f"{ready}/{wanted} serving replicas ready on the current spec; rolling out {', '.join(behind)}")
 
     ready_ok = engines["status"] == "True" and serving["status"] == "True"
     if ready_ok:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from plansmith.controller.status import Observation, TargetObservation, compute_status
+import pytest
+
+from plansmith.controller.status import Observation, TargetObservation, compute_status, rollout_complete
 
 
 def target(state, slug="sm90", **record):
@@ -32,6 +34,8 @@ def test_building_then_deploying_then_ready():
     assert deploying["phase"] == "Deploying"
     assert conditions(deploying)["EnginesReady"] == ("True", "EnginesVerified")
     assert conditions(deploying)["ServingReady"] == ("False", "RollingOut")
+    assert next(c for c in deploying["conditions"] if c["type"] == "ServingReady")["message"] == (
+        "0/4 serving replicas ready on the current spec; rolling out sm90, sm80")
 
     for t in built:
         t.serving_ready = 2
@@ -60,3 +64,17 @@ def test_no_matching_nodes_is_a_condition_not_a_crash():
     status = compute_status(Observation(1, unmatched=["no schedulable node with gpuProduct=NVIDIA-L4"]), [], "T")
     assert conditions(status)["EnginesReady"] == ("False", "NoMatchingNodes")
     assert status["phase"] == "Pending"
+
+
+@pytest.mark.parametrize("generation, wanted, status, complete", [
+    (4, 1, {"observedGeneration": 4, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}, True),
+    (4, 0, {"observedGeneration": 4}, True),  # scaled to zero
+    (5, 1, {"observedGeneration": 4, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}, False),
+    # the surge pod with the new template cannot be scheduled; the old one still serves the old spec
+    (4, 1, {"observedGeneration": 4, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1}, False),
+    # the new pod runs but is not available yet
+    (4, 1, {"observedGeneration": 4, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 0}, False),
+    (4, 2, {"observedGeneration": 4, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 2}, False),
+])
+def test_a_rollout_is_complete_as_kubectl_rollout_status_says(generation, wanted, status, complete):
+    assert rollout_complete(generation, wanted, status) is complete
