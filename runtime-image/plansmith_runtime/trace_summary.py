@@ -87,6 +87,15 @@ def read_traces(paths: Iterable[Path]) -> list[RequestTrace]:
     return requests
 
 
+def protocol_spans(protocol: str) -> list[tuple[str, int, str, str]]:
+    """The spans measured from a protocol's timestamps, in the printout's order (overhead, derived
+    from three of them, goes before send)."""
+    spans = [*SPANS.get(protocol, ()), *CORE_SPANS]
+    if protocol in SEND_SPANS:
+        spans.append(SEND_SPANS[protocol])
+    return spans
+
+
 def summarize(requests: Sequence[RequestTrace]) -> list[Group]:
     groups: dict[tuple[str, str, str], Group] = {}
     for request in requests:
@@ -94,25 +103,21 @@ def summarize(requests: Sequence[RequestTrace]) -> list[Group]:
         group = groups.setdefault(key, Group(*key))
         group.traces += 1
         times = request.timestamps
-        spans = [*SPANS.get(request.protocol, ()), *CORE_SPANS]
-        if request.protocol in SEND_SPANS:
-            spans.append(SEND_SPANS[request.protocol])
-        for name, _, start, end in spans:
-            if start in times and end in times:
-                group.spans[name].append((times[end] - times[start]) / 1000)
-        if all(name in times for name in ("REQUEST_START", "REQUEST_END", "QUEUE_START", "COMPUTE_START", "COMPUTE_END")):
-            group.spans["overhead"].append((times["REQUEST_END"] - times["REQUEST_START"] - (times["COMPUTE_START"] -
-                                            times["QUEUE_START"]) - (times["COMPUTE_END"] - times["COMPUTE_START"])) / 1000)
+        measured = {name: (times[end] - times[start]) / 1000 for name, _, start, end in protocol_spans(request.protocol)
+                    if start in times and end in times}
+        if {"handler", "queue", "compute"} <= measured.keys():
+            measured["overhead"] = measured["handler"] - measured["queue"] - measured["compute"]
+        for name, value in measured.items():
+            group.spans[name].append(value)
     return sorted(groups.values(), key=lambda group: (group.model, group.version, group.protocol))
 
 
 def span_order(protocol: str) -> list[tuple[str, int]]:
     """The spans of a protocol's printout, in order, with their depths."""
-    order = [(name, depth) for name, depth, _, _ in (*SPANS.get(protocol, ()), *CORE_SPANS)]
-    order.append(("overhead", OVERHEAD_DEPTH))  # the handler's last part, after compute's
-    if protocol in SEND_SPANS:
-        order.append(SEND_SPANS[protocol][:2])
-    return order
+    spans = [(name, depth) for name, depth, _, _ in protocol_spans(protocol)]
+    # overhead is the handler's last part, before send
+    return ([span for span in spans if span[0] != "send"] + [("overhead", OVERHEAD_DEPTH)]
+            + [span for span in spans if span[0] == "send"])
 
 
 def span_statistics(group: Group) -> dict[str, dict[str, float]]:
