@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from plansmith_runtime.executors import ExecutorError
+from plansmith_runtime.executors.cuda import check_cuda, host_array
 from plansmith_runtime.loader import LoadedEngine
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,6 @@ def largest_shapes(profiles: Sequence[ProfileRange]) -> dict[str, Shape]:
     return largest
 
 
-def _check_cuda(result) -> object:
-    """cuda-python calls return (error, *values); raise on a non-zero error."""
-    error, *values = result if isinstance(result, tuple) else (result,)
-    if int(error) != 0:
-        raise ExecutorError(f"CUDA error {error}")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 class TensorRTExecutor:
     batch_buckets: tuple[int, ...] = ()  # profiles take any batch size in their range as it is
 
@@ -101,7 +94,7 @@ class TensorRTExecutor:
         if self._engine is None:
             raise ExecutorError("TensorRT could not deserialize the plan (built by another TensorRT version or for another GPU?)")
         self._context = self._engine.create_execution_context()
-        self._stream = _check_cuda(cudart.cudaStreamCreate())  # a cudaStream_t object for cuda-python calls
+        self._stream = check_cuda(cudart.cudaStreamCreate())  # a cudaStream_t object for cuda-python calls
         self._stream_handle = int(self._stream)  # TensorRT takes the raw handle
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self.inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -123,10 +116,9 @@ class TensorRTExecutor:
             else:
                 shape = tuple(max_batch if d < 0 else d for d in self._engine.get_tensor_shape(name))
             size = buffer_bytes(shape, self._dtypes[name])
-            self._device[name] = _check_cuda(cudart.cudaMalloc(size))
-            host_pointer = _check_cuda(cudart.cudaMallocHost(size))
-            self._host[name] = np.ctypeslib.as_array(
-                (np.ctypeslib.ctypes.c_byte * size).from_address(host_pointer)).view(self._dtypes[name])
+            self._device[name] = check_cuda(cudart.cudaMalloc(size))
+            host_pointer = check_cuda(cudart.cudaMallocHost(size))
+            self._host[name] = host_array(host_pointer, size).view(self._dtypes[name])
             self._context.set_tensor_address(name, self._device[name])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,7 +134,7 @@ class TensorRTExecutor:
             staged = self._host[name][: array.size]
             staged[:] = array.reshape(-1)
             self._context.set_input_shape(name, array.shape)
-            _check_cuda(cudart.cudaMemcpyAsync(self._device[name], staged.ctypes.data, array.nbytes, kind_h2d, self._stream))
+            check_cuda(cudart.cudaMemcpyAsync(self._device[name], staged.ctypes.data, array.nbytes, kind_h2d, self._stream))
         if not self._context.execute_async_v3(self._stream_handle):
             raise ExecutorError("TensorRT execute_async_v3 failed")
         results = {}
@@ -150,9 +142,9 @@ class TensorRTExecutor:
             shape = tuple(self._context.get_tensor_shape(name))
             count = int(np.prod(shape, dtype=np.int64))
             staged = self._host[name][:count]
-            _check_cuda(cudart.cudaMemcpyAsync(staged.ctypes.data, self._device[name], staged.nbytes, kind_d2h, self._stream))
+            check_cuda(cudart.cudaMemcpyAsync(staged.ctypes.data, self._device[name], staged.nbytes, kind_d2h, self._stream))
             results[name] = staged
-        _check_cuda(cudart.cudaStreamSynchronize(self._stream))
+        check_cuda(cudart.cudaStreamSynchronize(self._stream))
         return {name: array.reshape(tuple(self._context.get_tensor_shape(name))).copy() for name, array in results.items()}
 
     def close(self) -> None:
