@@ -86,7 +86,12 @@ def concatenate(requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarr
     """One feed dict from several requests, along dim 0 (no copy for a single request)."""
     if len(requests) == 1:
         return requests[0]
-    return {name: np.concatenate([r[name] for r in requests], axis=0) for name in requests[0]}
+    return {name: join_rows([r[name] for r in requests]) for name in requests[0]}
+
+
+def join_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Arrays joined along dim 0 (no copy for a single one)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def split(outputs: dict[str, np.ndarray], sizes: Sequence[int]) -> list[dict[str, np.ndarray]]:

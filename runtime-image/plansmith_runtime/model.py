@@ -20,6 +20,7 @@ from plansmith_runtime import compatibility, tracing
 from plansmith_runtime.config import ServingConfig, check_against_engine
 from plansmith_runtime.cpus import available_cpus
 from plansmith_runtime.executors import Executor, create_executor
+from plansmith_runtime.executors.pinned_memory import DEFAULT_POOL_BYTES, PinnedMemoryPool
 from plansmith_runtime.loader import fetch_engine
 from plansmith_runtime.metrics import Metrics, model_statistics
 from plansmith_runtime.protocol import InvalidRequest, Signature
@@ -40,6 +41,7 @@ class LoadOptions:
     manifest_uri: str
     cache_dir: Path | None = None
     endpoint: str | None = None
+    pinned_memory_pool_bytes: int = DEFAULT_POOL_BYTES  # 0: GPU batches are joined in pageable memory
 
 
 def warmup_inputs(inputs: list[TensorSpec], batch: int, has_batch_dim: bool, seed: int = 0) -> dict[str, np.ndarray]:
@@ -115,6 +117,7 @@ class ServedModel:
         self.signature: Signature | None = None
         self.batcher: DynamicBatcher | None = None
         self._executors: list[Executor] = []
+        self._pinned_pool: PinnedMemoryPool | None = None
         self._intra_op_threads = 0  # threads a session: see intra_op_threads
         self._warm_compute_us: dict[int, float] = {}  # batch size -> fastest warmup run
         self._model_config = None
@@ -130,9 +133,7 @@ class ServedModel:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._load_blocking, options)
         except Exception as error:  # every load failure keeps the server up and not ready
-            for executor in self._executors:
-                executor.close()
-            self._executors = []
+            self._close_executors()
             self.state = "UNAVAILABLE"
             self.reason = f"{type(error).__name__}: {error}"
             log.error("model not ready: %s", self.reason, extra={"model": self.name, "manifest": options.manifest_uri})
@@ -160,7 +161,10 @@ class ServedModel:
         self.signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs), self.config.policy.max_batch_size)
         self._intra_op_threads = intra_op_threads(self.config.intra_op_threads, self.config.instances, available_cpus(),
                                                   os.cpu_count() or 1)
-        self._executors = [create_executor(engine, intra_op_threads=self._intra_op_threads, max_batch_size=self.config.policy.max_batch_size)
+        if options.pinned_memory_pool_bytes:
+            self._pinned_pool = PinnedMemoryPool(options.pinned_memory_pool_bytes)
+        self._executors = [create_executor(engine, intra_op_threads=self._intra_op_threads,
+                                           max_batch_size=self.config.policy.max_batch_size, pinned_pool=self._pinned_pool)
                            for _ in range(self.config.instances)]
         if self.config.warmup_enabled:
             self._warm_up()
@@ -176,11 +180,12 @@ class ServedModel:
             for executor in self._executors:
                 for _ in range(self.config.warmup_iterations):
                     begin = time.perf_counter()
-                    executor.run(feeds)
+                    executor.run(executor.form_batch([feeds]))  # as the batcher runs them
                     elapsed_us = (time.perf_counter() - begin) * 1e6
                     self._warm_compute_us[max(size, 1)] = min(elapsed_us, self._warm_compute_us.get(max(size, 1), elapsed_us))
         log.info("warmup done", extra={"model": self.name, "batch_sizes": sizes,
-                                       "seconds": round(time.perf_counter() - started, 3)})
+                                       "seconds": round(time.perf_counter() - started, 3),
+                                       "pinned_bytes": self._pinned_pool.used_bytes if self._pinned_pool else 0})
 
     def model_config(self):
         if self._model_config is None and self.manifest is not None:
@@ -281,5 +286,12 @@ class ServedModel:
         self.reason = "the server is shutting down"
         if self.batcher:
             await self.batcher.close(grace_seconds)
+        self._close_executors()
+
+    def _close_executors(self) -> None:
         for executor in self._executors:
             executor.close()
+        self._executors = []
+        if self._pinned_pool:  # after the executors: their buffers are the pool's
+            self._pinned_pool.close()
+            self._pinned_pool = None

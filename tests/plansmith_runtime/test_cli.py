@@ -126,3 +126,26 @@ def test_the_trace_settings_the_operator_renders_are_the_runtimes_and_flags_over
     off = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"trace": {"level": []}}})
     assert runtime_cli.serving_config(parser.parse_args(["serve"]), off.serving, "m").trace == TraceSettings(
         file="/tmp/trace.json")
+
+
+@pytest.mark.parametrize("flag, pool_bytes", [([], 256 << 20), (["--pinned-memory-pool-byte-size", "0"], 0),
+                                              (["--pinned-memory-pool-byte-size", "1048576"], 1 << 20)])
+def test_the_pinned_memory_pool_is_tritons_256_mb_unless_the_flag_sizes_it(flag, pool_bytes, monkeypatch):
+    from plansmith_runtime import server
+
+    started = []
+    monkeypatch.setattr(server, "run", lambda config, options, listen, log_control: started.append(options) or 0)
+    assert main(["serve", "--manifest", "file:///x", *flag]) == 0
+    assert started[0].pinned_memory_pool_bytes == pool_bytes
+
+
+def test_a_negative_pinned_memory_pool_is_a_usage_error(capsys):
+    import argparse
+
+    from plansmith_runtime import cli as runtime_cli
+
+    parser = argparse.ArgumentParser()  # parsed only: a wrongly accepted value must not start a server
+    runtime_cli.register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--manifest", "file:///x", "--pinned-memory-pool-byte-size", "-1"])
+    assert "--pinned-memory-pool-byte-size: must be at least 0, got -1" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -23,6 +24,11 @@ class DoublingExecutor:
 
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
+        self.formed_on: list[str] = []  # the thread that formed each batch
+
+    def form_batch(self, requests):
+        self.formed_on.append(threading.current_thread().name)
+        return concatenate(requests)
 
     def run(self, feeds):
         self.batch_sizes.append(len(feeds["x"]))
@@ -174,24 +180,13 @@ async def test_enqueue_returns_at_once_and_a_full_queue_refuses_at_once():
 
 
 @on_session_loop
-async def test_a_batch_for_an_executor_thread_is_formed_there_and_a_small_one_on_the_loop(monkeypatch):
-    import threading
-
-    from plansmith_runtime import scheduler
-
-    formed_on: list[str] = []
-
-    def recording_concatenate(requests):
-        formed_on.append(threading.current_thread().name)
-        return concatenate(requests)
-
-    monkeypatch.setattr(scheduler, "concatenate", recording_concatenate)
+async def test_a_batch_for_an_executor_thread_is_formed_there_and_a_small_one_on_the_loop():
     for inline_max_items, thread in ((0, "instance"), (8, threading.current_thread().name)):
         executor = DoublingExecutor()
         batcher = DynamicBatcher(BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=20_000),
                                  [executor], Metrics("m"), queue_limit=16, inline_max_items=inline_max_items)
         batcher.start()
         done = await asyncio.wait_for(asyncio.gather(*(submit(batcher, feeds) for feeds in one_row_feeds(3))), 5)
-        assert executor.batch_sizes == [3] and formed_on[-1].startswith(thread)
+        assert executor.batch_sizes == [3] and len(executor.formed_on) == 1 and executor.formed_on[0].startswith(thread)
         assert [pending.future.result()["y"][0, 0] for pending in done] == [0, 2, 4]
         await batcher.close(1.0)

@@ -3,14 +3,22 @@ care which backend it drives. Each execution instance owns one executor."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from plansmith_runtime.loader import LoadedEngine
 
+if TYPE_CHECKING:
+    from plansmith_runtime.executors.pinned_memory import PinnedMemoryPool
+
 
 class Executor(Protocol):
+    def form_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The requests' inputs joined along dimension 0 into the feeds of one run, in the memory
+        this executor runs from best (pinned host memory for a GPU executor that has it)."""
+        ...
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; outputs by name, in numpy arrays the caller may keep."""
         ...
@@ -26,13 +34,18 @@ class ExecutorError(RuntimeError):
     """The engine could not be loaded or failed to run a batch."""
 
 
-def create_executor(engine: LoadedEngine, *, intra_op_threads: int = 0, max_batch_size: int = 0) -> Executor:
-    """`max_batch_size`: the largest batch the server will run (0: no batch dimension)."""
+def create_executor(engine: LoadedEngine, *, intra_op_threads: int = 0, max_batch_size: int = 0,
+                    pinned_pool: PinnedMemoryPool | None = None) -> Executor:
+    """`max_batch_size`: the largest batch the server will run (0: no batch dimension).
+    `pinned_pool`: where an engine run on a GPU by ONNX Runtime gets the pinned memory it joins batches in."""
     if engine.manifest.backend == "onnxruntime":
+        from plansmith.onnxruntime_providers import CUDA_PROVIDER
         from plansmith_runtime.executors.onnxruntime import OnnxRuntimeExecutor, session_batch_buckets
 
-        buckets = session_batch_buckets(engine.manifest.target.execution_provider, max_batch_size)
-        return OnnxRuntimeExecutor(engine, intra_op_threads=intra_op_threads, buckets=buckets)
+        execution_provider = engine.manifest.target.execution_provider
+        buckets = session_batch_buckets(execution_provider, max_batch_size)
+        return OnnxRuntimeExecutor(engine, intra_op_threads=intra_op_threads, buckets=buckets,
+                                   pinned_pool=pinned_pool if execution_provider == CUDA_PROVIDER else None)
     if engine.manifest.backend == "tensorrt":
         from plansmith_runtime.executors.tensorrt import TensorRTExecutor
 

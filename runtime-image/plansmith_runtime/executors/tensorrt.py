@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from plansmith_runtime.batching import concatenate
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, host_array
 from plansmith_runtime.loader import LoadedEngine
@@ -120,6 +121,9 @@ class TensorRTExecutor:
             host_pointer = check_cuda(cudart.cudaMallocHost(size))
             self._host[name] = host_array(host_pointer, size).view(self._dtypes[name])
             self._context.set_tensor_address(name, self._device[name])
+
+    def form_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return concatenate(requests)  # run() stages the batch in its own pinned buffers
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart = self._cudart
