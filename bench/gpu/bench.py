@@ -210,7 +210,45 @@ def executor_figures(manifest_uri: str, meta: dict, cfg: dict, workdir: Path) ->
         del pool
     finally:
         served.close()
+    figures["joined"] = joined_batch_figures(engine, meta, cfg)
     return figures
+
+
+def joined_batch_figures(engine, meta: dict, cfg: dict, rounds: int = 3) -> dict:
+    """One-item requests joined into a batch of the serving limit by the executor and run, as the
+    server's batcher does, in pageable memory (`--pinned-memory-pool-byte-size 0`) and in pinned
+    buffers, alternating: items/s each round, and the ratio of the medians."""
+    from plansmith_runtime.executors import create_executor
+    from plansmith_runtime.executors.pinned_memory import DEFAULT_POOL_BYTES, PinnedMemoryPool
+
+    batch = min(cfg["serve_max_batch"], cfg["max_batch"])
+    requests = [sample_inputs(meta, 1, seed=index) for index in range(batch)]
+    pinned_pool = PinnedMemoryPool(DEFAULT_POOL_BYTES)
+    executors = {"pageable": create_executor(engine, max_batch_size=cfg["max_batch"]),
+                 "pinned": create_executor(engine, max_batch_size=cfg["max_batch"], pinned_pool=pinned_pool)}
+    figures: dict = {"batch": batch, **{label: [] for label in executors}}
+    try:
+        outputs = {label: executor.run(executor.form_batch(requests)) for label, executor in executors.items()}
+        for name, expected in outputs["pageable"].items():
+            np.testing.assert_allclose(outputs["pinned"][name], expected, rtol=1e-3, atol=1e-3)
+        figures["pinned_bytes"] = pinned_pool.used_bytes
+        for _ in range(rounds):
+            for label, executor in executors.items():
+                timed = time_calls(lambda: executor.run(executor.form_batch(requests)), batch, cfg["seconds"])
+                figures[label].append(timed["items_per_s"])
+        figures["ratio"] = float(np.median(figures["pinned"]) / np.median(figures["pageable"]))
+        print(f"    executor, {batch} one-item requests joined and run: pinned {fmt_rates(figures['pinned'])} against "
+              f"pageable {fmt_rates(figures['pageable'])} items/s = {figures['ratio']:.2f}x "
+              f"({figures['pinned_bytes'] / 1e6:.1f} MB pinned)", flush=True)
+    finally:
+        for executor in executors.values():
+            executor.close()
+        pinned_pool.close()
+    return figures
+
+
+def fmt_rates(rates: list[float]) -> str:
+    return " / ".join(f"{rate:,.0f}" for rate in rates)
 
 
 def provider_variants(engine_path: Path, meta: dict, cfg: dict) -> dict:
@@ -590,15 +628,14 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
             if "manifest_uri" not in row:
                 continue
             served = row.setdefault("served", {})
-            for batching in (True, False):
-                mode = "on" if batching else "off"
+            for mode, batching, pool_arguments in serve_modes(cfg["compare_pinned"]):
                 log_path = workdir / f"serve-{model_name}-{precision}-{mode}.log"
                 trace_file = workdir / f"trace-{model_name}-{precision}-{mode}.json"
                 trace_file.unlink(missing_ok=True)
                 windows: dict[str, tuple[int, int]] = {}
                 try:
                     server = serve_bench.Server(row["manifest_uri"], batching, log_path,
-                                                trace_arguments(trace_file, cfg["trace_rate"]), layout)
+                                                trace_arguments(trace_file, cfg["trace_rate"]) + pool_arguments, layout)
                 except RuntimeError as error:
                     served[mode] = {"error": str(error)[-2000:]}
                     print(f"  {model_name} {precision} batching {mode}: server failed: {str(error)[-2000:]}", flush=True)
@@ -624,7 +661,22 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                 for load_name, spans in traced_spans(trace_file, windows).items():
                     served[mode][load_name]["trace"] = spans
                     print(f"  {model_name:8s} {precision} batching {mode:3s} {load_name}: {trace_line(spans)}", flush=True)
+            for load_name in (f"c{c}" for c in cfg["concurrency"]):
+                pinned, pageable = _get(served, "on", load_name, "items_per_s"), _get(served, PAGEABLE, load_name, "items_per_s")
+                if pinned and pageable:
+                    print(f"  {model_name:8s} {precision} batching on {load_name}: pinned {pinned:,.0f} against pageable "
+                          f"{pageable:,.0f} items/s = {pinned / pageable:.2f}x", flush=True)
         save(state, workdir)
+
+
+PAGEABLE = "on-pageable"
+
+
+def serve_modes(compare_pinned: bool) -> list[tuple[str, bool, list[str]]]:
+    """(name, batching, extra arguments) of each server the serve phase starts: batching on and off,
+    and with --compare-pinned batching on without pinned memory too, between the two."""
+    pageable = [(PAGEABLE, True, ["--pinned-memory-pool-byte-size", "0"])] if compare_pinned else []
+    return [("on", True, []), *pageable, ("off", False, [])]
 
 
 # --------------------------------------------------------------------------- table
@@ -728,12 +780,14 @@ def main() -> int:
                         "served; the engines take 64, which at c=64 halves the throughput: docs/benchmarks.md)")
     parser.add_argument("--instances", type=int, default=1, help="serve: execution instances (each its own sessions "
                         "and CUDA stream), batches running concurrently")
+    parser.add_argument("--compare-pinned", action="store_true", help="serve: batching on also without pinned memory "
+                        "(--pinned-memory-pool-byte-size 0), and print the ratio")
     parser.add_argument("--trace-rate", type=int, default=0, help="serve: trace every N-th request and show where "
                         "the traced requests spent their time (0: no tracing)")
     args = parser.parse_args()
     cfg = settings(args.cpu_smoke)
     cfg.update(skip_torch=args.skip_torch, skip_variants=args.skip_variants, trace_rate=args.trace_rate,
-               instances=args.instances, serve_max_batch=args.serve_max_batch)
+               instances=args.instances, serve_max_batch=args.serve_max_batch, compare_pinned=args.compare_pinned)
     if args.concurrency:
         cfg["concurrency"] = [int(c) for c in args.concurrency.split(",")]
     models, precisions = args.models.split(","), args.precisions.split(",")
