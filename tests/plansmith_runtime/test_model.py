@@ -32,3 +32,44 @@ async def test_a_loaded_model_runs_two_sessions_answers_like_onnxruntime_and_fro
         assert model.metrics.stats.success == 4
     finally:
         await model.stop(1.0)
+
+
+@pytest.mark.parametrize("pool_bytes", [64 << 20, 0])
+async def test_a_model_on_a_gpu_joins_batches_in_pinned_buffers_from_warmup_on_unless_the_pool_is_off(
+        engines, monkeypatch, caplog, pool_bytes):
+    """The GPU's path on the CPU provider, pinned memory from numpy: each instance's buffer is
+    allocated by warmup, serves the batches, and is freed at stop; with a pool of 0 bytes none is."""
+    from plansmith_runtime import model as model_module
+    from plansmith_runtime.executors import onnxruntime as ort_executor
+    from plansmith_runtime.executors.pinned_memory import PinnedMemoryPool
+
+    live: dict[int, np.ndarray] = {}
+
+    class NumpyHostAllocator:
+        def allocate(self, nbytes):
+            array = np.empty(nbytes, np.uint8)
+            live[array.ctypes.data] = array
+            return array.ctypes.data
+
+        def free(self, pointer):
+            del live[pointer]
+
+    monkeypatch.setattr(ort_executor, "uses_io_binding", lambda providers: True)
+    monkeypatch.setattr(ort_executor, "session_batch_buckets", lambda provider, size: ort_executor.batch_buckets(size))
+    monkeypatch.setattr(model_module, "PinnedMemoryPool", lambda size: PinnedMemoryPool(size, NumpyHostAllocator))
+    built = engines["small_cnn"]
+    policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=20_000)
+    model = ServedModel(ServingConfig("cnn", policy, instances=2, warmup_iterations=1))
+    await model.load(LoadOptions(built.manifest_uri, pinned_memory_pool_bytes=pool_bytes))
+    try:
+        assert model.ready, model.reason
+        row_bytes = built.model.sample_inputs(batch=1)["input"].nbytes
+        assert sorted(array.nbytes for array in live.values()) == ([8 * row_bytes] * 2 if pool_bytes else [])
+        assert "pageable memory" not in caplog.text  # turned off is not a refusal to warn about
+        inputs = [built.model.sample_inputs(batch=1, seed=seed)["input"] for seed in range(3)]
+        results = await asyncio.gather(*(model.infer({"input": x}, []) for x in inputs))
+        expected = built.session().run(None, {"input": np.concatenate(inputs)})[0]
+        np.testing.assert_allclose(np.concatenate([result["logits"] for result in results]), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        await model.stop(1.0)
+    assert not live

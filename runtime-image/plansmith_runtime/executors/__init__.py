@@ -37,15 +37,12 @@ class ExecutorError(RuntimeError):
 def create_executor(engine: LoadedEngine, *, intra_op_threads: int = 0, max_batch_size: int = 0,
                     pinned_pool: PinnedMemoryPool | None = None) -> Executor:
     """`max_batch_size`: the largest batch the server will run (0: no batch dimension).
-    `pinned_pool`: where an engine run on a GPU by ONNX Runtime gets the pinned memory it joins batches in."""
+    `pinned_pool`: where an executor running its engine on a GPU gets the pinned memory it joins batches in."""
     if engine.manifest.backend == "onnxruntime":
-        from plansmith.onnxruntime_providers import CUDA_PROVIDER
         from plansmith_runtime.executors.onnxruntime import OnnxRuntimeExecutor, session_batch_buckets
 
-        execution_provider = engine.manifest.target.execution_provider
-        buckets = session_batch_buckets(execution_provider, max_batch_size)
-        return OnnxRuntimeExecutor(engine, intra_op_threads=intra_op_threads, buckets=buckets,
-                                   pinned_pool=pinned_pool if execution_provider == CUDA_PROVIDER else None)
+        buckets = session_batch_buckets(engine.manifest.target.execution_provider, max_batch_size)
+        return OnnxRuntimeExecutor(engine, intra_op_threads=intra_op_threads, buckets=buckets, pinned_pool=pinned_pool)
     if engine.manifest.backend == "tensorrt":
         from plansmith_runtime.executors.tensorrt import TensorRTExecutor
 

@@ -102,8 +102,8 @@ class OnnxRuntimeExecutor:
     def __init__(self, engine: LoadedEngine, *, intra_op_threads: int = 0, device_id: int = 0,
                  buckets: tuple[int, ...] = (), pinned_pool: PinnedMemoryPool | None = None) -> None:
         """`buckets`: batch sizes that each get a session, batches padded up to the next one; () for
-        one session running every size. `pinned_pool`: batches are joined (and padded) in pinned
-        buffers from it, for a session on a GPU (needs buckets: the largest sizes the buffers)."""
+        one session running every size. `pinned_pool`: a session on a GPU joins (and pads) its
+        batches in pinned buffers from it, sized for the largest bucket."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -125,7 +125,8 @@ class OnnxRuntimeExecutor:
         self.io_binding = uses_io_binding(self.providers)
         # where bound outputs are allocated: on the session's device, copied back once per run
         self.output_device = "cuda" if _provider_name(self.providers[0]) == CUDA_PROVIDER else "cpu"
-        self.staging = BatchStaging(pinned_pool, buckets[-1]) if pinned_pool is not None and buckets else None
+        self.staging = (BatchStaging(pinned_pool, buckets[-1]) if pinned_pool is not None and self.io_binding and buckets
+                        else None)
 
     def _create_session(self, ort, engine: LoadedEngine, options):
         try:
