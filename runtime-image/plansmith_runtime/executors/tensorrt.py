@@ -2,19 +2,24 @@
 the batch's shapes, execute_async_v3 on the instance's own CUDA stream, pinned host buffers.
 
 TensorRT and cuda-python are imported lazily: this module imports on machines without them, and
-its pure logic (profile selection, buffer sizing) is unit-tested there. The device code path
-only runs where NVIDIA's runtime image provides TensorRT.
+its pure logic (profile selection, buffer sizing) is unit-tested there, its device path against
+stand-ins for the two. For real, the device code path only runs where NVIDIA's runtime image
+provides TensorRT.
+
+The dynamic batcher's requests are joined straight into the pinned host buffer the batch is copied
+to the device from (`form_batch`), one copy fewer than joining them elsewhere and staging the batch.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from plansmith_runtime.batching import concatenate
+from plansmith_runtime.batching import join_rows
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, host_array
 from plansmith_runtime.loader import LoadedEngine
@@ -123,7 +128,18 @@ class TensorRTExecutor:
             self._context.set_tensor_address(name, self._device[name])
 
     def form_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return concatenate(requests)  # run() stages the batch in its own pinned buffers
+        """Joined straight into the pinned host buffers `run` copies to the device from, so `run`
+        has nothing left to stage; an input that does not fit them is joined in pageable memory."""
+        feeds: dict[str, np.ndarray] = {}
+        for name, first in requests[0].items():
+            parts = [request[name] for request in requests]
+            shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+            host = self._host.get(name)
+            if host is None or first.dtype != host.dtype or math.prod(shape) > host.size:
+                feeds[name] = join_rows(parts)
+            else:
+                feeds[name] = np.concatenate(parts, axis=0, out=host[:math.prod(shape)].reshape(shape))
+        return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart = self._cudart
@@ -136,7 +152,8 @@ class TensorRTExecutor:
         kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, array in feeds.items():
             staged = self._host[name][: array.size]
-            staged[:] = array.reshape(-1)
+            if array.ctypes.data != staged.ctypes.data:  # not joined there by form_batch
+                staged[:] = array.reshape(-1)
             self._context.set_input_shape(name, array.shape)
             check_cuda(cudart.cudaMemcpyAsync(self._device[name], staged.ctypes.data, array.nbytes, kind_h2d, self._stream))
         if not self._context.execute_async_v3(self._stream_handle):

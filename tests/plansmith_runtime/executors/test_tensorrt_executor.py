@@ -1,0 +1,195 @@
+"""The TensorRT executor's device path, against stand-ins for TensorRT and cuda-python.
+
+Neither TensorRT nor a GPU exists on the machines these tests run on (test_tensorrt_logic.py covers
+the pure decisions). The stand-ins below implement the TensorRT 10 and CUDA runtime calls the
+executor makes, with host memory for the device and an engine that doubles its input, so that the
+executor's own work is exercised: buffers sized from the profiles, the profile chosen per batch,
+input shapes set, batches joined in the pinned host buffers and copied both ways, outputs returned
+as arrays of their own, and everything freed at close. They are not a check of TensorRT itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plansmith_runtime.executors.tensorrt import TensorRTExecutor
+
+# one input, two profiles: batches 1-4 (opt 2) and 1-16 (opt 8); rows of 3 float32 values
+PROFILES = [((1, 3), (2, 3), (4, 3)), ((1, 3), (8, 3), (16, 3))]
+
+
+class FakeCudaRuntime(types.ModuleType):
+    """cudaMalloc / cudaMallocHost from numpy; copies with ctypes.memmove; errors are 0."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice = "h2d"
+        cudaMemcpyDeviceToHost = "d2h"
+
+    def __init__(self) -> None:
+        super().__init__("cuda.bindings.runtime")
+        self.device: dict[int, np.ndarray] = {}
+        self.pinned: dict[int, np.ndarray] = {}
+        self.copies: list[tuple[str, int, int]] = []  # (kind, source address, bytes)
+        self.streams = 0
+
+    def _allocate(self, table: dict, size: int):
+        array = np.zeros(size, np.uint8)
+        table[array.ctypes.data] = array
+        return 0, array.ctypes.data
+
+    def cudaMalloc(self, size):
+        return self._allocate(self.device, size)
+
+    def cudaMallocHost(self, size):
+        return self._allocate(self.pinned, size)
+
+    def cudaFree(self, pointer):
+        del self.device[pointer]
+        return (0,)
+
+    def cudaFreeHost(self, pointer):
+        del self.pinned[pointer]
+        return (0,)
+
+    def cudaStreamCreate(self):
+        self.streams += 1
+        return 0, 7
+
+    def cudaStreamDestroy(self, stream):
+        self.streams -= 1
+        return (0,)
+
+    def cudaMemcpyAsync(self, destination, source, size, kind, stream):
+        ctypes.memmove(destination, source, size)
+        self.copies.append((kind, source, size))
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+
+class FakeContext:
+    def __init__(self, engine: "FakeEngine") -> None:
+        self.engine = engine
+        self.addresses: dict[str, int] = {}
+        self.input_shape: tuple[int, ...] = ()
+        self.profiles_set: list[int] = []
+
+    def set_tensor_address(self, name, pointer):
+        self.addresses[name] = pointer
+
+    def set_optimization_profile_async(self, profile, stream):
+        self.profiles_set.append(profile)
+
+    def set_input_shape(self, name, shape):
+        self.input_shape = tuple(shape)
+
+    def get_tensor_shape(self, name):
+        return self.input_shape
+
+    def execute_async_v3(self, stream):
+        count = int(np.prod(self.input_shape))
+        source = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses["x"]))
+        target = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses["y"]))
+        target[:] = source * 2
+        return True
+
+
+class FakeEngine:
+    num_io_tensors = 2
+    num_optimization_profiles = len(PROFILES)
+
+    def __init__(self) -> None:
+        self.contexts: list[FakeContext] = []
+
+    def get_tensor_name(self, index):
+        return ("x", "y")[index]
+
+    def get_tensor_mode(self, name):
+        return "input" if name == "x" else "output"
+
+    def get_tensor_dtype(self, name):
+        return "float"
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [list(shape) for shape in PROFILES[profile]]
+
+    def get_tensor_shape(self, name):
+        return (-1, 3)
+
+    def create_execution_context(self):
+        self.contexts.append(FakeContext(self))
+        return self.contexts[-1]
+
+
+def fake_tensorrt(engine: FakeEngine) -> types.ModuleType:
+    trt = types.ModuleType("tensorrt")
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.nptype = lambda dtype: np.float32
+    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
+    return trt
+
+
+@pytest.fixture
+def executor_and_fakes(tmp_path: Path, monkeypatch):
+    cudart, engine = FakeCudaRuntime(), FakeEngine()
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"plan")
+    executor = TensorRTExecutor(types.SimpleNamespace(path=lambda name: plan))
+    return executor, cudart, engine
+
+
+def rows(count: int, start: float) -> np.ndarray:
+    return np.arange(start, start + 3 * count, dtype=np.float32).reshape(count, 3)
+
+
+def test_buffers_fit_the_largest_profile_and_are_freed_at_close(executor_and_fakes):
+    executor, cudart, _ = executor_and_fakes
+    assert sorted(array.nbytes for array in cudart.device.values()) == [16 * 3 * 4] * 2
+    assert sorted(array.nbytes for array in cudart.pinned.values()) == [16 * 3 * 4] * 2
+    executor.close()
+    assert not cudart.device and not cudart.pinned and cudart.streams == 0
+
+
+def test_a_batch_is_joined_in_the_pinned_buffer_and_copied_to_the_device_from_there(executor_and_fakes):
+    executor, cudart, engine = executor_and_fakes
+    requests = [{"x": rows(1, 0)}, {"x": rows(2, 100)}]
+    feeds = executor.form_batch(requests)
+    assert feeds["x"].ctypes.data in cudart.pinned  # joined in the pinned buffer itself
+    outputs = executor.run(feeds)
+    np.testing.assert_array_equal(outputs["y"], np.concatenate([rows(1, 0), rows(2, 100)]) * 2)
+    assert [(kind, size) for kind, _, size in cudart.copies] == [("h2d", 3 * 3 * 4), ("d2h", 3 * 3 * 4)]
+    assert cudart.copies[0][1] == feeds["x"].ctypes.data
+    assert engine.contexts[0].profiles_set == [0]  # batch 3: the tight profile
+    assert not any(np.shares_memory(outputs["y"], buffer) for buffer in cudart.pinned.values())  # the caller's to keep
+
+
+def test_feeds_from_elsewhere_are_staged_and_the_profile_follows_the_batch(executor_and_fakes):
+    executor, cudart, engine = executor_and_fakes
+    for batch, start in ((2, 0), (9, 50), (9, 70), (1, 5)):
+        outputs = executor.run({"x": rows(batch, start)})
+        np.testing.assert_array_equal(outputs["y"], rows(batch, start) * 2)
+    assert engine.contexts[0].profiles_set == [0, 1, 0]  # switched only when the batch needs it
+
+
+def test_a_batch_larger_than_the_buffers_is_joined_in_pageable_memory_and_refused(executor_and_fakes):
+    from plansmith_runtime.executors.tensorrt import NoProfileFits
+
+    executor, cudart, _ = executor_and_fakes
+    feeds = executor.form_batch([{"x": rows(10, 0)}, {"x": rows(7, 0)}])
+    assert feeds["x"].shape == (17, 3) and feeds["x"].ctypes.data not in cudart.pinned
+    with pytest.raises(NoProfileFits, match="no optimization profile accepts input shapes"):
+        executor.run(feeds)
