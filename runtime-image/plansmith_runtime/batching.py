@@ -94,6 +94,26 @@ def join_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
+def join_rows_into(buffer: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Arrays joined along dim 0 at the start of `buffer` (its bytes; a single one is copied too),
+    or None where they do not fit."""
+    rows = sum(part.shape[0] for part in parts)
+    if rows * row_bytes(parts[0]) > buffer.nbytes:
+        return None
+    return np.concatenate(parts, axis=0, out=rows_view(buffer, parts[0], rows))
+
+
+def rows_view(buffer: np.ndarray, like: np.ndarray, rows: int) -> np.ndarray:
+    """The first `rows` rows of a batch of `like`'s row shape and dtype, laid out from the start of
+    `buffer`'s bytes."""
+    return buffer.view(np.uint8)[:rows * row_bytes(like)].view(like.dtype).reshape(rows, *like.shape[1:])
+
+
+def row_bytes(array: np.ndarray) -> int:
+    """Bytes of one row (dim 0 item) of `array`."""
+    return array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+
+
 def split(outputs: dict[str, np.ndarray], sizes: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """Cut batched outputs back into per-request outputs, in order (views, no copies)."""
     if len(sizes) == 1:

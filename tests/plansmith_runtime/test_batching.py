@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from plansmith_runtime.batching import QueuedShape, concatenate, plan_batch, signature_of, split
+from plansmith_runtime.batching import QueuedShape, concatenate, join_rows_into, plan_batch, signature_of, split
 from plansmith_runtime.config import BatchingPolicy
 
 SIG = (("input", (4,)),)
@@ -83,3 +83,12 @@ def test_single_request_is_not_copied():
 def test_signature_ignores_batch_dimension_only_when_there_is_one():
     assert signature_of({"x": np.zeros((2, 4))}, True) == signature_of({"x": np.zeros((5, 4))}, True)
     assert signature_of({"x": np.zeros((2, 4))}, False) != signature_of({"x": np.zeros((5, 4))}, False)
+
+
+def test_rows_are_joined_at_the_start_of_a_buffer_of_any_dtype_when_they_fit():
+    buffer = np.full(10, -1.0, np.float64)  # 80 bytes
+    parts = [np.arange(4, dtype=np.int32).reshape(2, 2), np.arange(4, 10, dtype=np.int32).reshape(3, 2)]
+    joined = join_rows_into(buffer, parts)
+    np.testing.assert_array_equal(joined, np.arange(10).reshape(5, 2))
+    assert joined.dtype == np.int32 and joined.ctypes.data == buffer.ctypes.data
+    assert join_rows_into(np.zeros(9, np.float32), parts) is None  # 36 bytes for 40

@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from plansmith_runtime.batching import join_rows
+from plansmith_runtime.batching import join_rows, join_rows_into, row_bytes, rows_view
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, cuda_runtime, host_array
 
@@ -110,11 +110,6 @@ class PinnedMemoryPool:
             self.used_bytes = 0
 
 
-def rows_view(buffer: np.ndarray, like: np.ndarray, rows: int) -> np.ndarray:
-    """The first `rows` rows of a batch of `like`'s row shape and dtype, laid out from the buffer's start."""
-    return buffer[:rows * _row_bytes(like)].view(like.dtype).reshape(rows, *like.shape[1:])
-
-
 class BatchStaging:
     """Where one executor joins a batch's requests: a pinned buffer per input, with room for
     `max_rows` rows (the largest batch the executor runs), kept from batch to batch. An executor runs
@@ -127,17 +122,14 @@ class BatchStaging:
         self._refused: set[str] = set()  # inputs whose refusal was logged
 
     def join(self, requests: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """The requests' inputs joined along dimension 0: in the pinned buffers, or by
-        `concatenate` in ordinary memory for an input that has none."""
+        """The requests' inputs joined along dimension 0: in the pinned buffers, or in ordinary
+        memory for an input that has none."""
         feeds: dict[str, np.ndarray] = {}
         for name, first in requests[0].items():
             parts = [request[name] for request in requests]
-            rows = sum(part.shape[0] for part in parts)
-            buffer = self._buffer(name, first, rows)
-            if buffer is None:
-                feeds[name] = join_rows(parts)
-                continue
-            feeds[name] = np.concatenate(parts, axis=0, out=rows_view(buffer, first, rows))
+            buffer = self._buffer(name, first, sum(part.shape[0] for part in parts))
+            joined = join_rows_into(buffer, parts) if buffer is not None else None
+            feeds[name] = joined if joined is not None else join_rows(parts)
         return feeds
 
     def pad(self, feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
@@ -146,7 +138,7 @@ class BatchStaging:
         padded: dict[str, np.ndarray] = {}
         for name, feed in feeds.items():
             buffer = self._buffers.get(name)
-            if buffer is None or feed.ctypes.data != buffer.ctypes.data or rows * _row_bytes(feed) > buffer.nbytes:
+            if buffer is None or feed.ctypes.data != buffer.ctypes.data or rows * row_bytes(feed) > buffer.nbytes:
                 return None
             view = rows_view(buffer, feed, rows)
             view[feed.shape[0]:] = 0
@@ -156,7 +148,7 @@ class BatchStaging:
     def _buffer(self, name: str, like: np.ndarray, rows: int) -> np.ndarray | None:
         """The input's buffer, allocated (or grown for larger rows) on first need; None when the pool
         refuses it."""
-        needed = max(rows, self.max_rows) * _row_bytes(like)
+        needed = max(rows, self.max_rows) * row_bytes(like)
         buffer = self._buffers.get(name)
         if buffer is not None and buffer.nbytes >= needed:
             return buffer
@@ -175,7 +167,3 @@ class BatchStaging:
         for buffer in self._buffers.values():
             self.pool.release(buffer)
         self._buffers.clear()
-
-
-def _row_bytes(array: np.ndarray) -> int:
-    return array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))

@@ -13,13 +13,12 @@ to the device from (`form_batch`), one copy fewer than joining them elsewhere an
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from plansmith_runtime.batching import join_rows
+from plansmith_runtime.batching import join_rows, join_rows_into
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, host_array
 from plansmith_runtime.loader import LoadedEngine
@@ -133,12 +132,9 @@ class TensorRTExecutor:
         feeds: dict[str, np.ndarray] = {}
         for name, first in requests[0].items():
             parts = [request[name] for request in requests]
-            shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
             host = self._host.get(name)
-            if host is None or first.dtype != host.dtype or math.prod(shape) > host.size:
-                feeds[name] = join_rows(parts)
-            else:
-                feeds[name] = np.concatenate(parts, axis=0, out=host[:math.prod(shape)].reshape(shape))
+            joined = join_rows_into(host, parts) if host is not None and first.dtype == host.dtype else None
+            feeds[name] = joined if joined is not None else join_rows(parts)
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
