@@ -123,12 +123,15 @@ class BatchStaging:
 
     def join(self, requests: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """The requests' inputs joined along dimension 0: in the pinned buffers, or in ordinary
-        memory for an input that has none."""
+        memory for an input that has none. A lone request is left where it is: copying it into
+        pinned memory would add a copy (the driver's own copy from pageable memory overlaps the
+        transfer), where joining several copies them once anyway. Its buffers are still allocated,
+        so that warmup allocates them, not the first batch."""
         feeds: dict[str, np.ndarray] = {}
         for name, first in requests[0].items():
             parts = [request[name] for request in requests]
             buffer = self._buffer(name, first, sum(part.shape[0] for part in parts))
-            joined = join_rows_into(buffer, parts) if buffer is not None else None
+            joined = join_rows_into(buffer, parts) if buffer is not None and len(parts) > 1 else None
             feeds[name] = joined if joined is not None else join_rows(parts)
         return feeds
 

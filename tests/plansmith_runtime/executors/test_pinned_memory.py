@@ -89,9 +89,22 @@ def test_a_batch_is_joined_in_the_inputs_pinned_buffer_and_the_buffer_is_kept():
     assert feeds["mask"].dtype == np.int64
     assert pool.used_bytes == 8 * 3 * 4 + 8 * 2 * 8  # room for the largest batch, per input
     assert {feeds["x"].ctypes.data, feeds["mask"].ctypes.data} == set(allocator.live)
-    again = staging.join([{"x": rows(4, 5.0), "mask": np.ones((4, 2), np.int64)}])  # a single request is copied too
+    again = staging.join([{"x": rows(4, 5.0), "mask": np.ones((4, 2), np.int64)},
+                          {"x": rows(1, 6.0), "mask": np.ones((1, 2), np.int64)}])
     assert again["x"].ctypes.data == feeds["x"].ctypes.data and len(allocator.live) == 2
-    np.testing.assert_array_equal(again["x"], rows(4, 5.0))
+    np.testing.assert_array_equal(again["x"], np.concatenate([rows(4, 5.0), rows(1, 6.0)]))
+    staging.close()
+    assert pool.used_bytes == 0 and not allocator.live
+
+
+def test_a_lone_request_is_not_copied_but_its_buffers_are_allocated():
+    pool, allocator = numpy_pool(1 << 20)
+    staging = BatchStaging(pool, max_rows=8)
+    request = {"x": rows(3, 1.0)}
+    feeds = staging.join([request])
+    assert feeds["x"] is request["x"] and pool.used_bytes == 8 * 3 * 4
+    padded = staging.pad(feeds, 4)  # not joined in the buffer: the executor pads a copy
+    assert padded is None
     staging.close()
     assert pool.used_bytes == 0 and not allocator.live
 
@@ -99,7 +112,7 @@ def test_a_batch_is_joined_in_the_inputs_pinned_buffer_and_the_buffer_is_kept():
 def test_a_batch_joined_in_its_buffer_is_padded_in_place_with_zero_rows():
     pool, _ = numpy_pool(1 << 20)
     staging = BatchStaging(pool, max_rows=8)
-    staging.join([{"x": rows(8, 9.0)}])  # leaves nines in every row
+    staging.join([{"x": rows(4, 9.0)}, {"x": rows(4, 9.0)}])  # leaves nines in every row
     feeds = staging.join([{"x": rows(1, 1.0)}, {"x": rows(2, 2.0)}])
     padded = staging.pad(feeds, 4)
     assert padded is not None and padded["x"].ctypes.data == feeds["x"].ctypes.data
@@ -111,9 +124,9 @@ def test_a_batch_joined_in_its_buffer_is_padded_in_place_with_zero_rows():
 def test_a_larger_row_shape_gets_a_larger_buffer_and_the_old_one_is_returned():
     pool, allocator = numpy_pool(1 << 20)
     staging = BatchStaging(pool, max_rows=2)
-    small = staging.join([{"x": rows(1, 1.0, width=3)}])
-    large = staging.join([{"x": rows(2, 2.0, width=50)}])
-    np.testing.assert_array_equal(large["x"], rows(2, 2.0, width=50))
+    small = staging.join([{"x": rows(1, 1.0, width=3)}, {"x": rows(1, 1.0, width=3)}])
+    large = staging.join([{"x": rows(1, 2.0, width=50)}, {"x": rows(1, 3.0, width=50)}])
+    np.testing.assert_array_equal(large["x"], np.concatenate([rows(1, 2.0, width=50), rows(1, 3.0, width=50)]))
     assert allocator.freed == [small["x"].ctypes.data] and pool.used_bytes == 2 * 50 * 4
 
 
@@ -146,16 +159,16 @@ def test_the_executor_runs_batches_joined_and_padded_in_its_buffers(engines, tmp
     for size, session in executor.sessions.items():
         bind = session.io_binding
         session.io_binding = lambda size=size, bind=bind: RecordingBinding(bind(), seen[size])
-    for sizes in ((1,), (1, 2), (3, 2), (8,)):
+    for sizes in ((1,), (1, 2), (3, 2), (8,), (4, 4)):
         requests = [built.model.sample_inputs(batch=size, seed=index) for index, size in enumerate(sizes)]
         feeds = executor.form_batch(requests)
-        assert feeds["input"].ctypes.data in allocator.live
+        assert (feeds["input"].ctypes.data in allocator.live) == (len(requests) > 1)  # a lone request stays put
         joined = np.concatenate([request["input"] for request in requests])
         outputs = executor.run(feeds)
         assert outputs["logits"].shape[0] == sum(sizes)
         np.testing.assert_allclose(outputs["logits"], built.session().run(None, {"input": joined})[0], rtol=1e-5, atol=1e-5)
-    assert {size: [len(batch) for batch in batches] for size, batches in seen.items()} == {1: [1], 2: [], 4: [4], 8: [8, 8]}
-    assert all(batch.ctypes.data in allocator.live for batches in seen.values() for batch in batches)  # padded in place
+    assert {size: [len(batch) for batch in batches] for size, batches in seen.items()} == {1: [1], 2: [], 4: [4], 8: [8, 8, 8]}
+    assert [batch.ctypes.data in allocator.live for batch in seen[4] + seen[8]] == [True, True, False, True]  # padded in place
     executor.close()
     assert pool.used_bytes == 0
 
