@@ -662,7 +662,8 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                     served[mode][load_name]["trace"] = spans
                     print(f"  {model_name:8s} {precision} batching {mode:3s} {load_name}: {trace_line(spans)}", flush=True)
             for load_name in (f"c{c}" for c in cfg["concurrency"]):
-                pinned, pageable = _get(served, "on", load_name, "items_per_s"), _get(served, PAGEABLE, load_name, "items_per_s")
+                pinned = _get(served, "on", load_name, "items_per_s")
+                pageable = _get(served, PAGEABLE, load_name, "items_per_s")
                 if pinned and pageable:
                     print(f"  {model_name:8s} {precision} batching on {load_name}: pinned {pinned:,.0f} against pageable "
                           f"{pageable:,.0f} items/s = {pinned / pageable:.2f}x", flush=True)

@@ -25,6 +25,7 @@ from plansmith_runtime.loader import fetch_engine
 from plansmith_runtime.metrics import Metrics, model_statistics
 from plansmith_runtime.protocol import InvalidRequest, Signature
 from plansmith_runtime.scheduler import DynamicBatcher
+from plansmith_runtime.system_metrics import PinnedMemoryUse
 from plansmith_runtime.tracing import Trace
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class ServedModel:
         self.batcher: DynamicBatcher | None = None
         self._executors: list[Executor] = []
         self._pinned_pool: PinnedMemoryPool | None = None
+        self._pinned_budget: int | None = None  # --pinned-memory-pool-byte-size, once loading began
         self._intra_op_threads = 0  # threads a session: see intra_op_threads
         self._warm_compute_us: dict[int, float] = {}  # batch size -> fastest warmup run
         self._model_config = None
@@ -130,6 +132,7 @@ class ServedModel:
 
     async def load(self, options: LoadOptions) -> None:
         """Load in a worker thread; on any failure stay NOT READY with the reason logged."""
+        self._pinned_budget = options.pinned_memory_pool_bytes
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._load_blocking, options)
         except Exception as error:  # every load failure keeps the server up and not ready
@@ -287,6 +290,13 @@ class ServedModel:
         if self.batcher:
             await self.batcher.close(grace_seconds)
         self._close_executors()
+
+    def pinned_memory(self) -> PinnedMemoryUse | None:
+        """The pinned memory pool's budget and what the executors hold of it (None before loading)."""
+        if self._pinned_budget is None:
+            return None
+        pool = self._pinned_pool
+        return PinnedMemoryUse(self._pinned_budget, pool.used_bytes if pool else 0)
 
     def _close_executors(self) -> None:
         for executor in self._executors:

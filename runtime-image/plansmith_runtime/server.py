@@ -49,7 +49,8 @@ class Server:
         grace = self.config.grace_seconds
         http_api = HttpApi(self.model, self.is_ready, self.shared_memory, self.log_control, self.trace_control)
         http_server = HttpServer(http_api.handle, MAX_BODY_BYTES)
-        system_metrics = SystemMetrics(NvmlGpus(os.environ.get("CUDA_VISIBLE_DEVICES")), self.config.metrics_interval_ms)
+        system_metrics = SystemMetrics(NvmlGpus(os.environ.get("CUDA_VISIBLE_DEVICES")), self.config.metrics_interval_ms,
+                                       pinned=self.model.pinned_memory)
         system_metrics.start()
         metrics_runner = web.AppRunner(metrics_app(self.model, system_metrics), access_log=None, shutdown_timeout=1.0)
         await metrics_runner.setup()

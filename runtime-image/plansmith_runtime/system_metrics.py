@@ -1,7 +1,9 @@
-"""Triton's GPU and CPU metrics on the metrics port: `nv_gpu_utilization`, `nv_gpu_memory_total_bytes`,
-`nv_gpu_memory_used_bytes`, `nv_gpu_power_usage`, `nv_gpu_power_limit`, `nv_energy_consumption` (label
-`gpu_uuid`) and `nv_cpu_utilization`, `nv_cpu_memory_total_bytes`, `nv_cpu_memory_used_bytes`, with
-Triton's names, help texts and types, so its Grafana dashboards and alerts work unchanged.
+"""Triton's GPU, CPU and pinned memory metrics on the metrics port: `nv_gpu_utilization`,
+`nv_gpu_memory_total_bytes`, `nv_gpu_memory_used_bytes`, `nv_gpu_power_usage`, `nv_gpu_power_limit`,
+`nv_energy_consumption` (label `gpu_uuid`), `nv_cpu_utilization`, `nv_cpu_memory_total_bytes`,
+`nv_cpu_memory_used_bytes` and `nv_pinned_memory_pool_total_bytes`, `nv_pinned_memory_pool_used_bytes`
+(Triton's since 24.01: the `--pinned-memory-pool-byte-size` budget and what the GPU executors hold of
+it), with Triton's names, help texts and types, so its Grafana dashboards and alerts work unchanged.
 
 As in Triton, a thread polls them every `--metrics-interval-ms` (2000 by default) and a scrape shows
 the latest poll. The CPU figures are the machine's, as Triton reads them (/proc/stat: busy over busy
@@ -18,7 +20,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,12 @@ class GpuReading:
 
 
 @dataclass(frozen=True)
+class PinnedMemoryUse:
+    total_bytes: int  # the pool's budget
+    used_bytes: int
+
+
+@dataclass(frozen=True)
 class Poll:
     """What a scrape shows: the latest poll, and each GPU's energy since the first."""
 
@@ -118,6 +126,7 @@ class Poll:
     memory: MemoryUse | None = None
     gpus: tuple[GpuReading, ...] = ()
     energy_joules: tuple[tuple[str, float], ...] = ()  # (uuid, joules since the server started)
+    pinned: PinnedMemoryUse | None = None
 
 
 _GPU_GAUGES = (
@@ -149,6 +158,11 @@ def render(poll: Poll) -> str:
     if poll.memory is not None:
         family("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes", "gauge", [("", poll.memory.total_bytes)])
         family("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes", "gauge", [("", poll.memory.used_bytes)])
+    if poll.pinned is not None:
+        family("nv_pinned_memory_pool_total_bytes", "Pinned memory pool total memory size, in bytes", "gauge",
+               [("", poll.pinned.total_bytes)])
+        family("nv_pinned_memory_pool_used_bytes", "Pinned memory pool used memory size, in bytes", "gauge",
+               [("", poll.pinned.used_bytes)])
     return "".join(lines)
 
 
@@ -202,8 +216,9 @@ class SystemMetrics:
     """Polls the CPU and GPU figures on a thread of its own every `interval_ms`; `render()` shows the
     latest poll."""
 
-    def __init__(self, gpus: GpuSource, interval_ms: int = DEFAULT_INTERVAL_MS, proc: Path = Path("/proc")) -> None:
-        self.gpus, self.interval_ms, self.proc = gpus, interval_ms, proc
+    def __init__(self, gpus: GpuSource, interval_ms: int = DEFAULT_INTERVAL_MS, proc: Path = Path("/proc"),
+                 pinned: Callable[[], PinnedMemoryUse | None] = lambda: None) -> None:
+        self.gpus, self.interval_ms, self.proc, self.pinned = gpus, interval_ms, proc, pinned
         self._last_cpu: CpuTimes | None = None  # the previous poll's, to measure the CPU over the interval
         self._first_energy: dict[str, int] = {}
         self._warned = False
@@ -237,7 +252,8 @@ class SystemMetrics:
                 self._first_energy.setdefault(reading.uuid, reading.energy_millijoules)
         energy = tuple((reading.uuid, (reading.energy_millijoules - self._first_energy[reading.uuid]) / 1000)
                        for reading in readings if reading.energy_millijoules is not None)
-        self.latest = Poll(utilization, memory, readings, energy)  # one reference swap: a scrape sees a whole poll
+        # one reference swap: a scrape sees a whole poll
+        self.latest = Poll(utilization, memory, readings, energy, self.pinned())
         return self.latest
 
     def _cpu_times(self) -> CpuTimes | None:

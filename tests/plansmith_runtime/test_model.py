@@ -11,6 +11,7 @@ import pytest
 
 from plansmith_runtime.config import BatchingPolicy, ServingConfig
 from plansmith_runtime.model import LoadOptions, ServedModel
+from plansmith_runtime.system_metrics import PinnedMemoryUse
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -65,6 +66,7 @@ async def test_a_model_on_a_gpu_joins_batches_in_pinned_buffers_from_warmup_on_u
         assert model.ready, model.reason
         row_bytes = built.model.sample_inputs(batch=1)["input"].nbytes
         assert sorted(array.nbytes for array in live.values()) == ([8 * row_bytes] * 2 if pool_bytes else [])
+        assert model.pinned_memory() == PinnedMemoryUse(pool_bytes, 2 * 8 * row_bytes if pool_bytes else 0)
         assert "pageable memory" not in caplog.text  # turned off is not a refusal to warn about
         inputs = [built.model.sample_inputs(batch=1, seed=seed)["input"] for seed in range(3)]
         results = await asyncio.gather(*(model.infer({"input": x}, []) for x in inputs))
@@ -72,4 +74,4 @@ async def test_a_model_on_a_gpu_joins_batches_in_pinned_buffers_from_warmup_on_u
         np.testing.assert_allclose(np.concatenate([result["logits"] for result in results]), expected, rtol=1e-5, atol=1e-5)
     finally:
         await model.stop(1.0)
-    assert not live
+    assert not live and model.pinned_memory() == PinnedMemoryUse(pool_bytes, 0)

@@ -155,7 +155,7 @@ def test_health_metadata_and_config_like_triton(cnn_server):
     assert '"batch_sizes": [1, 4, 8, 16]' in cnn_server.log()
 
 
-def test_metrics_port_polls_tritons_cpu_metrics_and_gpu_ones_where_nvml_sees_gpus(cnn_server):
+def test_metrics_port_polls_tritons_cpu_and_pinned_memory_metrics_and_gpu_ones_where_nvml_sees_gpus(cnn_server):
     time.sleep(0.3)  # polled every 100 ms here: the CPU utilization needs two polls
     _, body = cnn_server.get("/metrics", cnn_server.metrics_port)
     families = {family.name: family for family in text_string_to_metric_families(body.decode())}
@@ -165,6 +165,9 @@ def test_metrics_port_polls_tritons_cpu_metrics_and_gpu_ones_where_nvml_sees_gpu
     assert 0 < families["nv_cpu_memory_used_bytes"].samples[0].value < memory_total
     gpus = NvmlGpus(os.environ.get("CUDA_VISIBLE_DEVICES")).handles
     assert ("nv_gpu_memory_used_bytes" in families) == bool(gpus), "GPU metrics exactly where NVML sees GPUs"
+    # Triton's default pool, of which a CPU engine holds nothing
+    assert families["nv_pinned_memory_pool_total_bytes"].samples[0].value == 256 << 20
+    assert families["nv_pinned_memory_pool_used_bytes"].samples[0].value == 0
 
 
 def test_latency_summaries_follow_the_counters_and_order_their_quantiles(engines, cnn_server):

@@ -3,9 +3,9 @@
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from plansmith_runtime.system_metrics import (CpuTimes, GpuReading, MemoryUse, NvmlGpus, Poll, ProcParseError,
-                                              SystemMetrics, cpu_utilization, parse_meminfo, parse_proc_stat, render,
-                                              visible_devices)
+from plansmith_runtime.system_metrics import (CpuTimes, GpuReading, MemoryUse, NvmlGpus, PinnedMemoryUse, Poll,
+                                              ProcParseError, SystemMetrics, cpu_utilization, parse_meminfo,
+                                              parse_proc_stat, render, visible_devices)
 
 STAT = "cpu  100 5 40 800 20 3 2 10 0 0\ncpu0 50 2 20 400 10 1 1 5 0 0\nintr 12345\n"
 MEMINFO = "MemTotal:       16384 kB\nMemFree:         1024 kB\nMemAvailable:    4096 kB\nBuffers:    1 kB\nHugePages_Total:       0\n"
@@ -62,11 +62,12 @@ def test_the_exposition_has_tritons_names_types_labels_and_leaves_out_what_nvml_
     poll = Poll(cpu_utilization=0.25, memory=MemoryUse(4096, 1024),
                 gpus=(GpuReading("GPU-aaaa", 0.5, 80 << 30, 2 << 30, 301.5, 700.0, 5_000_000),
                       GpuReading("MIG-bbbb", None, 10 << 30, 1 << 30, None, None, None)),
-                energy_joules=(("GPU-aaaa", 12.5),))
+                energy_joules=(("GPU-aaaa", 12.5),), pinned=PinnedMemoryUse(256 << 20, 38 << 20))
     families = {family.name: family for family in text_string_to_metric_families(render(poll))}
     assert set(families) == {"nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
                              "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption",
-                             "nv_cpu_utilization", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes"}
+                             "nv_cpu_utilization", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes",
+                             "nv_pinned_memory_pool_total_bytes", "nv_pinned_memory_pool_used_bytes"}
 
     def samples(name):
         return {sample.labels.get("gpu_uuid"): sample.value for sample in families[name].samples}
@@ -77,6 +78,9 @@ def test_the_exposition_has_tritons_names_types_labels_and_leaves_out_what_nvml_
     assert samples("nv_energy_consumption") == {"GPU-aaaa": 12.5}
     assert samples("nv_cpu_utilization") == {None: 0.25}
     assert samples("nv_cpu_memory_total_bytes") == {None: 4096}
+    assert samples("nv_pinned_memory_pool_total_bytes") == {None: 256 << 20}
+    assert samples("nv_pinned_memory_pool_used_bytes") == {None: 38 << 20}
+    assert "# HELP nv_pinned_memory_pool_used_bytes Pinned memory pool used memory size, in bytes\n" in render(poll)
     # prometheus_client's parser names a counter without `_total`; the exposed line keeps Triton's name
     assert families["nv_energy_consumption"].type == "counter"
     assert 'nv_energy_consumption{gpu_uuid="GPU-aaaa"} 12.500000\n' in render(poll)
@@ -99,8 +103,10 @@ def test_the_poller_measures_the_cpu_between_polls_and_energy_from_the_first(tmp
     (tmp_path / "meminfo").write_text(MEMINFO)
     gpus = ScriptedGpus([[GpuReading("GPU-a", energy_millijoules=7_000), GpuReading("GPU-b")],
                          [GpuReading("GPU-a", energy_millijoules=9_500), GpuReading("GPU-b")]])
-    metrics = SystemMetrics(gpus, interval_ms=60_000, proc=tmp_path)
+    pinned = iter([None, PinnedMemoryUse(1024, 512)])  # before and after the model's loading began
+    metrics = SystemMetrics(gpus, interval_ms=60_000, proc=tmp_path, pinned=lambda: next(pinned))
     first = metrics.poll()
+    assert first.pinned is None
     assert first.cpu_utilization is None  # one reading measures no interval
     assert first.memory == parse_meminfo(MEMINFO)
     assert first.energy_joules == (("GPU-a", 0.0),)  # since the server started; GPU-b has no energy counter
@@ -108,6 +114,7 @@ def test_the_poller_measures_the_cpu_between_polls_and_energy_from_the_first(tmp
     second = metrics.poll()
     assert second.cpu_utilization == pytest.approx(60 / 100)
     assert second.energy_joules == (("GPU-a", 2.5),)
+    assert second.pinned == PinnedMemoryUse(1024, 512)
     assert metrics.render() == render(second)
 
 

@@ -82,7 +82,8 @@ def test_a_cuda_error_is_raised_with_its_code():
 def test_a_batch_is_joined_in_the_inputs_pinned_buffer_and_the_buffer_is_kept():
     pool, allocator = numpy_pool(1 << 20)
     staging = BatchStaging(pool, max_rows=8)
-    requests = [{"x": rows(1, 1.0), "mask": np.ones((1, 2), np.int64)}, {"x": rows(2, 2.0), "mask": np.zeros((2, 2), np.int64)}]
+    requests = [{"x": rows(1, 1.0), "mask": np.ones((1, 2), np.int64)},
+                {"x": rows(2, 2.0), "mask": np.zeros((2, 2), np.int64)}]
     feeds = staging.join(requests)
     np.testing.assert_array_equal(feeds["x"], np.concatenate([rows(1, 1.0), rows(2, 2.0)]))
     np.testing.assert_array_equal(feeds["mask"], [[1, 1], [0, 0], [0, 0]])
@@ -167,8 +168,10 @@ def test_the_executor_runs_batches_joined_and_padded_in_its_buffers(engines, tmp
         outputs = executor.run(feeds)
         assert outputs["logits"].shape[0] == sum(sizes)
         np.testing.assert_allclose(outputs["logits"], built.session().run(None, {"input": joined})[0], rtol=1e-5, atol=1e-5)
-    assert {size: [len(batch) for batch in batches] for size, batches in seen.items()} == {1: [1], 2: [], 4: [4], 8: [8, 8, 8]}
-    assert [batch.ctypes.data in allocator.live for batch in seen[4] + seen[8]] == [True, True, False, True]  # padded in place
+    assert {size: [len(batch) for batch in batches] for size, batches in seen.items()} == {
+        1: [1], 2: [], 4: [4], 8: [8, 8, 8]}
+    # padded in place, but for the lone request of 8
+    assert [batch.ctypes.data in allocator.live for batch in seen[4] + seen[8]] == [True, True, False, True]
     executor.close()
     assert pool.used_bytes == 0
 
