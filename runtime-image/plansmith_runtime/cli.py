@@ -88,11 +88,17 @@ def register(subparsers) -> None:
     parser.add_argument("--metrics-config", action="append", default=[], metavar="KEY=VALUE",
                         help="Triton's: summary_latencies=true adds nv_inference_*_summary_us (p50 ... p99.9 over "
                              "the last minute); summary_quantiles=0.5:0.05,0.99:0.001 picks the quantiles")
-    parser.add_argument("--trace-config", action="append", default=[], metavar="[triton,]KEY=VALUE",
+    parser.add_argument("--trace-config", action="append", default=[], metavar="[MODE,]KEY=VALUE",
                         help="Triton's request tracing: level=TIMESTAMPS (and/or level=TENSORS), rate=N (trace every "
-                             "N-th request, default 1000), count=N (-1: no limit), triton,file=PATH (where traces "
-                             "go), triton,log-frequency=N (write every N traces to PATH.0, PATH.1, ...; 0: to PATH "
-                             "at exit). Clients change all but the file through tritonclient's update_trace_settings")
+                             "N-th request, default 1000), count=N (-1: no limit), mode=triton (default) or "
+                             "mode=opentelemetry. Mode triton: triton,file=PATH (where traces go), "
+                             "triton,log-frequency=N (write every N traces to PATH.0, PATH.1, ...; 0: to PATH at "
+                             "exit). Mode opentelemetry (spans to a collector; requests with a W3C traceparent "
+                             "always traced): opentelemetry,url=URL (OTLP/HTTP, default "
+                             "http://localhost:4318/v1/traces), opentelemetry,resource=KEY=VALUE, "
+                             "opentelemetry,bsp_max_queue_size=N, bsp_schedule_delay=MS, bsp_max_export_batch_size=N. "
+                             "Clients change level, rate, count and log-frequency through tritonclient's "
+                             "update_trace_settings")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL at start; clients change "
                         "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")
     parser.set_defaults(handler=cmd_serve)

@@ -69,19 +69,22 @@ class InferCall:
     message: service_pb2.ModelInferRequest
     raw_input_contents: Sequence[bytes | memoryview]
     read_started_ns: int = 0  # time.monotonic_ns() when the transport began reading it
+    traceparent: str | None = None  # the call's W3C trace context metadata (OpenTelemetry tracing)
+    tracestate: str | None = None
 
 
 RAW_INPUT_CONTENTS = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
-def parse_infer_request(data: bytes | memoryview, read_started_ns: int = 0) -> InferCall:
+def parse_infer_request(data: bytes | memoryview, read_started_ns: int = 0, traceparent: str | None = None,
+                        tracestate: str | None = None) -> InferCall:
     """Parse a ModelInferRequest without copying its tensors (protobuf_wire says why)."""
     split = split_bytes_field(data, RAW_INPUT_CONTENTS)
     if split is None:  # a message protobuf_wire does not walk: protobuf parses (and copies) it all
         message = service_pb2.ModelInferRequest.FromString(data)
-        return InferCall(message, message.raw_input_contents, read_started_ns)
+        return InferCall(message, message.raw_input_contents, read_started_ns, traceparent, tracestate)
     rest, raw = split
-    return InferCall(service_pb2.ModelInferRequest.FromString(rest), raw, read_started_ns)
+    return InferCall(service_pb2.ModelInferRequest.FromString(rest), raw, read_started_ns, traceparent, tracestate)
 
 
 def decode_grpc_inputs(request, shared_memory: SystemSharedMemory | None = None,
@@ -276,7 +279,7 @@ class InferenceService:
 
     async def ModelInfer(self, call: InferCall):
         request = call.message
-        trace = self.trace_control.start(request.model_name, request.id)
+        trace = self.trace_control.start(request.model_name, request.id, call.traceparent, call.tracestate)
         if trace is not None:
             trace.stamp(tracing.GRPC_WAITREAD_START, call.read_started_ns)
             trace.stamp(tracing.GRPC_WAITREAD_END, time.monotonic_ns())

@@ -81,16 +81,17 @@ class GrpcError(Exception):
 class Method:
     request_type: type  # the protobuf message class requests are parsed into
     handler: Handler
-    # what the handler takes, from a request message's bytes and when its reading began (a
-    # time.monotonic_ns()); None: request_type.FromString of the bytes
-    parse: Callable[[bytes | memoryview, int], object] | None = None
+    # what the handler takes, from a request message's bytes, when its reading began (a
+    # time.monotonic_ns()) and the call's W3C trace context metadata (traceparent, tracestate: for
+    # OpenTelemetry tracing); None: request_type.FromString of the bytes
+    parse: Callable[[bytes | memoryview, int, str | None, str | None], object] | None = None
 
     @functools.cached_property
-    def parser(self) -> Callable[[bytes | memoryview, int], object]:
+    def parser(self) -> Callable[[bytes | memoryview, int, str | None, str | None], object]:
         if self.parse is not None:
             return self.parse
         from_string = self.request_type.FromString
-        return lambda data, read_started_ns: from_string(data)
+        return lambda data, read_started_ns, traceparent, tracestate: from_string(data)
 
     @functools.cached_property
     def waits(self) -> bool:
@@ -212,6 +213,8 @@ class _Stream:
     headers_sent: bool = False  # streaming: the response HEADERS are out
     deadline: float | None = None  # loop time by which the client wants its answer (grpc-timeout)
     read_started_ns: int = 0  # when reading its (next) request message began: the stream opened, or the last was read
+    traceparent: str | None = None  # W3C trace context metadata a client's OpenTelemetry propagated
+    tracestate: str | None = None
     deadline_timer: asyncio.TimerHandle | None = None
 
 
@@ -507,6 +510,10 @@ class GrpcConnection(asyncio.BufferedProtocol):
                 timeout = parse_grpc_timeout(value)
                 if timeout is not None:
                     stream.deadline = asyncio.get_running_loop().time() + timeout
+            elif name == b"traceparent":
+                stream.traceparent = value.decode("latin-1")
+            elif name == b"tracestate":
+                stream.tracestate = value.decode("latin-1")
         method = self.server.methods.get(stream.path)
         if isinstance(method, StreamingMethod) and stream.content_type.startswith("application/grpc"):
             stream.streaming = method
@@ -643,7 +650,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
         it starts leaves no coroutine behind). A bad message or a failing handler fails the call."""
         try:
             request = method.parser(unframe_message(framed, stream.encoding, self.server.max_message_bytes),
-                                    stream.read_started_ns)
+                                    stream.read_started_ns, stream.traceparent, stream.tracestate)
             if method.waits:
                 return asyncio.get_running_loop().create_task(self._await_answer(stream, method.handler, request))
             response = method.handler(request)

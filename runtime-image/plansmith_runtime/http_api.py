@@ -263,7 +263,9 @@ class HttpApi:
         try:
             model = self._model(target)
             decoded = decode_http_request(request.body, request.headers.get(_HEADER_CONTENT_LENGTH), self.shared_memory)
-            trace = self.trace_control.start(model.name, decoded.id)
+            # a client's OpenTelemetry context travels in W3C's trace context headers
+            trace = self.trace_control.start(model.name, decoded.id, request.headers.get("traceparent"),
+                                             request.headers.get("tracestate"))
             if trace is not None:
                 trace.stamp(tracing.HTTP_RECV_START, request.receive_started_ns)
                 trace.stamp(tracing.HTTP_RECV_END, request.received_ns)

@@ -18,19 +18,28 @@ As in Triton (tracer.cc, http_server.cc, grpc_server.cc):
   tensor ({"id", "activity", "tensor": {"name", "data", "shape", "dtype"}}). Timestamps are
   nanoseconds of the monotonic clock (Triton's steady_clock).
 
+In Triton's OpenTelemetry trace mode (`--trace-config mode=opentelemetry`) the same sampled
+requests become OpenTelemetry spans sent to a collector (opentelemetry_traces), and a request that
+carries a W3C `traceparent` is traced whatever the rate and count. The mode and its settings
+(opentelemetry,url=, opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_*=) are the command line's
+only, as in Triton; the protocol reads the mode back and changes the rest.
+
 Where this server departs from Triton, it is to refuse what Triton takes silently or misreads: an
 unknown trace level or a non-integer number is a 400 (Triton ignores the one and reads "12abc" as
-12), and the command line refuses a level without a trace file (Triton starts and traces nothing).
+12), the command line refuses a level without a trace file (Triton starts and traces nothing), and
+level TENSORS in the OpenTelemetry mode, and one mode's settings given to the other, are refused
+(Triton logs an error for each request, or ignores the setting).
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 import orjson
@@ -40,6 +49,7 @@ log = logging.getLogger(__name__)
 TIMESTAMPS, TENSORS = "TIMESTAMPS", "TENSORS"
 LEVELS = (TIMESTAMPS, TENSORS)  # in the order Triton lists them
 OFF = "OFF"
+TRITON_MODE, OPENTELEMETRY_MODE = "triton", "opentelemetry"
 UINT32_MAX = 4294967295
 INT32_MAX = 2147483647
 
@@ -69,6 +79,29 @@ class TraceSettingNotSettable(InvalidTraceSetting):
     """A setting only the command line sets (the trace file): HTTP 501 / gRPC UNIMPLEMENTED, as Triton."""
 
 
+# The batch span processor's settings: Triton's names, the OpenTelemetry SDK's environment variables
+# (which set them when the command line does not) and their defaults, the same in Triton and the SDK
+BATCH_SPAN_PROCESSOR = {"bsp_max_queue_size": ("OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+                        "bsp_schedule_delay": ("OTEL_BSP_SCHEDULE_DELAY", 5000),
+                        "bsp_max_export_batch_size": ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)}
+
+
+@dataclass(frozen=True)
+class OpenTelemetryConfig:
+    """Where the OpenTelemetry mode sends spans, and how the SDK's batch span processor batches them."""
+    url: str = "http://localhost:4318/v1/traces"  # an OTLP/HTTP collector's traces endpoint
+    resource: tuple[tuple[str, str], ...] = ()  # resource attributes, over OTEL_RESOURCE_ATTRIBUTES'
+    bsp_max_queue_size: int = 2048
+    bsp_schedule_delay: int = 5000  # milliseconds between exports
+    bsp_max_export_batch_size: int = 512
+
+    def as_triton(self) -> dict[str, str]:
+        """As Triton reports them among the trace settings; the resource attributes as
+        OTEL_RESOURCE_ATTRIBUTES writes them (Triton shows the last one given)."""
+        return {"url": self.url, "resource": ",".join(f"{key}={value}" for key, value in self.resource),
+                **{name: str(getattr(self, name)) for name in BATCH_SPAN_PROCESSOR}}
+
+
 @dataclass(frozen=True)
 class TraceSettings:
     level: frozenset[str] = frozenset()  # empty: OFF
@@ -76,11 +109,16 @@ class TraceSettings:
     count: int = -1
     log_frequency: int = 0
     file: str = ""
+    mode: str = TRITON_MODE  # or OPENTELEMETRY_MODE; the command line's only
+    opentelemetry: OpenTelemetryConfig = OpenTelemetryConfig()
 
     def idle_reason(self) -> str | None:
         """Why these settings trace nothing, or None when they trace."""
         if not self.level:
             return "tracing is disabled"
+        if self.mode == OPENTELEMETRY_MODE:
+            # with rate 0 or no count left, requests that carry a trace context are still traced
+            return None
         if self.rate == 0:
             return "sample rate must be non-zero"
         if not self.file:
@@ -91,10 +129,15 @@ class TraceSettings:
         return None
 
     def as_triton(self, count: int | None = None) -> dict[str, str | list[str]]:
-        """The settings as Triton reports them: strings, and the level a list; `count` is what is left."""
-        return {"trace_level": [level for level in LEVELS if level in self.level] or [OFF],
-                "trace_rate": str(self.rate), "trace_count": str(self.count if count is None else count),
-                "log_frequency": str(self.log_frequency), "trace_file": self.file, "trace_mode": "triton"}
+        """The settings as Triton reports them: strings, and the level a list; `count` is what is left.
+        Mode opentelemetry has the exporter's settings where mode triton has the file's."""
+        reported: dict[str, str | list[str]] = {
+            "trace_level": [level for level in LEVELS if level in self.level] or [OFF],
+            "trace_rate": str(self.rate), "trace_count": str(self.count if count is None else count)}
+        if self.mode == TRITON_MODE:
+            return {**reported, "log_frequency": str(self.log_frequency), "trace_file": self.file,
+                    "trace_mode": self.mode}
+        return {**reported, "trace_mode": self.mode, **self.opentelemetry.as_triton()}
 
 
 # ---------------------------------------------------------------------- parsing
@@ -178,29 +221,45 @@ def changes_from_grpc(settings: Mapping[str, Iterable[str]]) -> dict[str, Any]:
     return changes
 
 
-CONFIG_FORMAT = "--trace-config takes <setting>=<value> or triton,<setting>=<value>"
+CONFIG_FORMAT = "--trace-config takes <setting>=<value> or <mode>,<setting>=<value>"
 LEVEL_WORDS = {"off": None, "false": None, "timestamps": TIMESTAMPS, "true": TIMESTAMPS, "on": TIMESTAMPS,
                "min": TIMESTAMPS, "max": TIMESTAMPS, "tensors": TENSORS}  # Triton's command line words
+MODE_SETTINGS = {TRITON_MODE: ("file", "log-frequency"),
+                 OPENTELEMETRY_MODE: ("url", "resource", "bsp_max_queue_size", "bsp_schedule_delay",
+                                      "bsp_max_export_batch_size")}
+MODES_SUPPORTED = "the modes are triton and opentelemetry"
+OPENTELEMETRY_PACKAGES = "opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http (plansmith[runtime])"
 
 
 def parse_trace_config(entries: Iterable[str]) -> TraceSettings:
-    """Triton's --trace-config settings: level= (repeatable), rate=, count=, mode=triton, and
-    triton,file= and triton,log-frequency=. A level that would trace needs a file and a rate."""
+    """Triton's --trace-config settings: level= (repeatable), rate=, count=, mode=triton|opentelemetry,
+    triton,file= and triton,log-frequency=, and opentelemetry,url=, opentelemetry,resource=KEY=VALUE
+    (repeatable) and opentelemetry,bsp_max_queue_size|bsp_schedule_delay|bsp_max_export_batch_size=.
+    A level that would trace needs a file and a rate in mode triton."""
     fields: dict[str, Any] = {}
     level: set[str] = set()
+    mode = TRITON_MODE
+    mode_settings: dict[str, dict[str, Any]] = {TRITON_MODE: {}, OPENTELEMETRY_MODE: {}}
+    resource: dict[str, str] = {}  # a key given again takes its last value
     for entry in entries:
-        mode, comma, setting = entry.partition(",")
+        prefix, comma, setting = entry.partition(",")
         if not comma:
-            mode, setting = "", entry
+            prefix, setting = "", entry
         name, equals, value = setting.partition("=")
-        if not equals or not name or not value or (comma and not mode):
+        if not equals or not name or not value or (comma and not prefix):
             raise InvalidTraceSetting(f"{CONFIG_FORMAT}, got {entry!r}")
-        if mode and mode != "triton":
-            raise InvalidTraceSetting(f"trace mode {mode!r} is not supported: this server writes Triton's trace files "
-                                      "(mode triton)")
-        if mode == "triton" and name not in ("file", "log-frequency"):
-            raise InvalidTraceSetting(f"unknown triton trace setting {name!r} in {entry!r}: file and log-frequency are")
-        if name == "level":
+        if prefix:
+            if prefix not in MODE_SETTINGS:
+                raise InvalidTraceSetting(f"trace mode {prefix!r} is not supported: {MODES_SUPPORTED}")
+            if name not in MODE_SETTINGS[prefix]:
+                raise InvalidTraceSetting(f"unknown {prefix} trace setting {name!r} in {entry!r}: "
+                                          f"{', '.join(MODE_SETTINGS[prefix])} are")
+            if name == "resource":
+                key, attribute = parse_resource_attribute(value)
+                resource[key] = attribute
+            else:
+                mode_settings[prefix][name] = value
+        elif name == "level":
             word = value.lower()
             if word not in LEVEL_WORDS:
                 raise InvalidTraceSetting(f"invalid value for trace level option: {value}")
@@ -209,21 +268,73 @@ def parse_trace_config(entries: Iterable[str]) -> TraceSettings:
             else:
                 level.add(LEVEL_WORDS[word])
         elif name == "mode":
-            if value != "triton":
-                raise InvalidTraceSetting(f"trace mode {value!r} is not supported: this server writes Triton's trace "
-                                          "files (mode triton)")
-        elif name == "file":
-            fields["file"] = value
-        elif name in ("rate", "count", "log-frequency"):
-            key = {"rate": "trace_rate", "count": "trace_count", "log-frequency": "log_frequency"}[name]
+            if value not in MODE_SETTINGS:
+                raise InvalidTraceSetting(f"trace mode {value!r} is not supported: {MODES_SUPPORTED}")
+            mode = value
+        elif name in ("rate", "count"):
+            key = f"trace_{name}"
             fields[SETTABLE[key]] = parse_number(key, value)
         else:
             raise InvalidTraceSetting(f"unknown trace setting {name!r} in {entry!r}: level, rate, count and mode are, "
-                                      "and triton,file and triton,log-frequency")
-    settings = TraceSettings(level=frozenset(level), **fields)
+                                      "and the modes' own (triton,file=, opentelemetry,url=, ...)")
+    other = OPENTELEMETRY_MODE if mode == TRITON_MODE else TRITON_MODE
+    if mode_settings[other] or (resource and other == OPENTELEMETRY_MODE):
+        given = ", ".join(f"{other},{name}" for name in [*mode_settings[other], *(["resource"] if resource else [])])
+        raise InvalidTraceSetting(f"{given} applies to trace mode {other}, and the trace mode is {mode}"
+                                  + (" (give mode=opentelemetry)" if other == OPENTELEMETRY_MODE else ""))
+    if mode == TRITON_MODE:
+        triton = mode_settings[TRITON_MODE]
+        if "file" in triton:
+            fields["file"] = triton["file"]
+        if "log-frequency" in triton:
+            fields["log_frequency"] = parse_number("log_frequency", triton["log-frequency"])
+    else:
+        fields["opentelemetry"] = opentelemetry_config(mode_settings[OPENTELEMETRY_MODE], resource)
+    settings = TraceSettings(level=frozenset(level), mode=mode, **fields)
+    check_mode_supports(settings)
     if settings.level and (reason := settings.idle_reason()):
         raise InvalidTraceSetting(f"--trace-config level={'+'.join(sorted(settings.level))} would trace nothing: {reason}")
     return settings
+
+
+def parse_resource_attribute(value: str) -> tuple[str, str]:
+    key, equals, attribute = value.partition("=")
+    if not equals or not key:
+        raise InvalidTraceSetting(f"opentelemetry,resource takes KEY=VALUE (service.name=resnet), got {value!r}")
+    return key, attribute
+
+
+def opentelemetry_config(settings: Mapping[str, str], resource: Mapping[str, str],
+                         environment: Mapping[str, str] = os.environ) -> OpenTelemetryConfig:
+    """The OpenTelemetry mode's settings, checked: positive sizes, a batch no larger than the queue
+    (Triton drops the spans that do not fit), and the SDK installed. A batch span processor setting
+    the command line leaves out comes from the SDK's environment variable, else its default."""
+    numbers: dict[str, int] = {}
+    for name, (variable, default) in BATCH_SPAN_PROCESSOR.items():
+        given = f"opentelemetry,{name}" if name in settings else variable
+        number = parse_number(given, settings.get(name, environment.get(variable, default)))
+        if number == 0:
+            raise InvalidTraceSetting(f"{given} must be at least 1, got 0")
+        numbers[name] = number
+    if numbers["bsp_max_export_batch_size"] > numbers["bsp_max_queue_size"]:
+        raise InvalidTraceSetting(f"bsp_max_export_batch_size must not exceed bsp_max_queue_size "
+                                  f"({numbers['bsp_max_export_batch_size']} > {numbers['bsp_max_queue_size']}): "
+                                  "the spans that do not fit are lost")
+    url = settings.get("url", OpenTelemetryConfig.url)
+    if "://" not in url:  # Triton's form, host:port/path
+        url = f"http://{url}"
+    try:  # the exporter imports them when the server starts: a missing one is refused here, with the flags
+        for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+            importlib.import_module(module)
+    except ImportError as error:
+        raise InvalidTraceSetting(f"trace mode opentelemetry needs {OPENTELEMETRY_PACKAGES}: {error}") from None
+    return OpenTelemetryConfig(url=url, resource=tuple(resource.items()), **numbers)
+
+
+def check_mode_supports(settings: TraceSettings) -> None:
+    if settings.mode == OPENTELEMETRY_MODE and TENSORS in settings.level:
+        raise InvalidTraceSetting("trace level TENSORS is not supported in trace mode opentelemetry: tensors are "
+                                  "written to Triton's trace files only (mode triton)")
 
 
 # ---------------------------------------------------------------------- traces
@@ -249,11 +360,13 @@ def tensor_text(array: np.ndarray) -> str:
 class Trace:
     """One sampled request: its timestamps and tensors, written out when the request is answered."""
 
-    __slots__ = ("id", "model", "version", "request_id", "timestamps", "tensors", "_sampler", "_timestamp_level",
-                 "_tensor_level", "_done")
+    __slots__ = ("id", "model", "version", "request_id", "parent", "timestamps", "tensors", "_sampler",
+                 "_timestamp_level", "_tensor_level", "_done")
 
-    def __init__(self, trace_id: int, sampler: Sampler, model: str, version: str, request_id: str) -> None:
+    def __init__(self, trace_id: int, sampler: Sampler, model: str, version: str, request_id: str,
+                 parent: object | None = None) -> None:
         self.id, self.model, self.version, self.request_id = trace_id, model, version, request_id
+        self.parent = parent  # the OpenTelemetry context a client propagated, or None
         self._sampler = sampler
         self.timestamps: list[tuple[str, int]] = []
         self.tensors: list[dict[str, Any]] = []
@@ -336,14 +449,26 @@ class TraceFile:
         return self.path
 
 
+class TraceExporter(Protocol):
+    """Where the OpenTelemetry mode's traces go (opentelemetry_traces.OpenTelemetryExporter)."""
+
+    def parent_context(self, traceparent: str, tracestate: str | None) -> object | None: ...
+
+    def export(self, trace: Trace) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Sampler:
     """Picks the requests one set of settings traces and collects their traces: the global settings'
-    sampler serves every model without an override of its own."""
+    sampler serves every model without an override of its own. Traces go to a trace file (mode
+    triton) or to the exporter (mode opentelemetry)."""
 
     settings: TraceSettings
     file: TraceFile | None
     ids: Iterator[int]  # trace ids, shared by every sampler of the server
+    exporter: TraceExporter | None = None
     remaining: int = field(init=False)  # traces left to take; -1: no limit
     traces: bool = field(init=False)  # the settings trace (a level, a rate, a file)
     seen: int = 0  # requests sampled from
@@ -356,8 +481,12 @@ class Sampler:
         self.remaining = self.settings.count
         self.traces = self.settings.idle_reason() is None
 
-    def sample(self, model: str, version: str, request_id: str) -> Trace | None:
-        if self.remaining == 0:
+    def sample(self, model: str, version: str, request_id: str, parent: object | None = None) -> Trace | None:
+        """A trace for this request, or None. A request with a propagated context (`parent`) is
+        traced whatever the rate and the count left, and counts against neither (Triton's rule)."""
+        if parent is not None:
+            return Trace(next(self.ids), self, model, version, request_id, parent)
+        if self.remaining == 0 or self.settings.rate == 0:
             return None
         self.seen += 1
         if self.seen % self.settings.rate:
@@ -368,6 +497,9 @@ class Sampler:
         return Trace(next(self.ids), self, model, version, request_id)
 
     def collect(self, trace: Trace) -> None:
+        if self.exporter is not None:  # the SDK's batch span processor batches and sends them
+            self.exporter.export(trace)
+            return
         self._chunks.append(trace.to_json())
         self.collected += 1
         frequency = self.settings.log_frequency
@@ -401,10 +533,18 @@ class Sampler:
 class TraceControl:
     """The server's trace settings (global, and per model) and their samplers."""
 
-    def __init__(self, startup: TraceSettings, models: Iterable[str], version: str) -> None:
+    def __init__(self, startup: TraceSettings, models: Iterable[str], version: str,
+                 exporter: TraceExporter | None = None) -> None:
+        """`exporter`: where traces go in mode opentelemetry (default: an OpenTelemetryExporter of
+        the startup settings)."""
         self.startup = startup  # what a cleared global setting returns to
         self.version = version
         self.models = frozenset(models)
+        if exporter is None and startup.mode == OPENTELEMETRY_MODE:
+            from plansmith_runtime.opentelemetry_traces import OpenTelemetryExporter
+
+            exporter = OpenTelemetryExporter(startup.opentelemetry, version)
+        self.exporter = exporter
         self._global = startup
         self._overrides: dict[str, dict[str, Any]] = {}  # model -> the settings it sets itself
         self._files: dict[str, TraceFile] = {}
@@ -414,10 +554,17 @@ class TraceControl:
         self.active: dict[str, Sampler] = {}  # model -> its sampler, for the models whose settings trace
         self._refresh_active()
 
-    def start(self, model: str, request_id: str) -> Trace | None:
-        """A trace for this request of `model`, if it is sampled (called for every inference request)."""
+    def start(self, model: str, request_id: str, traceparent: str | None = None,
+              tracestate: str | None = None) -> Trace | None:
+        """A trace for this request of `model`, if it is sampled or carries a trace context (its
+        W3C traceparent and tracestate; called for every inference request)."""
         sampler = self.active.get(model)
-        return None if sampler is None else sampler.sample(model, self.version, request_id)
+        if sampler is None:
+            return None
+        parent = None
+        if traceparent is not None and self.exporter is not None:
+            parent = self.exporter.parent_context(traceparent, tracestate)
+        return sampler.sample(model, self.version, request_id, parent)
 
     def settings(self, model: str | None = None) -> dict[str, str | list[str]]:
         self._check_model(model)
@@ -438,6 +585,8 @@ class TraceControl:
         """Write every trace collected and not yet written (the server is stopping)."""
         for sampler in {self._global_sampler, *self._model_samplers.values()}:
             sampler.close()
+        if self.exporter is not None:
+            self.exporter.close()
 
     def _check_model(self, model: str | None) -> None:
         if model and model not in self.models:
@@ -450,10 +599,11 @@ class TraceControl:
         file = None
         if settings.file:
             file = self._files.setdefault(settings.file, TraceFile(settings.file))
-        return Sampler(settings, file, self._ids)
+        return Sampler(settings, file, self._ids, self.exporter)
 
     @staticmethod
     def _checked(settings: TraceSettings) -> TraceSettings:
+        check_mode_supports(settings)
         reason = settings.idle_reason()
         if reason and settings.level:
             raise InvalidTraceSetting(f"Attempting to set invalid trace setting: {reason}")

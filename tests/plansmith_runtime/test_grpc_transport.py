@@ -568,7 +568,7 @@ def recording_connection() -> tuple[GrpcConnection, RecordingTransport, list]:
     """A connection without a socket whose /test.Echo/Record method records what its parser gets."""
     received: list = []
 
-    def record(data, read_started_ns):
+    def record(data, read_started_ns, traceparent, tracestate):
         received.append(data)
         return Request.FromString(data)
 

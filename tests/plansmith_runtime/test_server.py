@@ -689,6 +689,71 @@ HTTP_TRACE = ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START"
 GRPC_TRACE = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *HTTP_TRACE[2:-2], "GRPC_SEND_START", "GRPC_SEND_END"]
 
 
+def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engines, start_server, otlp_collector):
+    """Triton's OpenTelemetry trace mode through tritonclient: with rate 0 only requests that carry a
+    W3C traceparent (HTTP header, gRPC metadata, a gRPC stream's metadata) are traced, each as
+    InferRequest > model > compute spans under the client's span; a rate switched on at runtime
+    traces the rest too; level TENSORS is refused; the server stops cleanly."""
+    server = start_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
+                          "--warmup-iterations", "1", "--trace-config", "mode=opentelemetry",
+                          "--trace-config", f"opentelemetry,url={otlp_collector.url}", "--trace-config", "rate=0",
+                          "--trace-config", "level=TIMESTAMPS", "--trace-config", "opentelemetry,bsp_schedule_delay=20",
+                          "--trace-config", "opentelemetry,resource=service.name=cnn-service").wait_ready()
+    http, rpc = httpclient.InferenceServerClient(server.http_url), grpcclient.InferenceServerClient(server.grpc_url)
+    x = engines["small_cnn"].model.sample_inputs(batch=2, seed=8)["input"]
+    # as Triton 2.51 reports them in this mode
+    assert http.get_trace_settings() == {
+        "trace_level": ["TIMESTAMPS"], "trace_rate": "0", "trace_count": "-1", "trace_mode": "opentelemetry",
+        "url": otlp_collector.url, "resource": "service.name=cnn-service", "bsp_max_export_batch_size": "512",
+        "bsp_schedule_delay": "20", "bsp_max_queue_size": "2048"}
+    contexts = {request_id: (f"{n:032x}", f"{n + 100:016x}") for n, request_id in
+                enumerate(["over-http", "over-grpc", "streamed"], start=1)}
+    headers = {request_id: {"traceparent": f"00-{trace_id}-{span_id}-01"}
+               for request_id, (trace_id, span_id) in contexts.items()}
+
+    http.infer("cnn", [http_input(x)], request_id="no-context")  # rate 0: not traced
+    expected = engines["small_cnn"].session().run(None, {"input": x})[0]
+    np.testing.assert_allclose(http.infer("cnn", [http_input(x)], request_id="over-http", headers=headers["over-http"])
+                               .as_numpy("logits"), expected, **TOLERANCE)
+    rpc.infer("cnn", [grpc_input(x)], request_id="over-grpc", headers=headers["over-grpc"])
+    answers: list = []
+    rpc.start_stream(callback=lambda result, error: answers.append(error or result), headers=headers["streamed"])
+    rpc.async_stream_infer("cnn", [grpc_input(x)], request_id="streamed")
+    deadline = time.monotonic() + 10
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(answers) == 1 and not isinstance(answers[0], InferenceServerException), answers
+    rpc.stop_stream()
+    http.update_trace_settings(settings={"trace_rate": "1"})
+    http.infer("cnn", [http_input(x)], request_id="sampled")
+    with pytest.raises(InferenceServerException, match="TENSORS is not supported in trace mode opentelemetry") as \
+            refused:
+        http.update_trace_settings(settings={"trace_level": ["TENSORS"]})
+    assert refused.value.status() == "400"
+
+    spans = otlp_collector.wait_for(12)
+    assert server.terminate() == 0
+    assert len(otlp_collector.spans) == 12  # nothing more: no trace for the request without a context at rate 0
+    traces: dict[str, dict[str, object]] = {}
+    for span in spans:
+        traces.setdefault(span.trace_id, {})[span.name] = span
+    by_request = {trace["cnn"].attributes["triton.request_id"]: trace for trace in traces.values()}
+    assert set(by_request) == {"over-http", "over-grpc", "streamed", "sampled"}
+    for request_id, trace in by_request.items():
+        root, model, compute = trace["InferRequest"], trace["cnn"], trace["compute"]
+        trace_id, client_span = contexts.get(request_id, (root.trace_id, ""))
+        assert (root.trace_id, root.parent_span_id) == (trace_id, client_span)
+        assert (model.parent_span_id, compute.parent_span_id) == (root.span_id, model.span_id)
+        assert root.resource["service.name"] == "cnn-service"
+        receive_and_send = HTTP_TRACE if request_id in ("over-http", "sampled") else GRPC_TRACE
+        assert [name for name, _ in root.events] == [name for name in receive_and_send if name in (
+            receive_and_send[:2] + receive_and_send[-3:])]
+        assert [name for name, _ in model.events] == ["REQUEST_START", "QUEUE_START", "REQUEST_END"]
+        assert [name for name, _ in compute.events] == HTTP_TRACE[4:8]
+        assert root.start_ns <= model.start_ns <= compute.start_ns <= compute.end_ns <= model.end_ns <= root.end_ns
+        assert model.attributes["triton.model_name"] == "cnn" and model.attributes["triton.model_version"] == 1
+
+
 def traces_in(path: Path) -> dict[str, dict]:
     """A Triton trace file's traces by request id: header, timestamps in file order, tensors."""
     objects = json.loads(path.read_text())

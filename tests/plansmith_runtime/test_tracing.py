@@ -3,6 +3,7 @@ per-model settings, sampling, the trace files, and how tensors are written."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 
 from plansmith_runtime import tracing
-from plansmith_runtime.tracing import (COMPUTE_START, HTTP_SEND_END, HTTP_SEND_START, REQUEST_START, TENSOR_QUEUE_INPUT,
-                                       TENSORS, TIMESTAMPS, InvalidTraceSetting, Sampler, TraceControl, TraceFile,
-                                       TraceSettingNotSettable, TraceSettings, changes_from_grpc, parse_changes,
+from plansmith_runtime.tracing import (COMPUTE_START, HTTP_SEND_END, HTTP_SEND_START, OPENTELEMETRY_MODE, REQUEST_START,
+                                       TENSOR_QUEUE_INPUT, TENSORS, TIMESTAMPS, InvalidTraceSetting,
+                                       OpenTelemetryConfig, Sampler, TraceControl, TraceFile, TraceSettingNotSettable,
+                                       TraceSettings, changes_from_grpc, opentelemetry_config, parse_changes,
                                        parse_level, parse_number, parse_trace_config, tensor_text)
 
 
@@ -102,13 +104,76 @@ def test_command_line_settings_like_tritons_trace_config():
     assert parse_trace_config(["triton,file=/t.json"]) == TraceSettings(file="/t.json")  # off, ready to switch on
 
 
+def test_command_line_settings_of_the_opentelemetry_mode():
+    settings = parse_trace_config(["mode=opentelemetry", "level=TIMESTAMPS", "rate=0",
+                                   "opentelemetry,url=otel:4318/v1/traces",
+                                   "opentelemetry,resource=service.name=old", "opentelemetry,resource=team=a=b",
+                                   "opentelemetry,resource=service.name=resnet",
+                                   "opentelemetry,bsp_max_queue_size=100", "opentelemetry,bsp_schedule_delay=50",
+                                   "opentelemetry,bsp_max_export_batch_size=100"])
+    # rate 0 traces the requests that carry a trace context, and nothing else (Triton's way to ask for that)
+    assert settings == TraceSettings(level=frozenset({TIMESTAMPS}), rate=0, mode=OPENTELEMETRY_MODE,
+                                     opentelemetry=OpenTelemetryConfig(
+                                         url="http://otel:4318/v1/traces",
+                                         resource=(("service.name", "resnet"), ("team", "a=b")),
+                                         bsp_max_queue_size=100, bsp_schedule_delay=50, bsp_max_export_batch_size=100))
+    # read back as Triton 2.51 reads them back in this mode: the exporter's settings, no file
+    assert settings.as_triton() == {"trace_level": ["TIMESTAMPS"], "trace_rate": "0", "trace_count": "-1",
+                                    "trace_mode": "opentelemetry", "url": "http://otel:4318/v1/traces",
+                                    "resource": "service.name=resnet,team=a=b", "bsp_max_export_batch_size": "100",
+                                    "bsp_schedule_delay": "50", "bsp_max_queue_size": "100"}
+    secure = parse_trace_config(["mode=opentelemetry", "opentelemetry,url=https://collector/v1/traces"])
+    assert secure.opentelemetry == OpenTelemetryConfig(url="https://collector/v1/traces")
+
+
+def test_batch_span_processor_settings_the_command_line_leaves_out_come_from_the_sdks_environment():
+    assert opentelemetry_config({}, {}, {}) == OpenTelemetryConfig(bsp_max_queue_size=2048, bsp_schedule_delay=5000,
+                                                                   bsp_max_export_batch_size=512)
+    environment = {"OTEL_BSP_SCHEDULE_DELAY": "250", "OTEL_BSP_MAX_QUEUE_SIZE": "64"}
+    config = opentelemetry_config({"bsp_max_export_batch_size": "16"}, {}, environment)
+    assert (config.bsp_schedule_delay, config.bsp_max_queue_size, config.bsp_max_export_batch_size) == (250, 64, 16)
+    with pytest.raises(InvalidTraceSetting, match="Unable to parse 'OTEL_BSP_SCHEDULE_DELAY', got: soon"):
+        opentelemetry_config({}, {}, {"OTEL_BSP_SCHEDULE_DELAY": "soon"})
+    with pytest.raises(InvalidTraceSetting, match=r"must not exceed bsp_max_queue_size \(512 > 64\)"):
+        opentelemetry_config({}, {}, {"OTEL_BSP_MAX_QUEUE_SIZE": "64"})
+
+
+def test_the_opentelemetry_mode_without_the_sdk_is_refused_with_the_packages_to_install(monkeypatch):
+    real_import = importlib.import_module
+
+    def without_sdk(name, *args):
+        if name.startswith("opentelemetry.sdk"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_sdk)
+    with pytest.raises(InvalidTraceSetting, match="trace mode opentelemetry needs opentelemetry-sdk and "
+                                                  "opentelemetry-exporter-otlp-proto-http"):
+        parse_trace_config(["mode=opentelemetry", "level=TIMESTAMPS"])
+
+
 @pytest.mark.parametrize("entries, message", [
     (["level"], "takes <setting>=<value>"),
     ([",file=/t.json"], "takes <setting>=<value>"),
     (["rate="], "takes <setting>=<value>"),
     (["level=spans"], "invalid value for trace level option: spans"),
-    (["mode=opentelemetry"], "trace mode 'opentelemetry' is not supported"),
-    (["opentelemetry,url=localhost:4318"], "trace mode 'opentelemetry' is not supported"),
+    (["mode=zipkin"], "trace mode 'zipkin' is not supported: the modes are triton and opentelemetry"),
+    (["jaeger,url=localhost:14268"], "trace mode 'jaeger' is not supported"),
+    (["opentelemetry,url=localhost:4318"], "opentelemetry,url applies to trace mode opentelemetry, and the trace mode "
+                                           "is triton \\(give mode=opentelemetry\\)"),
+    (["opentelemetry,resource=a=b"], "opentelemetry,resource applies to trace mode opentelemetry"),
+    (["mode=opentelemetry", "triton,file=/t.json"], "triton,file applies to trace mode triton, and the trace mode is "
+                                                    "opentelemetry"),
+    (["mode=opentelemetry", "level=TENSORS"], "TENSORS is not supported in trace mode opentelemetry"),
+    (["mode=opentelemetry", "opentelemetry,endpoint=x"], "unknown opentelemetry trace setting 'endpoint'"),
+    (["mode=opentelemetry", "opentelemetry,resource=service.name"], "takes KEY=VALUE"),
+    (["mode=opentelemetry", "opentelemetry,resource==x"], "takes KEY=VALUE"),
+    (["mode=opentelemetry", "opentelemetry,bsp_schedule_delay=0"], "bsp_schedule_delay must be at least 1"),
+    (["mode=opentelemetry", "opentelemetry,bsp_max_queue_size=soon"],
+     "Unable to parse 'opentelemetry,bsp_max_queue_size', got: soon"),
+    (["mode=opentelemetry", "opentelemetry,bsp_max_export_batch_size=4096"],
+     "must not exceed bsp_max_queue_size \\(4096 > 2048\\)"),
+    (["mode=opentelemetry", "opentelemetry,bsp_max_queue_size=100"], "must not exceed bsp_max_queue_size \\(512 > 100"),
     (["triton,rate=1"], "unknown triton trace setting 'rate'"),
     (["sampling=1"], "unknown trace setting 'sampling'"),
     (["rate=ten"], "Unable to parse 'trace_rate', got: ten"),
