@@ -246,17 +246,37 @@ class MetricsSpec(ApiModel):
 TRACE_FILE = "/tmp/trace.json"  # in the serving pod's scratch volume
 
 
+class OpenTelemetrySpec(ApiModel):
+    """Where trace mode opentelemetry sends spans (Triton's --trace-config opentelemetry,... settings)."""
+
+    url: str = Field(
+        default="http://localhost:4318/v1/traces", min_length=1,
+        description="The OTLP/HTTP traces endpoint of an OpenTelemetry collector, such as "
+                    "http://otel-collector.observability:4318/v1/traces. Default: a collector in the pod (a sidecar).",
+    )
+    resource: dict[str, str] = Field(
+        default_factory=dict,
+        description="Resource attributes of the spans, such as service.name. The pods set service.name to the "
+                    "model's name and k8s.namespace.name, k8s.deployment.name and k8s.pod.name; these override them.",
+    )
+
+
 class TraceSpec(ApiModel):
-    """Triton's request tracing in the serving pods (its trace extension, trace mode triton): every rate-th
+    """Triton's request tracing in the serving pods (its trace extension). Mode triton: every rate-th
     request's timestamps, and at level TENSORS its inputs and outputs, written as JSON to /tmp/trace.json in
-    the pod (kubectl cp). Clients change these settings at runtime through tritonclient's update_trace_settings."""
+    the pod (kubectl cp). Mode opentelemetry: the same requests' timestamps as OpenTelemetry spans sent to a
+    collector, and every request that carries a W3C traceparent traced under its caller's span. Clients
+    change level, rate and count at runtime through tritonclient's update_trace_settings."""
 
     level: list[Literal["TIMESTAMPS", "TENSORS"]] = Field(
         default_factory=lambda: ["TIMESTAMPS"],
         description="What a trace records: TIMESTAMPS (when the request was received, queued, computed, answered) "
                     "and/or TENSORS. Empty: tracing off until a client switches it on.",
     )
-    rate: int = Field(default=1000, ge=1, le=4294967295, description="Trace every rate-th request.")
+    rate: int = Field(
+        default=1000, ge=0, le=4294967295,
+        description="Trace every rate-th request. 0, in mode opentelemetry: only requests that carry a traceparent.",
+    )
     count: int | None = Field(default=None, ge=1, description="Traces to take in all. Unset: no limit.")
     log_frequency: int = Field(
         default=0, ge=0, le=4294967295,
@@ -264,10 +284,24 @@ class TraceSpec(ApiModel):
                     "0: append them to /tmp/trace.json every 1,000 and when the pod stops.",
     )
 
+    mode: Literal["triton", "opentelemetry"] = Field(
+        default="triton",
+        description="triton: trace files in the pod. opentelemetry: spans sent to an OpenTelemetry collector "
+                    "(level TIMESTAMPS only).",
+    )
+    opentelemetry: OpenTelemetrySpec | None = Field(
+        default=None, description="Where mode opentelemetry sends spans. Unset: http://localhost:4318/v1/traces.",
+    )
+
     def trace_config(self) -> list[str]:
         """These settings as `plansmith serve --trace-config` entries (Triton's flag)."""
-        entries = [f"triton,file={TRACE_FILE}", f"rate={self.rate}", f"count={self.count or -1}",
-                   f"triton,log-frequency={self.log_frequency}"]
+        entries = [f"mode={self.mode}", f"rate={self.rate}", f"count={self.count or -1}"]
+        if self.mode == "triton":
+            entries += [f"triton,file={TRACE_FILE}", f"triton,log-frequency={self.log_frequency}"]
+        else:
+            opentelemetry = self.opentelemetry or OpenTelemetrySpec()
+            entries += [f"opentelemetry,url={opentelemetry.url}",
+                        *(f"opentelemetry,resource={key}={value}" for key, value in opentelemetry.resource.items())]
         return entries + [f"level={level}" for level in self.level]
 
 

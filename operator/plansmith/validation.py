@@ -145,6 +145,20 @@ def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
                 )
         if len(set(batching.preferred_batch_sizes)) != len(batching.preferred_batch_sizes):
             add("spec.serving.dynamicBatching.preferredBatchSizes", "sizes must be distinct")
+    trace = serving.trace
+    if trace is not None:
+        if trace.mode == "triton" and trace.opentelemetry is not None:
+            add("spec.serving.trace.opentelemetry", "applies to mode opentelemetry")
+        if trace.mode == "triton" and trace.rate == 0:
+            add("spec.serving.trace.rate", "0 traces nothing in mode triton (only mode opentelemetry traces the "
+                                           "requests that carry a traceparent)")
+        if trace.mode == "opentelemetry" and "TENSORS" in trace.level:
+            add("spec.serving.trace.level", "TENSORS is written to trace files only (mode triton)")
+        if trace.mode == "opentelemetry" and trace.log_frequency:
+            add("spec.serving.trace.logFrequency", "applies to mode triton's trace files")
+        for key in (trace.opentelemetry.resource if trace.opentelemetry else {}):
+            if not key or "=" in key:
+                add("spec.serving.trace.opentelemetry.resource", f"{key!r} is not an attribute name")
     for kind in ("requests", "limits"):
         for name in getattr(serving.resources, kind):
             if name == GPU_RESOURCE or name.startswith("nvidia.com/mig-"):

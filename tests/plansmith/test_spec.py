@@ -73,7 +73,7 @@ def test_example_manifest_is_valid(repo_root):
         (spec_with(storage__uri="gs://bucket/engines"), "spec.storage.uri"),
         (spec_with(serving__trace={"level": ["SPANS"]}), "spec.serving.trace.level[0]"),
         (spec_with(serving__trace={"count": 0}), "spec.serving.trace.count"),
-        (spec_with(serving__trace={"rate": 0}), "spec.serving.trace.rate"),
+        (spec_with(serving__trace={"rate": -1}), "spec.serving.trace.rate"),
         ({"build": {}}, "spec.model"),
     ],
 )
@@ -141,6 +141,27 @@ def test_gpu_resources_are_plansmiths_to_add():
 def test_file_storage_takes_no_credentials():
     raw = spec_with(storage={"uri": "file:///var/engines", "secretRef": {"name": "s3"}, "endpoint": "http://x:9000"})
     assert problem_paths(raw) == ["spec.storage.secretRef", "spec.storage.endpoint"]
+
+
+@pytest.mark.parametrize(("trace", "paths"), [
+    ({"mode": "triton", "opentelemetry": {"url": "http://collector:4318/v1/traces"}},
+     ["spec.serving.trace.opentelemetry"]),
+    ({"rate": 0}, ["spec.serving.trace.rate"]),
+    ({"mode": "opentelemetry", "level": ["TIMESTAMPS", "TENSORS"]}, ["spec.serving.trace.level"]),
+    ({"mode": "opentelemetry", "logFrequency": 10}, ["spec.serving.trace.logFrequency"]),
+    ({"mode": "opentelemetry", "opentelemetry": {"resource": {"": "x", "a=b": "c"}}},
+     ["spec.serving.trace.opentelemetry.resource"] * 2),
+    ({"mode": "zipkin"}, ["spec.serving.trace.mode"]),
+    ({"mode": "opentelemetry", "opentelemetry": {"url": ""}}, ["spec.serving.trace.opentelemetry.url"]),
+])
+def test_trace_modes_take_their_own_settings(trace, paths):
+    assert problem_paths(spec_with(serving__trace=trace)) == paths
+
+
+def test_opentelemetry_tracing_of_only_the_requests_that_carry_a_traceparent():
+    spec = parse_spec(spec_with(serving__trace={"mode": "opentelemetry", "rate": 0,
+                                                "opentelemetry": {"resource": {"service.name": "r"}}}))
+    assert (spec.serving.trace.rate, spec.serving.trace.opentelemetry.url) == (0, "http://localhost:4318/v1/traces")
 
 
 def test_semantic_problems_is_pure_and_empty_for_a_good_spec():

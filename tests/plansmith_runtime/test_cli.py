@@ -109,7 +109,8 @@ def test_the_trace_settings_the_operator_renders_are_the_runtimes_and_flags_over
     from plansmith.controller import rendering
     from plansmith.validation import parse_spec
     from plansmith_runtime import cli as runtime_cli
-    from plansmith_runtime.tracing import TENSORS, TIMESTAMPS, TraceSettings
+    from plansmith_runtime.tracing import (OPENTELEMETRY_MODE, TENSORS, TIMESTAMPS, OpenTelemetryConfig,
+                                           TraceSettings)
 
     parser = argparse.ArgumentParser()
     runtime_cli.register(parser.add_subparsers())
@@ -126,6 +127,14 @@ def test_the_trace_settings_the_operator_renders_are_the_runtimes_and_flags_over
     off = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"trace": {"level": []}}})
     assert runtime_cli.serving_config(parser.parse_args(["serve"]), off.serving, "m").trace == TraceSettings(
         file="/tmp/trace.json")
+    # mode opentelemetry: the collector and the resource attributes
+    spans = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"trace": {
+        "mode": "opentelemetry", "rate": 0, "opentelemetry": {"url": "collector:4318/v1/traces",
+                                                              "resource": {"service.name": "m-prod"}}}}})
+    rendered = parser.parse_args(["serve", *rendering.runtime_args("m", spans, "s3://engines/engines/k/manifest.json")])
+    assert runtime_cli.serving_config(rendered, spans.serving, "m").trace == TraceSettings(
+        level=frozenset({TIMESTAMPS}), rate=0, mode=OPENTELEMETRY_MODE, opentelemetry=OpenTelemetryConfig(
+            url="http://collector:4318/v1/traces", resource=(("service.name", "m-prod"),)))
 
 
 @pytest.mark.parametrize("flag, pool_bytes", [([], 256 << 20), (["--pinned-memory-pool-byte-size", "0"], 0),

@@ -186,6 +186,19 @@ def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list
     return args
 
 
+def opentelemetry_env(name: str, namespace: str, deployment: str, spec: InferenceModelSpec) -> list[dict[str, Any]]:
+    """With trace mode opentelemetry, the OpenTelemetry SDK's own variables naming the spans' service
+    (the model) and where they come from (the Kubernetes resource attributes of its semantic
+    conventions); the spec's resource attributes override them."""
+    trace = spec.serving.trace
+    if trace is None or trace.mode != "opentelemetry":
+        return []
+    return [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "OTEL_SERVICE_NAME", "value": name},
+            {"name": "OTEL_RESOURCE_ATTRIBUTES",
+             "value": f"k8s.namespace.name={namespace},k8s.deployment.name={deployment},k8s.pod.name=$(POD_NAME)"}]
+
+
 def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, target: Target, key: str,
                       manifest_uri: str, settings: OperatorSettings) -> dict[str, Any]:
     selector = {MODEL_LABEL: name, TARGET_LABEL: target.slug, COMPONENT_LABEL: "serving"}
@@ -198,7 +211,8 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
         "image": settings.runtime_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": runtime_args(name, spec, manifest_uri),
-        "env": [{"name": "HOME", "value": "/tmp"}, *storage_env(spec, settings)],
+        "env": [{"name": "HOME", "value": "/tmp"}, *storage_env(spec, settings),
+                *opentelemetry_env(name, namespace, deployment_name(name, target), spec)],
         "ports": [{"name": "http", "containerPort": HTTP_PORT}, {"name": "grpc", "containerPort": GRPC_PORT},
                   {"name": "metrics", "containerPort": METRICS_PORT}],
         "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 2, "failureThreshold": 150},

@@ -137,11 +137,37 @@ def test_tracing_is_asked_of_the_runtime_with_tritons_trace_config_only_when_the
                          "serving": {"trace": {"level": ["TIMESTAMPS", "TENSORS"], "rate": 50, "count": 200}}})
     args = rendering.runtime_args("m", traced, "s3://engines/engines/k/manifest.json")
     entries = [args[index + 1] for index, arg in enumerate(args) if arg == "--trace-config"]
-    assert entries == ["triton,file=/tmp/trace.json", "rate=50", "count=200", "triton,log-frequency=0",
+    assert entries == ["mode=triton", "rate=50", "count=200", "triton,file=/tmp/trace.json", "triton,log-frequency=0",
                        "level=TIMESTAMPS", "level=TENSORS"]
     # /tmp is the pod's scratch volume: the trace file is written there
     container = deployment()["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "scratch", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert not any(variable["name"].startswith("OTEL_") for variable in container["env"])
+
+
+def test_opentelemetry_tracing_names_the_collector_and_the_pods_kubernetes_resource():
+    spec = parse_spec({"model": {"uri": "s3://models/m.onnx"},
+                       "serving": {"trace": {"mode": "opentelemetry", "rate": 0, "opentelemetry": {
+                           "url": "http://otel-collector.observability:4318/v1/traces",
+                           "resource": {"service.name": "resnet-prod", "team": "vision"}}}}})
+    args = rendering.runtime_args("resnet", spec, "s3://engines/engines/k/manifest.json")
+    entries = [args[index + 1] for index, arg in enumerate(args) if arg == "--trace-config"]
+    assert entries == ["mode=opentelemetry", "rate=0", "count=-1",
+                       "opentelemetry,url=http://otel-collector.observability:4318/v1/traces",
+                       "opentelemetry,resource=service.name=resnet-prod", "opentelemetry,resource=team=vision",
+                       "level=TIMESTAMPS"]
+    rendered = rendering.render_deployment(name="resnet", namespace="ml", spec=spec, target=H100, key="k" * 64,
+                                           manifest_uri="s3://engines/engines/k/manifest.json",
+                                           settings=SETTINGS)
+    env = rendered["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env[-3:] == [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "OTEL_SERVICE_NAME", "value": "resnet"},
+        {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": f"k8s.namespace.name=ml,k8s.deployment.name="
+                                                      f"{rendered['metadata']['name']},k8s.pod.name=$(POD_NAME)"}]
+    sidecar = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"trace": {"mode": "opentelemetry"}}})
+    args = rendering.runtime_args("resnet", sidecar, "s3://engines/engines/k/manifest.json")
+    assert "opentelemetry,url=http://localhost:4318/v1/traces" in args
 
 
 def test_service_selects_all_targets_of_the_model():
