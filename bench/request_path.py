@@ -1,6 +1,7 @@
 """The HTTP request path's CPU a request, in this process, without sockets.
 
     .venv/bin/python bench/request_path.py [--models mlp] [--rounds 400] [--repeats 3] [--trace-rate N]
+        [--trace-mode triton|opentelemetry]
 
 `bench/serve.py` measures the server under real load, where the shared machine moves throughput by
 10% between two runs of the same code; that hides changes of a few microseconds a request. This
@@ -11,8 +12,11 @@ feeds one binary-tensor infer request to each of 64 connections and runs the eve
 on and off, alternating the two modes `--repeats` times so that both see the same machine, and the
 on/off ratio of the medians. With `--trace-rate N` a third mode runs in turn with them: batching on,
 every N-th request traced (Triton's trace extension at level TIMESTAMPS, written 1,000 traces a
-file), and its cost a request over batching on untraced is printed. What it leaves out: the
-sockets' system calls and uvloop's I/O (about 14 us a request under wrk) and the load generator.
+file), and its cost a request over batching on untraced is printed. With `--trace-mode
+opentelemetry` the traces become OpenTelemetry spans instead, which the SDK's batch span processor
+sends (in a thread of this process, so counted) to an OTLP/HTTP receiver in another process that
+answers each export with 200. What it leaves out: the sockets' system calls and uvloop's I/O
+(about 14 us a request under wrk) and the load generator.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import json
 import logging
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +44,29 @@ from plansmith_runtime.http_transport import HttpConnection, HttpServer  # noqa:
 from plansmith_runtime.log_settings import LogControl, LogSettings  # noqa: E402
 from plansmith_runtime.model import LoadOptions, ServedModel  # noqa: E402
 from plansmith_runtime.shared_memory import SystemSharedMemory  # noqa: E402
-from plansmith_runtime.tracing import TIMESTAMPS, TraceControl, TraceSettings  # noqa: E402
+from plansmith_runtime.tracing import (OPENTELEMETRY_MODE, TIMESTAMPS, OpenTelemetryConfig, TraceControl,  # noqa: E402
+                                       TraceSettings)
 
 CONNECTIONS = 64
+# An OTLP/HTTP receiver that takes every export (its own process: its CPU is not the server's)
+OTLP_RECEIVER = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Receiver(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
 
 
 class CountingTransport(asyncio.Transport):
@@ -137,13 +162,23 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating on/off measurements")
     parser.add_argument("--trace-rate", type=int, default=0, help="also measure batching on with every N-th "
                         "request traced (0: not)")
+    parser.add_argument("--trace-mode", choices=("triton", OPENTELEMETRY_MODE), default="triton",
+                        help="traces written to trace files (triton) or sent as spans (opentelemetry)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="plansmith-request-path-"))
+    receiver = None
+    if args.trace_rate and args.trace_mode == OPENTELEMETRY_MODE:
+        receiver = subprocess.Popen([sys.executable, "-c", OTLP_RECEIVER], stdout=subprocess.PIPE, text=True)
+        port = int(receiver.stdout.readline())
     for kind in args.models.split(","):
         manifest_uri, _, input_name, array = serve_bench.build(kind, workdir)
         request = infer_request(input_name, array)
-        traced = TraceSettings(level=frozenset({TIMESTAMPS}), rate=args.trace_rate, log_frequency=1000,
-                               file=str(workdir / f"{kind}-trace.json"))
+        if receiver is None:
+            traced = TraceSettings(level=frozenset({TIMESTAMPS}), rate=args.trace_rate, log_frequency=1000,
+                                   file=str(workdir / f"{kind}-trace.json"))
+        else:
+            traced = TraceSettings(level=frozenset({TIMESTAMPS}), rate=args.trace_rate, mode=OPENTELEMETRY_MODE,
+                                   opentelemetry=OpenTelemetryConfig(url=f"http://127.0.0.1:{port}/v1/traces"))
         figures: dict[bool | str, list[float]] = {True: [], False: [], "traced": []}
         for _ in range(args.repeats):
             for batching in (True, False):
@@ -156,9 +191,11 @@ def main() -> int:
         print(f"{kind}: in-process on/off throughput bound (off / on CPU a request, medians): {off / on:.2f}x")
         if args.trace_rate:
             with_traces = statistics.median(figures["traced"])
-            print(f"{kind}: batching on, 1 request in {args.trace_rate} traced: "
+            print(f"{kind}: batching on, 1 request in {args.trace_rate} traced ({args.trace_mode}): "
                   f"{', '.join(f'{v:.1f}' for v in figures['traced'])} us; {with_traces - on:+.1f} us a request "
                   f"({with_traces / on - 1:+.1%}) over untraced")
+    if receiver is not None:
+        receiver.terminate()
     return 0
 
 

@@ -116,7 +116,8 @@ class TritonServer(ServedProcess):
 
     stop_timeout = 60.0
 
-    def __init__(self, engine: Path, batching: bool, layout, delay_us: int, workdir: Path, free_port) -> None:
+    def __init__(self, engine: Path, batching: bool, layout, delay_us: int, workdir: Path, free_port,
+                 extra: tuple[str, ...] = ()) -> None:
         root = install()
         mode = f"{layout.name}-{'on' if batching else 'off'}"
         repository = write_repository(workdir / f"triton-repo-{mode}", engine, batching, layout, delay_us)
@@ -124,6 +125,6 @@ class TritonServer(ServedProcess):
         log_path = workdir / f"triton-{mode}.log"
         command = [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
                    "--backend-directory", str(root / "backends"), "--http-port", str(self.http),
-                   "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-verbose", "0"]
+                   "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-verbose", "0", *extra]
         if not self.launch(command, log_path, ready_timeout=120):
             raise RuntimeError(f"tritonserver did not become ready: {log_path.read_text(errors='replace')[-3000:]}")
