@@ -175,6 +175,7 @@ class CollectedSpan:
     trace_id: str
     span_id: str
     parent_span_id: str  # "" for a root span
+    trace_state: str  # W3C tracestate, the caller's carried on
     kind: int  # opentelemetry.proto's Span.SpanKind: 2 is SERVER
     start_ns: int
     end_ns: int
@@ -242,7 +243,8 @@ class OtlpCollector:
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     received.append(CollectedSpan(
-                        span.name, span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(), span.kind,
+                        span.name, span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(), span.trace_state,
+                        span.kind,
                         span.start_time_unix_nano, span.end_time_unix_nano,
                         tuple((event.name, event.time_unix_nano) for event in span.events),
                         {item.key: otlp_value(item.value) for item in span.attributes}, resource,

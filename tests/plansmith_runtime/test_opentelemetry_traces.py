@@ -10,7 +10,7 @@ import pytest
 
 from plansmith_runtime import tracing
 from plansmith_runtime.opentelemetry_traces import (CLOSE_TIMEOUT_MS, COMPUTE_SPAN, ROOT_SPAN, OpenTelemetryExporter,
-                                                     plan_spans)
+                                                     plan_spans, service_resource)
 from plansmith_runtime.tracing import (OPENTELEMETRY_MODE, InvalidTraceSetting, OpenTelemetryConfig, TraceControl,
                                        TraceSettings, parse_trace_config)
 
@@ -182,3 +182,16 @@ def test_a_malformed_traceparent_gives_no_parent():
         assert exporter.parent_context(TRACEPARENT, "vendor=1") is not None
     finally:
         exporter.close()
+
+
+def test_the_service_is_plansmith_unless_the_sdks_variables_or_the_resource_attributes_name_it(monkeypatch):
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert service_resource(OpenTelemetryConfig()).attributes["service.name"] == "plansmith"
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "k8s.namespace.name=ml,k8s.pod.name=resnet-0")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "resnet")
+    from_pod = service_resource(OpenTelemetryConfig()).attributes
+    assert (from_pod["service.name"], from_pod["k8s.namespace.name"], from_pod["k8s.pod.name"]) == ("resnet", "ml",
+                                                                                                    "resnet-0")
+    given = service_resource(OpenTelemetryConfig(resource=(("service.name", "resnet-prod"), ("k8s.pod.name", "p"))))
+    assert (given.attributes["service.name"], given.attributes["k8s.pod.name"]) == ("resnet-prod", "p")

@@ -708,7 +708,7 @@ def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engine
         "bsp_schedule_delay": "20", "bsp_max_queue_size": "2048"}
     contexts = {request_id: (f"{n:032x}", f"{n + 100:016x}") for n, request_id in
                 enumerate(["over-http", "over-grpc", "streamed"], start=1)}
-    headers = {request_id: {"traceparent": f"00-{trace_id}-{span_id}-01"}
+    headers = {request_id: {"traceparent": f"00-{trace_id}-{span_id}-01", "tracestate": f"vendor={request_id}"}
                for request_id, (trace_id, span_id) in contexts.items()}
 
     http.infer("cnn", [http_input(x)], request_id="no-context")  # rate 0: not traced
@@ -743,6 +743,7 @@ def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engine
         root, model, compute = trace["InferRequest"], trace["cnn"], trace["compute"]
         trace_id, client_span = contexts.get(request_id, (root.trace_id, ""))
         assert (root.trace_id, root.parent_span_id) == (trace_id, client_span)
+        assert {span.trace_state for span in trace.values()} == {f"vendor={request_id}" if client_span else ""}
         assert (model.parent_span_id, compute.parent_span_id) == (root.span_id, model.span_id)
         assert root.resource["service.name"] == "cnn-service"
         receive_and_send = HTTP_TRACE if request_id in ("over-http", "sampled") else GRPC_TRACE

@@ -140,9 +140,11 @@ def test_tracing_is_asked_of_the_runtime_with_tritons_trace_config_only_when_the
     assert entries == ["mode=triton", "rate=50", "count=200", "triton,file=/tmp/trace.json", "triton,log-frequency=0",
                        "level=TIMESTAMPS", "level=TENSORS"]
     # /tmp is the pod's scratch volume: the trace file is written there
-    container = deployment()["spec"]["template"]["spec"]["containers"][0]
+    container = rendering.render_deployment(name="m", namespace="ml", spec=traced, target=H100, key=KEY,
+                                            manifest_uri="s3://engines/engines/k/manifest.json",
+                                            settings=SETTINGS)["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "scratch", "mountPath": "/tmp"} in container["volumeMounts"]
-    assert not any(variable["name"].startswith("OTEL_") for variable in container["env"])
+    assert not any(variable["name"].startswith("OTEL_") for variable in container["env"])  # trace files: no spans
 
 
 def test_opentelemetry_tracing_names_the_collector_and_the_pods_kubernetes_resource():
