@@ -1,4 +1,5 @@
-"""Session-wide real services: a Kubernetes v1.20.2 control plane and an S3 endpoint, on loopback.
+"""Session-wide real services: a Kubernetes v1.20.2 control plane and an S3 endpoint, on loopback;
+and an OTLP/HTTP endpoint that keeps the spans OpenTelemetry exporters send it.
 
 Tests that use `control_plane` (or anything built on it) are marked `controlplane`, those that use
 `s3_server` are marked `s3`, so `pytest -m "not controlplane"` runs the fast unit tests alone.
@@ -6,6 +7,8 @@ Tests that use `control_plane` (or anything built on it) are marked `controlplan
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,122 @@ def dev_cluster():
     yield dev
     if started:
         cluster.down(say=lambda _: None)
+
+
+@dataclass(frozen=True)
+class CollectedSpan:
+    """A span as an OpenTelemetry collector received it (ids in hex, as collectors print them)."""
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str  # "" for a root span
+    trace_state: str  # W3C tracestate, the caller's carried on
+    kind: int  # opentelemetry.proto's Span.SpanKind: 2 is SERVER
+    start_ns: int
+    end_ns: int
+    events: tuple[tuple[str, int], ...]
+    attributes: dict
+    resource: dict
+    scope: str
+
+
+def otlp_value(value) -> object:
+    return getattr(value, value.WhichOneof("value"))
+
+
+class OtlpCollector:
+    """A real OTLP/HTTP endpoint (POST /v1/traces, protobuf) on a loopback port: it decodes what
+    exporters send with the OpenTelemetry protocol's own messages and keeps the spans. No collector
+    binary is installable here; this speaks the same protocol an OpenTelemetry Collector's otlp
+    receiver does. `reachable` False answers 503, as a collector that is down or overloaded would.
+    On `host` (loopback by default; the node's address for the local cluster's pods)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import gzip
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest, ExportTraceServiceResponse)
+
+        self.spans: list[CollectedSpan] = []
+        self.requests = 0
+        self.reachable = True
+        self._lock = threading.Lock()
+        collector = self
+
+        class Receiver(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802  (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                with collector._lock:
+                    collector.requests += 1
+                if self.path != "/v1/traces" or not collector.reachable:
+                    self.send_response(404 if collector.reachable else 503)
+                    self.end_headers()
+                    return
+                collector._keep(ExportTraceServiceRequest.FromString(body))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, 0), Receiver)
+        self.url = f"http://{host}:{self._server.server_address[1]}/v1/traces"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _keep(self, request) -> None:
+        received = []
+        for resource_spans in request.resource_spans:
+            resource = {item.key: otlp_value(item.value) for item in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    received.append(CollectedSpan(
+                        span.name, span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(), span.trace_state,
+                        span.kind,
+                        span.start_time_unix_nano, span.end_time_unix_nano,
+                        tuple((event.name, event.time_unix_nano) for event in span.events),
+                        {item.key: otlp_value(item.value) for item in span.attributes}, resource,
+                        scope_spans.scope.name))
+        with self._lock:
+            self.spans.extend(received)
+
+    def wait_for(self, count: int, timeout: float = 20) -> list[CollectedSpan]:
+        """The spans once at least `count` have arrived (AssertionError after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.spans) >= count:
+                    return list(self.spans)
+            time.sleep(0.02)
+        raise AssertionError(f"{len(self.spans)} spans reached the collector in {timeout}s, expected {count}")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def start_otlp_collector():
+    """Starts OtlpCollectors (on loopback, or the host given), closed after the test."""
+    started: list[OtlpCollector] = []
+
+    def start(host: str = "127.0.0.1") -> OtlpCollector:
+        started.append(OtlpCollector(host))
+        return started[-1]
+
+    yield start
+    for collector in started:
+        collector.close()
+
+
+@pytest.fixture
+def otlp_collector(start_otlp_collector) -> OtlpCollector:
+    return start_otlp_collector()

@@ -196,12 +196,40 @@ def test_model_is_built_per_gpu_type_served_and_answers(e2e):
     assert len(posted) == len(set(posted)), f"an Event posted twice: {sorted(posted)}"  # one per transition
 
 
-def test_a_second_model_with_the_same_engine_inputs_builds_nothing(e2e):
+def test_a_second_model_with_the_same_engine_inputs_builds_nothing(e2e, dev_cluster, start_otlp_collector):
+    """... and its pods send traces to an OpenTelemetry collector (on the node's address, which pods
+    reach): a request with a W3C traceparent sent through the Service comes back as Triton's spans
+    under the caller's span, naming the model, its namespace, Deployment and pod."""
+    collector = start_otlp_collector(dev_cluster.node_ip)
     before = len(jobs(e2e))
-    objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body("cnn-copy", e2e))
+    traced = {"trace": {"mode": "opentelemetry", "rate": 0, "opentelemetry": {"url": collector.url}}}
+    objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL,
+                                                 body("cnn-copy", e2e, serving=traced))
     model = wait_for("the copy Ready", lambda: ready(e2e, "cnn-copy"), timeout=240)
     assert len(jobs(e2e)) == before
     assert {t["engineKey"] for t in model["status"]["targets"]} == {t["engineKey"] for t in get(e2e, "cnn")["status"]["targets"]}
+
+    import tritonclient.http as httpclient
+
+    service = client.CoreV1Api(e2e["api"]).read_namespaced_service("cnn-copy", NAMESPACE)
+    triton = httpclient.InferenceServerClient(f"{service.spec.cluster_ip}:8000")
+    batch = np.zeros((1, 3, 32, 32), np.float32)
+    inputs = [httpclient.InferInput("input", list(batch.shape), "FP32")]
+    inputs[0].set_data_from_numpy(batch)
+    triton.infer("cnn-copy", inputs, request_id="untraced")  # rate 0: only requests with a trace context
+    traceparent = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    triton.infer("cnn-copy", inputs, request_id="traced", headers={"traceparent": traceparent})
+    spans = collector.wait_for(3, timeout=30)  # the SDK exports every 5 s
+    assert sorted(span.name for span in spans) == ["InferRequest", "cnn-copy", "compute"]
+    root = next(span for span in spans if span.name == "InferRequest")
+    assert (root.trace_id, root.parent_span_id) == ("ab" * 16, "cd" * 8)
+    pods = {pod.metadata.name: pod for pod in client.CoreV1Api(e2e["api"]).list_namespaced_pod(
+        NAMESPACE, label_selector="plansmith.io/model=cnn-copy,app.kubernetes.io/component=serving").items}
+    resource = root.resource
+    assert (resource["service.name"], resource["k8s.namespace.name"]) == ("cnn-copy", NAMESPACE)
+    assert resource["k8s.pod.name"] in pods  # the downward API's name, put into OTEL_RESOURCE_ATTRIBUTES
+    assert resource["k8s.deployment.name"] == pods[resource["k8s.pod.name"]].metadata.owner_references[0].name.rsplit(
+        "-", 1)[0]  # the pod's ReplicaSet, less its template hash
 
 
 def test_replicas_change_rebuilds_nothing(e2e):
