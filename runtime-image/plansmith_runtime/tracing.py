@@ -240,7 +240,6 @@ def parse_trace_config(entries: Iterable[str]) -> TraceSettings:
     level: set[str] = set()
     mode = TRITON_MODE
     mode_settings: dict[str, dict[str, Any]] = {TRITON_MODE: {}, OPENTELEMETRY_MODE: {}}
-    resource: dict[str, str] = {}  # a key given again takes its last value
     for entry in entries:
         prefix, comma, setting = entry.partition(",")
         if not comma:
@@ -254,9 +253,9 @@ def parse_trace_config(entries: Iterable[str]) -> TraceSettings:
             if name not in MODE_SETTINGS[prefix]:
                 raise InvalidTraceSetting(f"unknown {prefix} trace setting {name!r} in {entry!r}: "
                                           f"{', '.join(MODE_SETTINGS[prefix])} are")
-            if name == "resource":
+            if name == "resource":  # KEY=VALUE, repeatable: a key given again takes its last value
                 key, attribute = parse_resource_attribute(value)
-                resource[key] = attribute
+                mode_settings[prefix].setdefault(name, {})[key] = attribute
             else:
                 mode_settings[prefix][name] = value
         elif name == "level":
@@ -278,8 +277,8 @@ def parse_trace_config(entries: Iterable[str]) -> TraceSettings:
             raise InvalidTraceSetting(f"unknown trace setting {name!r} in {entry!r}: level, rate, count and mode are, "
                                       "and the modes' own (triton,file=, opentelemetry,url=, ...)")
     other = OPENTELEMETRY_MODE if mode == TRITON_MODE else TRITON_MODE
-    if mode_settings[other] or (resource and other == OPENTELEMETRY_MODE):
-        given = ", ".join(f"{other},{name}" for name in [*mode_settings[other], *(["resource"] if resource else [])])
+    if mode_settings[other]:
+        given = ", ".join(f"{other},{name}" for name in mode_settings[other])
         raise InvalidTraceSetting(f"{given} applies to trace mode {other}, and the trace mode is {mode}"
                                   + (" (give mode=opentelemetry)" if other == OPENTELEMETRY_MODE else ""))
     if mode == TRITON_MODE:
@@ -289,7 +288,7 @@ def parse_trace_config(entries: Iterable[str]) -> TraceSettings:
         if "log-frequency" in triton:
             fields["log_frequency"] = parse_number("log_frequency", triton["log-frequency"])
     else:
-        fields["opentelemetry"] = opentelemetry_config(mode_settings[OPENTELEMETRY_MODE], resource)
+        fields["opentelemetry"] = opentelemetry_config(mode_settings[OPENTELEMETRY_MODE])
     settings = TraceSettings(level=frozenset(level), mode=mode, **fields)
     check_mode_supports(settings)
     if settings.level and (reason := settings.idle_reason()):
@@ -304,11 +303,12 @@ def parse_resource_attribute(value: str) -> tuple[str, str]:
     return key, attribute
 
 
-def opentelemetry_config(settings: Mapping[str, str], resource: Mapping[str, str],
-                         environment: Mapping[str, str] = os.environ) -> OpenTelemetryConfig:
-    """The OpenTelemetry mode's settings, checked: positive sizes, a batch no larger than the queue
-    (Triton drops the spans that do not fit), and the SDK installed. A batch span processor setting
-    the command line leaves out comes from the SDK's environment variable, else its default."""
+def opentelemetry_config(settings: Mapping[str, Any], environment: Mapping[str, str] = os.environ
+                         ) -> OpenTelemetryConfig:
+    """The OpenTelemetry mode's settings (the opentelemetry,NAME=VALUE entries by name; "resource" a
+    dict of attributes), checked: positive sizes, a batch no larger than the queue (Triton drops the
+    spans that do not fit), and the SDK installed. A batch span processor setting the command line
+    leaves out comes from the SDK's environment variable, else its default."""
     numbers: dict[str, int] = {}
     for name, (variable, default) in BATCH_SPAN_PROCESSOR.items():
         given = f"opentelemetry,{name}" if name in settings else variable
@@ -328,7 +328,7 @@ def opentelemetry_config(settings: Mapping[str, str], resource: Mapping[str, str
             importlib.import_module(module)
     except ImportError as error:
         raise InvalidTraceSetting(f"trace mode opentelemetry needs {OPENTELEMETRY_PACKAGES}: {error}") from None
-    return OpenTelemetryConfig(url=url, resource=tuple(resource.items()), **numbers)
+    return OpenTelemetryConfig(url=url, resource=tuple(settings.get("resource", {}).items()), **numbers)
 
 
 def check_mode_supports(settings: TraceSettings) -> None:

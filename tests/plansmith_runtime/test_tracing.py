@@ -127,15 +127,15 @@ def test_command_line_settings_of_the_opentelemetry_mode():
 
 
 def test_batch_span_processor_settings_the_command_line_leaves_out_come_from_the_sdks_environment():
-    assert opentelemetry_config({}, {}, {}) == OpenTelemetryConfig(bsp_max_queue_size=2048, bsp_schedule_delay=5000,
+    assert opentelemetry_config({}, {}) == OpenTelemetryConfig(bsp_max_queue_size=2048, bsp_schedule_delay=5000,
                                                                    bsp_max_export_batch_size=512)
     environment = {"OTEL_BSP_SCHEDULE_DELAY": "250", "OTEL_BSP_MAX_QUEUE_SIZE": "64"}
-    config = opentelemetry_config({"bsp_max_export_batch_size": "16"}, {}, environment)
+    config = opentelemetry_config({"bsp_max_export_batch_size": "16"}, environment)
     assert (config.bsp_schedule_delay, config.bsp_max_queue_size, config.bsp_max_export_batch_size) == (250, 64, 16)
     with pytest.raises(InvalidTraceSetting, match="Unable to parse 'OTEL_BSP_SCHEDULE_DELAY', got: soon"):
-        opentelemetry_config({}, {}, {"OTEL_BSP_SCHEDULE_DELAY": "soon"})
+        opentelemetry_config({}, {"OTEL_BSP_SCHEDULE_DELAY": "soon"})
     with pytest.raises(InvalidTraceSetting, match=r"must not exceed bsp_max_queue_size \(512 > 64\)"):
-        opentelemetry_config({}, {}, {"OTEL_BSP_MAX_QUEUE_SIZE": "64"})
+        opentelemetry_config({}, {"OTEL_BSP_MAX_QUEUE_SIZE": "64"})
 
 
 def test_the_opentelemetry_mode_without_the_sdk_is_refused_with_the_packages_to_install(monkeypatch):
