@@ -689,6 +689,20 @@ HTTP_TRACE = ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START"
 GRPC_TRACE = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *HTTP_TRACE[2:-2], "GRPC_SEND_START", "GRPC_SEND_END"]
 
 
+def stream_one(rpc, model: str, x: np.ndarray, request_id: str, headers: dict | None = None) -> None:
+    """One request on a gRPC stream (tritonclient's start_stream, with `headers` as its metadata),
+    answered without an error."""
+    answers: list = []
+    rpc.start_stream(callback=lambda result, error: answers.append(error or result), headers=headers)
+    rpc.async_stream_infer(model, [grpc_input(x)], request_id=request_id)
+    deadline = time.monotonic() + 10
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # checked before stop_stream: tritonclient's stream thread never ends after a response it cannot parse
+    assert len(answers) == 1 and not isinstance(answers[0], InferenceServerException), answers
+    rpc.stop_stream()
+
+
 def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engines, start_server, otlp_collector):
     """Triton's OpenTelemetry trace mode through tritonclient: with rate 0 only requests that carry a
     W3C traceparent (HTTP header, gRPC metadata, a gRPC stream's metadata) are traced, each as
@@ -716,14 +730,7 @@ def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engine
     np.testing.assert_allclose(http.infer("cnn", [http_input(x)], request_id="over-http", headers=headers["over-http"])
                                .as_numpy("logits"), expected, **TOLERANCE)
     rpc.infer("cnn", [grpc_input(x)], request_id="over-grpc", headers=headers["over-grpc"])
-    answers: list = []
-    rpc.start_stream(callback=lambda result, error: answers.append(error or result), headers=headers["streamed"])
-    rpc.async_stream_infer("cnn", [grpc_input(x)], request_id="streamed")
-    deadline = time.monotonic() + 10
-    while not answers and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(answers) == 1 and not isinstance(answers[0], InferenceServerException), answers
-    rpc.stop_stream()
+    stream_one(rpc, "cnn", x, "streamed", headers["streamed"])
     http.update_trace_settings(settings={"trace_rate": "1"})
     http.infer("cnn", [http_input(x)], request_id="sampled")
     with pytest.raises(InferenceServerException, match="TENSORS is not supported in trace mode opentelemetry") as \
@@ -837,15 +844,7 @@ def test_trace_extension_writes_tritons_trace_files_for_sampled_requests(engines
     rpc.update_trace_settings(model_name="cnn", settings={"trace_level": None, "trace_count": None})
     assert http.update_trace_settings(settings={"log_frequency": None})["log_frequency"] == "0"
     http.infer("cnn", [http_input(x)], request_id="kept")
-    answers: list = []
-    rpc.start_stream(callback=lambda result, error: answers.append(error or result))
-    rpc.async_stream_infer("cnn", [grpc_input(x)], request_id="streamed")
-    deadline = time.monotonic() + 10
-    while not answers and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # checked before stop_stream: tritonclient's stream thread never ends after a response it cannot parse
-    assert len(answers) == 1 and not isinstance(answers[0], InferenceServerException), answers
-    rpc.stop_stream()
+    stream_one(rpc, "cnn", x, "streamed")
     assert not trace_file.exists()
     assert server.terminate() == 0
     written = traces_in(trace_file)
