@@ -43,7 +43,7 @@ from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi  # noqa: E402
 from plansmith_runtime.http_transport import HttpConnection, HttpServer  # noqa: E402
 from plansmith_runtime.log_settings import LogControl, LogSettings  # noqa: E402
 from plansmith_runtime.model import LoadOptions, ServedModel  # noqa: E402
-from plansmith_runtime.shared_memory import SystemSharedMemory  # noqa: E402
+from plansmith_runtime.shared_memory import SharedMemoryRegions  # noqa: E402
 from plansmith_runtime.tracing import (OPENTELEMETRY_MODE, TIMESTAMPS, OpenTelemetryConfig, TraceControl,  # noqa: E402
                                        TraceSettings)
 
@@ -123,7 +123,7 @@ async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rou
         raise SystemExit(f"model not ready: {model.reason}")
     log_control = LogControl(LogSettings(), [], logging.getLogger("plansmith-request-path"))
     trace_control = TraceControl(trace, [model.name], model.version)
-    server = HttpServer(HttpApi(model, lambda: True, SystemSharedMemory(), log_control, trace_control).handle,
+    server = HttpServer(HttpApi(model, lambda: True, SharedMemoryRegions(), log_control, trace_control).handle,
                         MAX_BODY_BYTES)
     loop = asyncio.get_running_loop()
     state: dict = {}

@@ -16,16 +16,18 @@ from tritonclient.grpc import service_pb2
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime import tracing
 from plansmith_runtime.classification import classify_outputs
+from plansmith_runtime.cuda_shared_memory import CudaSharedMemory
 from plansmith_runtime.grpc_transport import GrpcError, GrpcServer, Method, ObservedResponse, StreamingMethod, UnaryMethod
 from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protobuf_wire import split_bytes_field
-from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, SharedMemoryReference,
-                                        array_from_bytes, array_from_json, datatype_of, reference_from_parameters,
-                                        requested_classes, tensor_bytes, tensor_layout, write_to_shared_memory)
+from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, SharedMemoryInputs,
+                                        SharedMemoryReference, array_from_bytes, array_from_json, datatype_of,
+                                        reference_from_parameters, requested_classes, tensor_bytes, tensor_layout,
+                                        write_to_shared_memory)
 from plansmith_runtime.scheduler import QueueFull, RequestTimedOut, ShuttingDown
-from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.shared_memory import SharedMemoryRegions, SystemSharedMemory
 from plansmith_runtime.tracing import InvalidTraceSetting, TraceControl, TraceSettingNotSettable, changes_from_grpc
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def parse_infer_request(data: bytes | memoryview, read_started_ns: int = 0, trac
     return InferCall(service_pb2.ModelInferRequest.FromString(rest), raw, read_started_ns, traceparent, tracestate)
 
 
-def decode_grpc_inputs(request, shared_memory: SystemSharedMemory | None = None,
+def decode_grpc_inputs(request, shared_memory: SharedMemoryInputs | None = None,
                        raw_input_contents: Sequence[bytes | memoryview] | None = None) -> dict[str, np.ndarray]:
     """The request's inputs: from shared memory when an input names a region, else from typed
     `contents`, else from the raw input contents (`raw_input_contents`, default the message's),
@@ -132,12 +134,32 @@ def grpc_error(error: BaseException) -> GrpcError:
     return GrpcError(grpc_status(error), str(error))
 
 
+def region_status(regions: SystemSharedMemory | CudaSharedMemory, name: str, response_type):
+    """A {System,Cuda}SharedMemoryStatusResponse of `regions` (every one, or the one named)."""
+    try:
+        found = regions.status(name)
+    except SharedMemoryError as error:
+        raise grpc_error(error) from None
+    response = response_type()
+    for region in found:
+        response.regions[region["name"]].CopyFrom(response_type.RegionStatus(**region))
+    return response
+
+
+def unregister(regions: SystemSharedMemory | CudaSharedMemory, name: str) -> None:
+    """The region named, or every one when the request names none (Triton's reading)."""
+    if name:
+        regions.unregister(name)
+    else:
+        regions.unregister_all()
+
+
 class InferenceService:
     """The GRPCInferenceService methods the server implements (Triton's other methods, for
     extensions it does not announce, answer UNIMPLEMENTED). Each takes the request message and
     returns the response, or a coroutine of it when the call waits (an inference)."""
 
-    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl,
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SharedMemoryRegions, log_control: LogControl,
                  trace_control: TraceControl) -> None:
         self.model = model
         self.is_ready = is_ready
@@ -221,29 +243,32 @@ class InferenceService:
         raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, self.model.control_refusal(request.model_name, "unload"))
 
     def SystemSharedMemoryStatus(self, request):
-        try:
-            regions = self.shared_memory.status(request.name)
-        except SharedMemoryError as error:
-            raise grpc_error(error) from None
-        response = service_pb2.SystemSharedMemoryStatusResponse()
-        for region in regions:
-            response.regions[region["name"]].CopyFrom(
-                service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region))
-        return response
+        return region_status(self.shared_memory.system, request.name, service_pb2.SystemSharedMemoryStatusResponse)
 
     def SystemSharedMemoryRegister(self, request):
         try:
-            self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+            self.shared_memory.register_system(request.name, request.key, request.offset, request.byte_size)
         except SharedMemoryError as error:
             raise grpc_error(error) from None
         return service_pb2.SystemSharedMemoryRegisterResponse()
 
     def SystemSharedMemoryUnregister(self, request):
-        if request.name:
-            self.shared_memory.unregister(request.name)
-        else:
-            self.shared_memory.unregister_all()
+        unregister(self.shared_memory.system, request.name)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+    def CudaSharedMemoryStatus(self, request):
+        return region_status(self.shared_memory.cuda, request.name, service_pb2.CudaSharedMemoryStatusResponse)
+
+    def CudaSharedMemoryRegister(self, request):
+        try:
+            self.shared_memory.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size)
+        except SharedMemoryError as error:
+            raise grpc_error(error) from None
+        return service_pb2.CudaSharedMemoryRegisterResponse()
+
+    def CudaSharedMemoryUnregister(self, request):
+        unregister(self.shared_memory.cuda, request.name)
+        return service_pb2.CudaSharedMemoryUnregisterResponse()
 
     def LogSettings(self, request):
         """Triton's logging extension: the settings a request names are changed (none: read them)."""
@@ -342,7 +367,7 @@ class InferenceService:
         return service_pb2.ModelStreamInferResponse(infer_response=response)
 
 
-def create_server(model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl,
+def create_server(model: ServedModel, is_ready, shared_memory: SharedMemoryRegions, log_control: LogControl,
                   trace_control: TraceControl) -> GrpcServer:
     service = InferenceService(model, is_ready, shared_memory, log_control, trace_control)
     return GrpcServer(service.methods(), MAX_MESSAGE_BYTES)

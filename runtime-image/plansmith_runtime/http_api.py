@@ -22,15 +22,16 @@ from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
                                         decode_http_request, encode_http_response)
 from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
-from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.cuda_shared_memory import CudaSharedMemory, cuda_raw_handle
+from plansmith_runtime.shared_memory import SharedMemoryRegions, SystemSharedMemory
 from plansmith_runtime.system_metrics import SystemMetrics
 from plansmith_runtime.tracing import InvalidTraceSetting, TraceControl, TraceSettingNotSettable
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "plansmith"
-EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository", "statistics",
-              "system_shared_memory", "trace"]
+EXTENSIONS = ["binary_tensor_data", "classification", "cuda_shared_memory", "logging", "model_configuration",
+              "model_repository", "statistics", "system_shared_memory", "trace"]
 MAX_BODY_BYTES = 256 << 20
 _HEADER_CONTENT_LENGTH = HEADER_CONTENT_LENGTH.lower()
 # What an inference answers with an error status (HTTP here, gRPC in grpc_api) instead of failing
@@ -66,6 +67,7 @@ class Route:
     model: str | None = None  # for model_statistics, None: every model
     version: str | None = None
     region: str | None = None  # for shared_memory_status and _unregister, None: every region
+    shared_memory: str = "system"  # the shared_memory_* endpoints' kind of region: system or cuda
 
 
 MODEL_ENDPOINTS = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "infer": "infer",
@@ -76,6 +78,7 @@ METHODS = {"infer": POST, "shared_memory_register": POST, "shared_memory_unregis
            "repository_load": POST, "repository_unload": POST, "log_settings": ("GET", "POST"),
            "trace_settings": ("GET", "POST")}  # others: GET
 TAKES_BODY = frozenset({"infer", "shared_memory_register", "repository_index", "log_settings", "trace_settings"})
+SHARED_MEMORY_KINDS = {"systemsharedmemory": "system", "cudasharedmemory": "cuda"}
 TRACE_SETTING = ["trace", "setting"]
 
 
@@ -96,8 +99,8 @@ def route(path: str) -> Route | None:
         return Route("log_settings")
     if rest == TRACE_SETTING:
         return Route("trace_settings")
-    if rest[0] == "systemsharedmemory":
-        return _shared_memory_route(rest[1:])
+    if rest[0] in SHARED_MEMORY_KINDS:
+        return _shared_memory_route(SHARED_MEMORY_KINDS[rest[0]], rest[1:])
     if rest == ["models", "stats"]:
         return Route("model_statistics")
     if rest == ["repository", "index"]:
@@ -119,17 +122,17 @@ def route(path: str) -> Route | None:
     return Route(MODEL_ENDPOINTS[rest[0] if rest else ""], name, version)
 
 
-def _shared_memory_route(rest: list[str]) -> Route | None:
-    """v2/systemsharedmemory/{status,unregister} and .../region/{name}/{status,register,unregister}."""
+def _shared_memory_route(kind: str, rest: list[str]) -> Route | None:
+    """v2/{system,cuda}sharedmemory/{status,unregister} and .../region/{name}/{status,register,unregister}."""
     if rest in (["status"], ["unregister"]):
-        return Route(f"shared_memory_{rest[0]}")
+        return Route(f"shared_memory_{rest[0]}", shared_memory=kind)
     if len(rest) == 3 and rest[0] == "region" and rest[1] and rest[2] in SHARED_MEMORY_ACTIONS:
-        return Route(f"shared_memory_{rest[2]}", region=rest[1])
+        return Route(f"shared_memory_{rest[2]}", region=rest[1], shared_memory=kind)
     return None
 
 
 class HttpApi:
-    def __init__(self, model: ServedModel, is_ready, shared_memory: SystemSharedMemory, log_control: LogControl,
+    def __init__(self, model: ServedModel, is_ready, shared_memory: SharedMemoryRegions, log_control: LogControl,
                  trace_control: TraceControl) -> None:
         self.model = model
         self.is_ready = is_ready  # callable: server accepting requests and model ready
@@ -237,26 +240,37 @@ class HttpApi:
 
     def shared_memory_status(self, target: Route) -> HttpResponse:
         try:
-            return json_response(self.shared_memory.status(target.region or ""))
+            return json_response(self._regions(target).status(target.region or ""))
         except SharedMemoryError as error:
             return error_response(400, str(error))
 
     def shared_memory_register(self, target: Route, request: HttpRequest) -> HttpResponse:
         assert target.region is not None
         try:
-            document = json_object(request.body, "a shared memory registration is a JSON object with key, offset and byte_size")
-            self.shared_memory.register(target.region, document.get("key"), document.get("offset", 0),
-                                        document.get("byte_size"))
+            if target.shared_memory == "cuda":
+                document = json_object(request.body, 'a CUDA shared memory registration is a JSON object with raw_handle '
+                                                     '({"b64": ...}), device_id and byte_size')
+                self.shared_memory.register_cuda(target.region, cuda_raw_handle(document.get("raw_handle")),
+                                                 document.get("device_id", 0), document.get("byte_size"))
+            else:
+                document = json_object(request.body, "a shared memory registration is a JSON object with key, offset "
+                                                     "and byte_size")
+                self.shared_memory.register_system(target.region, document.get("key"), document.get("offset", 0),
+                                                   document.get("byte_size"))
         except InvalidRequest as error:  # SharedMemoryError is one
             return error_response(400, str(error))
         return HttpResponse(200, b"")
 
     def shared_memory_unregister(self, target: Route) -> HttpResponse:
+        regions = self._regions(target)
         if target.region is None:
-            self.shared_memory.unregister_all()
+            regions.unregister_all()
         else:
-            self.shared_memory.unregister(target.region)
+            regions.unregister(target.region)
         return HttpResponse(200, b"")
+
+    def _regions(self, target: Route) -> SystemSharedMemory | CudaSharedMemory:
+        return self.shared_memory.cuda if target.shared_memory == "cuda" else self.shared_memory.system
 
     async def infer(self, target: Route, request: HttpRequest) -> HttpResponse:
         trace = None

@@ -17,7 +17,7 @@ from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi, metrics_app
 from plansmith_runtime.http_transport import HttpServer
 from plansmith_runtime.log_settings import LogControl
 from plansmith_runtime.model import VERSION, LoadOptions, ServedModel
-from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.shared_memory import SharedMemoryRegions
 from plansmith_runtime.system_metrics import NvmlGpus, SystemMetrics
 from plansmith_runtime.tracing import TraceControl
 
@@ -37,7 +37,7 @@ class Server:
         self.config, self.load_options, self.listen = config, load, listen
         self.log_control = log_control  # Triton's logging extension changes it at runtime
         self.model = ServedModel(config)
-        self.shared_memory = SystemSharedMemory()  # regions registered by clients, for both front ends
+        self.shared_memory = SharedMemoryRegions()  # regions registered by clients, for both front ends
         self.trace_control = TraceControl(config.trace, [self.model.name], VERSION)  # Triton's trace extension
         self.accepting = True
 

@@ -5,6 +5,10 @@ of sending tensor bytes; inputs are read from it in place and outputs written in
 The regions are the server's, shared by the HTTP and gRPC front ends (as in Triton). Each is mapped
 once at registration; a request's input is a numpy view of the mapping, so a batch of one runs on
 the client's memory without a copy (a larger batch is concatenated as usual).
+
+SharedMemoryRegions holds these and the CUDA shared memory extension's regions (cuda_shared_memory)
+under one set of names, as Triton's shared memory manager does: a request names a region of either
+kind the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plansmith_runtime.cuda_shared_memory import CudaSharedMemory
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
 
 # Where Linux keeps POSIX shared memory objects: shm_open(key) opens /dev/shm/<key without its
@@ -68,6 +73,9 @@ class SystemSharedMemory:
         finally:
             os.close(descriptor)  # the mapping keeps the object alive
         self._regions[name] = Region(name, key, offset, byte_size, mapping)
+
+    def holds(self, name: str) -> bool:
+        return name in self._regions
 
     def unregister(self, name: str) -> None:
         """Forget a region (unknown names are not an error, as in Triton). A request still reading
@@ -127,3 +135,43 @@ def _close(mapping: mmap.mmap) -> None:
         mapping.close()
     except BufferError:  # a request's array still views it: the mapping goes when that array does
         pass
+
+
+class SharedMemoryRegions:
+    """The system and the CUDA shared memory regions: one namespace of region names (registering a
+    name either kind holds is refused), and a request's tensors read from and written to the region
+    of whichever kind holds its name."""
+
+    def __init__(self, system: SystemSharedMemory | None = None, cuda: CudaSharedMemory | None = None) -> None:
+        self.system = system or SystemSharedMemory()
+        self.cuda = cuda or CudaSharedMemory()
+
+    def register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._check_free(name)
+        self.system.register(name, key, offset, byte_size)
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self._check_free(name)
+        self.cuda.register(name, raw_handle, device_id, byte_size)
+
+    def input_array(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
+                    shape: tuple[int, ...]) -> np.ndarray:
+        return self._holder(reference.region).input_array(reference, tensor, dtype, shape)
+
+    def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int:
+        return self._holder(reference.region).write_output(reference, tensor, array)
+
+    def close(self) -> None:
+        self.system.close()
+        self.cuda.close()
+
+    def _check_free(self, name: str) -> None:
+        if self.system.holds(name) or self.cuda.holds(name):
+            raise SharedMemoryError(f"shared memory region '{name}' is already registered")
+
+    def _holder(self, name: str) -> SystemSharedMemory | CudaSharedMemory:
+        if self.system.holds(name):
+            return self.system
+        if self.cuda.holds(name):
+            return self.cuda
+        raise SharedMemoryError(f"unable to find shared memory region: '{name}'")

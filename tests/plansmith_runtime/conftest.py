@@ -26,9 +26,15 @@ class BuiltEngine:
     engine_path: Path  # the engine artifact in the file:// store
 
     def session(self):
+        """A session of the engine on the execution provider it was built for (the CPU's here; CUDA's
+        where the builder found a GPU, whose optimized graph the CPU provider may not run)."""
         import onnxruntime as ort
 
-        return ort.InferenceSession(str(self.engine_path), providers=["CPUExecutionProvider"])
+        from plansmith.manifest import parse_manifest
+        from plansmith_runtime.executors.onnxruntime import providers_for
+
+        manifest = parse_manifest(Path(self.manifest_uri.removeprefix("file://")).read_bytes())
+        return ort.InferenceSession(str(self.engine_path), providers=providers_for(manifest.target.execution_provider))
 
 
 def build_engine(kind: str, workdir: Path, storage_uri: str, endpoint: str | None = None) -> tuple[object, str]:

@@ -12,7 +12,7 @@ from plansmith_runtime.http_api import HttpApi, Route, route
 from plansmith_runtime.http_transport import HttpRequest, HttpResponse
 from plansmith_runtime.log_settings import LogControl, LogSettings
 from plansmith_runtime.model import ServedModel
-from plansmith_runtime.shared_memory import SystemSharedMemory
+from plansmith_runtime.shared_memory import SharedMemoryRegions
 from plansmith_runtime.tracing import TraceControl, TraceSettings
 
 
@@ -39,6 +39,10 @@ from plansmith_runtime.tracing import TraceControl, TraceSettings
     ("/v2/systemsharedmemory/region/images/status", Route("shared_memory_status", region="images")),
     ("/v2/systemsharedmemory/region/images/register", Route("shared_memory_register", region="images")),
     ("/v2/systemsharedmemory/region/images/unregister", Route("shared_memory_unregister", region="images")),
+    ("/v2/cudasharedmemory/status", Route("shared_memory_status", shared_memory="cuda")),
+    ("/v2/cudasharedmemory/unregister", Route("shared_memory_unregister", shared_memory="cuda")),
+    ("/v2/cudasharedmemory/region/images/register", Route("shared_memory_register", region="images",
+                                                          shared_memory="cuda")),
     ("/v2/repository/index", Route("repository_index")),
     ("/v2/repository/models/resnet/load", Route("repository_load", "resnet")),
     ("/v2/repository/models/resnet/unload", Route("repository_unload", "resnet")),
@@ -53,7 +57,7 @@ def test_route_names_every_kserve_v2_endpoint(path, expected):
     "/v2/models/resnet/versions", "/v2/models/resnet/versions//infer", "/v2/models/resnet/explain",
     "/v2/models/resnet/infer/more", "/v2/systemsharedmemory",
     "/v2/systemsharedmemory/region/images", "/v2/systemsharedmemory/region//register",
-    "/v2/systemsharedmemory/region/images/delete", "/v2/cudasharedmemory/status", "/v2/repository",
+    "/v2/systemsharedmemory/region/images/delete", "/v2/cudasharedmemory/region//status", "/v2/repository",
     "/v2/repository/models/resnet", "/v2/repository/models//load", "/v2/repository/models/resnet/reload",
     "/v2/trace", "/v2/models/resnet/trace", "/v2/models/resnet/versions/1/trace/setting",
 ])
@@ -64,7 +68,7 @@ def test_route_rejects_unknown_paths(path):
 @pytest.fixture
 def api():
     model = ServedModel(ServingConfig("resnet", BatchingPolicy()))
-    return HttpApi(model, lambda: model.ready, SystemSharedMemory(), LogControl(LogSettings(), [], logging.getLogger("test-http-api")),
+    return HttpApi(model, lambda: model.ready, SharedMemoryRegions(), LogControl(LogSettings(), [], logging.getLogger("test-http-api")),
                    TraceControl(TraceSettings(), [model.name], model.version))
 
 
@@ -128,10 +132,25 @@ async def test_a_model_still_loading_is_live_not_ready_and_refuses_inference(api
 def test_a_bad_shared_memory_registration_is_400_and_registers_nothing(api, body, message):
     response = api.handle(request("POST", "/v2/systemsharedmemory/region/images/register", body))
     assert response.status == 400 and message in json.loads(response.body)["error"]
-    assert api.shared_memory.status() == []
+    assert api.shared_memory.system.status() == []
     assert api.handle(request("GET", "/v2/systemsharedmemory/region/images/register")).status == 405
     status = api.handle(request("GET", "/v2/systemsharedmemory/region/images/status"))
     assert status.status == 400 and "unable to find" in json.loads(status.body)["error"]
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"[1]", "JSON object with raw_handle"),
+    (b'{"device_id": 0, "byte_size": 16}', 'raw_handle must be {"b64"'),
+    (b'{"raw_handle": {"b64": "%%"}, "device_id": 0, "byte_size": 16}', "raw_handle is not base64"),
+    (b'{"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 16}', "64-byte cudaIpcMemHandle_t"),
+])
+def test_a_bad_cuda_shared_memory_registration_is_400_and_registers_nothing(api, body, message):
+    response = api.handle(request("POST", "/v2/cudasharedmemory/region/images/register", body))
+    assert response.status == 400 and message in json.loads(response.body)["error"]
+    assert api.shared_memory.cuda.status() == []
+    status = api.handle(request("GET", "/v2/cudasharedmemory/region/images/status"))
+    assert status.status == 400 and "unable to find CUDA shared memory region" in json.loads(status.body)["error"]
+    assert api.handle(request("POST", "/v2/cudasharedmemory/unregister")).status == 200
 
 
 def test_the_repository_index_reports_a_loading_model_with_its_reason(api):

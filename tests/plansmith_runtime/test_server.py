@@ -4,6 +4,7 @@ by stock tritonclient over HTTP and gRPC (sync and asyncio)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -586,6 +587,108 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def cuda_devices() -> int:
+    """CUDA devices this machine's driver shows (0 without cuda-python, a driver or a device)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return 0
+    error, count = cudart.cudaGetDeviceCount()
+    return count if int(error) == 0 else 0
+
+
+def test_cuda_shared_memory_registrations_the_server_cannot_open_are_refused(engines, cnn_server):
+    """Everywhere, with a GPU or without: a handle that opens nothing is refused with the reason (no
+    driver here; an invalid handle on a GPU), a name a system region holds is refused, and the
+    server goes on serving."""
+    import tritonclient.utils.shared_memory as shm
+
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    assert "cuda_shared_memory" in http.get_server_metadata()["extensions"]
+    nothing = base64.b64encode(bytes(64))
+    with pytest.raises(InferenceServerException, match="unable to open CUDA shared memory region 'images' on device 0: "
+                                                       "(cuda-python is not installed|CUDA error)") as caught:
+        http.register_cuda_shared_memory("images", nothing, 0, 64)
+    assert caught.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="unable to open CUDA shared memory region") as caught:
+        rpc.register_cuda_shared_memory("images", nothing, 0, 64)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="raw_handle must be a 64-byte cudaIpcMemHandle_t") as caught:
+        rpc.register_cuda_shared_memory("images", base64.b64encode(bytes(8)), 0, 64)
+    key = f"/plansmith-cuda-test-{os.getpid()}"
+    handle = shm.create_shared_memory_region("taken", key, 64)
+    try:
+        http.register_system_shared_memory("taken", key, 64)
+        with pytest.raises(InferenceServerException, match="shared memory region 'taken' is already registered"):
+            rpc.register_cuda_shared_memory("taken", nothing, 0, 64)
+        # each extension's status lists its own kind of region
+        assert http.get_cuda_shared_memory_status() == [] and not rpc.get_cuda_shared_memory_status().regions
+        assert [region["name"] for region in http.get_system_shared_memory_status()] == ["taken"]
+        http.unregister_system_shared_memory("taken")
+    finally:
+        shm.destroy_shared_memory_region(handle)
+    assert http.get_cuda_shared_memory_status() == [] and not rpc.get_cuda_shared_memory_status().regions
+    http.unregister_cuda_shared_memory()  # nothing registered: not an error, as in Triton
+    x = engines["small_cnn"].model.sample_inputs(batch=1, seed=3)["input"]
+    np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"),
+                               engines["small_cnn"].session().run(None, {"input": x})[0], **TOLERANCE)
+
+
+@pytest.mark.skipif(cuda_devices() == 0, reason="needs a CUDA device and its driver: CUDA shared memory regions are "
+                                                "GPU memory (run on the lent GPU machine, docs/benchmarks.md says how)")
+def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engines, cnn_server):
+    """tritonclient's cuda_shared_memory utilities, as Triton's simple_*_cudashm_client examples and
+    perf_analyzer --shared-memory cuda use them: the input in one GPU region, the outputs written into
+    another by an HTTP and a gRPC request, read back by the client from GPU memory."""
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    session = engines["small_cnn"].session()
+    x = engines["small_cnn"].model.sample_inputs(batch=2, seed=32)["input"]
+    expected = session.run(None, {"input": x})[0]
+    output_bytes = expected.nbytes
+    http = httpclient.InferenceServerClient(cnn_server.http_url)
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    images = cudashm.create_shared_memory_region("images", x.nbytes, 0)
+    logits = cudashm.create_shared_memory_region("logits", 2 * output_bytes, 0)
+    try:
+        cudashm.set_shared_memory_region(images, [x])
+        http.register_cuda_shared_memory("images", cudashm.get_raw_handle(images), 0, x.nbytes)
+        rpc.register_cuda_shared_memory("logits", cudashm.get_raw_handle(logits), 0, 2 * output_bytes)
+        assert sorted(http.get_cuda_shared_memory_status(), key=lambda region: region["name"]) == [
+            {"name": "images", "device_id": 0, "byte_size": x.nbytes},
+            {"name": "logits", "device_id": 0, "byte_size": 2 * output_bytes}]
+        assert rpc.get_cuda_shared_memory_status("logits").regions["logits"].byte_size == 2 * output_bytes
+
+        def infer_over(client, module, output_offset):
+            tensor = module.InferInput("input", list(x.shape), "FP32")
+            tensor.set_shared_memory("images", x.nbytes)
+            wanted = module.InferRequestedOutput("logits")
+            wanted.set_shared_memory("logits", output_bytes, offset=output_offset)
+            return client.infer("cnn", [tensor], outputs=[wanted])
+
+        described = infer_over(http, httpclient, 0).get_output("logits")
+        assert described["parameters"] == {"shared_memory_region": "logits", "shared_memory_byte_size": output_bytes}
+        infer_over(rpc, grpcclient, output_bytes)
+        both = cudashm.get_contents_as_numpy(logits, np.float32, [2, *expected.shape])
+        np.testing.assert_allclose(both[0], expected, **TOLERANCE)
+        np.testing.assert_allclose(both[1], expected, **TOLERANCE)
+
+        wrong_size = grpcclient.InferInput("input", list(x.shape), "FP32")
+        wrong_size.set_shared_memory("images", x.nbytes - 4)
+        with pytest.raises(InferenceServerException, match="shared_memory_byte_size") as caught:
+            rpc.infer("cnn", [wrong_size])
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        rpc.unregister_cuda_shared_memory("images")
+        http.unregister_cuda_shared_memory()
+        assert http.get_cuda_shared_memory_status() == []
+        with pytest.raises(InferenceServerException, match="unable to find shared memory region: 'images'"):
+            infer_over(http, httpclient, 0)
+    finally:
+        cudashm.destroy_shared_memory_region(images)
+        cudashm.destroy_shared_memory_region(logits)
 
 
 def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines, cnn_server):
