@@ -17,7 +17,6 @@ import base64
 import binascii
 import ctypes
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +24,7 @@ import numpy as np
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, cuda_runtime
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
+from plansmith_runtime.region_registry import RegionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +52,27 @@ class CudaRegion:
         return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
 
 
-class CudaSharedMemory:
+class CudaSharedMemory(RegionRegistry[CudaRegion]):
     """The registered CUDA regions by name. `runtime`: cuda-python's `cuda.bindings.runtime`, loaded
     at the first registration (None), or a stand-in with its calls."""
 
-    def __init__(self, runtime=None) -> None:
-        self._runtime = runtime
-        self._regions: dict[str, CudaRegion] = {}
+    kind = "CUDA shared memory"
 
-    def holds(self, name: str) -> bool:
-        return name in self._regions
+    def __init__(self, runtime=None) -> None:
+        super().__init__()
+        self._runtime = runtime
 
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
-        if not name:
-            raise SharedMemoryError("a shared memory region needs a name")
-        if name in self._regions:
-            raise SharedMemoryError(f"shared memory region '{name}' is already registered")
+        self._check_new(name)
         for label, value, low in (("device_id", device_id, 0), ("byte_size", byte_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise SharedMemoryError(f"CUDA shared memory region '{name}': {label} must be an integer of at least "
                                         f"{low}, got {value!r}")
         if not isinstance(raw_handle, (bytes, bytearray)) or len(raw_handle) != CUDA_IPC_HANDLE_SIZE:
             size = len(raw_handle) if isinstance(raw_handle, (bytes, bytearray)) else type(raw_handle).__name__
-            raise SharedMemoryError(f"CUDA shared memory region '{name}': raw_handle must be a {CUDA_IPC_HANDLE_SIZE}-byte "
-                                    f"cudaIpcMemHandle_t (tritonclient's get_raw_handle), got {size} bytes")
+            raise SharedMemoryError(f"CUDA shared memory region '{name}': raw_handle must be a "
+                                    f"{CUDA_IPC_HANDLE_SIZE}-byte cudaIpcMemHandle_t (tritonclient's get_raw_handle), "
+                                    f"got {size} bytes")
         try:
             cudart = self._cuda()
             check_cuda(cudart.cudaSetDevice(device_id))
@@ -88,74 +85,40 @@ class CudaSharedMemory:
                                     f"{error}") from None
         self._regions[name] = CudaRegion(name, device_id, byte_size, int(pointer))
 
-    def unregister(self, name: str) -> None:
-        """Close a region's handle (unknown names are not an error, as in Triton). A handle CUDA
-        cannot close is logged: the region is gone either way."""
-        region = self._regions.pop(name, None)
-        if region is not None:
-            cudart = self._cuda()
-            try:
-                check_cuda(cudart.cudaSetDevice(region.device_id))
-                check_cuda(cudart.cudaIpcCloseMemHandle(region.pointer))
-            except ExecutorError as error:
-                log.warning("cannot close a CUDA shared memory handle: %s", error,
-                            extra={"region": name, "device_id": region.device_id})
-
-    def unregister_all(self) -> None:
-        for name in list(self._regions):
-            self.unregister(name)
-
-    def status(self, name: str = "") -> list[dict]:
-        if not name:
-            return [region.status() for region in self._regions.values()]
-        return [self._region(name).status()]
-
     def input_array(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
                     shape: tuple[int, ...]) -> np.ndarray:
         """The input, copied from its region into host memory; its size must be what its shape needs."""
-        region = self._span(reference, tensor)
-        expected = math.prod(shape) * dtype.itemsize
-        if reference.byte_size != expected:
-            raise SharedMemoryError(f"input '{tensor}': shared_memory_byte_size {reference.byte_size} for shape "
-                                    f"{list(shape)}, expected {expected}")
+        region = self._input_region(reference, tensor, dtype, shape)
         array = np.empty(shape, dtype)
-        self._copy(region, array.ctypes.data, region.pointer + reference.offset, expected, to_device=False)
+        self._copy(region, array.ctypes.data, region.pointer + reference.offset, array.nbytes, to_device=False)
         return array
 
     def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int:
         """Copy an output into its region; returns the bytes written."""
-        region = self._span(reference, tensor)
-        if array.nbytes > reference.byte_size:
-            raise SharedMemoryError(f"shared memory size specified with the request for output '{tensor}' "
-                                    f"({reference.byte_size} bytes) should be at least {array.nbytes} bytes to hold the results")
+        region = self._output_region(reference, tensor, array)
         source = np.ascontiguousarray(array)
         self._copy(region, region.pointer + reference.offset, source.ctypes.data, source.nbytes, to_device=True)
         return source.nbytes
 
-    def close(self) -> None:
-        self.unregister_all()
+    def _release(self, region: CudaRegion) -> None:
+        """Close the region's handle; one CUDA cannot close is logged: the region is gone either way."""
+        cudart = self._cuda()
+        try:
+            check_cuda(cudart.cudaSetDevice(region.device_id))
+            check_cuda(cudart.cudaIpcCloseMemHandle(region.pointer))
+        except ExecutorError as error:
+            log.warning("cannot close a CUDA shared memory handle: %s", error,
+                        extra={"region": region.name, "device_id": region.device_id})
 
     def _cuda(self):
         if self._runtime is None:
             self._runtime = cuda_runtime()
         return self._runtime
 
-    def _region(self, name: str) -> CudaRegion:
-        try:
-            return self._regions[name]
-        except KeyError:
-            raise SharedMemoryError(f"unable to find CUDA shared memory region: '{name}'") from None
-
-    def _span(self, reference: SharedMemoryReference, tensor: str) -> CudaRegion:
-        region = self._region(reference.region)
-        if reference.offset + reference.byte_size > region.byte_size:
-            raise SharedMemoryError(f"'{tensor}': {reference.byte_size} bytes at offset {reference.offset} run past the "
-                                    f"end of CUDA shared memory region '{region.name}' ({region.byte_size} bytes)")
-        return region
-
     def _copy(self, region: CudaRegion, destination: int, source: int, nbytes: int, to_device: bool) -> None:
         cudart = self._cuda()
-        kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice if to_device else cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        kinds = cudart.cudaMemcpyKind
+        kind = kinds.cudaMemcpyHostToDevice if to_device else kinds.cudaMemcpyDeviceToHost
         try:
             check_cuda(cudart.cudaSetDevice(region.device_id))
             check_cuda(cudart.cudaMemcpy(destination, source, nbytes, kind))

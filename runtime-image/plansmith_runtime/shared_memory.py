@@ -13,7 +13,6 @@ kind the same way.
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from plansmith_runtime.cuda_shared_memory import CudaSharedMemory
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
+from plansmith_runtime.region_registry import RegionRegistry
 
 # Where Linux keeps POSIX shared memory objects: shm_open(key) opens /dev/shm/<key without its
 # leading slash>. Python has no public shm_open that leaves the object's lifetime to its creator
@@ -42,18 +42,17 @@ class Region:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
 
-class SystemSharedMemory:
+class SystemSharedMemory(RegionRegistry[Region]):
     """The registered regions by name."""
 
+    kind = "system shared memory"
+
     def __init__(self, directory: Path = SHM_DIRECTORY) -> None:
+        super().__init__()
         self.directory = directory
-        self._regions: dict[str, Region] = {}
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        if not name:
-            raise SharedMemoryError("a shared memory region needs a name")
-        if name in self._regions:
-            raise SharedMemoryError(f"shared memory region '{name}' is already registered")
+        self._check_new(name)
         for label, value in (("offset", offset), ("byte_size", byte_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SharedMemoryError(f"shared memory region '{name}': {label} must be a non-negative integer, got {value!r}")
@@ -74,60 +73,23 @@ class SystemSharedMemory:
             os.close(descriptor)  # the mapping keeps the object alive
         self._regions[name] = Region(name, key, offset, byte_size, mapping)
 
-    def holds(self, name: str) -> bool:
-        return name in self._regions
-
-    def unregister(self, name: str) -> None:
-        """Forget a region (unknown names are not an error, as in Triton). A request still reading
-        it keeps the mapping alive until it is done."""
-        region = self._regions.pop(name, None)
-        if region is not None:
-            _close(region.mapping)
-
-    def unregister_all(self) -> None:
-        for name in list(self._regions):
-            self.unregister(name)
-
-    def status(self, name: str = "") -> list[dict]:
-        if not name:
-            return [region.status() for region in self._regions.values()]
-        return [self._region(name).status()]
-
-    def _region(self, name: str) -> Region:
-        try:
-            return self._regions[name]
-        except KeyError:
-            raise SharedMemoryError(f"unable to find system shared memory region: '{name}'") from None
-
-    def _span(self, reference: SharedMemoryReference, tensor: str) -> tuple[Region, int]:
-        region = self._region(reference.region)
-        if reference.offset + reference.byte_size > region.byte_size:
-            raise SharedMemoryError(f"'{tensor}': {reference.byte_size} bytes at offset {reference.offset} run past the "
-                                    f"end of shared memory region '{region.name}' ({region.byte_size} bytes)")
-        return region, region.offset + reference.offset
-
     def input_array(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
                     shape: tuple[int, ...]) -> np.ndarray:
         """The input as a view of the region (no copy); its size must be what its shape needs."""
-        region, start = self._span(reference, tensor)
-        expected = math.prod(shape) * dtype.itemsize
-        if reference.byte_size != expected:
-            raise SharedMemoryError(f"input '{tensor}': shared_memory_byte_size {reference.byte_size} for shape "
-                                    f"{list(shape)}, expected {expected}")
-        return np.frombuffer(region.mapping, dtype, expected // dtype.itemsize, start).reshape(shape)
+        region = self._input_region(reference, tensor, dtype, shape)
+        return np.frombuffer(region.mapping, dtype, reference.byte_size // dtype.itemsize,
+                             region.offset + reference.offset).reshape(shape)
 
     def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int:
         """Copy an output into its region; returns the bytes written."""
-        region, start = self._span(reference, tensor)
-        if array.nbytes > reference.byte_size:
-            raise SharedMemoryError(f"shared memory size specified with the request for output '{tensor}' "
-                                    f"({reference.byte_size} bytes) should be at least {array.nbytes} bytes to hold the results")
-        target = np.frombuffer(region.mapping, array.dtype, array.size, start).reshape(array.shape)
-        np.copyto(target, array)
+        region = self._output_region(reference, tensor, array)
+        target = np.frombuffer(region.mapping, array.dtype, array.size, region.offset + reference.offset)
+        np.copyto(target.reshape(array.shape), array)
         return array.nbytes
 
-    def close(self) -> None:
-        self.unregister_all()
+    def _release(self, region: Region) -> None:
+        """A request still reading the region keeps its mapping alive until it is done."""
+        _close(region.mapping)
 
 
 def _close(mapping: mmap.mmap) -> None:

@@ -122,35 +122,28 @@ async def test_a_model_still_loading_is_live_not_ready_and_refuses_inference(api
     assert version.status == 400 and "has no version 7" in json.loads(version.body)["error"]
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"{not json", "failed to parse"),
-    (b"[1, 2]", "JSON object with key, offset and byte_size"),
-    (b'{"offset": 0, "byte_size": 16}', "is not a shared memory object name"),
-    (b'{"key": "/k", "offset": 0}', "byte_size must be a non-negative integer"),
-    (b'{"key": "/k", "offset": "0", "byte_size": 16}', "offset must be a non-negative integer"),
+@pytest.mark.parametrize("kind, body, message", [
+    ("systemsharedmemory", b"{not json", "failed to parse"),
+    ("systemsharedmemory", b"[1, 2]", "JSON object with key, offset and byte_size"),
+    ("systemsharedmemory", b'{"offset": 0, "byte_size": 16}', "is not a shared memory object name"),
+    ("systemsharedmemory", b'{"key": "/k", "offset": 0}', "byte_size must be a non-negative integer"),
+    ("systemsharedmemory", b'{"key": "/k", "offset": "0", "byte_size": 16}', "offset must be a non-negative integer"),
+    ("cudasharedmemory", b"[1]", "JSON object with raw_handle"),
+    ("cudasharedmemory", b'{"device_id": 0, "byte_size": 16}', 'raw_handle must be {"b64"'),
+    ("cudasharedmemory", b'{"raw_handle": {"b64": "%%"}, "device_id": 0, "byte_size": 16}', "raw_handle is not base64"),
+    ("cudasharedmemory", b'{"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 16}',
+     "64-byte cudaIpcMemHandle_t"),
 ])
-def test_a_bad_shared_memory_registration_is_400_and_registers_nothing(api, body, message):
-    response = api.handle(request("POST", "/v2/systemsharedmemory/region/images/register", body))
+def test_a_bad_shared_memory_registration_is_400_and_registers_nothing(api, kind, body, message):
+    response = api.handle(request("POST", f"/v2/{kind}/region/images/register", body))
     assert response.status == 400 and message in json.loads(response.body)["error"]
-    assert api.shared_memory.system.status() == []
-    assert api.handle(request("GET", "/v2/systemsharedmemory/region/images/register")).status == 405
-    status = api.handle(request("GET", "/v2/systemsharedmemory/region/images/status"))
-    assert status.status == 400 and "unable to find" in json.loads(status.body)["error"]
-
-
-@pytest.mark.parametrize("body, message", [
-    (b"[1]", "JSON object with raw_handle"),
-    (b'{"device_id": 0, "byte_size": 16}', 'raw_handle must be {"b64"'),
-    (b'{"raw_handle": {"b64": "%%"}, "device_id": 0, "byte_size": 16}', "raw_handle is not base64"),
-    (b'{"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 16}', "64-byte cudaIpcMemHandle_t"),
-])
-def test_a_bad_cuda_shared_memory_registration_is_400_and_registers_nothing(api, body, message):
-    response = api.handle(request("POST", "/v2/cudasharedmemory/region/images/register", body))
-    assert response.status == 400 and message in json.loads(response.body)["error"]
-    assert api.shared_memory.cuda.status() == []
-    status = api.handle(request("GET", "/v2/cudasharedmemory/region/images/status"))
-    assert status.status == 400 and "unable to find CUDA shared memory region" in json.loads(status.body)["error"]
-    assert api.handle(request("POST", "/v2/cudasharedmemory/unregister")).status == 200
+    assert api.shared_memory.system.status() == [] and api.shared_memory.cuda.status() == []
+    assert api.handle(request("GET", f"/v2/{kind}/region/images/register")).status == 405
+    status = api.handle(request("GET", f"/v2/{kind}/region/images/status"))
+    kind_name = {"systemsharedmemory": "system", "cudasharedmemory": "CUDA"}[kind]
+    assert status.status == 400
+    assert f"unable to find {kind_name} shared memory region" in json.loads(status.body)["error"]
+    assert api.handle(request("POST", f"/v2/{kind}/unregister")).status == 200
 
 
 def test_the_repository_index_reports_a_loading_model_with_its_reason(api):

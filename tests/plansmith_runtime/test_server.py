@@ -516,6 +516,17 @@ def test_statistics_extension_counts_the_traffic_like_triton(engines, cnn_server
         rpc.get_inference_statistics("nope")
 
 
+def infer_in_regions(client, module, x: np.ndarray, input_region: str, output: tuple[str, int, int]):
+    """cnn's inference with its input in a shared memory region and its output written into one
+    (region, byte size, offset), over tritonclient's `module` (httpclient or grpcclient)."""
+    tensor = module.InferInput("input", list(x.shape), "FP32")
+    tensor.set_shared_memory(input_region, x.nbytes)
+    wanted = module.InferRequestedOutput("logits")
+    region, byte_size, offset = output
+    wanted.set_shared_memory(region, byte_size, offset=offset)
+    return client.infer("cnn", [tensor], outputs=[wanted])
+
+
 def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn_server):
     import tritonclient.utils.shared_memory as shm
 
@@ -539,11 +550,7 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         assert rpc.get_system_shared_memory_status("logits").regions["logits"].offset == x.nbytes
 
         def infer_over(client, module, output_offset):
-            tensor = module.InferInput("input", list(x.shape), "FP32")
-            tensor.set_shared_memory("images", x.nbytes)
-            wanted = module.InferRequestedOutput("logits")
-            wanted.set_shared_memory("logits", output_bytes, offset=output_offset)
-            return client.infer("cnn", [tensor], outputs=[wanted])
+            return infer_in_regions(client, module, x, "images", ("logits", output_bytes, output_offset))
 
         over_http = infer_over(http, httpclient, 0)
         over_grpc = infer_over(rpc, grpcclient, output_bytes)
@@ -663,11 +670,7 @@ def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engin
         assert rpc.get_cuda_shared_memory_status("logits").regions["logits"].byte_size == 2 * output_bytes
 
         def infer_over(client, module, output_offset):
-            tensor = module.InferInput("input", list(x.shape), "FP32")
-            tensor.set_shared_memory("images", x.nbytes)
-            wanted = module.InferRequestedOutput("logits")
-            wanted.set_shared_memory("logits", output_bytes, offset=output_offset)
-            return client.infer("cnn", [tensor], outputs=[wanted])
+            return infer_in_regions(client, module, x, "images", ("logits", output_bytes, output_offset))
 
         described = infer_over(http, httpclient, 0).get_output("logits")
         assert described["parameters"] == {"shared_memory_region": "logits", "shared_memory_byte_size": output_bytes}
