@@ -15,6 +15,7 @@ from aiohttp import web
 from plansmith_runtime import __version__ as runtime_version
 from plansmith_runtime import tracing
 from plansmith_runtime.classification import classify_outputs
+from plansmith_runtime.cuda_shared_memory import CudaSharedMemory, cuda_raw_handle
 from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepted_encoding, compress_response,
                                               error_response, json_response)
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
@@ -22,7 +23,6 @@ from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
                                         decode_http_request, encode_http_response)
 from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
-from plansmith_runtime.cuda_shared_memory import CudaSharedMemory, cuda_raw_handle
 from plansmith_runtime.shared_memory import SharedMemoryRegions, SystemSharedMemory
 from plansmith_runtime.system_metrics import SystemMetrics
 from plansmith_runtime.tracing import InvalidTraceSetting, TraceControl, TraceSettingNotSettable
