@@ -305,6 +305,14 @@ class TraceSpec(ApiModel):
         return entries + [f"level={level}" for level in self.level]
 
 
+class ResponseCacheSpec(ApiModel):
+    """Triton's response cache in the serving pods: a request whose inputs equal an earlier one's is answered
+    with that one's outputs, without running the model (for models whose outputs depend on their inputs only)."""
+
+    size_bytes: int = Field(ge=1, description="Memory for cached responses, in bytes (Triton's --cache-config "
+                                              "local,size); the least recently used go first.")
+
+
 class Toleration(ApiModel):
     """A Kubernetes toleration for the serving and build pods."""
 
@@ -343,6 +351,8 @@ class ServingSpec(ApiModel):
     warmup: WarmupSpec = Field(default_factory=WarmupSpec, description="Warmup before ready.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Metrics beyond Triton's default counters.")
     trace: TraceSpec | None = Field(default=None, description="Request tracing (Triton's trace extension). Unset: none.")
+    response_cache: ResponseCacheSpec | None = Field(
+        default=None, description="Triton's response cache. Unset: every request runs the model.")
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Extra node labels serving and build pods must match."
     )

@@ -99,6 +99,9 @@ def register(subparsers) -> None:
                              "opentelemetry,bsp_max_queue_size=N, bsp_schedule_delay=MS, bsp_max_export_batch_size=N. "
                              "Clients change level, rate, count and log-frequency through tritonclient's "
                              "update_trace_settings")
+    parser.add_argument("--cache-config", action="append", default=[], metavar="local,size=BYTES",
+                        help="Triton's response cache: requests with the inputs of an earlier one are answered with "
+                             "its outputs, up to BYTES of them (least recently used go first)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL at start; clients change "
                         "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")
     parser.set_defaults(handler=cmd_serve)
@@ -111,6 +114,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
     from plansmith.spec import DynamicBatching, ServingSpec
     from plansmith_runtime.config import ServingConfig, policy_from_spec
     from plansmith_runtime.summaries import parse_metrics_config
+    from plansmith_runtime.response_cache import parse_cache_config
     from plansmith_runtime.tracing import parse_trace_config
 
     serving = spec_serving or ServingSpec(dynamic_batching=DynamicBatching())
@@ -143,6 +147,10 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
             ["summary_latencies=true"] * serving.metrics.latency_summaries + args.metrics_config),
         # the spec's settings first: a --trace-config entry given on the command line overrides them
         trace=parse_trace_config([*(serving.trace.trace_config() if serving.trace else ()), *args.trace_config]),
+        # the spec's size first: a --cache-config given on the command line overrides it
+        response_cache_bytes=parse_cache_config(
+            ([f"local,size={serving.response_cache.size_bytes}"] if serving.response_cache else [])
+            + args.cache_config),
         max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
     )
 

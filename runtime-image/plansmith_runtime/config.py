@@ -52,6 +52,7 @@ class ServingConfig:
     metrics_interval_ms: int = DEFAULT_INTERVAL_MS  # how often the GPU and CPU metrics are polled
     summary_quantiles: tuple[tuple[float, float], ...] = ()  # latency summaries' (quantile, error); (): off
     trace: TraceSettings = TraceSettings()  # the trace settings the server starts with (--trace-config)
+    response_cache_bytes: int = 0  # Triton's local response cache (--cache-config local,size=N); 0: none
     max_batch_from_engine: bool = False  # no spec and no --max-batch-size: use the engine's maxBatchSize
 
     def for_engine(self, engine_max_batch: int) -> "ServingConfig":

@@ -30,6 +30,15 @@ TRITON_COUNTERS = (
     ("nv_inference_compute_output_duration_us", "compute_output_us", "Cumulative compute output duration in microseconds"),
 )
 
+# Triton's per-model response cache counters, on the metrics port when the model's cache is on
+CACHE_COUNTERS = (
+    ("nv_cache_num_hits_per_model", "cache_hits", "Number of cache hits per model"),
+    ("nv_cache_num_misses_per_model", "cache_misses", "Number of cache misses per model"),
+    ("nv_cache_hit_duration_per_model", "cache_hit_us", "Total cache hit duration per model, in microseconds"),
+    ("nv_cache_miss_duration_per_model", "cache_miss_us",
+     "Total cache miss (lookup and insertion) duration per model, in microseconds"),
+)
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # Triton's latency summaries (--metrics-config summary_latencies=true), its names and help texts
@@ -76,11 +85,17 @@ class ModelStats:
     batch_sizes: dict[int, BatchSizeStats] = field(default_factory=dict)
     pending: int = 0  # requests queued, not yet in a batch (Triton's nv_inference_pending_request_count)
     in_flight: int = 0  # requests accepted and not yet answered
+    cache_hits: int = 0  # successful requests answered from the response cache (no queue, no compute)
+    cache_hit_us: float = 0.0  # their lookups
+    cache_misses: int = 0
+    cache_miss_us: float = 0.0  # the lookups that missed and the insertions after them
 
 
 class Metrics:
-    def __init__(self, model: str, version: str = "1", summary_quantiles: Sequence[tuple[float, float]] = ()) -> None:
+    def __init__(self, model: str, version: str = "1", summary_quantiles: Sequence[tuple[float, float]] = (),
+                 response_cache: bool = False) -> None:
         self.model, self.version = model, version
+        self.counters = TRITON_COUNTERS + CACHE_COUNTERS if response_cache else TRITON_COUNTERS
         self.stats = ModelStats()
         self.summary_quantiles = tuple(quantile for quantile, _ in summary_quantiles)
         # by TRITON_SUMMARIES' first column; none when off
@@ -103,7 +118,7 @@ class Metrics:
         lines = []
         labels = f'model="{self.model}",version="{self.version}"'
         label = f"{{{labels}}}"
-        for name, attribute, help_text in TRITON_COUNTERS:
+        for name, attribute, help_text in self.counters:
             value = getattr(self.stats, attribute)
             lines.append(f"# HELP {name} {help_text}\n# TYPE {name} counter\n{name}{label} {int(value)}\n")
         lines.append("# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting "
@@ -126,6 +141,21 @@ class Metrics:
         if self.summaries:
             self.summaries["request"].observe(request_us)
             self.summaries["queue"].observe(queue_us)
+
+    def record_cache_hit(self, request_us: float, lookup_us: float) -> None:
+        """A request answered from the response cache: a success with no queue and no compute."""
+        stats = self.stats
+        stats.success += 1
+        stats.request_us += request_us
+        stats.cache_hits += 1
+        stats.cache_hit_us += lookup_us
+        if self.summaries:
+            self.summaries["request"].observe(request_us)
+
+    def record_cache_miss(self, us: float) -> None:
+        """A lookup that missed, with the insertion of the response after it."""
+        self.stats.cache_misses += 1
+        self.stats.cache_miss_us += us
 
     def record_execution(self, items: int, requests: int, input_us: float, infer_us: float, output_us: float) -> None:
         """A batch of `items` ran; `requests` of its requests were still waiting for the answer."""
@@ -164,7 +194,9 @@ def _duration(count: int, us: float) -> dict:
 
 def model_statistics(name: str, version: str, stats: ModelStats) -> dict:
     """One model's entry of Triton's statistics extension (`model_stats` in GET
-    v2/models/{name}/stats and in gRPC's ModelStatisticsResponse)."""
+    v2/models/{name}/stats and in gRPC's ModelStatisticsResponse). As in Triton, a request answered
+    from the response cache counts in success and cache_hit, not in queue and compute."""
+    executed = stats.success - stats.cache_hits
     return {
         "name": name,
         "version": version,
@@ -174,12 +206,12 @@ def model_statistics(name: str, version: str, stats: ModelStats) -> dict:
         "inference_stats": {
             "success": _duration(stats.success, stats.request_us),
             "fail": _duration(stats.failure, stats.failure_us),
-            "queue": _duration(stats.success, stats.queue_us),
-            "compute_input": _duration(stats.success, stats.compute_input_us),
-            "compute_infer": _duration(stats.success, stats.compute_us),
-            "compute_output": _duration(stats.success, stats.compute_output_us),
-            "cache_hit": _duration(0, 0),  # no response cache
-            "cache_miss": _duration(0, 0),
+            "queue": _duration(executed, stats.queue_us),
+            "compute_input": _duration(executed, stats.compute_input_us),
+            "compute_infer": _duration(executed, stats.compute_us),
+            "compute_output": _duration(executed, stats.compute_output_us),
+            "cache_hit": _duration(stats.cache_hits, stats.cache_hit_us),
+            "cache_miss": _duration(stats.cache_misses, stats.cache_miss_us),
         },
         "batch_stats": [
             {"batch_size": size,

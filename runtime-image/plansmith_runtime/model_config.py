@@ -51,6 +51,8 @@ def build_model_config(name: str, manifest: Manifest, serving: ServingConfig, *,
         if policy.timeout_us:
             dynamic.default_queue_policy.default_timeout_microseconds = policy.timeout_us
             dynamic.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    if serving.response_cache_bytes:
+        config.response_cache.enable = True
     gpu = manifest.target.device == "gpu" if kind_gpu is None else kind_gpu
     config.instance_group.add(count=serving.instances,
                               kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)

@@ -61,7 +61,8 @@ def render_repository(name: str, spec: InferenceModelSpec, manifests: list[Manif
     for manifest in manifests:
         check_against_engine(policy, manifest.max_batch_size)
     config = ServingConfig(model_name=name, policy=policy, instances=serving.instances,
-                           warmup_enabled=serving.warmup.enabled, warmup_iterations=serving.warmup.iterations)
+                           warmup_enabled=serving.warmup.enabled, warmup_iterations=serving.warmup.iterations,
+                           response_cache_bytes=serving.response_cache.size_bytes if serving.response_cache else 0)
     repository = TritonRepository()
     cc_files: dict[str, str] = {}
     default_name: str | None = None

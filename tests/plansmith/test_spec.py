@@ -74,6 +74,8 @@ def test_example_manifest_is_valid(repo_root):
         (spec_with(serving__trace={"level": ["SPANS"]}), "spec.serving.trace.level[0]"),
         (spec_with(serving__trace={"count": 0}), "spec.serving.trace.count"),
         (spec_with(serving__trace={"rate": -1}), "spec.serving.trace.rate"),
+        (spec_with(serving__responseCache={"sizeBytes": 0}), "spec.serving.responseCache.sizeBytes"),
+        (spec_with(serving__responseCache={}), "spec.serving.responseCache.sizeBytes"),
         ({"build": {}}, "spec.model"),
     ],
 )

@@ -79,6 +79,11 @@ def test_a_metrics_config_triton_does_not_take_is_a_usage_error(capsys):
     assert "--metrics-config 'summary_latencies=yes': summary_latencies is true or false" in capsys.readouterr().err
 
 
+def test_a_cache_config_the_server_cannot_take_is_a_usage_error(capsys):
+    assert main(["serve", "--manifest", "file:///x", "--cache-config", "redis,host=cache"]) == 2
+    assert "cache 'redis' is not supported: the local (in-memory) cache is" in capsys.readouterr().err
+
+
 def test_a_trace_config_that_would_trace_nothing_is_a_usage_error(capsys):
     assert main(["serve", "--manifest", "file:///x", "--trace-config", "level=TIMESTAMPS"]) == 2
     assert "--trace-config level=TIMESTAMPS would trace nothing: trace file name is not given" in capsys.readouterr().err
@@ -127,6 +132,13 @@ def test_the_trace_settings_the_operator_renders_are_the_runtimes_and_flags_over
     off = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"trace": {"level": []}}})
     assert runtime_cli.serving_config(parser.parse_args(["serve"]), off.serving, "m").trace == TraceSettings(
         file="/tmp/trace.json")
+    # the response cache: the operator's --cache-config, and the spec's size for `plansmith serve MODEL.yaml`
+    cached = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"responseCache": {"sizeBytes": 4096}}})
+    rendered = parser.parse_args(["serve", *rendering.runtime_args("m", cached,
+                                                                   "s3://engines/engines/k/manifest.json")])
+    assert runtime_cli.serving_config(rendered, None, "m").response_cache_bytes == 4096
+    assert runtime_cli.serving_config(parser.parse_args(["serve"]), cached.serving, "m").response_cache_bytes == 4096
+    assert runtime_cli.serving_config(parser.parse_args(["serve"]), spec.serving, "m").response_cache_bytes == 0
     # mode opentelemetry: the collector and the resource attributes
     spans = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"trace": {
         "mode": "opentelemetry", "rate": 0, "opentelemetry": {"url": "collector:4318/v1/traces",

@@ -75,3 +75,53 @@ async def test_a_model_on_a_gpu_joins_batches_in_pinned_buffers_from_warmup_on_u
     finally:
         await model.stop(1.0)
     assert not live and model.pinned_memory() == PinnedMemoryUse(pool_bytes, 0)
+
+
+async def test_with_a_response_cache_a_repeated_request_is_answered_without_running_the_model(engines):
+    """Triton's response cache: the first request with some inputs runs and is kept (a miss), the
+    same inputs again are answered from the cache (a hit: success, no queue, no execution), and
+    other inputs run; the statistics and the metrics say so with Triton's names."""
+    from plansmith_runtime.metrics import model_statistics
+
+    policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=100)
+    model = ServedModel(ServingConfig("mlp", policy, warmup_iterations=1, response_cache_bytes=1 << 20))
+    await model.load(LoadOptions(engines["mlp"].manifest_uri))
+    try:
+        assert model.ready, model.reason
+        session = engines["mlp"].session()
+        x, other = (engines["mlp"].model.sample_inputs(batch=2, seed=seed)["input"] for seed in (1, 2))
+        executions = model.metrics.stats.exec_count  # warmup's
+        first = await model.infer({"input": x}, [])
+        again = await model.infer({"input": x.copy()}, ["logits"])
+        third = await model.infer({"input": other}, [])
+        np.testing.assert_allclose(first["logits"], session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(again["logits"], first["logits"])
+        np.testing.assert_allclose(third["logits"], session.run(None, {"input": other})[0], rtol=1e-5, atol=1e-5)
+        stats = model.metrics.stats
+        assert (stats.success, stats.cache_hits, stats.cache_misses) == (3, 1, 2)
+        assert stats.exec_count - executions == 2 and stats.cache_hit_us > 0 and stats.cache_miss_us > 0
+        reported = model_statistics("mlp", "1", stats)["inference_stats"]
+        counts = [reported[name]["count"] for name in ("success", "queue", "compute_infer", "cache_hit", "cache_miss")]
+        assert counts == [3, 2, 2, 1, 2]
+        rendered = model.metrics.render().decode()
+        assert 'nv_cache_num_hits_per_model{model="mlp",version="1"} 1\n' in rendered
+        assert 'nv_cache_num_misses_per_model{model="mlp",version="1"} 2\n' in rendered
+        assert model.model_config().response_cache.enable
+    finally:
+        await model.stop(1.0)
+
+
+async def test_without_a_response_cache_nothing_is_cached_or_reported(engines):
+    policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=100)
+    model = ServedModel(ServingConfig("mlp", policy, warmup_iterations=1))
+    await model.load(LoadOptions(engines["mlp"].manifest_uri))
+    try:
+        x = engines["mlp"].model.sample_inputs(batch=1, seed=1)["input"]
+        executions = model.metrics.stats.exec_count
+        await model.infer({"input": x}, [])
+        await model.infer({"input": x}, [])
+        assert model.metrics.stats.exec_count - executions == 2 and model.metrics.stats.cache_hits == 0
+        assert "nv_cache_" not in model.metrics.render().decode()
+        assert not model.model_config().HasField("response_cache")
+    finally:
+        await model.stop(1.0)

@@ -694,6 +694,31 @@ def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engin
         cudashm.destroy_shared_memory_region(logits)
 
 
+def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engines, start_server):
+    """--cache-config local,size=N (Triton's flag): the same inputs again, over HTTP or gRPC, are
+    answered from the cache; Triton's statistics, metrics and model config say so."""
+    server = start_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
+                          "--warmup-iterations", "1", "--cache-config", "local,size=1048576").wait_ready()
+    http, rpc = httpclient.InferenceServerClient(server.http_url), grpcclient.InferenceServerClient(server.grpc_url)
+    x, other = (engines["small_cnn"].model.sample_inputs(batch=2, seed=seed)["input"] for seed in (50, 51))
+    expected = engines["small_cnn"].session().run(None, {"input": x})[0]
+    assert http.get_model_config("cnn")["response_cache"] == {"enable": True}
+    np.testing.assert_allclose(http.infer("cnn", [http_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
+    np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
+    np.testing.assert_allclose(http.infer("cnn", [http_input(x, binary=False)]).as_numpy("logits"), expected,
+                               **TOLERANCE)
+    rpc.infer("cnn", [grpc_input(other)])
+    stats = http.get_inference_statistics("cnn")["model_stats"][0]
+    inference = stats["inference_stats"]
+    counts = [inference[name]["count"] for name in ("cache_hit", "cache_miss", "success", "queue")]
+    assert counts == [2, 2, 4, 2] and inference["cache_hit"]["ns"] > 0
+    assert rpc.get_inference_statistics("cnn").model_stats[0].inference_stats.cache_hit.count == 2
+    metrics = server.metrics()
+    assert metrics['nv_cache_num_hits_per_model{model="cnn",version="1"}'] == 2
+    assert metrics['nv_cache_num_misses_per_model{model="cnn",version="1"}'] == 2
+    assert metrics['nv_inference_request_success{model="cnn",version="1"}'] == 4
+
+
 def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines, cnn_server):
     """tritonclient's bidirectional ModelStreamInfer (sync start_stream / async_stream_infer and
     asyncio stream_infer): each request's answer comes back with its id; a bad request is answered

@@ -5,6 +5,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from plansmith.manifest import Manifest
+from plansmith.spec import ResponseCacheSpec
 from plansmith.validation import parse_spec
 from plansmith_runtime.triton_repo import RepositoryError, render_repository
 
@@ -61,6 +62,14 @@ def test_onnxruntime_engine_renders_onnxruntime_onnx_on_cpu():
     config = parse(render_repository("cnn", SPEC, [manifest("onnxruntime")]).files["cnn/config.pbtxt"])
     assert config.platform == "onnxruntime_onnx"
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_a_response_cache_renders_tritons_response_cache_setting():
+    assert not parse(render_repository("cnn", SPEC, [manifest()]).files["cnn/config.pbtxt"]).HasField("response_cache")
+    cached = SPEC.model_copy(update={"serving": SPEC.serving.model_copy(update={
+        "response_cache": ResponseCacheSpec(size_bytes=1 << 20)})})
+    text = render_repository("cnn", cached, [manifest()]).files["cnn/config.pbtxt"]
+    assert "response_cache {\n  enable: true\n}" in text and parse(text).response_cache.enable
 
 
 def test_mixed_or_duplicate_engines_are_refused():

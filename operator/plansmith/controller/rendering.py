@@ -183,6 +183,8 @@ def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list
     if serving.trace is not None:
         for entry in serving.trace.trace_config():
             args += ["--trace-config", entry]
+    if serving.response_cache is not None:
+        args += ["--cache-config", f"local,size={serving.response_cache.size_bytes}"]
     return args
 
 

@@ -172,6 +172,14 @@ def test_opentelemetry_tracing_names_the_collector_and_the_pods_kubernetes_resou
     assert "opentelemetry,url=http://localhost:4318/v1/traces" in args
 
 
+def test_a_response_cache_is_asked_of_the_runtime_with_tritons_cache_config_only_when_the_spec_wants_it():
+    plain = parse_spec({"model": {"uri": "s3://models/m.onnx"}})
+    assert "--cache-config" not in rendering.runtime_args("m", plain, "s3://engines/engines/k/manifest.json")
+    cached = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "serving": {"responseCache": {"sizeBytes": 4096}}})
+    args = rendering.runtime_args("m", cached, "s3://engines/engines/k/manifest.json")
+    assert args[args.index("--cache-config") + 1] == "local,size=4096"
+
+
 def test_service_selects_all_targets_of_the_model():
     service = rendering.render_service(name="resnet", namespace="ml")
     assert service["spec"]["selector"] == {"plansmith.io/model": "resnet", "app.kubernetes.io/component": "serving"}
