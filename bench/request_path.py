@@ -1,7 +1,7 @@
 """The HTTP request path's CPU a request, in this process, without sockets.
 
     .venv/bin/python bench/request_path.py [--models mlp] [--rounds 400] [--repeats 3] [--trace-rate N]
-        [--trace-mode triton|opentelemetry]
+        [--trace-mode triton|opentelemetry] [--response-cache]
 
 `bench/serve.py` measures the server under real load, where the shared machine moves throughput by
 10% between two runs of the same code; that hides changes of a few microseconds a request. This
@@ -16,7 +16,9 @@ file), and its cost a request over batching on untraced is printed. With `--trac
 opentelemetry` the traces become OpenTelemetry spans instead, which the SDK's batch span processor
 sends (in a thread of this process, so counted) to an OTLP/HTTP receiver in another process that
 answers each export with 200. What it leaves out: the sockets' system calls and uvloop's I/O
-(about 14 us a request under wrk) and the load generator.
+(about 14 us a request under wrk) and the load generator. With `--response-cache` a fourth mode
+runs batching on with Triton's response cache: every request repeats the first one's inputs, so all
+but the first are answered from the cache, and their CPU a request is printed against running them.
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def receive(connection: HttpConnection, data: bytes) -> None:
 
 
 async def cpu_per_request(manifest_uri: str, request: bytes, batching: bool, rounds: int,
-                          trace: TraceSettings = TraceSettings()) -> float:
+                          trace: TraceSettings = TraceSettings(), response_cache_bytes: int = 0) -> float:
     policy = BatchingPolicy(max_batch_size=32, enabled=batching, max_queue_delay_us=100)
-    model = ServedModel(ServingConfig("model", policy, warmup_iterations=3))
+    model = ServedModel(ServingConfig("model", policy, warmup_iterations=3, response_cache_bytes=response_cache_bytes))
     await model.load(LoadOptions(manifest_uri))
     if not model.ready:
         raise SystemExit(f"model not ready: {model.reason}")
@@ -162,6 +164,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating on/off measurements")
     parser.add_argument("--trace-rate", type=int, default=0, help="also measure batching on with every N-th "
                         "request traced (0: not)")
+    parser.add_argument("--response-cache", action="store_true",
+                        help="also measure batching on with the response cache, every request a hit")
     parser.add_argument("--trace-mode", choices=("triton", OPENTELEMETRY_MODE), default="triton",
                         help="traces written to trace files (triton) or sent as spans (opentelemetry)")
     args = parser.parse_args()
@@ -179,12 +183,15 @@ def main() -> int:
         else:
             traced = TraceSettings(level=frozenset({TIMESTAMPS}), rate=args.trace_rate, mode=OPENTELEMETRY_MODE,
                                    opentelemetry=OpenTelemetryConfig(url=f"http://127.0.0.1:{port}/v1/traces"))
-        figures: dict[bool | str, list[float]] = {True: [], False: [], "traced": []}
+        figures: dict[bool | str, list[float]] = {True: [], False: [], "traced": [], "cached": []}
         for _ in range(args.repeats):
             for batching in (True, False):
                 figures[batching].append(uvloop.run(cpu_per_request(manifest_uri, request, batching, args.rounds)))
             if args.trace_rate:
                 figures["traced"].append(uvloop.run(cpu_per_request(manifest_uri, request, True, args.rounds, traced)))
+            if args.response_cache:
+                figures["cached"].append(uvloop.run(cpu_per_request(manifest_uri, request, True, args.rounds,
+                                                                    response_cache_bytes=64 << 20)))
         on, off = statistics.median(figures[True]), statistics.median(figures[False])
         print(f"{kind}: CPU a request, batching on {', '.join(f'{v:.1f}' for v in figures[True])} us; "
               f"off {', '.join(f'{v:.1f}' for v in figures[False])} us")
@@ -194,6 +201,11 @@ def main() -> int:
             print(f"{kind}: batching on, 1 request in {args.trace_rate} traced ({args.trace_mode}): "
                   f"{', '.join(f'{v:.1f}' for v in figures['traced'])} us; {with_traces - on:+.1f} us a request "
                   f"({with_traces / on - 1:+.1%}) over untraced")
+        if args.response_cache:
+            cached = statistics.median(figures["cached"])
+            print(f"{kind}: batching on, answered from the response cache: "
+                  f"{', '.join(f'{v:.1f}' for v in figures['cached'])} us; {on / cached:.2f}x fewer CPU a request "
+                  "than running them")
     if receiver is not None:
         receiver.terminate()
     return 0
