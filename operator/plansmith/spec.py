@@ -312,6 +312,10 @@ class ResponseCacheSpec(ApiModel):
     size_bytes: int = Field(ge=1, description="Memory for cached responses, in bytes (Triton's --cache-config "
                                               "local,size); the least recently used go first.")
 
+    def cache_config(self) -> str:
+        """This cache as a `plansmith serve --cache-config` entry (Triton's flag)."""
+        return f"local,size={self.size_bytes}"
+
 
 class Toleration(ApiModel):
     """A Kubernetes toleration for the serving and build pods."""

@@ -113,8 +113,8 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
 
     from plansmith.spec import DynamicBatching, ServingSpec
     from plansmith_runtime.config import ServingConfig, policy_from_spec
-    from plansmith_runtime.summaries import parse_metrics_config
     from plansmith_runtime.response_cache import parse_cache_config
+    from plansmith_runtime.summaries import parse_metrics_config
     from plansmith_runtime.tracing import parse_trace_config
 
     serving = spec_serving or ServingSpec(dynamic_batching=DynamicBatching())
@@ -149,8 +149,7 @@ def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
         trace=parse_trace_config([*(serving.trace.trace_config() if serving.trace else ()), *args.trace_config]),
         # the spec's size first: a --cache-config given on the command line overrides it
         response_cache_bytes=parse_cache_config(
-            ([f"local,size={serving.response_cache.size_bytes}"] if serving.response_cache else [])
-            + args.cache_config),
+            [*([serving.response_cache.cache_config()] if serving.response_cache else ()), *args.cache_config]),
         max_batch_from_engine=spec_serving is None and args.max_batch_size is None,
     )
 

@@ -184,7 +184,7 @@ def runtime_args(name: str, spec: InferenceModelSpec, manifest_uri: str) -> list
         for entry in serving.trace.trace_config():
             args += ["--trace-config", entry]
     if serving.response_cache is not None:
-        args += ["--cache-config", f"local,size={serving.response_cache.size_bytes}"]
+        args += ["--cache-config", serving.response_cache.cache_config()]
     return args
 
 
