@@ -3,12 +3,14 @@ through a CUDA IPC handle (tritonclient.utils.cuda_shared_memory's create_shared
 get_raw_handle), registers the handle under a region name, and then names the region instead of
 sending tensor bytes; perf_analyzer's `--shared-memory cuda` works this way.
 
-The server opens each handle once at registration (cudaIpcOpenMemHandle) and closes it when the
-region is unregistered. A request's input is copied from the region into host memory, and an
-output from host memory into its region: the executors take host arrays (ONNX Runtime's CPU
-sessions; the CUDA ones copy to the device themselves), so the region is read with one
-device-to-host copy, where Triton's backends for GPU models read it in place. Correct for every
-model; not the zero-copy path a GPU model could have.
+The server opens each handle once at registration (cudaIpcOpenMemHandle) and closes it once the
+region is unregistered and no request still reads it.
+
+A request's input in a region of the device the model runs on (ONNX Runtime's CUDA provider) stays
+there: it becomes a DeviceTensor the executor binds in place, or gathers with the batch's other
+requests on the device (executors/device_memory.py), as Triton's GPU backends read a cudashm input.
+Anywhere else (a CPU model, a region on another device) it is copied into host memory. An output is
+copied into its region from the host, where the executors leave their outputs.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from __future__ import annotations
 import base64
 import binascii
 import ctypes
+import functools
 import logging
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, cuda_runtime
+from plansmith_runtime.executors.device_memory import DeviceTensor
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
 from plansmith_runtime.region_registry import RegionRegistry
 
@@ -41,12 +47,36 @@ def cuda_raw_handle(value: object) -> bytes:
         raise SharedMemoryError(f"raw_handle is not base64: {error}") from None
 
 
+class OpenedHandle:
+    """A client's allocation mapped into this process by cudaIpcOpenMemHandle. The mapping is closed
+    when nothing refers to it any more: its region is unregistered and every DeviceTensor reading
+    it (a request in flight) is gone."""
+
+    def __init__(self, pointer: int, device_id: int, region: str, runtime) -> None:
+        self.pointer = pointer
+        weakref.finalize(self, functools.partial(_close_handle, runtime, pointer, device_id, region))
+
+
+def _close_handle(runtime, pointer: int, device_id: int, region: str) -> None:
+    """cudaIpcCloseMemHandle; a handle CUDA cannot close is logged: the region is gone either way."""
+    try:
+        check_cuda(runtime.cudaSetDevice(device_id))
+        check_cuda(runtime.cudaIpcCloseMemHandle(pointer))
+    except ExecutorError as error:
+        log.warning("cannot close a CUDA shared memory handle: %s", error, extra={"region": region, "device_id": device_id})
+
+
 @dataclass
 class CudaRegion:
     name: str
     device_id: int
     byte_size: int
-    pointer: int  # the device address cudaIpcOpenMemHandle mapped the client's allocation to
+    handle: OpenedHandle
+
+    @property
+    def pointer(self) -> int:
+        """The device address the client's allocation is mapped to here."""
+        return self.handle.pointer
 
     def status(self) -> dict:
         return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
@@ -54,13 +84,15 @@ class CudaRegion:
 
 class CudaSharedMemory(RegionRegistry[CudaRegion]):
     """The registered CUDA regions by name. `runtime`: cuda-python's `cuda.bindings.runtime`, loaded
-    at the first registration (None), or a stand-in with its calls."""
+    at the first registration (None), or a stand-in with its calls. `input_device`: the CUDA device
+    the served model reads inputs on (ServedModel.input_device), None while it reads host memory."""
 
     kind = "CUDA shared memory"
 
-    def __init__(self, runtime=None) -> None:
+    def __init__(self, runtime=None, input_device: Callable[[], int | None] = lambda: None) -> None:
         super().__init__()
         self._runtime = runtime
+        self._input_device = input_device
 
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         self._check_new(name)
@@ -83,12 +115,16 @@ class CudaSharedMemory(RegionRegistry[CudaRegion]):
         except ExecutorError as error:  # CudaUnavailable is one
             raise SharedMemoryError(f"unable to open CUDA shared memory region '{name}' on device {device_id}: "
                                     f"{error}") from None
-        self._regions[name] = CudaRegion(name, device_id, byte_size, int(pointer))
+        self._regions[name] = CudaRegion(name, device_id, byte_size, OpenedHandle(int(pointer), device_id, name, cudart))
 
     def input_array(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
-                    shape: tuple[int, ...]) -> np.ndarray:
-        """The input, copied from its region into host memory; its size must be what its shape needs."""
+                    shape: tuple[int, ...]) -> np.ndarray | DeviceTensor:
+        """The input where the model reads it: in place (a DeviceTensor) when its region is on the
+        model's device, else copied into host memory. Its size must be what its shape needs."""
         region = self._input_region(reference, tensor, dtype, shape)
+        if region.device_id == self._input_device():
+            return DeviceTensor(region.pointer + reference.offset, dtype, shape, region.device_id, self._cuda(),
+                                owner=region.handle)
         array = np.empty(shape, dtype)
         self._copy(region, array.ctypes.data, region.pointer + reference.offset, array.nbytes, to_device=False)
         return array
@@ -99,16 +135,6 @@ class CudaSharedMemory(RegionRegistry[CudaRegion]):
         source = np.ascontiguousarray(array)
         self._copy(region, region.pointer + reference.offset, source.ctypes.data, source.nbytes, to_device=True)
         return source.nbytes
-
-    def _release(self, region: CudaRegion) -> None:
-        """Close the region's handle; one CUDA cannot close is logged: the region is gone either way."""
-        cudart = self._cuda()
-        try:
-            check_cuda(cudart.cudaSetDevice(region.device_id))
-            check_cuda(cudart.cudaIpcCloseMemHandle(region.pointer))
-        except ExecutorError as error:
-            log.warning("cannot close a CUDA shared memory handle: %s", error,
-                        extra={"region": region.name, "device_id": region.device_id})
 
     def _cuda(self):
         if self._runtime is None:

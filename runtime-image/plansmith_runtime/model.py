@@ -130,6 +130,12 @@ class ServedModel:
     def ready(self) -> bool:
         return self.state == "READY"
 
+    @property
+    def input_device(self) -> int | None:
+        """The CUDA device whose memory the loaded executors read inputs in: a request's input in a
+        CUDA shared memory region of that device is read in place. None: they read host memory."""
+        return self._executors[0].device_inputs if self.ready and self._executors else None
+
     # ------------------------------------------------------------------ loading
 
     async def load(self, options: LoadOptions) -> None:
@@ -151,7 +157,8 @@ class ServedModel:
         self.reason = ""
         log.info("model ready", extra={"model": self.name, "engine": self.manifest.key, "backend": self.manifest.backend,
                                        "instances": len(self._executors), "intra_op_threads": self._intra_op_threads,
-                                       "inline_max_items": self.batcher.inline_max_items})
+                                       "inline_max_items": self.batcher.inline_max_items,
+                                       "device_inputs": self.input_device})
 
     def _load_blocking(self, options: LoadOptions) -> None:
         directory = options.cache_dir or Path(tempfile.mkdtemp(prefix="plansmith-engine-"))

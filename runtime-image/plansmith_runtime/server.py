@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from plansmith_runtime.config import ServingConfig
+from plansmith_runtime.cuda_shared_memory import CudaSharedMemory
 from plansmith_runtime.grpc_api import create_server
 from plansmith_runtime.http_api import MAX_BODY_BYTES, HttpApi, metrics_app
 from plansmith_runtime.http_transport import HttpServer
@@ -37,7 +38,9 @@ class Server:
         self.config, self.load_options, self.listen = config, load, listen
         self.log_control = log_control  # Triton's logging extension changes it at runtime
         self.model = ServedModel(config)
-        self.shared_memory = SharedMemoryRegions()  # regions registered by clients, for both front ends
+        # regions registered by clients, for both front ends; inputs in a CUDA region on the model's
+        # device are read there
+        self.shared_memory = SharedMemoryRegions(cuda=CudaSharedMemory(input_device=lambda: self.model.input_device))
         self.trace_control = TraceControl(config.trace, [self.model.name], VERSION)  # Triton's trace extension
         self.accepting = True
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import os
 import signal
 import subprocess
@@ -12,11 +14,117 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from plansmith.devcluster.processes import free_port
+from plansmith_runtime.cuda_shared_memory import CUDA_IPC_HANDLE_SIZE
 
 PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
+
+
+
+class StandInCudaRuntime:
+    """The cuda-python runtime calls the CUDA shared memory registry and the executors' device
+    batches make, answered as cuda.bindings.runtime answers them ((error, value) tuples), over host
+    memory: "device memory" (a client's allocation named by its IPC handle's bytes, or a cudaMalloc)
+    is host buffers, so what is copied where is visible."""
+
+    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801  (cuda-python's names)
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+        cudaMemcpyDeviceToDevice = 3
+
+    cudaIpcMemLazyEnablePeerAccess = 1
+    cudaStreamNonBlocking = 1
+
+    class cudaIpcMemHandle_t:  # noqa: N801
+        def __init__(self) -> None:
+            self._bytes = ctypes.create_string_buffer(CUDA_IPC_HANDLE_SIZE)
+
+        def getPtr(self) -> int:  # noqa: N802
+            return ctypes.addressof(self._bytes)
+
+    def __init__(self, devices: int = 1) -> None:
+        self.devices = devices
+        self.allocations: dict[bytes, ctypes.Array] = {}  # handle bytes -> the client's "device memory"
+        self.opened: dict[int, bytes] = {}  # mapped address -> handle
+        self.device_memory: dict[int, ctypes.Array] = {}  # cudaMalloc'd address -> its buffer
+        self.streams: list[str] = []  # streams created and not destroyed
+        self.current_device = 0
+        # (direction, bytes, the device current then): every cudaMemcpy, cudaMemcpyAsync and cudaMemsetAsync
+        self.copies: list[tuple[str, int, int]] = []
+        self.synchronized = 0  # cudaStreamSynchronize calls
+
+    def allocate(self, nbytes: int, tag: int) -> bytes:
+        """A client's allocation and the raw IPC handle it would send."""
+        handle = bytes([tag]) * CUDA_IPC_HANDLE_SIZE
+        self.allocations[handle] = ctypes.create_string_buffer(nbytes)
+        return handle
+
+    def memory(self, handle: bytes) -> np.ndarray:
+        buffer = self.allocations[handle]
+        return np.frombuffer(buffer, np.uint8, len(buffer))
+
+    def cudaSetDevice(self, device: int):  # noqa: N802
+        if not 0 <= device < self.devices:
+            return (101,)  # cudaErrorInvalidDevice
+        self.current_device = device
+        return (0,)
+
+    def cudaIpcOpenMemHandle(self, handle, flags):  # noqa: N802
+        raw = ctypes.string_at(handle.getPtr(), CUDA_IPC_HANDLE_SIZE)
+        if raw not in self.allocations or flags != self.cudaIpcMemLazyEnablePeerAccess:
+            return (400, None)  # cudaErrorInvalidResourceHandle
+        address = ctypes.addressof(self.allocations[raw])
+        self.opened[address] = raw
+        return (0, address)
+
+    def cudaIpcCloseMemHandle(self, pointer: int):  # noqa: N802
+        return (0,) if self.opened.pop(pointer, None) is not None else (400,)
+
+    def cudaMemcpy(self, destination: int, source: int, nbytes: int, kind):  # noqa: N802
+        self.copies.append((kind.name, nbytes, self.current_device))
+        ctypes.memmove(destination, source, nbytes)
+        return (0,)
+
+    def cudaMalloc(self, nbytes: int):  # noqa: N802
+        buffer = ctypes.create_string_buffer(nbytes)
+        ctypes.memset(buffer, 0xAB, nbytes)  # as uninitialized memory holds anything, not zeros
+        self.device_memory[ctypes.addressof(buffer)] = buffer
+        return (0, ctypes.addressof(buffer))
+
+    def cudaFree(self, pointer: int):  # noqa: N802
+        return (0,) if self.device_memory.pop(pointer, None) is not None else (1,)  # cudaErrorInvalidValue
+
+    def cudaStreamCreateWithFlags(self, flags: int):  # noqa: N802
+        self.streams.append(f"stream-{len(self.streams)}")
+        return (0, self.streams[-1])
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        self.streams.remove(stream)
+        return (0,)
+
+    def cudaMemcpyAsync(self, destination: int, source: int, nbytes: int, kind, stream):  # noqa: N802
+        assert stream in self.streams
+        return self.cudaMemcpy(destination, source, nbytes, kind)
+
+    def cudaMemsetAsync(self, pointer: int, value: int, nbytes: int, stream):  # noqa: N802
+        assert stream in self.streams
+        self.copies.append(("cudaMemsetAsync", nbytes, self.current_device))
+        ctypes.memset(pointer, value, nbytes)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        assert stream in self.streams
+        self.synchronized += 1
+        return (0,)
+
+
+@pytest.fixture
+def stand_in_cuda():
+    """Makes StandInCudaRuntimes: stand_in_cuda(devices=2)."""
+    return StandInCudaRuntime
 
 
 @dataclass

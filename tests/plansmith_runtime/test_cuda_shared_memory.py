@@ -1,90 +1,32 @@
 """Triton's CUDA shared memory extension: the region registry's own logic against a stand-in for
-cuda-python's runtime (device memory played by host buffers, so what is copied where is visible),
-one namespace of region names with the system regions, and, where a CUDA device is present, a real
-server process and tritonclient's cuda_shared_memory utilities (test_cuda_shared_memory_on_a_gpu)."""
+cuda-python's runtime (conftest's StandInCudaRuntime: device memory played by host buffers, so what
+is copied where is visible), inputs read in place on the model's device, and one namespace of region
+names with the system regions. A real server and tritonclient's cuda_shared_memory utilities on a
+GPU: test_server.py."""
 
 from __future__ import annotations
 
 import base64
-import ctypes
-import enum
 import logging
 
 import numpy as np
 import pytest
 
-from plansmith_runtime.cuda_shared_memory import CUDA_IPC_HANDLE_SIZE, CudaSharedMemory, cuda_raw_handle
+from plansmith_runtime.cuda_shared_memory import CudaSharedMemory, cuda_raw_handle
+from plansmith_runtime.executors.device_memory import DeviceTensor
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
 from plansmith_runtime.shared_memory import SharedMemoryRegions
 
 
-class StandInCudaRuntime:
-    """The calls CudaSharedMemory makes, as cuda.bindings.runtime answers them ((error, value)
-    tuples), over host memory: a "client allocation" is a ctypes buffer its IPC handle's bytes name."""
-
-    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801  (cuda-python's names)
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    cudaIpcMemLazyEnablePeerAccess = 1
-
-    class cudaIpcMemHandle_t:  # noqa: N801
-        def __init__(self) -> None:
-            self._bytes = ctypes.create_string_buffer(CUDA_IPC_HANDLE_SIZE)
-
-        def getPtr(self) -> int:  # noqa: N802
-            return ctypes.addressof(self._bytes)
-
-    def __init__(self, devices: int = 1) -> None:
-        self.devices = devices
-        self.allocations: dict[bytes, ctypes.Array] = {}  # handle bytes -> the client's "device memory"
-        self.opened: dict[int, bytes] = {}  # mapped address -> handle
-        self.current_device = 0
-        self.copies: list[tuple[str, int, int]] = []  # (direction, bytes, the device current then)
-
-    def allocate(self, nbytes: int, tag: int) -> bytes:
-        """A client's allocation and the raw IPC handle it would send."""
-        handle = bytes([tag]) * CUDA_IPC_HANDLE_SIZE
-        self.allocations[handle] = ctypes.create_string_buffer(nbytes)
-        return handle
-
-    def memory(self, handle: bytes) -> np.ndarray:
-        buffer = self.allocations[handle]
-        return np.frombuffer(buffer, np.uint8, len(buffer))
-
-    def cudaSetDevice(self, device: int):  # noqa: N802
-        if not 0 <= device < self.devices:
-            return (101,)  # cudaErrorInvalidDevice
-        self.current_device = device
-        return (0,)
-
-    def cudaIpcOpenMemHandle(self, handle, flags):  # noqa: N802
-        raw = ctypes.string_at(handle.getPtr(), CUDA_IPC_HANDLE_SIZE)
-        if raw not in self.allocations or flags != self.cudaIpcMemLazyEnablePeerAccess:
-            return (400, None)  # cudaErrorInvalidResourceHandle
-        address = ctypes.addressof(self.allocations[raw])
-        self.opened[address] = raw
-        return (0, address)
-
-    def cudaIpcCloseMemHandle(self, pointer: int):  # noqa: N802
-        return (0,) if self.opened.pop(pointer, None) is not None else (400,)
-
-    def cudaMemcpy(self, destination: int, source: int, nbytes: int, kind):  # noqa: N802
-        self.copies.append((kind.name, nbytes, self.current_device))
-        ctypes.memmove(destination, source, nbytes)
-        return (0,)
-
-
-def registry_with_region(nbytes: int = 256, device_id: int = 0):
-    cuda = StandInCudaRuntime(devices=2)
+def registry_with_region(cuda, nbytes: int = 256, device_id: int = 0, input_device: int | None = None):
     handle = cuda.allocate(nbytes, tag=7)
-    registry = CudaSharedMemory(cuda)
+    registry = CudaSharedMemory(cuda, input_device=lambda: input_device)
     registry.register("images", handle, device_id, nbytes)
     return registry, cuda, handle
 
 
-def test_inputs_are_copied_from_the_clients_allocation_and_outputs_into_it():
-    registry, cuda, handle = registry_with_region(device_id=1)
+def test_inputs_are_copied_from_the_clients_allocation_and_outputs_into_it(stand_in_cuda):
+    registry, cuda, handle = registry_with_region(stand_in_cuda(devices=2), device_id=1, input_device=0)
     client_memory = cuda.memory(handle)
     x = np.arange(8, dtype=np.float32)
     client_memory[16:48] = np.frombuffer(x.tobytes(), np.uint8)  # the client wrote x at offset 16
@@ -108,6 +50,28 @@ def test_inputs_are_copied_from_the_clients_allocation_and_outputs_into_it():
     registry.unregister("images")  # unknown names are not an error, as in Triton
 
 
+def test_an_input_on_the_models_device_is_read_in_place_and_its_mapping_outlives_the_region(stand_in_cuda):
+    """The model runs on device 0 and the region is there: the input is a DeviceTensor at the
+    region's address (no copy); unregistering the region while a request still holds it keeps the
+    client's allocation mapped until the request lets go."""
+    registry, cuda, handle = registry_with_region(stand_in_cuda(), device_id=0, input_device=0)
+    x = np.arange(8, dtype=np.float32)
+    cuda.memory(handle)[16:48] = np.frombuffer(x.tobytes(), np.uint8)
+    [mapped] = cuda.opened
+
+    read = registry.input_array(SharedMemoryReference("images", 32, 16), "input", np.dtype(np.float32), (2, 4))
+    assert isinstance(read, DeviceTensor)
+    assert (read.pointer, read.shape, read.dtype, read.device_id, read.nbytes) == (mapped + 16, (2, 4), np.float32, 0, 32)
+    assert cuda.copies == []  # nothing read yet
+    np.testing.assert_array_equal(np.asarray(read), x.reshape(2, 4))  # where host bytes are needed: one copy
+    assert cuda.copies == [("cudaMemcpyDeviceToHost", 32, 0)]
+
+    registry.unregister("images")
+    assert registry.status() == [] and cuda.opened == {mapped: handle}  # a request still reads it
+    del read  # the last reference: closed at once, not at some later garbage collection
+    assert cuda.opened == {}
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda r: r.input_array(SharedMemoryReference("images", 32, 240), "input", np.dtype(np.float32), (8,)),
      "'input': 32 bytes at offset 240 run past the end of CUDA shared memory region 'images' \\(256 bytes\\)"),
@@ -126,8 +90,8 @@ def test_inputs_are_copied_from_the_clients_allocation_and_outputs_into_it():
     (lambda r: r.register("stale", bytes([9]) * 64, 0, 8),
      "unable to open CUDA shared memory region 'stale' on device 0: CUDA error 400"),
 ])
-def test_bad_registrations_and_references_are_refused_with_the_reason(call, message):
-    registry, cuda, _ = registry_with_region()
+def test_bad_registrations_and_references_are_refused_with_the_reason(call, message, stand_in_cuda):
+    registry, cuda, _ = registry_with_region(stand_in_cuda(devices=2))
     with pytest.raises(SharedMemoryError, match=message):
         call(registry)
     assert [region["name"] for region in registry.status()] == ["images"]  # nothing else registered
@@ -150,8 +114,8 @@ def test_without_cuda_python_registration_is_refused_and_nothing_else_needs_it(m
     registry.close()  # nothing registered: CUDA is not loaded to close nothing
 
 
-def test_a_handle_cuda_cannot_close_is_logged_and_the_region_forgotten(caplog):
-    registry, cuda, _ = registry_with_region()
+def test_a_handle_cuda_cannot_close_is_logged_and_the_region_forgotten(caplog, stand_in_cuda):
+    registry, cuda, _ = registry_with_region(stand_in_cuda())
     cuda.opened.clear()  # as if the client's process had gone and taken the mapping along
     with caplog.at_level(logging.WARNING):
         registry.close()
@@ -159,11 +123,11 @@ def test_a_handle_cuda_cannot_close_is_logged_and_the_region_forgotten(caplog):
     assert "cannot close a CUDA shared memory handle: CUDA error 400" in caplog.text
 
 
-def test_system_and_cuda_regions_share_one_namespace_of_names(tmp_path):
+def test_system_and_cuda_regions_share_one_namespace_of_names(tmp_path, stand_in_cuda):
     from plansmith_runtime.shared_memory import SystemSharedMemory
 
     (tmp_path / "input-key").write_bytes(bytes(64))
-    regions = SharedMemoryRegions(SystemSharedMemory(tmp_path), registry_with_region()[0])
+    regions = SharedMemoryRegions(SystemSharedMemory(tmp_path), registry_with_region(stand_in_cuda())[0])
     regions.register_system("input", "/input-key", 0, 64)
     with pytest.raises(SharedMemoryError, match="shared memory region 'images' is already registered"):
         regions.register_system("images", "/input-key", 0, 64)

@@ -28,6 +28,10 @@ from plansmith_runtime.system_metrics import NvmlGpus
 from plansmith_runtime.trace_summary import read_traces, summarize
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# A request batched with others on a GPU against the same engine run on it alone: ONNX Runtime's CUDA
+# provider picks convolution algorithms (TF32 among them) per batch size, which moves logits by up to
+# ~2e-3 (an H200); another request's image would move them by about 1.
+BATCHED_ON_A_GPU = dict(rtol=1e-2, atol=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -596,6 +600,12 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         shm.destroy_shared_memory_region(handle)
 
 
+def model_ready_entry(server) -> dict:
+    """The server's "model ready" log entry (among its JSON lines: ONNX Runtime writes plain ones)."""
+    entries = (json.loads(line) for line in server.log().splitlines() if line.startswith("{"))
+    return next(entry for entry in entries if entry["message"] == "model ready")
+
+
 def cuda_devices() -> int:
     """CUDA devices this machine's driver shows (0 without cuda-python, a driver or a device)."""
     try:
@@ -615,6 +625,8 @@ def test_cuda_shared_memory_registrations_the_server_cannot_open_are_refused(eng
     http = httpclient.InferenceServerClient(cnn_server.http_url)
     rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
     assert "cuda_shared_memory" in http.get_server_metadata()["extensions"]
+    if cuda_devices() == 0:  # a model on the CPU reads host memory: a CUDA region's input would be copied there
+        assert model_ready_entry(cnn_server)["device_inputs"] is None
     nothing = base64.b64encode(bytes(64))
     with pytest.raises(InferenceServerException, match="unable to open CUDA shared memory region 'images' on device 0: "
                                                        "(cuda-python is not installed|CUDA error)") as caught:
@@ -692,6 +704,63 @@ def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engin
     finally:
         cudashm.destroy_shared_memory_region(images)
         cudashm.destroy_shared_memory_region(logits)
+
+
+@pytest.mark.skipif(cuda_devices() == 0, reason="needs a CUDA device and its driver: CUDA shared memory regions are "
+                                                "GPU memory (run on the lent GPU machine, docs/benchmarks.md says how)")
+def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_requests_that_send_bytes(engines, cnn_server):
+    """A model on ONNX Runtime's CUDA provider reads inputs in its device's regions in place: the
+    server says so when ready, and concurrent requests with inputs in regions (1 to 3 images, at
+    offsets, so lone requests are padded to their bucket and batches are gathered on the device)
+    mixed with requests sending their bytes each get their own outputs back, in batches."""
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    assert model_ready_entry(cnn_server)["device_inputs"] == 0, "was the engine built for the CUDA provider?"
+    session = engines["small_cnn"].session()
+    count = 24
+    inputs = [engines["small_cnn"].model.sample_inputs(batch=1 + i % 3, seed=300 + i)["input"] for i in range(count)]
+    expected = [session.run(None, {"input": x})[0] for x in inputs]
+    in_regions = [i for i in range(count) if i % 4 != 3]  # every fourth request sends its bytes instead
+    offset = 256  # each input after some bytes of the region, as a client packing several tensors does
+    regions = {i: cudashm.create_shared_memory_region(f"input-{i}", offset + inputs[i].nbytes, 0) for i in in_regions}
+    rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
+    before = cnn_server.metrics()
+    try:
+        for i, region in regions.items():
+            cudashm.set_shared_memory_region(region, [np.full(offset, 0xFF, np.uint8), inputs[i]])
+            rpc.register_cuda_shared_memory(f"input-{i}", cudashm.get_raw_handle(region), 0, offset + inputs[i].nbytes)
+
+        async def one(client, index):
+            tensor = grpcaio.InferInput("input", list(inputs[index].shape), "FP32")
+            if index in regions:
+                tensor.set_shared_memory(f"input-{index}", inputs[index].nbytes, offset=offset)
+            else:
+                tensor.set_data_from_numpy(inputs[index])
+            return index, (await client.infer("cnn", [tensor])).as_numpy("logits")
+
+        async def run_all():
+            client = grpcaio.InferenceServerClient(cnn_server.grpc_url)
+            try:
+                return dict(await asyncio.gather(*(one(client, i) for i in range(count))))
+            finally:
+                await client.close()
+
+        results = asyncio.run(run_all())
+        for index in range(count):
+            np.testing.assert_allclose(results[index], expected[index], **BATCHED_ON_A_GPU)
+        http = httpclient.InferenceServerClient(cnn_server.http_url)
+        lone = httpclient.InferInput("input", list(inputs[2].shape), "FP32")  # 3 images: padded to a bucket of 4
+        lone.set_shared_memory("input-2", inputs[2].nbytes, offset=offset)
+        np.testing.assert_allclose(http.infer("cnn", [lone]).as_numpy("logits"), expected[2], **TOLERANCE)
+    finally:
+        rpc.unregister_cuda_shared_memory()
+        for region in regions.values():
+            cudashm.destroy_shared_memory_region(region)
+    after = cnn_server.metrics()
+    label = '{model="cnn",version="1"}'
+    requests = after[f"nv_inference_request_success{label}"] - before.get(f"nv_inference_request_success{label}", 0)
+    executions = after[f"nv_inference_exec_count{label}"] - before.get(f"nv_inference_exec_count{label}", 0)
+    assert requests == count + 1 and executions < count, "concurrent requests should have been batched"
 
 
 def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engines, start_server):

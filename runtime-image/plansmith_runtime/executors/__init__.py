@@ -28,6 +28,9 @@ class Executor(Protocol):
     # Batch sizes the executor pads batches up to, each with a fixed shape to warm up; () when it
     # runs every batch size as it is.
     batch_buckets: tuple[int, ...]
+    # The CUDA device whose memory the executor takes inputs in (device_memory.DeviceTensor: a
+    # client's CUDA shared memory region read in place); None: host arrays only.
+    device_inputs: int | None
 
 
 class ExecutorError(RuntimeError):

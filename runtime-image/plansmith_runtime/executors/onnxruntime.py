@@ -15,7 +15,9 @@ GPU), so a session must only ever see one shape. On the CPU there is no such cos
 runs every size as it is.
 
 On the CUDA provider the batcher's requests are joined, and padded, in pinned host buffers
-(pinned_memory.py), from which ONNX Runtime's copy to the device is about three times faster.
+(pinned_memory.py), from which ONNX Runtime's copy to the device is about three times faster. A
+batch with inputs in a client's CUDA shared memory region (DeviceTensors) is gathered on the device
+instead (device_memory.py), and a lone such request that fills its bucket is bound where it is.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from plansmith.onnxruntime_providers import (
 )
 from plansmith_runtime.batching import concatenate
 from plansmith_runtime.executors import ExecutorError
+from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceTensor, has_device_inputs
 from plansmith_runtime.executors.pinned_memory import BatchStaging, PinnedMemoryPool
 from plansmith_runtime.loader import LoadedEngine
 
@@ -94,8 +97,14 @@ def uses_io_binding(providers: list) -> bool:
 
 
 def is_device_value(value) -> bool:
-    """An onnxruntime.OrtValue (the only feed type other than numpy arrays the executor takes)."""
+    """An onnxruntime.OrtValue, one of the two feed types other than numpy arrays the executor takes
+    (the other: a DeviceTensor)."""
     return hasattr(value, "device_name") and hasattr(value, "data_ptr")
+
+
+def batch_rows(value) -> int:
+    """Dimension 0 of a feed: a numpy array, a DeviceTensor or an OrtValue."""
+    return (value.shape() if is_device_value(value) else value.shape)[0]
 
 
 class OnnxRuntimeExecutor:
@@ -127,6 +136,10 @@ class OnnxRuntimeExecutor:
         self.output_device = "cuda" if _provider_name(self.providers[0]) == CUDA_PROVIDER else "cpu"
         self.staging = (BatchStaging(pinned_pool, buckets[-1]) if pinned_pool is not None and self.io_binding and buckets
                         else None)
+        # the CUDA device whose memory this executor takes inputs in (DeviceTensors); None: host arrays only
+        self.device_inputs = device_id if self.output_device == "cuda" else None
+        self.device_batches = (DeviceBatches(device_id, buckets[-1] if buckets else 0) if self.device_inputs is not None
+                               else None)
 
     def _create_session(self, ort, engine: LoadedEngine, options):
         try:
@@ -140,20 +153,35 @@ class OnnxRuntimeExecutor:
         return session
 
     def form_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        if self.device_batches is not None and has_device_inputs(requests):
+            rows = sum(batch_rows(next(iter(request.values()))) for request in requests)
+            return self.device_batches.gather(requests, self._session_rows(rows))
+        if not self.io_binding and has_device_inputs(requests):  # a CPU session reads host memory
+            requests = [{name: np.asarray(value) for name, value in request.items()} for request in requests]
         return self.staging.join(requests) if self.staging else concatenate(requests)
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
-        """Feeds are numpy arrays, or OrtValues already on the device (IO binding only)."""
+        """Feeds are numpy arrays, DeviceTensors, or OrtValues already on the device (the last two
+        with IO binding only)."""
         if not self.batch_buckets:
             return self._run(self.session, feeds)
-        first = next(iter(feeds.values()))
-        batch = (first.shape() if is_device_value(first) else first.shape)[0]
-        size = bucket_for(batch, self.batch_buckets)
+        batch = batch_rows(next(iter(feeds.values())))
+        size = self._session_rows(batch)
         if size == batch:
             return self._run(self.sessions[size], feeds)
-        padded = self.staging.pad(feeds, size) if self.staging else None  # in place when form_batch joined them
+        # in place when form_batch joined them: in its device buffers, or its pinned ones
+        if all(isinstance(feed, DeviceTensor) for feed in feeds.values()):
+            padded = {name: feed.with_rows(size) for name, feed in feeds.items()}
+            if any(feed is None for feed in padded.values()):
+                raise ExecutorError(f"device inputs of {batch} rows have no room for the padding to {size}")
+        else:
+            padded = self.staging.pad(feeds, size) if self.staging else None
         outputs = self._run(self.sessions[size], padded or pad_batch(feeds, size))
         return {name: array[:batch] for name, array in outputs.items()}
+
+    def _session_rows(self, batch: int) -> int:
+        """The rows the session that runs a batch of `batch` takes: its bucket, or the batch as it is."""
+        return bucket_for(batch, self.batch_buckets) if self.batch_buckets else batch
 
     def _run(self, session, feeds: dict) -> dict[str, np.ndarray]:
         if self.io_binding:
@@ -165,7 +193,9 @@ class OnnxRuntimeExecutor:
     def _run_bound(self, session, feeds: dict) -> dict[str, np.ndarray]:
         binding = session.io_binding()
         for name, value in feeds.items():
-            if is_device_value(value):
+            if isinstance(value, DeviceTensor):  # in a client's region, or gathered on the device: no copy
+                binding.bind_input(name, self.output_device, value.device_id, value.dtype, list(value.shape), value.pointer)
+            elif is_device_value(value):
                 binding.bind_ortvalue_input(name, value)  # already on the device: no copy
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -180,3 +210,5 @@ class OnnxRuntimeExecutor:
         self.sessions = {}
         if self.staging:
             self.staging.close()
+        if self.device_batches:
+            self.device_batches.close()

@@ -85,6 +85,7 @@ def largest_shapes(profiles: Sequence[ProfileRange]) -> dict[str, Shape]:
 
 class TensorRTExecutor:
     batch_buckets: tuple[int, ...] = ()  # profiles take any batch size in their range as it is
+    device_inputs: int | None = None  # inputs arrive as host arrays and are staged in pinned buffers
 
     def __init__(self, engine: LoadedEngine) -> None:
         try:

@@ -1,10 +1,14 @@
 """The ONNX Runtime executor: provider choice, and a real session behind the executor interface."""
 
+import ctypes
+
 import numpy as np
 import pytest
 
 from plansmith_runtime.executors import create_executor
 from plansmith_runtime.executors import ExecutorError
+from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceTensor
+from plansmith_runtime.executors.pinned_memory import BatchStaging, PinnedMemoryPool
 from plansmith_runtime.executors.onnxruntime import (OnnxRuntimeExecutor, batch_buckets, bucket_for, is_device_value,
                                                      providers_for, session_batch_buckets, uses_io_binding)
 from plansmith_runtime.loader import fetch_engine
@@ -101,3 +105,90 @@ def test_a_cuda_engine_whose_session_fell_back_to_the_cpu_is_refused(engines, tm
     monkeypatch.setattr(onnxruntime, "InferenceSession", FallbackSession)
     with pytest.raises(ExecutorError, match="CUDAExecutionProvider is not active"):
         create_executor(dataclasses.replace(loaded, manifest=manifest))
+
+
+def device_tensor(cuda, array: np.ndarray, device_id: int = 0) -> DeviceTensor:
+    """`array` placed in the stand-in's device memory, as a client's CUDA region would hold it."""
+    pointer = cuda.cudaMalloc(array.nbytes)[1]
+    ctypes.memmove(pointer, np.ascontiguousarray(array).ctypes.data, array.nbytes)
+    return DeviceTensor(pointer, array.dtype, array.shape, device_id, cuda)
+
+
+def test_device_inputs_are_bound_in_place_or_gathered_on_the_device(engines, tmp_path, stand_in_cuda):
+    """The GPU executor's path for inputs in CUDA regions, exercised on the CPU: the stand-in's
+    "device memory" is host memory, which the session binds as the CPU's. A lone request that fills
+    its bucket is bound where it is; other batches are gathered into the executor's device buffer
+    (device-to-device from regions, host-to-device from request bodies), padded with zero rows to
+    their bucket; no byte goes through the host."""
+    built = engines["small_cnn"]
+    executor = OnnxRuntimeExecutor(fetch_engine(built.manifest_uri, tmp_path / "engine"), intra_op_threads=1,
+                                   buckets=(1, 2, 4, 8))
+    cuda = stand_in_cuda()
+    executor.io_binding, executor.device_inputs = True, 0
+    executor.device_batches = DeviceBatches(0, max_rows=8, runtime=cuda)
+
+    class HostMemory:  # pinned memory's stand-in, for the host batches a GPU executor also joins
+        def allocate(self, nbytes: int) -> int:
+            return cuda.cudaMalloc(nbytes)[1]
+
+        def free(self, pointer: int) -> None:
+            cuda.cudaFree(pointer)
+
+    executor.staging = BatchStaging(PinnedMemoryPool(1 << 20, HostMemory), max_rows=8)
+    host = built.model.sample_inputs(batch=2, seed=3)["input"]
+    expect_host = executor.run(executor.form_batch([{"input": host}, {"input": host[:1]}]))  # as warmup: pinned
+    bound_rows = []
+    for size, session in executor.sessions.items():
+        run = session.run_with_iobinding
+        session.run_with_iobinding = lambda binding, run=run, size=size: bound_rows.append(size) or run(binding)
+
+    def form_and_run(*requests):
+        """The batch's feeds, outputs, and every copy made from forming it to its outputs."""
+        cuda.copies.clear()
+        feeds = executor.form_batch([{"input": request} for request in requests])
+        return feeds, executor.run(feeds), list(cuda.copies)
+
+    def expect(outputs, *parts):
+        x = np.concatenate([np.asarray(part) for part in parts])
+        np.testing.assert_allclose(outputs["logits"], built.session().run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+
+    expect(expect_host, host, host[:1])
+    pair = device_tensor(cuda, built.model.sample_inputs(batch=2, seed=1)["input"])
+    feeds, outputs, copies = form_and_run(pair)
+    assert feeds["input"] is pair and copies == []  # the region itself
+    expect(outputs, pair)
+
+    three = device_tensor(cuda, built.model.sample_inputs(batch=3, seed=2)["input"])
+    row = three.nbytes // 3
+    feeds, outputs, copies = form_and_run(three)
+    assert feeds["input"].shape == three.shape and feeds["input"].capacity_rows == 4
+    assert copies == [("cudaMemcpyDeviceToDevice", 3 * row, 0), ("cudaMemsetAsync", row, 0)]
+    assert outputs["logits"].shape[0] == 3
+    expect(outputs, three)
+
+    allocated = set(cuda.device_memory)
+    one = device_tensor(cuda, built.model.sample_inputs(batch=1, seed=4)["input"])
+    _, outputs, copies = form_and_run(three, host, one)
+    assert copies == [("cudaMemcpyDeviceToDevice", 3 * row, 0), ("cudaMemcpyHostToDevice", 2 * row, 0),
+                      ("cudaMemcpyDeviceToDevice", row, 0), ("cudaMemsetAsync", 2 * row, 0)]
+    assert outputs["logits"].shape[0] == 6
+    expect(outputs, three, host, one)
+    assert set(cuda.device_memory) == allocated | {one.pointer}  # the batch buffer is kept, not allocated again
+    assert bound_rows == [2, 4, 8]
+
+    with pytest.raises(ExecutorError, match="input 'input' is in the memory of CUDA device 1, the engine runs on device 0"):
+        executor.form_batch([{"input": DeviceTensor(one.pointer, one.dtype, one.shape, 1, cuda)}, {"input": host}])
+    executor.close()
+    assert set(cuda.device_memory) == {pair.pointer, three.pointer, one.pointer} and cuda.streams == []  # all freed
+
+
+def test_a_cpu_session_reads_device_inputs_from_a_host_copy(engines, tmp_path, stand_in_cuda):
+    built = engines["small_cnn"]
+    executor = create_executor(fetch_engine(built.manifest_uri, tmp_path / "engine"), intra_op_threads=1)
+    assert executor.device_inputs is None  # the regions hand a CPU model host arrays; should one come anyway:
+    cuda = stand_in_cuda()
+    x = built.model.sample_inputs(batch=2, seed=5)["input"]
+    outputs = executor.run(executor.form_batch([{"input": device_tensor(cuda, x)}]))
+    np.testing.assert_allclose(outputs["logits"], built.session().run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+    assert [kind for kind, _, _ in cuda.copies] == ["cudaMemcpyDeviceToHost"]
+    executor.close()

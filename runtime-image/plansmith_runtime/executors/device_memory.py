@@ -1,0 +1,164 @@
+"""Inputs that stay in GPU memory from a client's CUDA shared memory region to the engine's run, as
+Triton's GPU backends read a cudashm input in place.
+
+A `DeviceTensor` is an input in device memory: a region's bytes (cuda_shared_memory) or a batch
+gathered here. It has the shape and dtype the request checks read, and becomes a host array only
+where host bytes are needed (`np.asarray`: the response cache's key, a TENSORS trace, a CPU
+session).
+
+`DeviceBatches` is where a CUDA executor gathers a batch that has device inputs: one device buffer
+per input, kept from batch to batch (grown when a larger batch needs it), filled on the executor's
+own stream by device-to-device copies from the regions and host-to-device copies of the requests
+that sent their bytes, with the padding rows of the executor's batch bucket zeroed. A lone request
+whose rows already fill its bucket is not copied at all: the session reads the client's region.
+
+cuda-python gives the allocations, copies and the stream: ONNX Runtime's Python API cannot copy into
+part of a device OrtValue, and a request in a CUDA region means cuda-python is here (it opened the
+region's handle).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from plansmith_runtime.executors import ExecutorError
+from plansmith_runtime.executors.cuda import check_cuda, cuda_runtime
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceTensor:
+    """An input tensor in the memory of CUDA device `device_id`, `pointer` its first byte."""
+
+    pointer: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    device_id: int
+    runtime: object  # cuda.bindings.runtime (or a stand-in with its calls)
+    owner: object = None  # keeps the memory valid while the tensor lives (a region's opened handle)
+    # rows the memory at `pointer` holds, those past shape[0] zero (a gathered batch's padding); 0: shape[0]
+    capacity_rows: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def with_rows(self, rows: int) -> DeviceTensor | None:
+        """The same memory seen as `rows` rows (padding included), or None where it holds fewer."""
+        if rows == self.shape[0]:
+            return self
+        if rows > max(self.capacity_rows, self.shape[0]):
+            return None
+        return replace(self, shape=(rows, *self.shape[1:]))
+
+    def to_host(self) -> np.ndarray:
+        """A host copy (one device-to-host copy)."""
+        array = np.empty(self.shape, self.dtype)
+        cudart = self.runtime
+        check_cuda(cudart.cudaSetDevice(self.device_id))
+        check_cuda(cudart.cudaMemcpy(array.ctypes.data, self.pointer, array.nbytes,
+                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+        return array
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.to_host()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def has_device_inputs(requests: Sequence[Mapping[str, object]]) -> bool:
+    return any(isinstance(value, DeviceTensor) for request in requests for value in request.values())
+
+
+class DeviceBatches:
+    """Device buffers one executor gathers its batches in. An executor runs one batch at a time, so
+    its buffers are free again when the next batch is gathered."""
+
+    def __init__(self, device_id: int, max_rows: int = 0, runtime=None) -> None:
+        """`max_rows`: the largest batch the executor runs, which each buffer gets room for at once."""
+        self.device_id = device_id
+        self.max_rows = max_rows
+        self._runtime = runtime
+        self._stream = None
+        self._buffers: dict[str, tuple[int, int]] = {}  # input name -> (device address, bytes)
+
+    def gather(self, requests: Sequence[Mapping[str, np.ndarray | DeviceTensor]], rows_to: int) -> dict[str, DeviceTensor]:
+        """The requests' inputs joined along dimension 0 on the device, with room for `rows_to` rows
+        (the rows past theirs zero): the session binds them where they are."""
+        cudart = self._cuda()
+        check_cuda(cudart.cudaSetDevice(self.device_id))
+        feeds: dict[str, DeviceTensor] = {}
+        for name, first in requests[0].items():
+            parts = [request[name] for request in requests]
+            rows = sum(part.shape[0] for part in parts)
+            if len(parts) == 1 and isinstance(first, DeviceTensor) and first.with_rows(rows_to) is not None:
+                self._check_device(name, first)
+                feeds[name] = first  # the client's region, read in place
+                continue
+            row_nbytes = first.dtype.itemsize * math.prod(first.shape[1:])
+            address = self._buffer(name, max(rows_to, self.max_rows) * row_nbytes)
+            offset = 0
+            for part in parts:
+                self._copy_in(name, address + offset, part)
+                offset += part.shape[0] * row_nbytes
+            if rows_to > rows:
+                check_cuda(cudart.cudaMemsetAsync(address + offset, 0, (rows_to - rows) * row_nbytes, self._stream))
+            feeds[name] = DeviceTensor(address, first.dtype, (rows, *first.shape[1:]), self.device_id, cudart,
+                                       owner=self, capacity_rows=rows_to)
+        check_cuda(cudart.cudaStreamSynchronize(self._stream))
+        return feeds
+
+    def close(self) -> None:
+        if self._runtime is None:
+            return
+        cudart = self._runtime
+        for address, _ in self._buffers.values():
+            check_cuda(cudart.cudaFree(address))
+        self._buffers.clear()
+        if self._stream is not None:
+            check_cuda(cudart.cudaStreamDestroy(self._stream))
+            self._stream = None
+
+    def _copy_in(self, name: str, destination: int, part: np.ndarray | DeviceTensor) -> None:
+        cudart = self._runtime
+        kinds = cudart.cudaMemcpyKind
+        if isinstance(part, DeviceTensor):
+            self._check_device(name, part)
+            check_cuda(cudart.cudaMemcpyAsync(destination, part.pointer, part.nbytes, kinds.cudaMemcpyDeviceToDevice,
+                                              self._stream))
+            return
+        # The stream is synchronized before the batch runs, while `part` is still alive.
+        source = np.ascontiguousarray(part)
+        check_cuda(cudart.cudaMemcpyAsync(destination, source.ctypes.data, source.nbytes, kinds.cudaMemcpyHostToDevice,
+                                          self._stream))
+
+    def _check_device(self, name: str, tensor: DeviceTensor) -> None:
+        if tensor.device_id != self.device_id:  # the regions hand out tensors of this executor's device only
+            raise ExecutorError(f"input '{name}' is in the memory of CUDA device {tensor.device_id}, the engine runs on "
+                                f"device {self.device_id}")
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        """The input's device buffer, allocated (or grown) on first need."""
+        address, size = self._buffers.get(name, (0, 0))
+        if size >= nbytes:
+            return address
+        cudart = self._runtime
+        if address:
+            check_cuda(cudart.cudaFree(address))
+            del self._buffers[name]
+        address = int(check_cuda(cudart.cudaMalloc(nbytes)))
+        self._buffers[name] = (address, nbytes)
+        return address
+
+    def _cuda(self):
+        if self._runtime is None:
+            self._runtime = cuda_runtime()
+        if self._stream is None:
+            self._stream = check_cuda(self._runtime.cudaStreamCreateWithFlags(self._runtime.cudaStreamNonBlocking))
+        return self._runtime
