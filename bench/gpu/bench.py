@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -495,19 +496,69 @@ def build_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
 # --------------------------------------------------------------------------- serve phase
 
 
-def _load_worker(url: str, model: str, arrays: dict, concurrency: int, duration: float, start_at: float,
-                 results) -> None:
-    """`concurrency` coroutines calling ModelInfer back to back on one channel (the request built
-    once with tritonclient's service definitions, binary tensors in raw_input_contents)."""
-    import grpc
+SHARED_MEMORY_KINDS = ("none", "system", "cuda")  # perf_analyzer's --shared-memory values
+
+
+def infer_payload(model: str, arrays: dict, regions: dict[str, str] | None = None) -> bytes:
+    """A serialized ModelInferRequest built with tritonclient's service definitions: the inputs'
+    bytes in raw_input_contents, or, given `regions` (input name -> registered region), a
+    reference to each input's region instead (Triton's shared memory parameters)."""
     from tritonclient.grpc import service_pb2
     from tritonclient.utils import np_to_triton_dtype
 
     request = service_pb2.ModelInferRequest(model_name=model)
     for name, array in arrays.items():
-        request.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=list(array.shape))
-        request.raw_input_contents.append(array.tobytes())
-    payload = request.SerializeToString()
+        tensor = request.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=list(array.shape))
+        if regions:
+            tensor.parameters["shared_memory_region"].string_param = regions[name]
+            tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+        else:
+            request.raw_input_contents.append(array.tobytes())
+    return request.SerializeToString()
+
+
+@contextlib.contextmanager
+def input_regions(kind: str, url: str, arrays: dict):
+    """Each input written once into a shared memory region of `kind` (system: a POSIX object; cuda:
+    GPU memory on device 0 shared through a CUDA IPC handle) and registered with the server, as
+    perf_analyzer --shared-memory does; yields input name -> region name (None for kind "none").
+    The load's clients all name the same regions: the server only reads them."""
+    if kind == "none":
+        yield None
+        return
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    created = {}
+    try:
+        for name, array in arrays.items():
+            region = f"bench-{kind}-{name}"
+            if kind == "system":
+                import tritonclient.utils.shared_memory as shm
+
+                key = f"/plansmith-bench-{os.getpid()}-{name}"
+                created[name] = (shm, shm.create_shared_memory_region(region, key, array.nbytes))
+                shm.set_shared_memory_region(created[name][1], [array])
+                client.register_system_shared_memory(region, key, array.nbytes)
+            else:
+                import tritonclient.utils.cuda_shared_memory as cudashm
+
+                created[name] = (cudashm, cudashm.create_shared_memory_region(region, array.nbytes, 0))
+                cudashm.set_shared_memory_region(created[name][1], [array])
+                client.register_cuda_shared_memory(region, cudashm.get_raw_handle(created[name][1]), 0, array.nbytes)
+        yield {name: f"bench-{kind}-{name}" for name in arrays}
+    finally:
+        (client.unregister_system_shared_memory if kind == "system" else client.unregister_cuda_shared_memory)()
+        for module, handle in created.values():
+            module.destroy_shared_memory_region(handle)
+        client.close()
+
+
+def _load_worker(url: str, payload: bytes, concurrency: int, duration: float, start_at: float, results) -> None:
+    """`concurrency` coroutines calling ModelInfer back to back on one channel with one request
+    (`infer_payload`)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
 
     async def main():
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -541,13 +592,14 @@ def _load_worker(url: str, model: str, arrays: dict, concurrency: int, duration:
     asyncio.run(main())
 
 
-def load(url: str, model: str, arrays: dict, concurrency: int, duration: float, processes: int) -> dict:
+def load(url: str, payload: bytes, batch: int, concurrency: int, duration: float, processes: int) -> dict:
+    """`payload` (an infer_payload of `batch` items) sent by `concurrency` callers spread over processes."""
     processes = max(1, min(processes, concurrency))
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     start_at = time.time() + 3.0
     shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
-    workers = [context.Process(target=_load_worker, args=(url, model, arrays, share, duration, start_at, results))
+    workers = [context.Process(target=_load_worker, args=(url, payload, share, duration, start_at, results))
                for share in shares]
     for worker in workers:
         worker.start()
@@ -562,7 +614,6 @@ def load(url: str, model: str, arrays: dict, concurrency: int, duration: float, 
     for worker in workers:
         worker.join()
     p50, p95, p99 = serve_bench.percentiles(latencies)
-    batch = next(iter(arrays.values())).shape[0]
     return {"rps": len(latencies) / duration, "items_per_s": batch * len(latencies) / duration, "p50": p50,
             "p99": p99, "errors": errors, "payload_bytes_per_s": (sent + received) / duration,
             "request_bytes": sent // max(1, len(latencies)), "response_bytes": received // max(1, len(latencies))}
@@ -640,22 +691,26 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                     served[mode] = {"error": str(error)[-2000:]}
                     print(f"  {model_name} {precision} batching {mode}: server failed: {str(error)[-2000:]}", flush=True)
                     continue
+                url = f"127.0.0.1:{server.grpc}"
                 try:
-                    for concurrency in cfg["concurrency"]:
-                        before = server.counters()
-                        started = time.monotonic_ns()
-                        figures = load(f"127.0.0.1:{server.grpc}", "model", arrays, concurrency,
-                                       cfg["serve_seconds"], cfg["processes"])
-                        windows[f"c{concurrency}"] = (started, time.monotonic_ns())
-                        figures["mean_batch"] = mean_batch(before, server.counters())
-                        # the server's last poll of Triton's GPU metrics, taken during the load
-                        figures["gpus"] = server.gpu_metrics()
-                        served.setdefault(mode, {})[f"c{concurrency}"] = figures
-                        print(f"  {model_name:8s} {precision} batching {mode:3s} c={concurrency:<3d} "
-                              f"{figures['items_per_s']:8.0f} items/s  p50 {figures['p50']:7.2f} ms  p99 "
-                              f"{figures['p99']:7.2f} ms  {figures['payload_bytes_per_s'] / 1e6:8.1f} MB/s payload  "
-                              f"mean batch {figures['mean_batch']:.1f}  errors {figures['errors']}"
-                              f"{gpu_summary(figures['gpus'], figures['items_per_s'])}", flush=True)
+                    for kind in cfg["shared_memory"]:
+                        with input_regions(kind, url, arrays) as regions:
+                            payload = infer_payload("model", arrays, regions)
+                            for concurrency in cfg["concurrency"]:
+                                load_name = load_key(concurrency, kind)
+                                before = server.counters()
+                                started = time.monotonic_ns()
+                                figures = load(url, payload, 1, concurrency, cfg["serve_seconds"], cfg["processes"])
+                                windows[load_name] = (started, time.monotonic_ns())
+                                figures["mean_batch"] = mean_batch(before, server.counters())
+                                # the server's last poll of Triton's GPU metrics, taken during the load
+                                figures["gpus"] = server.gpu_metrics()
+                                served.setdefault(mode, {})[load_name] = figures
+                                print(f"  {model_name:8s} {precision} batching {mode:3s} {load_name:<13s} "
+                                      f"{figures['items_per_s']:8.0f} items/s  p50 {figures['p50']:7.2f} ms  p99 "
+                                      f"{figures['p99']:7.2f} ms  {figures['payload_bytes_per_s'] / 1e6:8.1f} MB/s "
+                                      f"payload  mean batch {figures['mean_batch']:.1f}  errors {figures['errors']}"
+                                      f"{gpu_summary(figures['gpus'], figures['items_per_s'])}", flush=True)
                 finally:
                     server.stop()  # the server writes the traces it holds as it stops
                 for load_name, spans in traced_spans(trace_file, windows).items():
@@ -667,10 +722,23 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                 if pinned and pageable:
                     print(f"  {model_name:8s} {precision} batching on {load_name}: pinned {pinned:,.0f} against pageable "
                           f"{pageable:,.0f} items/s = {pinned / pageable:.2f}x", flush=True)
+            for mode, concurrency, kind in ((m, c, k) for m in served for c in cfg["concurrency"]
+                                            for k in cfg["shared_memory"] if k != "none"):
+                in_request, in_region = _get(served, mode, f"c{concurrency}"), _get(served, mode, load_key(concurrency, kind))
+                if in_request and in_region:
+                    print(f"  {model_name:8s} {precision} batching {mode} c={concurrency}: inputs in {kind} shared memory "
+                          f"{in_region['items_per_s']:,.0f} items/s, p50 {in_region['p50']:.2f} ms against "
+                          f"{in_request['items_per_s']:,.0f}, {in_request['p50']:.2f} ms in the request = "
+                          f"{in_region['items_per_s'] / in_request['items_per_s']:.2f}x", flush=True)
         save(state, workdir)
 
 
 PAGEABLE = "on-pageable"
+
+
+def load_key(concurrency: int, shared_memory: str) -> str:
+    """A load's name in the results: c64 with the inputs in the requests, c64-cuda-shm with them in CUDA shared memory."""
+    return f"c{concurrency}" if shared_memory == "none" else f"c{concurrency}-{shared_memory}-shm"
 
 
 def serve_modes(compare_pinned: bool) -> list[tuple[str, bool, list[str]]]:
@@ -783,12 +851,19 @@ def main() -> int:
                         "and CUDA stream), batches running concurrently")
     parser.add_argument("--compare-pinned", action="store_true", help="serve: batching on also without pinned memory "
                         "(--pinned-memory-pool-byte-size 0), and print the ratio")
+    parser.add_argument("--shared-memory", default="none", help="serve: where the inputs are, comma-separated, each "
+                        "load run once per kind: none (in the request), system, cuda (perf_analyzer's --shared-memory; "
+                        "outputs come back in the response)")
     parser.add_argument("--trace-rate", type=int, default=0, help="serve: trace every N-th request and show where "
                         "the traced requests spent their time (0: no tracing)")
     args = parser.parse_args()
     cfg = settings(args.cpu_smoke)
     cfg.update(skip_torch=args.skip_torch, skip_variants=args.skip_variants, trace_rate=args.trace_rate,
-               instances=args.instances, serve_max_batch=args.serve_max_batch, compare_pinned=args.compare_pinned)
+               instances=args.instances, serve_max_batch=args.serve_max_batch, compare_pinned=args.compare_pinned,
+               shared_memory=args.shared_memory.split(","))
+    unknown = set(cfg["shared_memory"]) - set(SHARED_MEMORY_KINDS)
+    if unknown:
+        parser.error(f"--shared-memory takes {', '.join(SHARED_MEMORY_KINDS)}, not {', '.join(sorted(unknown))}")
     if args.concurrency:
         cfg["concurrency"] = [int(c) for c in args.concurrency.split(",")]
     models, precisions = args.models.split(","), args.precisions.split(",")
