@@ -80,7 +80,7 @@ def pad_batch(feeds: dict, size: int) -> dict:
     """Feeds with zero rows appended along dimension 0 up to `size` (host arrays only)."""
     padded = {}
     for name, value in feeds.items():
-        array = value.numpy() if is_device_value(value) else value
+        array = host_array_of(value)
         missing = size - array.shape[0]
         padded[name] = array if missing == 0 else np.concatenate(
             [array, np.zeros((missing, *array.shape[1:]), array.dtype)])
@@ -100,6 +100,11 @@ def is_device_value(value) -> bool:
     """An onnxruntime.OrtValue, one of the two feed types other than numpy arrays the executor takes
     (the other: a DeviceTensor)."""
     return hasattr(value, "device_name") and hasattr(value, "data_ptr")
+
+
+def host_array_of(value) -> np.ndarray:
+    """A feed's host array: itself, an OrtValue's numpy copy, a DeviceTensor's host copy."""
+    return value.numpy() if is_device_value(value) else np.asarray(value)
 
 
 def batch_rows(value) -> int:
@@ -156,8 +161,6 @@ class OnnxRuntimeExecutor:
         if self.device_batches is not None and has_device_inputs(requests):
             rows = sum(batch_rows(next(iter(request.values()))) for request in requests)
             return self.device_batches.gather(requests, self._session_rows(rows))
-        if not self.io_binding and has_device_inputs(requests):  # a CPU session reads host memory
-            requests = [{name: np.asarray(value) for name, value in request.items()} for request in requests]
         return self.staging.join(requests) if self.staging else concatenate(requests)
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
@@ -186,8 +189,8 @@ class OnnxRuntimeExecutor:
     def _run(self, session, feeds: dict) -> dict[str, np.ndarray]:
         if self.io_binding:
             return self._run_bound(session, feeds)
-        if any(is_device_value(value) for value in feeds.values()):
-            feeds = {name: value.numpy() if is_device_value(value) else value for name, value in feeds.items()}
+        if not all(isinstance(value, np.ndarray) for value in feeds.values()):  # a CPU session reads host memory
+            feeds = {name: host_array_of(value) for name, value in feeds.items()}
         return dict(zip(self.output_names, session.run(self.output_names, feeds)))
 
     def _run_bound(self, session, feeds: dict) -> dict[str, np.ndarray]:
