@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -166,3 +169,43 @@ def test_entrypoint_starts_with_only_the_installed_extras(dockerfile):
     result = subprocess.run([sys.executable, "-c", BLOCKER, ",".join(sorted(blocked)), *argv[1:], "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"`{' '.join(argv)} --help` fails without {sorted(blocked)}:\n{result.stderr[-3000:]}"
+
+
+ON_NVIDIAS_BASE = [REPO_ROOT / "builder-image" / "Dockerfile", REPO_ROOT / "runtime-image" / "tensorrt-image" / "Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", ON_NVIDIAS_BASE, ids=[str(p.relative_to(REPO_ROOT)) for p in ON_NVIDIAS_BASE])
+def test_images_on_nvidias_base_install_onnxruntimes_gpu_build_and_check_it(dockerfile, tmp_path):
+    """The builder and the GPU runtime install onnxruntime-gpu at the labelled version over the CPU
+    build the extras bring (both install the `onnxruntime` module), and their build-time check refuses
+    another version or a build without the CUDA execution provider. The images cannot be built on
+    these machines, so the check runs here against stand-in tensorrt and onnxruntime modules."""
+    parser = DockerfileParser(str(dockerfile))
+    [run] = [run for run in instructions(dockerfile, "RUN") if "onnxruntime-gpu" in run]
+    steps = [step.strip() for step in run.split("&&")]
+    removed = steps.index("pip uninstall -y onnxruntime")
+    [installed] = [i for i, step in enumerate(steps) if '"onnxruntime-gpu==${ONNXRUNTIME_VERSION}"' in step]
+    assert removed < installed and "--no-deps" in steps[installed]
+    assert not any(re.search(r'"onnxruntime==', step) for step in steps), "the CPU build is installed too"
+    assert parser.labels["io.plansmith.onnxruntime-version"] == parser.args["ONNXRUNTIME_VERSION"]
+    [checked] = [step for step in steps if step.startswith("python -c")]
+    script = checked.removeprefix("python -c").strip().strip('"')
+    for name, value in parser.args.items():
+        script = script.replace("${%s}" % name, value)
+
+    def check(tensorrt_version: str, onnxruntime_version: str, providers: list[str]) -> subprocess.CompletedProcess:
+        modules = tmp_path / f"{tensorrt_version}-{onnxruntime_version}-{len(providers)}"
+        modules.mkdir()
+        (modules / "tensorrt.py").write_text(f"__version__ = {tensorrt_version!r}\n")
+        (modules / "onnxruntime.py").write_text(f"__version__ = {onnxruntime_version!r}\n"
+                                                f"def get_available_providers():\n    return {providers!r}\n")
+        return subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(modules)},
+                              capture_output=True, text=True)
+
+    trt, ort = parser.args["TENSORRT_VERSION"], parser.args["ONNXRUNTIME_VERSION"]
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert check(trt, ort, gpu_build).returncode == 0
+    cpu_build = check(trt, ort, ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert cpu_build.returncode == 1 and "onnxruntime has no CUDA execution provider" in cpu_build.stderr
+    other_version = check(trt, "1.21.1", gpu_build)
+    assert other_version.returncode == 1 and "differ from the installed" in other_version.stderr
