@@ -331,6 +331,34 @@ class Toleration(ApiModel):
     )
 
 
+RUNTIME_CONTAINER = "runtime"  # the serving container's name in each serving pod
+# A container name Kubernetes accepts (an RFC 1123 label).
+CONTAINER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
+class EnvVar(ApiModel):
+    """An environment variable of a sidecar."""
+
+    name: str = Field(min_length=1, pattern=ENV_NAME_PATTERN, description="Variable name.")
+    value: str = Field(default="", description="Its value.")
+
+
+class SidecarContainer(ApiModel):
+    """A container added to each serving pod beside the runtime, as KServe's multi-container predictors
+    add them: a preprocessing step or a client of its own. It reaches the server on localhost (8000
+    HTTP, 8001 gRPC) and shares the pod's /dev/shm, so it can pass tensors through Triton's system
+    shared memory extension instead of the socket."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=CONTAINER_NAME_PATTERN,
+                      description="Container name, unique in the pod ('runtime' is the server's).")
+    image: str = Field(min_length=1, description="Container image.")
+    command: list[str] = Field(default_factory=list, description="Entrypoint (the image's when empty).")
+    args: list[str] = Field(default_factory=list, description="Arguments (the image's when empty).")
+    env: list[EnvVar] = Field(default_factory=list, description="Environment variables.")
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements, description="CPU and memory.")
+
+
 class ServingSpec(ApiModel):
     """How the engines are served: KServe v2 / Triton protocol on ports 8000 (HTTP), 8001 (gRPC), 8002 (metrics)."""
 
@@ -361,6 +389,8 @@ class ServingSpec(ApiModel):
         default_factory=dict, description="Extra node labels serving and build pods must match."
     )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for serving and build pods.")
+    sidecars: list[SidecarContainer] = Field(
+        default_factory=list, description="Containers added to each serving pod beside the runtime (localhost, /dev/shm).")
 
 
 # --------------------------------------------------------------------------- spec.storage

@@ -17,7 +17,10 @@ from pydantic import ValidationError
 
 from plansmith.spec import (
     COMPUTE_CAPABILITY_PATTERN,
+    CONTAINER_NAME_PATTERN,
+    ENV_NAME_PATTERN,
     MIG_PROFILE_PATTERN,
+    RUNTIME_CONTAINER,
     SHA256_PATTERN,
     STORAGE_URI_PATTERN,
     InferenceModel,
@@ -32,6 +35,8 @@ PATTERN_MEANINGS = {
     SHA256_PATTERN: "must be 64 lowercase hex digits",
     COMPUTE_CAPABILITY_PATTERN: "must look like 8.0 or 9.0",
     MIG_PROFILE_PATTERN: "must be a MIG profile such as 1g.10gb or 3g.40gb",
+    CONTAINER_NAME_PATTERN: "must be lowercase letters, digits and '-', starting and ending with a letter or digit",
+    ENV_NAME_PATTERN: "must be letters, digits, '_', '-' or '.', not starting with a digit",
 }
 
 
@@ -166,6 +171,16 @@ def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
                     f"spec.serving.resources.{kind}",
                     f"{name} is added by plansmith per target; use serving.mig for MIG slices",
                 )
+
+    container_names = {RUNTIME_CONTAINER}
+    for i, sidecar in enumerate(serving.sidecars):
+        if sidecar.name in container_names:
+            add(f"spec.serving.sidecars[{i}].name", f"{sidecar.name!r} is taken"
+                + (" by the serving container" if sidecar.name == RUNTIME_CONTAINER else " by another sidecar"))
+        container_names.add(sidecar.name)
+        for kind in ("requests", "limits"):
+            if any(name == GPU_RESOURCE or name.startswith("nvidia.com/mig-") for name in getattr(sidecar.resources, kind)):
+                add(f"spec.serving.sidecars[{i}].resources.{kind}", "GPUs go to the serving container")
 
     storage = spec.storage
     if storage.uri and storage.uri.startswith("file://"):

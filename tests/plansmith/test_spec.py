@@ -166,6 +166,31 @@ def test_opentelemetry_tracing_of_only_the_requests_that_carry_a_traceparent():
     assert (spec.serving.trace.rate, spec.serving.trace.opentelemetry.url) == (0, "http://localhost:4318/v1/traces")
 
 
+CLIENT = {"name": "client", "image": "registry.example/preprocess:1.2"}
+
+
+@pytest.mark.parametrize(("sidecars", "paths"), [
+    ([CLIENT, {**CLIENT, "image": "other:1"}], ["spec.serving.sidecars[1].name"]),
+    ([{**CLIENT, "name": "runtime"}], ["spec.serving.sidecars[0].name"]),
+    ([{**CLIENT, "name": "Client_1"}], ["spec.serving.sidecars[0].name"]),
+    ([{"name": "client"}], ["spec.serving.sidecars[0].image"]),
+    ([{**CLIENT, "resources": {"limits": {"nvidia.com/gpu": 1}}}], ["spec.serving.sidecars[0].resources.limits"]),
+    ([{**CLIENT, "env": [{"name": "1X", "value": "y"}]}], ["spec.serving.sidecars[0].env[0].name"]),
+    ([{**CLIENT, "securityContext": {"privileged": True}}], ["spec.serving.sidecars[0].securityContext"]),
+])
+def test_sidecars_need_their_own_names_an_image_and_no_gpu(sidecars, paths):
+    assert problem_paths(spec_with(serving__sidecars=sidecars)) == paths
+
+
+def test_a_sidecar_takes_a_command_arguments_environment_and_resources():
+    sidecar = {**CLIENT, "command": ["python", "-c"], "args": ["print(1)"], "env": [{"name": "MODEL", "value": "m"}],
+               "resources": {"limits": {"memory": "256Mi"}}}
+    [parsed] = parse_spec(spec_with(serving__sidecars=[sidecar])).serving.sidecars
+    assert (parsed.command, parsed.args, parsed.env[0].value, parsed.resources.limits) == (
+        ["python", "-c"], ["print(1)"], "m", {"memory": "256Mi"})
+    assert parse_spec(MINIMAL).serving.sidecars == []
+
+
 def test_semantic_problems_is_pure_and_empty_for_a_good_spec():
     spec = parse_spec(MINIMAL)
     assert semantic_problems(spec) == []

@@ -2,7 +2,8 @@
 
 - one build Job per missing engine key, named from the key (a restarted operator finds the
   Job it already launched instead of launching another), pinned to a node of the target's GPU type;
-- one serving Deployment per target, rolling to a new engine when its key changes;
+- one serving Deployment per target, rolling to a new engine when its key changes (its pods: the
+  runtime, and the spec's sidecars beside it);
 - one Service per InferenceModel selecting the serving pods of all its targets.
 
 Every pod gets the Pod Security "restricted" profile: non-root, no privilege escalation, all
@@ -17,7 +18,7 @@ from typing import Any
 
 from plansmith.controller.settings import OperatorSettings
 from plansmith.controller.targets import Target
-from plansmith.spec import InferenceModelSpec
+from plansmith.spec import RUNTIME_CONTAINER, InferenceModelSpec, SidecarContainer
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "plansmith"}
 MODEL_LABEL = "plansmith.io/model"
@@ -201,6 +202,22 @@ def opentelemetry_env(name: str, namespace: str, deployment: str, spec: Inferenc
              "value": f"k8s.namespace.name={namespace},k8s.deployment.name={deployment},k8s.pod.name=$(POD_NAME)"}]
 
 
+def render_sidecar(sidecar: SidecarContainer) -> dict[str, Any]:
+    """A spec.serving.sidecars entry as a container of the serving pod, under the same restricted
+    security context as the runtime, with the pod's scratch /tmp (its root filesystem is read-only)."""
+    container: dict[str, Any] = {"name": sidecar.name, "image": sidecar.image}
+    for field in ("command", "args"):
+        if getattr(sidecar, field):
+            container[field] = list(getattr(sidecar, field))
+    if sidecar.env:
+        container["env"] = [{"name": variable.name, "value": variable.value} for variable in sidecar.env]
+    resources = {kind: {k: str(v) for k, v in getattr(sidecar.resources, kind).items()} for kind in ("limits", "requests")}
+    if any(resources.values()):
+        container["resources"] = {kind: values for kind, values in resources.items() if values}
+    return {**container, "securityContext": container_security_context(),
+            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}
+
+
 def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, target: Target, key: str,
                       manifest_uri: str, settings: OperatorSettings) -> dict[str, Any]:
     selector = {MODEL_LABEL: name, TARGET_LABEL: target.slug, COMPONENT_LABEL: "serving"}
@@ -209,7 +226,7 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
     limits = {**{k: str(v) for k, v in resources.limits.items()}, **_gpu_limits(target)}
     requests = {k: str(v) for k, v in resources.requests.items()}
     container = {
-        "name": "runtime",
+        "name": RUNTIME_CONTAINER,
         "image": settings.runtime_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": runtime_args(name, spec, manifest_uri),
@@ -242,7 +259,7 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
                     "terminationGracePeriodSeconds": 30 + DRAIN_SECONDS,
                     "securityContext": pod_security_context(),
                     **_scheduling(spec, target, settings),
-                    "containers": [container],
+                    "containers": [container, *map(render_sidecar, spec.serving.sidecars)],
                     "volumes": [{"name": "scratch", "emptyDir": {}}],
                 },
             },

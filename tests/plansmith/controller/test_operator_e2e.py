@@ -146,6 +146,22 @@ def model_ready_log(e2e, pod: str) -> dict:
     return ready_entries[-1]
 
 
+def containers_report(e2e, model: str) -> str:
+    """Each serving pod's containers, their state and last log lines: why a model is not Ready."""
+    core = client.CoreV1Api(e2e["api"])
+    lines = []
+    for pod in core.list_namespaced_pod(NAMESPACE, label_selector=f"plansmith.io/model={model}").items:
+        for status in pod.status.container_statuses or []:
+            lines.append(f"{pod.metadata.name}/{status.name}: ready={status.ready} restarts={status.restart_count} "
+                         f"state={status.state.to_dict()}")
+            try:
+                tail = core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE, container=status.name, tail_lines=10)
+            except client.ApiException as error:
+                tail = f"(no log: {error.reason})"
+            lines.append(tail)
+    return "\n".join(lines) or f"no pods of {model}"
+
+
 def test_model_is_built_per_gpu_type_served_and_answers(e2e):
     objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, body("cnn", e2e))
     launched = wait_for("two build Jobs", lambda: len(jobs(e2e)) == 2 and jobs(e2e), timeout=60)
@@ -196,18 +212,71 @@ def test_model_is_built_per_gpu_type_served_and_answers(e2e):
     assert len(posted) == len(set(posted)), f"an Event posted twice: {sorted(posted)}"  # one per transition
 
 
+# A sidecar of the serving pod that sends one request through Triton's system shared memory extension
+# (input and output in POSIX shared memory objects in the pod's /dev/shm), prints the logits it reads
+# back as a JSON line, and stays up (a container that exits would be restarted, and the pod not ready).
+SHARED_MEMORY_CLIENT = """
+import json, time, urllib.request
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+
+while True:
+    try:
+        if urllib.request.urlopen("http://localhost:8000/v2/health/ready", timeout=2).status == 200:
+            break
+    except OSError:
+        pass
+    time.sleep(1)
+x = SIDECAR_INPUT
+client = grpcclient.InferenceServerClient("localhost:8001")
+images = shm.create_shared_memory_region("images", "/sidecar-images", x.nbytes)
+logits = shm.create_shared_memory_region("logits", "/sidecar-logits", 2 * 10 * 4)
+shm.set_shared_memory_region(images, [x])
+client.register_system_shared_memory("images", "/sidecar-images", x.nbytes)
+client.register_system_shared_memory("logits", "/sidecar-logits", 2 * 10 * 4)
+tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+tensor.set_shared_memory("images", x.nbytes)
+wanted = grpcclient.InferRequestedOutput("logits")
+wanted.set_shared_memory("logits", 2 * 10 * 4)
+client.infer("cnn-copy", [tensor], outputs=[wanted])
+print(json.dumps({"logits": shm.get_contents_as_numpy(logits, np.float32, [2, 10]).tolist()}), flush=True)
+while True:
+    time.sleep(3600)
+"""
+SIDECAR_INPUT = "(np.arange(2 * 3 * 32 * 32, dtype=np.float32).reshape(2, 3, 32, 32) % 17) / 17 - 0.5"
+
+
 def test_a_second_model_with_the_same_engine_inputs_builds_nothing(e2e, dev_cluster, start_otlp_collector):
-    """... and its pods send traces to an OpenTelemetry collector (on the node's address, which pods
+    """... its pods send traces to an OpenTelemetry collector (on the node's address, which pods
     reach): a request with a W3C traceparent sent through the Service comes back as Triton's spans
-    under the caller's span, naming the model, its namespace, Deployment and pod."""
+    under the caller's span, naming the model, its namespace, Deployment and pod; and its sidecar
+    passes a request to the server in the same pod through system shared memory."""
     collector = start_otlp_collector(dev_cluster.node_ip)
     before = len(jobs(e2e))
-    traced = {"trace": {"mode": "opentelemetry", "rate": 0, "opentelemetry": {"url": collector.url}}}
+    sidecar = {"name": "client", "image": "docker.io/plansmith/runtime:dev",
+               "command": ["python3", "-c", SHARED_MEMORY_CLIENT.replace("SIDECAR_INPUT", SIDECAR_INPUT)],
+               "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}}}
+    serving = {"trace": {"mode": "opentelemetry", "rate": 0, "opentelemetry": {"url": collector.url}},
+               "sidecars": [sidecar]}
     objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL,
-                                                 body("cnn-copy", e2e, serving=traced))
-    model = wait_for("the copy Ready", lambda: ready(e2e, "cnn-copy"), timeout=240)
+                                                 body("cnn-copy", e2e, serving=serving))
+    try:
+        model = wait_for("the copy Ready", lambda: ready(e2e, "cnn-copy"), timeout=240)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{containers_report(e2e, 'cnn-copy')}") from None
     assert len(jobs(e2e)) == before
     assert {t["engineKey"] for t in model["status"]["targets"]} == {t["engineKey"] for t in get(e2e, "cnn")["status"]["targets"]}
+
+    x = eval(SIDECAR_INPUT, {"np": np})  # noqa: S307  (the constant expression the sidecar evaluates too)
+    expected = onnxruntime.InferenceSession(str(e2e["model"].path)).run(None, {"input": x})[0]
+    core = client.CoreV1Api(e2e["api"])
+    for pod in core.list_namespaced_pod(NAMESPACE, label_selector="plansmith.io/model=cnn-copy,app.kubernetes.io/component=serving").items:
+        assert [c.name for c in pod.spec.containers] == ["runtime", "client"]
+        printed = wait_for(f"the sidecar's answer in {pod.metadata.name}", lambda: [
+            line for line in core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE, container="client").splitlines()
+            if line.startswith("{")], timeout=60)
+        np.testing.assert_allclose(np.array(json.loads(printed[0])["logits"], np.float32), expected, rtol=1e-4, atol=1e-4)
 
     import tritonclient.http as httpclient
 

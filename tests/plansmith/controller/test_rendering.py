@@ -180,6 +180,32 @@ def test_a_response_cache_is_asked_of_the_runtime_with_tritons_cache_config_only
     assert args[args.index("--cache-config") + 1] == "local,size=4096"
 
 
+def test_sidecars_join_the_runtime_in_each_serving_pod_restricted_as_it_is():
+    spec = SPEC.model_copy(update={"serving": SPEC.serving.model_copy(update={"sidecars": parse_spec({
+        "model": {"uri": "s3://models/m.onnx"},
+        "serving": {"sidecars": [
+            {"name": "preprocess", "image": "registry.example/preprocess:1.2", "command": ["python", "-m", "pre"],
+             "args": ["--server", "localhost:8001"], "env": [{"name": "MODEL", "value": "resnet"}],
+             "resources": {"limits": {"cpu": "500m", "memory": 268435456}}},
+            {"name": "bare", "image": "busybox:1.36"}]}}).serving.sidecars})})
+    pod = rendering.render_deployment(name="resnet", namespace="ml", spec=spec, target=H100, key=KEY,
+                                      manifest_uri="s3://engines/prod/engines/k/manifest.json",
+                                      settings=SETTINGS)["spec"]["template"]["spec"]
+    runtime, preprocess, bare = pod["containers"]
+    assert runtime["name"] == "runtime" and runtime["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {k: v for k, v in preprocess.items() if k != "securityContext"} == {
+        "name": "preprocess", "image": "registry.example/preprocess:1.2", "command": ["python", "-m", "pre"],
+        "args": ["--server", "localhost:8001"], "env": [{"name": "MODEL", "value": "resnet"}],
+        "resources": {"limits": {"cpu": "500m", "memory": "268435456"}},
+        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}
+    assert set(bare) == {"name", "image", "securityContext", "volumeMounts"}  # the image's entrypoint, no GPU
+    restricted(pod)
+    build = rendering.render_build_job(name="resnet", namespace="ml", spec=spec, target=H100, key=KEY, settings=SETTINGS)
+    assert [c["name"] for c in build["spec"]["template"]["spec"]["containers"]] == ["builder"]  # serving pods only
+    assert deployment()["spec"]["template"]["spec"]["containers"][0]["name"] == "runtime"
+    assert len(deployment()["spec"]["template"]["spec"]["containers"]) == 1
+
+
 def test_service_selects_all_targets_of_the_model():
     service = rendering.render_service(name="resnet", namespace="ml")
     assert service["spec"]["selector"] == {"plansmith.io/model": "resnet", "app.kubernetes.io/component": "serving"}
