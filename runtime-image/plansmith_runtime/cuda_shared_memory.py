@@ -6,9 +6,10 @@ sending tensor bytes; perf_analyzer's `--shared-memory cuda` works this way.
 The server opens each handle once at registration (cudaIpcOpenMemHandle) and closes it once the
 region is unregistered and no request still reads it.
 
-A request's input in a region of the device the model runs on (ONNX Runtime's CUDA provider) stays
-there: it becomes a DeviceTensor the executor binds in place, or gathers with the batch's other
-requests on the device (executors/device_memory.py), as Triton's GPU backends read a cudashm input.
+A request's input in a region of the device the model runs on (ONNX Runtime's CUDA provider, or
+TensorRT) stays there: it becomes a DeviceTensor the executor binds in place, or gathers with the
+batch's other requests on the device (executors/device_memory.py), as Triton's GPU backends read a
+cudashm input.
 Anywhere else (a CPU model, a region on another device) it is copied into host memory. An output is
 copied into its region from the host, where the executors leave their outputs.
 """

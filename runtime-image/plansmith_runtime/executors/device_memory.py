@@ -76,6 +76,33 @@ def has_device_inputs(requests: Sequence[Mapping[str, object]]) -> bool:
     return any(isinstance(value, DeviceTensor) for request in requests for value in request.values())
 
 
+def check_device(name: str, tensor: DeviceTensor, device_id: int) -> None:
+    if tensor.device_id != device_id:  # the regions hand out tensors of the model's device only
+        raise ExecutorError(f"input '{name}' is in the memory of CUDA device {tensor.device_id}, the engine runs on "
+                            f"device {device_id}")
+
+
+def copy_rows(cudart, stream, device_id: int, name: str, destination: int,
+              parts: Sequence[np.ndarray | DeviceTensor]) -> int:
+    """Queue on `stream` the copies that lay `parts` one after another from device address
+    `destination`: device-to-device from DeviceTensors, host-to-device from host arrays (CUDA has
+    taken a pageable source's bytes when cudaMemcpyAsync returns). Returns the bytes laid."""
+    kinds = cudart.cudaMemcpyKind
+    offset = 0
+    for part in parts:
+        if isinstance(part, DeviceTensor):
+            check_device(name, part, device_id)
+            check_cuda(cudart.cudaMemcpyAsync(destination + offset, part.pointer, part.nbytes,
+                                              kinds.cudaMemcpyDeviceToDevice, stream))
+            offset += part.nbytes
+        else:
+            source = np.ascontiguousarray(part)
+            check_cuda(cudart.cudaMemcpyAsync(destination + offset, source.ctypes.data, source.nbytes,
+                                              kinds.cudaMemcpyHostToDevice, stream))
+            offset += source.nbytes
+    return offset
+
+
 class DeviceBatches:
     """Device buffers one executor gathers its batches in. An executor runs one batch at a time, so
     its buffers are free again when the next batch is gathered."""
@@ -98,15 +125,12 @@ class DeviceBatches:
             parts = [request[name] for request in requests]
             rows = sum(part.shape[0] for part in parts)
             if len(parts) == 1 and isinstance(first, DeviceTensor) and first.with_rows(rows_to) is not None:
-                self._check_device(name, first)
+                check_device(name, first, self.device_id)
                 feeds[name] = first  # the client's region, read in place
                 continue
             row_nbytes = first.dtype.itemsize * math.prod(first.shape[1:])
             address = self._buffer(name, max(rows_to, self.max_rows) * row_nbytes)
-            offset = 0
-            for part in parts:
-                self._copy_in(name, address + offset, part)
-                offset += part.shape[0] * row_nbytes
+            offset = copy_rows(cudart, self._stream, self.device_id, name, address, parts)
             if rows_to > rows:
                 check_cuda(cudart.cudaMemsetAsync(address + offset, 0, (rows_to - rows) * row_nbytes, self._stream))
             feeds[name] = DeviceTensor(address, first.dtype, (rows, *first.shape[1:]), self.device_id, cudart,
@@ -124,24 +148,6 @@ class DeviceBatches:
         if self._stream is not None:
             check_cuda(cudart.cudaStreamDestroy(self._stream))
             self._stream = None
-
-    def _copy_in(self, name: str, destination: int, part: np.ndarray | DeviceTensor) -> None:
-        cudart = self._runtime
-        kinds = cudart.cudaMemcpyKind
-        if isinstance(part, DeviceTensor):
-            self._check_device(name, part)
-            check_cuda(cudart.cudaMemcpyAsync(destination, part.pointer, part.nbytes, kinds.cudaMemcpyDeviceToDevice,
-                                              self._stream))
-            return
-        # The stream is synchronized before the batch runs, while `part` is still alive.
-        source = np.ascontiguousarray(part)
-        check_cuda(cudart.cudaMemcpyAsync(destination, source.ctypes.data, source.nbytes, kinds.cudaMemcpyHostToDevice,
-                                          self._stream))
-
-    def _check_device(self, name: str, tensor: DeviceTensor) -> None:
-        if tensor.device_id != self.device_id:  # the regions hand out tensors of this executor's device only
-            raise ExecutorError(f"input '{name}' is in the memory of CUDA device {tensor.device_id}, the engine runs on "
-                                f"device {self.device_id}")
 
     def _buffer(self, name: str, nbytes: int) -> int:
         """The input's device buffer, allocated (or grown) on first need."""

@@ -8,6 +8,11 @@ provides TensorRT.
 
 The dynamic batcher's requests are joined straight into the pinned host buffer the batch is copied
 to the device from (`form_batch`), one copy fewer than joining them elsewhere and staging the batch.
+A batch with inputs in a client's CUDA shared memory region (DeviceTensors) is gathered straight
+into the engine's device input buffer instead: device-to-device from the regions, host-to-device
+from the other requests, on the instance's stream ahead of the run. (Binding a region's address to
+the engine would save that copy, but TensorRT wants 256-byte aligned tensor addresses, and a
+region's offset is the client's.)
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from plansmith_runtime.batching import join_rows, join_rows_into
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, host_array
+from plansmith_runtime.executors.device_memory import DeviceTensor, copy_rows, has_device_inputs
 from plansmith_runtime.loader import LoadedEngine
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,7 @@ def largest_shapes(profiles: Sequence[ProfileRange]) -> dict[str, Shape]:
 
 class TensorRTExecutor:
     batch_buckets: tuple[int, ...] = ()  # profiles take any batch size in their range as it is
-    device_inputs: int | None = None  # inputs arrive as host arrays and are staged in pinned buffers
+    device_inputs: int | None = 0  # the process's CUDA device (the pod's GPU), where the engine runs
 
     def __init__(self, engine: LoadedEngine) -> None:
         try:
@@ -129,7 +135,10 @@ class TensorRTExecutor:
 
     def form_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Joined straight into the pinned host buffers `run` copies to the device from, so `run`
-        has nothing left to stage; an input that does not fit them is joined in pageable memory."""
+        has nothing left to stage; an input that does not fit them is joined in pageable memory.
+        With device inputs, gathered into the device buffers (`_gather_on_device`)."""
+        if has_device_inputs(requests):
+            return self._gather_on_device(requests)
         feeds: dict[str, np.ndarray] = {}
         for name, first in requests[0].items():
             parts = [request[name] for request in requests]
@@ -137,6 +146,20 @@ class TensorRTExecutor:
             joined = join_rows_into(host, parts) if host is not None and first.dtype == host.dtype else None
             feeds[name] = joined if joined is not None else join_rows(parts)
         return feeds
+
+    def _gather_on_device(self, requests: Sequence[dict[str, np.ndarray | DeviceTensor]]) -> dict[str, DeviceTensor]:
+        """The requests' inputs laid one after another in the engine's device input buffers, the
+        copies queued on the instance's stream (the run follows them there)."""
+        first = requests[0]
+        shapes = {name: (sum(request[name].shape[0] for request in requests), *tensor.shape[1:])
+                  for name, tensor in first.items()}
+        # the buffers hold the profiles' largest shapes: a batch no profile takes is refused before any copy
+        select_profile(self.profiles, shapes)
+        for name in shapes:
+            copy_rows(self._cudart, self._stream, self.device_inputs, name, self._device[name],
+                      [request[name] for request in requests])
+        return {name: DeviceTensor(self._device[name], first[name].dtype, shape, self.device_inputs, self._cudart, owner=self)
+                for name, shape in shapes.items()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart = self._cudart
@@ -148,6 +171,11 @@ class TensorRTExecutor:
         kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, array in feeds.items():
+            if isinstance(array, DeviceTensor):
+                if array.pointer != self._device[name]:  # not gathered there by form_batch
+                    copy_rows(cudart, self._stream, self.device_inputs, name, self._device[name], [array])
+                self._context.set_input_shape(name, array.shape)
+                continue
             staged = self._host[name][: array.size]
             if array.ctypes.data != staged.ctypes.data:  # not joined there by form_batch
                 staged[:] = array.reshape(-1)

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plansmith_runtime.executors.tensorrt import TensorRTExecutor
+from plansmith_runtime.executors import ExecutorError
+from plansmith_runtime.executors.device_memory import DeviceTensor
+from plansmith_runtime.executors.tensorrt import NoProfileFits, TensorRTExecutor
 
 # one input, two profiles: batches 1-4 (opt 2) and 1-16 (opt 8); rows of 3 float32 values
 PROFILES = [((1, 3), (2, 3), (4, 3)), ((1, 3), (8, 3), (16, 3))]
@@ -30,6 +32,7 @@ class FakeCudaRuntime(types.ModuleType):
     class cudaMemcpyKind:
         cudaMemcpyHostToDevice = "h2d"
         cudaMemcpyDeviceToHost = "d2h"
+        cudaMemcpyDeviceToDevice = "d2d"
 
     def __init__(self) -> None:
         super().__init__("cuda.bindings.runtime")
@@ -186,10 +189,45 @@ def test_feeds_from_elsewhere_are_staged_and_the_profile_follows_the_batch(execu
 
 
 def test_a_batch_larger_than_the_buffers_is_joined_in_pageable_memory_and_refused(executor_and_fakes):
-    from plansmith_runtime.executors.tensorrt import NoProfileFits
-
     executor, cudart, _ = executor_and_fakes
     feeds = executor.form_batch([{"x": rows(10, 0)}, {"x": rows(7, 0)}])
     assert feeds["x"].shape == (17, 3) and feeds["x"].ctypes.data not in cudart.pinned
     with pytest.raises(NoProfileFits, match="no optimization profile accepts input shapes"):
         executor.run(feeds)
+
+
+def in_a_region(cudart, array: np.ndarray, keep: list, device_id: int = 0) -> DeviceTensor:
+    """`array` in "device memory" a client's CUDA shared memory region would hold (host memory here)."""
+    memory = np.ascontiguousarray(array).copy()
+    keep.append(memory)
+    return DeviceTensor(memory.ctypes.data, memory.dtype, memory.shape, device_id, cudart)
+
+
+def test_inputs_in_cuda_regions_are_gathered_into_the_engines_device_buffer(executor_and_fakes):
+    """Device-to-device from the regions, host-to-device from the requests that sent bytes, straight
+    into the buffer the engine reads: nothing goes through the pinned buffer."""
+    executor, cudart, engine = executor_and_fakes
+    assert executor.device_inputs == 0
+    keep: list = []
+    region = in_a_region(cudart, rows(2, 10), keep)
+    feeds = executor.form_batch([{"x": region}, {"x": rows(1, 500)}, {"x": in_a_region(cudart, rows(1, 90), keep)}])
+    assert feeds["x"].pointer == engine.contexts[0].addresses["x"] and feeds["x"].shape == (4, 3)
+    outputs = executor.run(feeds)
+    np.testing.assert_array_equal(outputs["y"], np.concatenate([rows(2, 10), rows(1, 500), rows(1, 90)]) * 2)
+    assert [(kind, size) for kind, _, size in cudart.copies] == [("d2d", 24), ("h2d", 12), ("d2d", 12), ("d2h", 48)]
+    assert cudart.copies[0][1] == region.pointer
+    assert engine.contexts[0].profiles_set == [0]
+
+    cudart.copies.clear()  # a device tensor handed to run as it is (not gathered) is copied in first
+    np.testing.assert_array_equal(executor.run({"x": region})["y"], rows(2, 10) * 2)
+    assert [kind for kind, _, _ in cudart.copies] == ["d2d", "d2h"]
+
+
+def test_device_inputs_no_profile_takes_or_on_another_gpu_are_refused_before_any_copy(executor_and_fakes):
+    executor, cudart, _ = executor_and_fakes
+    keep: list = []
+    with pytest.raises(NoProfileFits, match="no optimization profile accepts input shapes"):
+        executor.form_batch([{"x": in_a_region(cudart, rows(16, 0), keep)}, {"x": rows(1, 0)}])
+    with pytest.raises(ExecutorError, match="input 'x' is in the memory of CUDA device 1, the engine runs on device 0"):
+        executor.form_batch([{"x": in_a_region(cudart, rows(1, 0), keep, device_id=1)}])
+    assert cudart.copies == []
