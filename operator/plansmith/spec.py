@@ -391,6 +391,11 @@ class ServingSpec(ApiModel):
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for serving and build pods.")
     sidecars: list[SidecarContainer] = Field(
         default_factory=list, description="Containers added to each serving pod beside the runtime (localhost, /dev/shm).")
+    shared_memory_size: Quantity | None = Field(
+        default=None,
+        description="Size of the serving pods' /dev/shm, where Triton's system shared memory regions live (a "
+                    "memory-backed emptyDir shared by the runtime and the sidecars, counted as their memory). Unset: "
+                    "the container runtime's 64 MiB.")
 
 
 # --------------------------------------------------------------------------- spec.storage

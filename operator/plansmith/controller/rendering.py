@@ -202,9 +202,10 @@ def opentelemetry_env(name: str, namespace: str, deployment: str, spec: Inferenc
              "value": f"k8s.namespace.name={namespace},k8s.deployment.name={deployment},k8s.pod.name=$(POD_NAME)"}]
 
 
-def render_sidecar(sidecar: SidecarContainer) -> dict[str, Any]:
+def render_sidecar(sidecar: SidecarContainer, spec: InferenceModelSpec) -> dict[str, Any]:
     """A spec.serving.sidecars entry as a container of the serving pod, under the same restricted
-    security context as the runtime, with the pod's scratch /tmp (its root filesystem is read-only)."""
+    security context as the runtime, with the pod's scratch /tmp (its root filesystem is read-only)
+    and /dev/shm."""
     container: dict[str, Any] = {"name": sidecar.name, "image": sidecar.image}
     for field in ("command", "args"):
         if getattr(sidecar, field):
@@ -214,8 +215,26 @@ def render_sidecar(sidecar: SidecarContainer) -> dict[str, Any]:
     resources = {kind: {k: str(v) for k, v in getattr(sidecar.resources, kind).items()} for kind in ("limits", "requests")}
     if any(resources.values()):
         container["resources"] = {kind: values for kind, values in resources.items() if values}
-    return {**container, "securityContext": container_security_context(),
-            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}
+    return {**container, "securityContext": container_security_context(), "volumeMounts": serving_mounts(spec)}
+
+
+SHARED_MEMORY_VOLUME = "shared-memory"
+
+
+def serving_mounts(spec: InferenceModelSpec) -> list[dict[str, Any]]:
+    """What each container of a serving pod mounts: the scratch /tmp, and /dev/shm when the spec sizes it."""
+    mounts = [{"name": "scratch", "mountPath": "/tmp"}]
+    if spec.serving.shared_memory_size is not None:
+        mounts.append({"name": SHARED_MEMORY_VOLUME, "mountPath": "/dev/shm"})
+    return mounts
+
+
+def serving_volumes(spec: InferenceModelSpec) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}}]
+    if spec.serving.shared_memory_size is not None:
+        volumes.append({"name": SHARED_MEMORY_VOLUME,
+                        "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.serving.shared_memory_size)}})
+    return volumes
 
 
 def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, target: Target, key: str,
@@ -241,7 +260,7 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_SECONDS)]}}},
         "resources": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
         "securityContext": container_security_context(),
-        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+        "volumeMounts": serving_mounts(spec),
     }
     return {
         "apiVersion": "apps/v1",
@@ -259,8 +278,8 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
                     "terminationGracePeriodSeconds": 30 + DRAIN_SECONDS,
                     "securityContext": pod_security_context(),
                     **_scheduling(spec, target, settings),
-                    "containers": [container, *map(render_sidecar, spec.serving.sidecars)],
-                    "volumes": [{"name": "scratch", "emptyDir": {}}],
+                    "containers": [container, *(render_sidecar(sidecar, spec) for sidecar in spec.serving.sidecars)],
+                    "volumes": serving_volumes(spec),
                 },
             },
         },

@@ -168,6 +168,9 @@ def render_kubelet_config(spec: NodeSpec, node_ip: str, client_ca: Path) -> str:
         "imageGCLowThresholdPercent": 99,
         "serializeImagePulls": False,
         "maxPods": 60,
+        # memory-backed emptyDirs (a serving pod's sized /dev/shm) mounted with their sizeLimit as the
+        # tmpfs size, as kubelets >= 1.22 do by default (this v1.20 kubelet has the gate, off)
+        "featureGates": {"SizeMemoryBackedVolumes": True},
     }
     return json.dumps(config, indent=2)
 

@@ -216,7 +216,7 @@ def test_model_is_built_per_gpu_type_served_and_answers(e2e):
 # (input and output in POSIX shared memory objects in the pod's /dev/shm), prints the logits it reads
 # back as a JSON line, and stays up (a container that exits would be restarted, and the pod not ready).
 SHARED_MEMORY_CLIENT = """
-import json, time, urllib.request
+import json, os, time, urllib.request
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
@@ -240,7 +240,9 @@ tensor.set_shared_memory("images", x.nbytes)
 wanted = grpcclient.InferRequestedOutput("logits")
 wanted.set_shared_memory("logits", 2 * 10 * 4)
 client.infer("cnn-copy", [tensor], outputs=[wanted])
-print(json.dumps({"logits": shm.get_contents_as_numpy(logits, np.float32, [2, 10]).tolist()}), flush=True)
+dev_shm = os.statvfs("/dev/shm")
+print(json.dumps({"logits": shm.get_contents_as_numpy(logits, np.float32, [2, 10]).tolist(),
+                  "dev_shm_bytes": dev_shm.f_blocks * dev_shm.f_frsize}), flush=True)
 while True:
     time.sleep(3600)
 """
@@ -251,14 +253,15 @@ def test_a_second_model_with_the_same_engine_inputs_builds_nothing(e2e, dev_clus
     """... its pods send traces to an OpenTelemetry collector (on the node's address, which pods
     reach): a request with a W3C traceparent sent through the Service comes back as Triton's spans
     under the caller's span, naming the model, its namespace, Deployment and pod; and its sidecar
-    passes a request to the server in the same pod through system shared memory."""
+    passes a request to the server in the same pod through system shared memory, in a /dev/shm of
+    the size the spec gives."""
     collector = start_otlp_collector(dev_cluster.node_ip)
     before = len(jobs(e2e))
     sidecar = {"name": "client", "image": "docker.io/plansmith/runtime:dev",
                "command": ["python3", "-c", SHARED_MEMORY_CLIENT.replace("SIDECAR_INPUT", SIDECAR_INPUT)],
                "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}}}
     serving = {"trace": {"mode": "opentelemetry", "rate": 0, "opentelemetry": {"url": collector.url}},
-               "sidecars": [sidecar]}
+               "sidecars": [sidecar], "sharedMemorySize": "128Mi"}
     objects(e2e).create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL,
                                                  body("cnn-copy", e2e, serving=serving))
     try:
@@ -276,7 +279,9 @@ def test_a_second_model_with_the_same_engine_inputs_builds_nothing(e2e, dev_clus
         printed = wait_for(f"the sidecar's answer in {pod.metadata.name}", lambda: [
             line for line in core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE, container="client").splitlines()
             if line.startswith("{")], timeout=60)
-        np.testing.assert_allclose(np.array(json.loads(printed[0])["logits"], np.float32), expected, rtol=1e-4, atol=1e-4)
+        answer = json.loads(printed[0])
+        np.testing.assert_allclose(np.array(answer["logits"], np.float32), expected, rtol=1e-4, atol=1e-4)
+        assert answer["dev_shm_bytes"] == 128 << 20  # serving.sharedMemorySize, not the runtime's 64 MiB
 
     import tritonclient.http as httpclient
 

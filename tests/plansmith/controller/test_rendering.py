@@ -206,6 +206,21 @@ def test_sidecars_join_the_runtime_in_each_serving_pod_restricted_as_it_is():
     assert len(deployment()["spec"]["template"]["spec"]["containers"]) == 1
 
 
+def test_a_sized_dev_shm_is_a_memory_backed_volume_every_serving_container_mounts():
+    sized = parse_spec({"model": {"uri": "s3://models/m.onnx"}, "storage": {"uri": "s3://engines"},
+                        "serving": {"sharedMemorySize": "1Gi", "sidecars": [{"name": "client", "image": "c:1"}]}})
+    pod = rendering.render_deployment(name="m", namespace="ml", spec=sized, target=H100, key=KEY,
+                                      manifest_uri="s3://engines/engines/k/manifest.json", settings=SETTINGS)["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "scratch", "emptyDir": {}},
+                              {"name": "shared-memory", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
+    for container in pod["containers"]:
+        assert {"name": "shared-memory", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    restricted(pod)
+    unsized = deployment()["spec"]["template"]["spec"]
+    assert unsized["volumes"] == [{"name": "scratch", "emptyDir": {}}]  # the container runtime's /dev/shm
+    assert unsized["containers"][0]["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}]
+
+
 def test_service_selects_all_targets_of_the_model():
     service = rendering.render_service(name="resnet", namespace="ml")
     assert service["spec"]["selector"] == {"plansmith.io/model": "resnet", "app.kubernetes.io/component": "serving"}
