@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ctypes
 import functools
 import logging
@@ -123,18 +124,22 @@ class CudaSharedMemory(RegionRegistry[CudaRegion]):
         """The input where the model reads it: in place (a DeviceTensor) when its region is on the
         model's device, else copied into host memory. Its size must be what its shape needs."""
         region = self._input_region(reference, tensor, dtype, shape)
-        if region.device_id == self._input_device():
-            return DeviceTensor(region.pointer + reference.offset, dtype, shape, region.device_id, self._cuda(),
+        in_place = DeviceTensor(region.pointer + reference.offset, dtype, shape, region.device_id, self._cuda(),
                                 owner=region.handle)
-        array = np.empty(shape, dtype)
-        self._copy(region, array.ctypes.data, region.pointer + reference.offset, array.nbytes, to_device=False)
-        return array
+        if region.device_id == self._input_device():
+            return in_place
+        with self._copying(region):
+            return in_place.to_host()
 
     def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int:
         """Copy an output into its region; returns the bytes written."""
         region = self._output_region(reference, tensor, array)
         source = np.ascontiguousarray(array)
-        self._copy(region, region.pointer + reference.offset, source.ctypes.data, source.nbytes, to_device=True)
+        cudart = self._cuda()
+        with self._copying(region):
+            check_cuda(cudart.cudaSetDevice(region.device_id))
+            check_cuda(cudart.cudaMemcpy(region.pointer + reference.offset, source.ctypes.data, source.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
         return source.nbytes
 
     def _cuda(self):
@@ -142,12 +147,10 @@ class CudaSharedMemory(RegionRegistry[CudaRegion]):
             self._runtime = cuda_runtime()
         return self._runtime
 
-    def _copy(self, region: CudaRegion, destination: int, source: int, nbytes: int, to_device: bool) -> None:
-        cudart = self._cuda()
-        kinds = cudart.cudaMemcpyKind
-        kind = kinds.cudaMemcpyHostToDevice if to_device else kinds.cudaMemcpyDeviceToHost
+    @contextlib.contextmanager
+    def _copying(self, region: CudaRegion):
+        """A copy to or from `region` that CUDA refuses is the request's error (400), not the server's."""
         try:
-            check_cuda(cudart.cudaSetDevice(region.device_id))
-            check_cuda(cudart.cudaMemcpy(destination, source, nbytes, kind))
+            yield
         except ExecutorError as error:
             raise SharedMemoryError(f"CUDA shared memory region '{region.name}': copy failed: {error}") from None

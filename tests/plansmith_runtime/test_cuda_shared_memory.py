@@ -152,3 +152,12 @@ def test_the_http_raw_handle_is_base64_in_an_object():
         cuda_raw_handle("AAAA")
     with pytest.raises(SharedMemoryError, match="raw_handle is not base64"):
         cuda_raw_handle({"b64": "not base64!"})
+
+
+def test_a_copy_cuda_refuses_is_the_requests_error(stand_in_cuda):
+    registry, cuda, _ = registry_with_region(stand_in_cuda(devices=2), device_id=1, input_device=0)
+    cuda.cudaMemcpy = lambda destination, source, nbytes, kind: (700,)  # cudaErrorIllegalAddress
+    with pytest.raises(SharedMemoryError, match="CUDA shared memory region 'images': copy failed: CUDA error 700"):
+        registry.input_array(SharedMemoryReference("images", 32), "input", np.dtype(np.float32), (8,))
+    with pytest.raises(SharedMemoryError, match="CUDA shared memory region 'images': copy failed: CUDA error 700"):
+        registry.write_output(SharedMemoryReference("images", 32), "logits", np.zeros(8, np.float32))
