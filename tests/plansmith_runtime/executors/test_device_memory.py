@@ -67,3 +67,15 @@ def test_a_cuda_failure_while_gathering_is_an_executor_error(stand_in_cuda):
     with pytest.raises(ExecutorError, match="CUDA error 2"):
         batches.gather([{"x": on_device(stand_in_cuda(), np.zeros((1, 4), np.float32))}, {"x": np.zeros((1, 4), np.float32)}],
                        rows_to=2)
+
+
+def test_what_needs_host_bytes_reads_a_device_tensor_as_its_host_copy(stand_in_cuda):
+    """The response cache's key and a TENSORS trace see the same bytes whether the input came in the
+    request or stayed in a CUDA region."""
+    from plansmith_runtime.response_cache import response_key
+    from plansmith_runtime.tracing import tensor_text
+
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    tensor = on_device(stand_in_cuda(), x)
+    assert response_key({"input": tensor}) == response_key({"input": x})
+    assert tensor_text(tensor) == tensor_text(x)
