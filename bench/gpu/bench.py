@@ -530,9 +530,10 @@ def input_regions(kind: str, url: str, arrays: dict):
 
     client = grpcclient.InferenceServerClient(url)
     created = {}
+    regions = {name: f"bench-{kind}-{name}" for name in arrays}
     try:
         for name, array in arrays.items():
-            region = f"bench-{kind}-{name}"
+            region = regions[name]
             if kind == "system":
                 import tritonclient.utils.shared_memory as shm
 
@@ -546,7 +547,7 @@ def input_regions(kind: str, url: str, arrays: dict):
                 created[name] = (cudashm, cudashm.create_shared_memory_region(region, array.nbytes, 0))
                 cudashm.set_shared_memory_region(created[name][1], [array])
                 client.register_cuda_shared_memory(region, cudashm.get_raw_handle(created[name][1]), 0, array.nbytes)
-        yield {name: f"bench-{kind}-{name}" for name in arrays}
+        yield regions
     finally:
         (client.unregister_system_shared_memory if kind == "system" else client.unregister_cuda_shared_memory)()
         for module, handle in created.values():
@@ -696,11 +697,12 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                     for kind in cfg["shared_memory"]:
                         with input_regions(kind, url, arrays) as regions:
                             payload = infer_payload("model", arrays, regions)
+                            batch = next(iter(arrays.values())).shape[0]
                             for concurrency in cfg["concurrency"]:
                                 load_name = load_key(concurrency, kind)
                                 before = server.counters()
                                 started = time.monotonic_ns()
-                                figures = load(url, payload, 1, concurrency, cfg["serve_seconds"], cfg["processes"])
+                                figures = load(url, payload, batch, concurrency, cfg["serve_seconds"], cfg["processes"])
                                 windows[load_name] = (started, time.monotonic_ns())
                                 figures["mean_batch"] = mean_batch(before, server.counters())
                                 # the server's last poll of Triton's GPU metrics, taken during the load
