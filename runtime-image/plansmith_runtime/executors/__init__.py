@@ -10,6 +10,7 @@ import numpy as np
 from plansmith_runtime.loader import LoadedEngine
 
 if TYPE_CHECKING:
+    from plansmith_runtime.executors.device_memory import OutputDestinations
     from plansmith_runtime.executors.pinned_memory import PinnedMemoryPool
 
 
@@ -19,8 +20,10 @@ class Executor(Protocol):
         this executor runs from best (pinned host memory for a GPU executor that has it)."""
         ...
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; outputs by name, in numpy arrays the caller may keep."""
+    def run(self, feeds: dict[str, np.ndarray], destinations: OutputDestinations | None = None) -> dict[str, np.ndarray]:
+        """Run one batch; outputs by name, in numpy arrays the caller may keep. With `destinations`
+        (the batch's requests' CUDA regions by output), an output that every request wants in a
+        region of the executor's device is copied there on the device and is WrittenOnDevice."""
         ...
 
     def close(self) -> None: ...

@@ -1,5 +1,6 @@
-"""Inputs that stay in GPU memory from a client's CUDA shared memory region to the engine's run, as
-Triton's GPU backends read a cudashm input in place.
+"""Tensors that stay in GPU memory between a client's CUDA shared memory regions and the engine's
+run, as Triton's GPU backends read a cudashm input in place and write a cudashm output from the
+device.
 
 A `DeviceTensor` is an input in device memory: a region's bytes (cuda_shared_memory) or a batch
 gathered here. It has the shape and dtype the request checks read, and becomes a host array only
@@ -15,6 +16,14 @@ whose rows already fill its bucket is not copied at all: the session reads the c
 cuda-python gives the allocations, copies and the stream: ONNX Runtime's Python API cannot copy into
 part of a device OrtValue, and a request in a CUDA region means cuda-python is here (it opened the
 region's handle).
+
+Outputs go the other way: a request that names a CUDA region on the model's device for an output
+gives the batcher a `DeviceDestination`. When every request of a batch has one for an output, with
+room for its rows, the executor copies each request's rows device-to-device into its region after
+the run (`scatter_rows`) and copies nothing of that output to the host; the batch's output is then
+`WrittenOnDevice`, and each request's a DeviceTensor over its region (`outputs_in_place`), which the
+region's write_output recognizes as already written. Any other batch takes the host path: the
+outputs come to the host once a batch and are written to the regions from there.
 """
 
 from __future__ import annotations
@@ -70,6 +79,83 @@ class DeviceTensor:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = self.to_host()
         return array if dtype is None else array.astype(dtype, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceDestination:
+    """Where a request asked for an output in device memory (a CUDA shared memory region on the
+    model's device): `capacity` bytes from `pointer`."""
+
+    pointer: int
+    capacity: int
+    device_id: int
+    runtime: object  # cuda.bindings.runtime (or a stand-in with its calls)
+    owner: object = None  # keeps the memory valid while the request lives (its region's opened handle)
+
+    def tensor(self, dtype: np.dtype, shape: tuple[int, ...]) -> DeviceTensor:
+        """The output as written there."""
+        return DeviceTensor(self.pointer, dtype, shape, self.device_id, self.runtime, owner=self.owner)
+
+
+@dataclass(frozen=True)
+class WrittenOnDevice:
+    """A batch's output that the executor wrote into its requests' destinations, with no host copy.
+    It is cut along dimension 0 like an array (batching.split, a padded batch's rows)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def __getitem__(self, rows: slice) -> WrittenOnDevice:
+        start, stop, _ = rows.indices(self.shape[0])
+        return WrittenOnDevice(self.dtype, (max(stop - start, 0), *self.shape[1:]))
+
+
+@dataclass(frozen=True)
+class OutputDestinations:
+    """A batch's requests in order: the rows of each, and where each asked for outputs on the device."""
+
+    rows: tuple[int, ...]
+    by_request: tuple[Mapping[str, DeviceDestination], ...]
+
+    def for_output(self, name: str, row_nbytes: int, device_id: int) -> tuple[DeviceDestination, ...] | None:
+        """Each request's destination for output `name`, when every request has one in the memory
+        of `device_id` with room for its rows; None sends the output the host way."""
+        destinations = []
+        for rows, wanted in zip(self.rows, self.by_request):
+            destination = wanted.get(name)
+            if destination is None or destination.device_id != device_id or destination.capacity < rows * row_nbytes:
+                return None  # a request too small for its output gets the region's own error from the host path
+            destinations.append(destination)
+        return tuple(destinations)
+
+
+def batch_destinations(rows: Sequence[int], by_request: Sequence[Mapping[str, DeviceDestination] | None]
+                        ) -> OutputDestinations | None:
+    """A batch's destinations, None when no request has any (the executor's usual path)."""
+    if not any(by_request):
+        return None
+    return OutputDestinations(tuple(rows), tuple(wanted or {} for wanted in by_request))
+
+
+def outputs_in_place(outputs: Mapping[str, object], destinations: Mapping[str, DeviceDestination] | None) -> dict:
+    """A request's share of its batch's outputs with each output written on the device replaced by
+    a DeviceTensor over the request's region (where the response finds it written)."""
+    if not destinations:
+        return dict(outputs)
+    return {name: destinations[name].tensor(value.dtype, value.shape) if isinstance(value, WrittenOnDevice) else value
+            for name, value in outputs.items()}
+
+
+def scatter_rows(cudart, stream, source: int, row_nbytes: int, rows: Sequence[int],
+                 destinations: Sequence[DeviceDestination]) -> None:
+    """Queue on `stream` the device-to-device copies of a batch's output rows from `source`, each
+    request's rows to its destination, in order."""
+    offset = 0
+    for count, destination in zip(rows, destinations):
+        nbytes = count * row_nbytes
+        check_cuda(cudart.cudaMemcpyAsync(destination.pointer, source + offset, nbytes,
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream))
+        offset += nbytes
 
 
 def has_device_inputs(requests: Sequence[Mapping[str, object]]) -> bool:
@@ -137,6 +223,21 @@ class DeviceBatches:
                                        owner=self, capacity_rows=rows_to)
         check_cuda(cudart.cudaStreamSynchronize(self._stream))
         return feeds
+
+    def scatter(self, name: str, source: int, dtype: np.dtype, shape: tuple[int, ...],
+                destinations: OutputDestinations) -> bool:
+        """Output `name` of a run (`shape` at device address `source`) copied into its requests'
+        destinations, when they all have one (OutputDestinations.for_output); False otherwise,
+        having copied nothing."""
+        row_nbytes = dtype.itemsize * math.prod(shape[1:])
+        targets = destinations.for_output(name, row_nbytes, self.device_id)
+        if targets is None:
+            return False
+        cudart = self._cuda()
+        check_cuda(cudart.cudaSetDevice(self.device_id))
+        scatter_rows(cudart, self._stream, source, row_nbytes, destinations.rows, targets)
+        check_cuda(cudart.cudaStreamSynchronize(self._stream))
+        return True
 
     def close(self) -> None:
         if self._runtime is None:

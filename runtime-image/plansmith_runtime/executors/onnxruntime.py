@@ -18,6 +18,8 @@ On the CUDA provider the batcher's requests are joined, and padded, in pinned ho
 (pinned_memory.py), from which ONNX Runtime's copy to the device is about three times faster. A
 batch with inputs in a client's CUDA shared memory region (DeviceTensors) is gathered on the device
 instead (device_memory.py), and a lone such request that fills its bucket is bound where it is.
+Outputs that every request of a batch asked for in a CUDA region are copied there device-to-device
+from the session's output, and not to the host.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from plansmith.onnxruntime_providers import (
 )
 from plansmith_runtime.batching import concatenate
 from plansmith_runtime.executors import ExecutorError
-from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceTensor, has_device_inputs
+from plansmith_runtime.executors.device_memory import (DeviceBatches, DeviceTensor, OutputDestinations, WrittenOnDevice,
+                                                       has_device_inputs)
 from plansmith_runtime.executors.pinned_memory import BatchStaging, PinnedMemoryPool
 from plansmith_runtime.loader import LoadedEngine
 
@@ -85,6 +88,19 @@ def pad_batch(feeds: dict, size: int) -> dict:
         padded[name] = array if missing == 0 else np.concatenate(
             [array, np.zeros((missing, *array.shape[1:]), array.dtype)])
     return padded
+
+
+def numpy_dtype(ort_type: str) -> np.dtype | None:
+    """The numpy dtype of an ONNX Runtime tensor type of fixed-size elements ('tensor(float)' ->
+    float32); None for other types (strings, sequences, maps, an element type numpy does not know), which
+    stay on the host path."""
+    if not (ort_type.startswith("tensor(") and ort_type.endswith(")")) or ort_type == "tensor(string)":
+        return None
+    element = ort_type[len("tensor("):-1]
+    try:
+        return np.dtype({"float": "float32", "double": "float64"}.get(element, element))
+    except TypeError:
+        return None
 
 
 def _provider_name(provider: str | tuple) -> str:
@@ -136,6 +152,7 @@ class OnnxRuntimeExecutor:
         self.sessions = {size: self._create_session(ort, engine, options) for size in buckets}
         self.session = self.sessions[buckets[-1]] if buckets else self._create_session(ort, engine, options)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_dtypes = {output.name: numpy_dtype(output.type) for output in self.session.get_outputs()}
         self.io_binding = uses_io_binding(self.providers)
         # where bound outputs are allocated: on the session's device, copied back once per run
         self.output_device = "cuda" if _provider_name(self.providers[0]) == CUDA_PROVIDER else "cpu"
@@ -163,15 +180,16 @@ class OnnxRuntimeExecutor:
             return self.device_batches.gather(requests, self._session_rows(rows))
         return self.staging.join(requests) if self.staging else concatenate(requests)
 
-    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict, destinations: OutputDestinations | None = None) -> dict[str, np.ndarray]:
         """Feeds are numpy arrays, DeviceTensors, or OrtValues already on the device (the last two
-        with IO binding only)."""
+        with IO binding only). With `destinations`, an output every request wants on the device is
+        written there and comes back as WrittenOnDevice."""
         if not self.batch_buckets:
-            return self._run(self.session, feeds)
+            return self._run(self.session, feeds, destinations)
         batch = batch_rows(next(iter(feeds.values())))
         size = self._session_rows(batch)
         if size == batch:
-            return self._run(self.sessions[size], feeds)
+            return self._run(self.sessions[size], feeds, destinations)
         # in place when form_batch joined them: in its device buffers, or its pinned ones
         if all(isinstance(feed, DeviceTensor) for feed in feeds.values()):
             padded = {name: feed.with_rows(size) for name, feed in feeds.items()}
@@ -179,21 +197,21 @@ class OnnxRuntimeExecutor:
                 raise ExecutorError(f"device inputs of {batch} rows have no room for the padding to {size}")
         else:
             padded = self.staging.pad(feeds, size) if self.staging else None
-        outputs = self._run(self.sessions[size], padded or pad_batch(feeds, size))
+        outputs = self._run(self.sessions[size], padded or pad_batch(feeds, size), destinations)
         return {name: array[:batch] for name, array in outputs.items()}
 
     def _session_rows(self, batch: int) -> int:
         """The rows the session that runs a batch of `batch` takes: its bucket, or the batch as it is."""
         return bucket_for(batch, self.batch_buckets) if self.batch_buckets else batch
 
-    def _run(self, session, feeds: dict) -> dict[str, np.ndarray]:
+    def _run(self, session, feeds: dict, destinations: OutputDestinations | None = None) -> dict[str, np.ndarray]:
         if self.io_binding:
-            return self._run_bound(session, feeds)
+            return self._run_bound(session, feeds, destinations)
         if not all(isinstance(value, np.ndarray) for value in feeds.values()):  # a CPU session reads host memory
             feeds = {name: host_array_of(value) for name, value in feeds.items()}
         return dict(zip(self.output_names, session.run(self.output_names, feeds)))
 
-    def _run_bound(self, session, feeds: dict) -> dict[str, np.ndarray]:
+    def _run_bound(self, session, feeds: dict, destinations: OutputDestinations | None) -> dict[str, np.ndarray]:
         binding = session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, DeviceTensor):  # in a client's region, or gathered on the device: no copy
@@ -205,8 +223,17 @@ class OnnxRuntimeExecutor:
         for name in self.output_names:
             # ONNX Runtime allocates them from the device's arena; one copy to the host after the run
             binding.bind_output(name, self.output_device, self.device_id)
-        session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        session.run_with_iobinding(binding)  # returns once the device's work is done (ONNX Runtime synchronizes)
+        if destinations is None or self.device_batches is None:
+            return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        outputs: dict[str, np.ndarray] = {}
+        for name, value in zip(self.output_names, binding.get_outputs()):
+            dtype, shape = self.output_dtypes[name], tuple(value.shape())
+            if dtype is not None and self.device_batches.scatter(name, value.data_ptr(), dtype, shape, destinations):
+                outputs[name] = WrittenOnDevice(dtype, shape)  # type: ignore[assignment]
+            else:
+                outputs[name] = value.numpy()
+        return outputs
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

@@ -12,7 +12,8 @@ A batch with inputs in a client's CUDA shared memory region (DeviceTensors) is g
 into the engine's device input buffer instead: device-to-device from the regions, host-to-device
 from the other requests, on the instance's stream ahead of the run. (Binding a region's address to
 the engine would save that copy, but TensorRT wants 256-byte aligned tensor addresses, and a
-region's offset is the client's.)
+region's offset is the client's.) An output every request of a batch asked for in a CUDA region
+is copied there from the engine's output buffer on the same stream, and not to the host.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 from plansmith_runtime.batching import join_rows, join_rows_into
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, host_array
-from plansmith_runtime.executors.device_memory import DeviceTensor, copy_rows, has_device_inputs
+from plansmith_runtime.executors.device_memory import (DeviceTensor, OutputDestinations, WrittenOnDevice, copy_rows,
+                                                       has_device_inputs, scatter_rows)
 from plansmith_runtime.loader import LoadedEngine
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,9 @@ class TensorRTExecutor:
         return {name: DeviceTensor(self._device[name], first[name].dtype, shape, self.device_inputs, self._cudart, owner=self)
                 for name, shape in shapes.items()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], destinations: OutputDestinations | None = None) -> dict[str, np.ndarray]:
+        """With `destinations`, an output every request wants on the device is copied there and
+        comes back as WrittenOnDevice."""
         cudart = self._cudart
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         profile = select_profile(self.profiles, shapes)
@@ -183,15 +187,21 @@ class TensorRTExecutor:
             check_cuda(cudart.cudaMemcpyAsync(self._device[name], staged.ctypes.data, array.nbytes, kind_h2d, self._stream))
         if not self._context.execute_async_v3(self._stream_handle):
             raise ExecutorError("TensorRT execute_async_v3 failed")
-        results = {}
+        results: dict[str, np.ndarray | WrittenOnDevice] = {}
         for name in self.outputs:
             shape = tuple(self._context.get_tensor_shape(name))
-            count = int(np.prod(shape, dtype=np.int64))
-            staged = self._host[name][:count]
+            dtype = self._dtypes[name]
+            row_nbytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            targets = destinations.for_output(name, row_nbytes, self.device_inputs) if destinations else None
+            if targets is not None:
+                scatter_rows(cudart, self._stream, self._device[name], row_nbytes, destinations.rows, targets)
+                results[name] = WrittenOnDevice(dtype, shape)
+                continue
+            staged = self._host[name][:int(np.prod(shape, dtype=np.int64))]
             check_cuda(cudart.cudaMemcpyAsync(staged.ctypes.data, self._device[name], staged.nbytes, kind_d2h, self._stream))
-            results[name] = staged
+            results[name] = staged.reshape(shape)  # the pinned buffer: copied out once the stream is done
         check_cuda(cudart.cudaStreamSynchronize(self._stream))
-        return {name: array.reshape(tuple(self._context.get_tensor_shape(name))).copy() for name, array in results.items()}
+        return {name: value.copy() if isinstance(value, np.ndarray) else value for name, value in results.items()}
 
     def close(self) -> None:
         cudart = self._cudart

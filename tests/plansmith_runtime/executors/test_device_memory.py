@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from plansmith_runtime.executors import ExecutorError
-from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceTensor, has_device_inputs
+from plansmith_runtime.batching import split
+from plansmith_runtime.executors.device_memory import (DeviceBatches, DeviceDestination, DeviceTensor, WrittenOnDevice,
+                                                       batch_destinations, has_device_inputs, outputs_in_place)
 
 
 def on_device(cuda, array: np.ndarray) -> DeviceTensor:
@@ -79,3 +81,45 @@ def test_what_needs_host_bytes_reads_a_device_tensor_as_its_host_copy(stand_in_c
     tensor = on_device(stand_in_cuda(), x)
     assert response_key({"input": tensor}) == response_key({"input": x})
     assert tensor_text(tensor) == tensor_text(x)
+
+
+def destination(cuda, nbytes: int, device_id: int = 0) -> DeviceDestination:
+    """A client's region of `nbytes`, as the CUDA registry hands it to the batcher for an output."""
+    return DeviceDestination(cuda.cudaMalloc(nbytes)[1], nbytes, device_id, cuda)
+
+
+def test_an_output_goes_to_the_device_only_when_every_request_has_room_for_it_there(stand_in_cuda):
+    cuda = stand_in_cuda()
+    row = 16  # bytes of one output row
+    assert batch_destinations([1, 2], [None, {}]) is None  # nobody asked: the usual host path
+    two, one = destination(cuda, 2 * row), destination(cuda, row)
+    destinations = batch_destinations([2, 1], [{"y": two}, {"y": one, "z": destination(cuda, row)}])
+    assert destinations.for_output("y", row, device_id=0) == (two, one)
+    assert destinations.for_output("z", row, device_id=0) is None  # the first request wants z in its response
+    assert destinations.for_output("y", row, device_id=1) is None  # regions of another GPU
+    assert destinations.for_output("y", row + 4, device_id=0) is None  # too small: the host path reports it
+    assert batch_destinations([1], [{"y": one}]).for_output("y", row, 0) == (one,)
+
+
+def test_a_batchs_output_rows_are_copied_device_to_device_into_each_requests_region(stand_in_cuda):
+    cuda = stand_in_cuda()
+    batches = DeviceBatches(0, max_rows=4, runtime=cuda)
+    output = on_device(cuda, np.arange(4 * 3, dtype=np.float32).reshape(4, 3))  # 3 rows of requests, 1 of padding
+    first, second = destination(cuda, 2 * 12 + 8), destination(cuda, 12)  # the first has room to spare
+    destinations = batch_destinations([2, 1], [{"y": first}, {"y": second}])
+    cuda.copies.clear()
+    assert batches.scatter("y", output.pointer, np.dtype(np.float32), (4, 3), destinations)
+    assert cuda.copies == [("cudaMemcpyDeviceToDevice", 24, 0), ("cudaMemcpyDeviceToDevice", 12, 0)]
+    assert cuda.synchronized == 1  # the regions hold the rows before the responses say so
+    written = WrittenOnDevice(np.dtype(np.float32), (4, 3))[:3]
+    parts = split({"y": written, "x": np.zeros((3, 1))}, [2, 1])
+    answers = [outputs_in_place(part, wanted) for part, wanted in zip(parts, destinations.by_request)]
+    np.testing.assert_array_equal(np.asarray(answers[0]["y"]), np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(np.asarray(answers[1]["y"]), np.arange(6, 9, dtype=np.float32).reshape(1, 3))
+    assert answers[1]["y"].pointer == second.pointer and answers[1]["x"].shape == (1, 1)  # the others as they were
+    assert outputs_in_place({"x": np.zeros(1)}, None).keys() == {"x"}
+
+    cuda.copies.clear()
+    short = batch_destinations([2, 1], [{"y": first}, {"y": destination(cuda, 8)}])
+    assert not batches.scatter("y", output.pointer, np.dtype(np.float32), (4, 3), short) and cuda.copies == []
+    batches.close()

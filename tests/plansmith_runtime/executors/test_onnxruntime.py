@@ -7,10 +7,11 @@ import pytest
 
 from plansmith_runtime.executors import create_executor
 from plansmith_runtime.executors import ExecutorError
-from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceTensor
+from plansmith_runtime.executors.device_memory import (DeviceBatches, DeviceDestination, DeviceTensor, WrittenOnDevice,
+                                                       batch_destinations)
 from plansmith_runtime.executors.pinned_memory import BatchStaging, PinnedMemoryPool
 from plansmith_runtime.executors.onnxruntime import (OnnxRuntimeExecutor, batch_buckets, bucket_for, is_device_value,
-                                                     providers_for, session_batch_buckets, uses_io_binding)
+                                                     numpy_dtype, providers_for, session_batch_buckets, uses_io_binding)
 from plansmith_runtime.loader import fetch_engine
 
 
@@ -192,3 +193,51 @@ def test_a_cpu_session_reads_device_inputs_from_a_host_copy(engines, tmp_path, s
     np.testing.assert_allclose(outputs["logits"], built.session().run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
     assert [kind for kind, _, _ in cuda.copies] == ["cudaMemcpyDeviceToHost"]
     executor.close()
+
+
+def test_outputs_every_request_wants_in_a_region_are_copied_there_device_to_device(engines, tmp_path, stand_in_cuda):
+    """The other direction, on the CPU as above: when each request of a batch names a region of the
+    model's device for the logits, the session's output rows are copied into the regions (no copy
+    to the host); when one request wants them in its response, the batch's outputs come to the host."""
+    built = engines["small_cnn"]
+    executor = OnnxRuntimeExecutor(fetch_engine(built.manifest_uri, tmp_path / "engine"), intra_op_threads=1,
+                                   buckets=(1, 2, 4))
+    cuda = stand_in_cuda()
+    executor.io_binding, executor.device_inputs = True, 0
+    executor.device_batches = DeviceBatches(0, max_rows=4, runtime=cuda)
+    assert executor.output_dtypes == {"logits": np.dtype(np.float32)}
+    x = [device_tensor(cuda, built.model.sample_inputs(batch=rows, seed=20 + rows)["input"]) for rows in (2, 1)]
+    expected = [built.session().run(None, {"input": np.asarray(tensor)})[0] for tensor in x]
+    row = expected[0].nbytes // 2
+    regions = [DeviceDestination(cuda.cudaMalloc(2 * row + 64)[1], 2 * row + 64, 0, cuda) for _ in x]
+
+    def region_rows(index: int, rows: int) -> np.ndarray:
+        return np.frombuffer(ctypes.string_at(regions[index].pointer, rows * row), np.float32).reshape(rows, -1)
+
+    cuda.copies.clear()
+    destinations = batch_destinations([2, 1], [{"logits": regions[0]}, {"logits": regions[1]}])
+    outputs = executor.run(executor.form_batch([{"input": tensor} for tensor in x]), destinations)  # 3 rows, padded to 4
+    assert outputs["logits"] == WrittenOnDevice(np.dtype(np.float32), (3, *expected[0].shape[1:]))
+    assert [kind for kind, _, _ in cuda.copies if kind != "cudaMemsetAsync"] == ["cudaMemcpyDeviceToDevice"] * 4
+    assert [nbytes for kind, nbytes, _ in cuda.copies[-2:]] == [2 * row, row]  # the two requests' rows, not the padding's
+    np.testing.assert_allclose(region_rows(0, 2), expected[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(region_rows(1, 1), expected[1], rtol=1e-5, atol=1e-5)
+
+    lone = executor.run(executor.form_batch([{"input": x[0]}]), batch_destinations([2], [{"logits": regions[1]}]))
+    assert isinstance(lone["logits"], WrittenOnDevice)
+    np.testing.assert_allclose(region_rows(1, 2), expected[0], rtol=1e-5, atol=1e-5)
+
+    cuda.copies.clear()
+    mixed = batch_destinations([2, 1], [{"logits": regions[0]}, None])  # the second wants its logits in the response
+    outputs = executor.run(executor.form_batch([{"input": tensor} for tensor in x]), mixed)
+    np.testing.assert_allclose(outputs["logits"], np.concatenate(expected), rtol=1e-5, atol=1e-5)
+    assert [kind for kind, _, _ in cuda.copies if kind != "cudaMemsetAsync"] == ["cudaMemcpyDeviceToDevice"] * 2  # inputs only
+    executor.close()
+
+
+def test_onnx_runtime_tensor_types_map_to_numpy_dtypes_of_fixed_size_elements():
+    assert numpy_dtype("tensor(float)") == np.float32 and numpy_dtype("tensor(double)") == np.float64
+    assert numpy_dtype("tensor(float16)") == np.float16 and numpy_dtype("tensor(int64)") == np.int64
+    assert numpy_dtype("tensor(bool)") == np.bool_
+    for other in ("tensor(string)", "tensor(float4e2m1x)", "seq(tensor(float))", "map(int64,tensor(float))"):
+        assert numpy_dtype(other) is None, other

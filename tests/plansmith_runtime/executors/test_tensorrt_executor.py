@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from plansmith_runtime.executors import ExecutorError
-from plansmith_runtime.executors.device_memory import DeviceTensor
+from plansmith_runtime.executors.device_memory import DeviceDestination, DeviceTensor, WrittenOnDevice, batch_destinations
 from plansmith_runtime.executors.tensorrt import NoProfileFits, TensorRTExecutor
 
 # one input, two profiles: batches 1-4 (opt 2) and 1-16 (opt 8); rows of 3 float32 values
@@ -231,3 +231,25 @@ def test_device_inputs_no_profile_takes_or_on_another_gpu_are_refused_before_any
     with pytest.raises(ExecutorError, match="input 'x' is in the memory of CUDA device 1, the engine runs on device 0"):
         executor.form_batch([{"x": in_a_region(cudart, rows(1, 0), keep, device_id=1)}])
     assert cudart.copies == []
+
+
+def test_outputs_every_request_wants_in_a_region_are_copied_there_from_the_engines_buffer(executor_and_fakes):
+    """On the instance's stream after the run, each request's rows to its region; nothing of that
+    output goes to the pinned buffer. A batch with a request that wants it in the response takes
+    the host path."""
+    executor, cudart, engine = executor_and_fakes
+    keep: list = []
+    regions = [in_a_region(cudart, np.zeros((3, 3), np.float32), keep) for _ in range(2)]
+    wanted = [{"y": DeviceDestination(region.pointer, region.nbytes, 0, cudart)} for region in regions]
+    x = [rows(2, 10), rows(1, 500)]
+    outputs = executor.run(executor.form_batch([{"x": x[0]}, {"x": x[1]}]), batch_destinations([2, 1], wanted))
+    assert outputs == {"y": WrittenOnDevice(np.dtype(np.float32), (3, 3))}
+    assert [(kind, source, size) for kind, source, size in cudart.copies[1:]] == [
+        ("d2d", engine.contexts[0].addresses["y"], 24), ("d2d", engine.contexts[0].addresses["y"] + 24, 12)]
+    np.testing.assert_array_equal(keep[0][:2], x[0] * 2)
+    np.testing.assert_array_equal(keep[1][:1], x[1] * 2)
+
+    cudart.copies.clear()
+    outputs = executor.run(executor.form_batch([{"x": x[0]}, {"x": x[1]}]), batch_destinations([2, 1], [wanted[0], None]))
+    np.testing.assert_array_equal(outputs["y"], np.concatenate(x) * 2)
+    assert [kind for kind, _, _ in cudart.copies] == ["h2d", "d2h"]
