@@ -10,8 +10,11 @@ A request's input in a region of the device the model runs on (ONNX Runtime's CU
 TensorRT) stays there: it becomes a DeviceTensor the executor binds in place, or gathers with the
 batch's other requests on the device (executors/device_memory.py), as Triton's GPU backends read a
 cudashm input.
-Anywhere else (a CPU model, a region on another device) it is copied into host memory. An output is
-copied into its region from the host, where the executors leave their outputs.
+Anywhere else (a CPU model, a region on another device) it is copied into host memory.
+
+An output in a region of the model's device is written there by the executor, device-to-device,
+when every request of its batch asked for it that way (`output_destination`; device_memory.py);
+otherwise it is copied into its region from the host, where the executor left it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, cuda_runtime
-from plansmith_runtime.executors.device_memory import DeviceTensor
+from plansmith_runtime.executors.device_memory import DeviceDestination, DeviceTensor
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
 from plansmith_runtime.region_registry import RegionRegistry
 
@@ -131,9 +134,21 @@ class CudaSharedMemory(RegionRegistry[CudaRegion]):
         with self._copying(region):
             return in_place.to_host()
 
-    def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int:
-        """Copy an output into its region; returns the bytes written."""
+    def output_destination(self, reference: SharedMemoryReference, tensor: str) -> DeviceDestination | None:
+        """Where the executor may write the output on the device: the referenced span when its
+        region is on the model's device; None when the output must come through the host."""
+        region = self._span(reference, tensor)
+        if region.device_id != self._input_device():
+            return None
+        return DeviceDestination(region.pointer + reference.offset, reference.byte_size, region.device_id, self._cuda(),
+                                 owner=region.handle)
+
+    def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray | DeviceTensor) -> int:
+        """Copy an output into its region; returns the bytes written. An output the executor wrote
+        there already (a DeviceTensor at the reference's address) is not copied again."""
         region = self._output_region(reference, tensor, array)
+        if isinstance(array, DeviceTensor) and array.pointer == region.pointer + reference.offset:
+            return array.nbytes
         source = np.ascontiguousarray(array)
         cudart = self._cuda()
         with self._copying(region):

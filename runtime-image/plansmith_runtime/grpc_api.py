@@ -318,7 +318,8 @@ class InferenceService:
                 classifications = {tensor.name: count for tensor in request.outputs if "classification" in tensor.parameters
                                    and (count := requested_classes(tensor.name, parameters_of(tensor)))}
                 timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
-                outputs = await model.infer(inputs, wanted, timeout, trace)
+                destinations = self.shared_memory.output_destinations(in_shared_memory) if in_shared_memory else None
+                outputs = await model.infer(inputs, wanted, timeout, trace, destinations)
                 if classifications:
                     outputs = classify_outputs(outputs, classifications, model.has_batch_dim)
             except INFERENCE_ERRORS as error:

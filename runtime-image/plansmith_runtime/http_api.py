@@ -283,7 +283,9 @@ class HttpApi:
             if trace is not None:
                 trace.stamp(tracing.HTTP_RECV_START, request.receive_started_ns)
                 trace.stamp(tracing.HTTP_RECV_END, request.received_ns)
-            outputs = await model.infer(decoded.inputs, decoded.outputs, trace=trace)
+            destinations = (self.shared_memory.output_destinations(decoded.shared_memory_outputs)
+                            if decoded.shared_memory_outputs else None)
+            outputs = await model.infer(decoded.inputs, decoded.outputs, trace=trace, output_destinations=destinations)
             if decoded.classifications:
                 outputs = classify_outputs(outputs, decoded.classifications, model.has_batch_dim)
             payload, header_length = encode_http_response(model.name, model.version, decoded, outputs, self.shared_memory)

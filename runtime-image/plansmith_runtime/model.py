@@ -20,6 +20,7 @@ from plansmith_runtime import compatibility, tracing
 from plansmith_runtime.config import ServingConfig, check_against_engine
 from plansmith_runtime.cpus import available_cpus
 from plansmith_runtime.executors import Executor, create_executor
+from plansmith_runtime.executors.device_memory import DeviceDestination
 from plansmith_runtime.executors.pinned_memory import DEFAULT_POOL_BYTES, PinnedMemoryPool
 from plansmith_runtime.loader import fetch_engine
 from plansmith_runtime.metrics import Metrics, model_statistics
@@ -258,9 +259,13 @@ class ServedModel:
             raise InvalidRequest(f"model '{self.name}' has no version {version} (serving version {self.version})")
 
     async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str], timeout_us: int = 0,
-                    trace: Trace | None = None) -> dict[str, np.ndarray]:
+                    trace: Trace | None = None,
+                    output_destinations: dict[str, DeviceDestination] | None = None) -> dict[str, np.ndarray]:
         """The outputs asked for (all when none are); a sampled request's `trace` gets its
-        timestamps from REQUEST_START to REQUEST_END, and its tensors."""
+        timestamps from REQUEST_START to REQUEST_END, and its tensors. `output_destinations`: the
+        request's CUDA regions on the model's device by output, which the executor may write
+        directly (the output is then a DeviceTensor over its region). With the response cache on
+        they are not used: the cache keeps host copies."""
         received = time.monotonic_ns()
         stats = self.metrics.stats
         stats.in_flight += 1
@@ -282,7 +287,8 @@ class ServedModel:
                 lookup_ns = time.monotonic_ns() - lookup_started
                 if cached is not None:
                     return self._answer_from_cache(cached, outputs, received, lookup_ns, trace)
-            pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us, trace)
+            pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us, trace,
+                                           output_destinations if self.response_cache is None else None)
             await pending.future
         except BaseException:
             stats.failure += 1

@@ -17,10 +17,12 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from plansmith_runtime.cuda_shared_memory import CudaSharedMemory
+from plansmith_runtime.executors.device_memory import DeviceDestination
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
 from plansmith_runtime.region_registry import RegionRegistry
 
@@ -122,6 +124,17 @@ class SharedMemoryRegions:
 
     def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int:
         return self._holder(reference.region).write_output(reference, tensor, array)
+
+    def output_destinations(self, references: Mapping[str, SharedMemoryReference | None]) -> dict[str, DeviceDestination]:
+        """The outputs the executor may write on the device (those in CUDA regions of the model's
+        device), by name. The others are written from the host once the request has run."""
+        destinations = {}
+        for name, reference in references.items():
+            if reference is not None and self.cuda.holds(reference.region):
+                destination = self.cuda.output_destination(reference, name)
+                if destination is not None:
+                    destinations[name] = destination
+        return destinations
 
     def close(self) -> None:
         self.system.close()

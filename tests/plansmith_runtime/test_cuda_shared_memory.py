@@ -2,18 +2,22 @@
 cuda-python's runtime (conftest's StandInCudaRuntime: device memory played by host buffers, so what
 is copied where is visible), inputs read in place on the model's device, and one namespace of region
 names with the system regions. A real server and tritonclient's cuda_shared_memory utilities on a
-GPU: test_server.py."""
+GPU: test_server.py. Outputs written into regions by the executor, through the HTTP and gRPC front
+ends in this process: the last test."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import logging
 
 import numpy as np
 import pytest
 
+from plansmith_runtime.config import BatchingPolicy, ServingConfig
 from plansmith_runtime.cuda_shared_memory import CudaSharedMemory, cuda_raw_handle
-from plansmith_runtime.executors.device_memory import DeviceTensor
+from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceTensor
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
 from plansmith_runtime.shared_memory import SharedMemoryRegions
 
@@ -161,3 +165,119 @@ def test_a_copy_cuda_refuses_is_the_requests_error(stand_in_cuda):
         registry.input_array(SharedMemoryReference("images", 32), "input", np.dtype(np.float32), (8,))
     with pytest.raises(SharedMemoryError, match="CUDA shared memory region 'images': copy failed: CUDA error 700"):
         registry.write_output(SharedMemoryReference("images", 32), "logits", np.zeros(8, np.float32))
+
+
+def test_an_output_in_a_region_of_the_models_device_is_a_destination_the_executor_writes(stand_in_cuda, tmp_path):
+    """A region on the model's device gives the batcher a device destination for the output; its
+    write afterwards sees the executor's DeviceTensor at that address and copies nothing. A region
+    of another device, a system region or a CPU model: the output comes through the host."""
+    registry, cuda, handle = registry_with_region(stand_in_cuda(devices=2), device_id=0, input_device=0)
+    [mapped] = cuda.opened
+    reference = SharedMemoryReference("images", 64, 32)
+    destination = registry.output_destination(reference, "logits")
+    assert (destination.pointer, destination.capacity, destination.device_id) == (mapped + 32, 64, 0)
+    written = destination.tensor(np.dtype(np.float32), (2, 8))
+    assert registry.write_output(reference, "logits", written) == 64 and cuda.copies == []
+    with pytest.raises(SharedMemoryError, match="should be at least 72 bytes"):
+        registry.write_output(reference, "logits", destination.tensor(np.dtype(np.float32), (2, 9)))
+    with pytest.raises(SharedMemoryError, match="run past the end of CUDA shared memory region 'images'"):
+        registry.output_destination(SharedMemoryReference("images", 64, 224), "logits")
+    registry.unregister("images")
+    assert cuda.opened == {mapped: handle}  # the request holding the destination keeps the region mapped
+    del destination, written
+    assert cuda.opened == {}
+
+    elsewhere, _, _ = registry_with_region(cuda, device_id=1, input_device=0)
+    assert elsewhere.output_destination(reference, "logits") is None
+    on_cpu, _, _ = registry_with_region(cuda, device_id=0, input_device=None)
+    assert on_cpu.output_destination(reference, "logits") is None
+
+    regions = SharedMemoryRegions(cuda=registry_with_region(cuda, device_id=0, input_device=0)[0])
+    (tmp_path / "outputs").write_bytes(bytes(64))
+    regions.system.directory = tmp_path
+    regions.register_system("outputs", "/outputs", 0, 64)
+    destinations = regions.output_destinations({"logits": reference, "scores": SharedMemoryReference("outputs", 8, 0)})
+    assert list(destinations) == ["logits"]  # the system region's output is written from the host
+    regions.close()
+
+
+async def test_outputs_in_regions_of_the_models_device_are_written_there_by_the_executor_over_http_and_grpc(
+        engines, stand_in_cuda, monkeypatch):
+    """The whole path in this process, the model's executor in its GPU mode on the CPU (as in
+    test_onnxruntime.py): requests over HTTP and gRPC name a CUDA region of the model's device for
+    the logits. A batch of them gets its logits copied there device-to-device, none through the host;
+    a batch that also holds a request wanting its logits in the response writes the region from the
+    host, as before; the responses describe the regions either way."""
+    import tritonclient.http as httpclient
+    from tritonclient.grpc import service_pb2
+
+    from plansmith_runtime.executors import onnxruntime as ort_executor
+    from plansmith_runtime.grpc_api import InferCall, InferenceService
+    from plansmith_runtime.http_api import HttpApi
+    from plansmith_runtime.http_transport import HttpRequest
+    from plansmith_runtime.log_settings import LogControl, LogSettings
+    from plansmith_runtime.model import LoadOptions, ServedModel
+    from plansmith_runtime.tracing import TraceControl, TraceSettings
+
+    built = engines["small_cnn"]
+    monkeypatch.setattr(ort_executor, "uses_io_binding", lambda providers: True)
+    model = ServedModel(ServingConfig("cnn", BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=50_000),
+                                      warmup_iterations=1))
+    await model.load(LoadOptions(built.manifest_uri, pinned_memory_pool_bytes=0))
+    cuda = stand_in_cuda()
+    for executor in model._executors:  # what a session on the CUDA provider has
+        executor.device_inputs, executor.device_batches = 0, DeviceBatches(0, 8, runtime=cuda)
+    regions = SharedMemoryRegions(cuda=CudaSharedMemory(cuda, input_device=lambda: model.input_device))
+    logs = LogControl(LogSettings(), [], logging.getLogger("test-cuda-outputs"))
+    http = HttpApi(model, lambda: model.ready, regions, logs, TraceControl(TraceSettings(), [model.name], model.version))
+    rpc = InferenceService(model, lambda: model.ready, regions, logs, TraceControl(TraceSettings(), [model.name], model.version))
+    x = [built.model.sample_inputs(batch=1, seed=60 + index)["input"] for index in range(4)]
+    expected = [built.session().run(None, {"input": image})[0] for image in x]
+    row = expected[0].nbytes
+    handle = cuda.allocate(4 * row, tag=3)
+    regions.register_cuda("logits", handle, 0, 4 * row)
+
+    def in_region(index: int) -> np.ndarray:
+        return np.frombuffer(cuda.memory(handle)[index * row:(index + 1) * row].tobytes(), np.float32).reshape(expected[0].shape)
+
+    async def over_http(index: int, region: bool) -> dict:
+        tensor = httpclient.InferInput("input", list(x[index].shape), "FP32")
+        tensor.set_data_from_numpy(x[index])
+        wanted = httpclient.InferRequestedOutput("logits")
+        if region:
+            wanted.set_shared_memory("logits", row, offset=index * row)
+        body, header_length = httpclient.InferenceServerClient.generate_request_body([tensor], [wanted])
+        headers = {"inference-header-content-length": str(header_length)} if header_length else {}
+        response = await http.handle(HttpRequest("POST", "/v2/models/cnn/infer", headers, body))
+        assert response.status == 200, response.body
+        return json.loads(response.body[:int(dict(response.headers).get("Inference-Header-Content-Length", len(response.body)))])
+
+    try:
+        answers = await asyncio.gather(*(over_http(index, region=True) for index in range(3)))
+        assert [answer["outputs"][0]["parameters"] for answer in answers] == [
+            {"shared_memory_region": "logits", "shared_memory_byte_size": row, **({"shared_memory_offset": index * row} if index else {})}
+            for index in range(3)]
+        assert cuda.copies == [("cudaMemcpyDeviceToDevice", row, 0)] * 3  # one batch, its rows straight to the regions
+        for index in range(3):
+            np.testing.assert_allclose(in_region(index), expected[index], rtol=1e-5, atol=1e-5)
+
+        cuda.copies.clear()
+        mixed = await asyncio.gather(over_http(3, region=True), over_http(0, region=False))
+        assert cuda.copies == [("cudaMemcpyHostToDevice", row, 0)]  # the batch's logits came to the host
+        np.testing.assert_allclose(in_region(3), expected[3], rtol=1e-5, atol=1e-5)
+        assert "shared_memory_region" in mixed[0]["outputs"][0]["parameters"]
+
+        cuda.copies.clear()
+        request = service_pb2.ModelInferRequest(model_name="cnn")
+        request.inputs.add(name="input", datatype="FP32", shape=list(x[1].shape))
+        output = request.outputs.add(name="logits")
+        output.parameters["shared_memory_region"].string_param = "logits"
+        output.parameters["shared_memory_byte_size"].int64_param = row
+        cuda.memory(handle)[:] = 0
+        response = await rpc.ModelInfer(InferCall(request, [x[1].tobytes()]))
+        assert cuda.copies == [("cudaMemcpyDeviceToDevice", row, 0)] and list(response.raw_output_contents) == [b""]
+        assert response.outputs[0].parameters["shared_memory_byte_size"].int64_param == row
+        np.testing.assert_allclose(in_region(0), expected[1], rtol=1e-5, atol=1e-5)
+    finally:
+        await model.stop(1.0)
+        regions.close()

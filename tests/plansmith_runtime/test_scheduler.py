@@ -30,7 +30,7 @@ class DoublingExecutor:
         self.formed_on.append(threading.current_thread().name)
         return concatenate(requests)
 
-    def run(self, feeds):
+    def run(self, feeds, destinations=None):
         self.batch_sizes.append(len(feeds["x"]))
         return {"y": feeds["x"] * 2}
 

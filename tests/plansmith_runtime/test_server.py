@@ -712,7 +712,9 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
     """A model on ONNX Runtime's CUDA provider reads inputs in its device's regions in place: the
     server says so when ready, and concurrent requests with inputs in regions (1 to 3 images, at
     offsets, so lone requests are padded to their bucket and batches are gathered on the device)
-    mixed with requests sending their bytes each get their own outputs back, in batches."""
+    mixed with requests sending their bytes each get their own outputs back, in batches. Then each
+    request names a region for its logits too: batches of them get their rows copied there on the
+    GPU, and each region holds its own request's logits."""
     import tritonclient.utils.cuda_shared_memory as cudashm
 
     assert model_ready_entry(cnn_server)["device_inputs"] == 0, "was the engine built for the CUDA provider?"
@@ -730,24 +732,45 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
             cudashm.set_shared_memory_region(region, [np.full(offset, 0xFF, np.uint8), inputs[i]])
             rpc.register_cuda_shared_memory(f"input-{i}", cudashm.get_raw_handle(region), 0, offset + inputs[i].nbytes)
 
-        async def one(client, index):
+        async def one(client, index, output_region=None):
             tensor = grpcaio.InferInput("input", list(inputs[index].shape), "FP32")
             if index in regions:
                 tensor.set_shared_memory(f"input-{index}", inputs[index].nbytes, offset=offset)
             else:
                 tensor.set_data_from_numpy(inputs[index])
-            return index, (await client.infer("cnn", [tensor])).as_numpy("logits")
+            if output_region is None:
+                return index, (await client.infer("cnn", [tensor])).as_numpy("logits")
+            wanted = grpcaio.InferRequestedOutput("logits")
+            wanted.set_shared_memory(output_region, expected[index].nbytes, offset=offset)
+            result = await client.infer("cnn", [tensor], outputs=[wanted])
+            return index, result.get_output("logits").parameters["shared_memory_byte_size"].int64_param
 
-        async def run_all():
+        async def run_all(output_regions=None):
             client = grpcaio.InferenceServerClient(cnn_server.grpc_url)
             try:
-                return dict(await asyncio.gather(*(one(client, i) for i in range(count))))
+                return dict(await asyncio.gather(*(one(client, i, output_regions and output_regions[i])
+                                                   for i in range(count))))
             finally:
                 await client.close()
 
         results = asyncio.run(run_all())
         for index in range(count):
             np.testing.assert_allclose(results[index], expected[index], **BATCHED_ON_A_GPU)
+
+        outputs = {i: cudashm.create_shared_memory_region(f"output-{i}", offset + expected[i].nbytes, 0) for i in range(count)}
+        try:
+            for i, region in outputs.items():
+                rpc.register_cuda_shared_memory(f"output-{i}", cudashm.get_raw_handle(region), 0, offset + expected[i].nbytes)
+            written = asyncio.run(run_all({i: f"output-{i}" for i in range(count)}))
+            assert written == {i: expected[i].nbytes for i in range(count)}
+            for i, region in outputs.items():
+                contents = cudashm.get_contents_as_numpy(region, np.uint8, [offset + expected[i].nbytes])
+                logits = contents[offset:].view(np.float32).reshape(expected[i].shape)
+                np.testing.assert_allclose(logits, expected[i], **BATCHED_ON_A_GPU)
+        finally:
+            for i, region in outputs.items():
+                rpc.unregister_cuda_shared_memory(f"output-{i}")
+                cudashm.destroy_shared_memory_region(region)
         http = httpclient.InferenceServerClient(cnn_server.http_url)
         lone = httpclient.InferInput("input", list(inputs[2].shape), "FP32")  # 3 images: padded to a bucket of 4
         lone.set_shared_memory("input-2", inputs[2].nbytes, offset=offset)
@@ -760,7 +783,7 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
     label = '{model="cnn",version="1"}'
     requests = after[f"nv_inference_request_success{label}"] - before.get(f"nv_inference_request_success{label}", 0)
     executions = after[f"nv_inference_exec_count{label}"] - before.get(f"nv_inference_exec_count{label}", 0)
-    assert requests == count + 1 and executions < count, "concurrent requests should have been batched"
+    assert requests == 2 * count + 1 and executions < 2 * count, "concurrent requests should have been batched"
 
 
 def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engines, start_server):
