@@ -50,6 +50,9 @@ import serve as serve_bench  # noqa: E402  (bench/serve.py: the `plansmith serve
 from served_process import mean_batch  # noqa: E402
 
 MODELS = ("resnet50", "bert")
+# BERT answering with its last hidden state ([batch, seq, hidden]: 393 KB an fp32 request at seq 128), for
+# the outputs' path (CUDA shared memory outputs written on the device); not in the default set
+LARGE_OUTPUT_MODEL = "bert-hidden"
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -81,11 +84,12 @@ def export_resnet50(path: Path, cfg: dict) -> dict:
     return {"inputs": [{"name": "input", "shape": [3, 224, 224], "dtype": "float32"}]}
 
 
-class PooledBert:
-    """BertModel returning its pooled output only ([batch, hidden]: a small answer on the wire)."""
+class BenchBert:
+    """BertModel returning its pooled output only ([batch, hidden]: a small answer on the wire), or
+    with `hidden` its last hidden state ([batch, seq, hidden]: a large one)."""
 
     @staticmethod
-    def create(cfg: dict):
+    def create(cfg: dict, hidden: bool = False):
         import torch
         from transformers import BertConfig, BertModel
 
@@ -95,22 +99,24 @@ class PooledBert:
                 self.bert = BertModel(BertConfig(**cfg["bert"]), add_pooling_layer=True)
 
             def forward(self, input_ids, attention_mask):
-                return self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+                outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+                return outputs.last_hidden_state if hidden else outputs.pooler_output
 
         torch.manual_seed(0)
         return Wrapper().eval()
 
 
-def export_bert(path: Path, cfg: dict) -> dict:
+def export_bert(path: Path, cfg: dict, hidden: bool = False) -> dict:
     import torch
 
-    model = PooledBert.create(cfg)
+    model = BenchBert.create(cfg, hidden)
+    output = "hidden" if hidden else "pooled"
     seq = cfg["seq"]
     ids = torch.randint(0, model.bert.config.vocab_size, (2, seq))
     mask = torch.ones(2, seq, dtype=torch.int64)
     torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
-                      output_names=["pooled"], opset_version=17, dynamo=False,
-                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "pooled": {0: "batch"}})
+                      output_names=[output], opset_version=17, dynamo=False,
+                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, output: {0: "batch"}})
     return {"inputs": [{"name": "input_ids", "shape": [seq], "dtype": "int64"},
                        {"name": "attention_mask", "shape": [seq], "dtype": "int64"}],
             "vocab": model.bert.config.vocab_size}
@@ -324,7 +330,7 @@ def torch_figures(model_name: str, meta: dict, cfg: dict, half: bool) -> dict:
         if half:
             model = model.half().to(memory_format=torch.channels_last)
     else:
-        model = PooledBert.create(cfg).to(device)
+        model = BenchBert.create(cfg, model_name == LARGE_OUTPUT_MODEL).to(device)
         if half:
             model = model.half()
     figures = {"torch": torch.__version__, "variant": ("fp16" + (" channels-last" if model_name == "resnet50" else ""))
@@ -443,7 +449,10 @@ def build_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
         print(f"\n== {model_name}", flush=True)
         path = workdir / f"{model_name}.onnx"
         started = time.perf_counter()
-        meta = (export_resnet50 if model_name == "resnet50" else export_bert)(path, cfg)
+        if model_name == "resnet50":
+            meta = export_resnet50(path, cfg)
+        else:
+            meta = export_bert(path, cfg, hidden=model_name == LARGE_OUTPUT_MODEL)
         print(f"  exported {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s",
               flush=True)
         entry = state.setdefault("models", {}).setdefault(model_name, {})
@@ -499,10 +508,12 @@ def build_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
 SHARED_MEMORY_KINDS = ("none", "system", "cuda")  # perf_analyzer's --shared-memory values
 
 
-def infer_payload(model: str, arrays: dict, regions: dict[str, str] | None = None) -> bytes:
+def infer_payload(model: str, arrays: dict, regions: dict[str, str] | None = None,
+                  output_regions: dict[str, tuple[str, int]] | None = None) -> bytes:
     """A serialized ModelInferRequest built with tritonclient's service definitions: the inputs'
     bytes in raw_input_contents, or, given `regions` (input name -> registered region), a
-    reference to each input's region instead (Triton's shared memory parameters)."""
+    reference to each input's region instead (Triton's shared memory parameters); given
+    `output_regions` (output name -> region, bytes), each output is asked for in its region."""
     from tritonclient.grpc import service_pb2
     from tritonclient.utils import np_to_triton_dtype
 
@@ -514,25 +525,47 @@ def infer_payload(model: str, arrays: dict, regions: dict[str, str] | None = Non
             tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
         else:
             request.raw_input_contents.append(array.tobytes())
+    for name, (region, nbytes) in (output_regions or {}).items():
+        output = request.outputs.add(name=name)
+        output.parameters["shared_memory_region"].string_param = region
+        output.parameters["shared_memory_byte_size"].int64_param = nbytes
     return request.SerializeToString()
 
 
+def output_bytes(client, model: str, arrays: dict) -> dict[str, int]:
+    """Each output's bytes in the answer to `arrays`, from one inference (the metadata's shapes may
+    leave more than the batch dimension open)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in arrays.items():
+        inputs.append(grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
+        inputs[-1].set_data_from_numpy(array)
+    result = client.infer(model, inputs)
+    return {output.name: result.as_numpy(output.name).nbytes for output in result.get_response().outputs}
+
+
 @contextlib.contextmanager
-def input_regions(kind: str, url: str, arrays: dict):
+def tensor_regions(kind: str, url: str, arrays: dict):
     """Each input written once into a shared memory region of `kind` (system: a POSIX object; cuda:
-    GPU memory on device 0 shared through a CUDA IPC handle) and registered with the server, as
-    perf_analyzer --shared-memory does; yields input name -> region name (None for kind "none").
-    The load's clients all name the same regions: the server only reads them."""
+    GPU memory on device 0 shared through a CUDA IPC handle) and a region for each output,
+    registered with the server, as perf_analyzer --shared-memory does; yields (input name -> region
+    name, output name -> (region name, bytes)), (None, None) for kind "none". The load's clients all
+    name the same regions: the server reads the inputs' and writes the outputs' (perf_analyzer's
+    clients share theirs too)."""
     if kind == "none":
-        yield None
+        yield None, None
         return
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
+    tensors = {**{name: array for name, array in arrays.items()},
+               **{name: np.zeros(nbytes, np.uint8) for name, nbytes in output_bytes(client, "model", arrays).items()}}
+    regions = {name: f"bench-{kind}-{name}" for name in tensors}
     created = {}
-    regions = {name: f"bench-{kind}-{name}" for name in arrays}
     try:
-        for name, array in arrays.items():
+        for name, array in tensors.items():
             region = regions[name]
             if kind == "system":
                 import tritonclient.utils.shared_memory as shm
@@ -547,7 +580,8 @@ def input_regions(kind: str, url: str, arrays: dict):
                 created[name] = (cudashm, cudashm.create_shared_memory_region(region, array.nbytes, 0))
                 cudashm.set_shared_memory_region(created[name][1], [array])
                 client.register_cuda_shared_memory(region, cudashm.get_raw_handle(created[name][1]), 0, array.nbytes)
-        yield regions
+        yield ({name: regions[name] for name in arrays},
+               {name: (regions[name], tensors[name].nbytes) for name in tensors if name not in arrays})
     finally:
         (client.unregister_system_shared_memory if kind == "system" else client.unregister_cuda_shared_memory)()
         for module, handle in created.values():
@@ -593,8 +627,23 @@ def _load_worker(url: str, payload: bytes, concurrency: int, duration: float, st
     asyncio.run(main())
 
 
+def check_payload(url: str, payload: bytes) -> None:
+    """One call with the load's request before the load: a request the server refuses stops the
+    benchmark with the server's message, instead of every generator failing on its own."""
+    import grpc
+
+    with grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        try:
+            call(payload, timeout=60)
+        except grpc.RpcError as error:
+            raise RuntimeError(f"the server refused the load's request: {error.code().name} {error.details()}") from None
+
+
 def load(url: str, payload: bytes, batch: int, concurrency: int, duration: float, processes: int) -> dict:
     """`payload` (an infer_payload of `batch` items) sent by `concurrency` callers spread over processes."""
+    check_payload(url, payload)
     processes = max(1, min(processes, concurrency))
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -695,8 +744,8 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                 url = f"127.0.0.1:{server.grpc}"
                 try:
                     for kind in cfg["shared_memory"]:
-                        with input_regions(kind, url, arrays) as regions:
-                            payload = infer_payload("model", arrays, regions)
+                        with tensor_regions(kind, url, arrays) as (regions, output_regions):
+                            payload = infer_payload("model", arrays, regions, output_regions)
                             batch = next(iter(arrays.values())).shape[0]
                             for concurrency in cfg["concurrency"]:
                                 load_name = load_key(concurrency, kind)
@@ -728,9 +777,9 @@ def serve_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                                             for k in cfg["shared_memory"] if k != "none"):
                 in_request, in_region = _get(served, mode, f"c{concurrency}"), _get(served, mode, load_key(concurrency, kind))
                 if in_request and in_region:
-                    print(f"  {model_name:8s} {precision} batching {mode} c={concurrency}: inputs in {kind} shared memory "
+                    print(f"  {model_name:8s} {precision} batching {mode} c={concurrency}: tensors in {kind} shared memory "
                           f"{in_region['items_per_s']:,.0f} items/s, p50 {in_region['p50']:.2f} ms against "
-                          f"{in_request['items_per_s']:,.0f}, {in_request['p50']:.2f} ms in the request = "
+                          f"{in_request['items_per_s']:,.0f}, {in_request['p50']:.2f} ms in the messages = "
                           f"{in_region['items_per_s'] / in_request['items_per_s']:.2f}x", flush=True)
         save(state, workdir)
 
@@ -842,7 +891,8 @@ def main() -> int:
     parser.add_argument("--phase", choices=("all", "build", "serve"), default="all")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/plansmith-gpu-bench"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/plansmith-gpu-out")))
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)} and "
+                        f"{LARGE_OUTPUT_MODEL} (BERT answering with its last hidden state)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--concurrency", help="comma-separated concurrencies (default: 1,64; smoke 1,8)")
     parser.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline (kept from an earlier run)")
