@@ -133,16 +133,21 @@ class BuiltEngine:
     manifest_uri: str
     engine_path: Path  # the engine artifact in the file:// store
 
+    @property
+    def execution_provider(self) -> str | None:
+        """The provider the builder built the engine for: the CPU's here, CUDA's where it found a GPU."""
+        from plansmith.manifest import parse_manifest
+
+        return parse_manifest(Path(self.manifest_uri.removeprefix("file://")).read_bytes()).target.execution_provider
+
     def session(self):
-        """A session of the engine on the execution provider it was built for (the CPU's here; CUDA's
-        where the builder found a GPU, whose optimized graph the CPU provider may not run)."""
+        """A session of the engine on the execution provider it was built for (on CUDA's, whose
+        optimized graph the CPU provider may not run, where the builder found a GPU)."""
         import onnxruntime as ort
 
-        from plansmith.manifest import parse_manifest
         from plansmith_runtime.executors.onnxruntime import providers_for
 
-        manifest = parse_manifest(Path(self.manifest_uri.removeprefix("file://")).read_bytes())
-        return ort.InferenceSession(str(self.engine_path), providers=providers_for(manifest.target.execution_provider))
+        return ort.InferenceSession(str(self.engine_path), providers=providers_for(self.execution_provider))
 
 
 def build_engine(kind: str, workdir: Path, storage_uri: str, endpoint: str | None = None) -> tuple[object, str]:
@@ -170,6 +175,18 @@ def engines(tmp_path_factory) -> dict[str, BuiltEngine]:
         folder = Path(uri.removeprefix("file://")).parent
         built[kind] = BuiltEngine(info, uri, folder / "model.onnx")
     return built
+
+
+@pytest.fixture
+def cpu_engines(engines) -> dict[str, BuiltEngine]:
+    """`engines`, for the tests that play device memory with the stand-in CUDA runtime's host
+    memory: skipped where the builder found a GPU, whose sessions would take those host addresses
+    for device memory (test_server.py's GPU tests cover that machine)."""
+    from plansmith.onnxruntime_providers import CPU_PROVIDER
+
+    if any(built.execution_provider not in (None, CPU_PROVIDER) for built in engines.values()):
+        pytest.skip("plays device memory with host memory: needs engines built for the CPU")
+    return engines
 
 
 class ServerProcess:

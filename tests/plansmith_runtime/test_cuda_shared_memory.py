@@ -202,7 +202,7 @@ def test_an_output_in_a_region_of_the_models_device_is_a_destination_the_executo
 
 
 async def test_outputs_in_regions_of_the_models_device_are_written_there_by_the_executor_over_http_and_grpc(
-        engines, stand_in_cuda, monkeypatch):
+        cpu_engines, stand_in_cuda, monkeypatch):
     """The whole path in this process, the model's executor in its GPU mode on the CPU (as in
     test_onnxruntime.py): requests over HTTP and gRPC name a CUDA region of the model's device for
     the logits. A batch of them gets its logits copied there device-to-device, none through the host;
@@ -219,7 +219,7 @@ async def test_outputs_in_regions_of_the_models_device_are_written_there_by_the_
     from plansmith_runtime.model import LoadOptions, ServedModel
     from plansmith_runtime.tracing import TraceControl, TraceSettings
 
-    built = engines["small_cnn"]
+    built = cpu_engines["small_cnn"]
     monkeypatch.setattr(ort_executor, "uses_io_binding", lambda providers: True)
     model = ServedModel(ServingConfig("cnn", BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=50_000),
                                       warmup_iterations=1))

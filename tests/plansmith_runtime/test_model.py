@@ -128,14 +128,14 @@ async def test_without_a_response_cache_nothing_is_cached_or_reported(engines):
 
 
 async def test_with_a_response_cache_an_output_named_in_a_device_region_still_comes_to_the_host(
-        engines, stand_in_cuda, monkeypatch):
+        cpu_engines, stand_in_cuda, monkeypatch):
     """The cache keeps host copies of what it answers: a request's device destination is not handed
     to the executor then, and the output comes back as an array (its region is written from it)."""
     from plansmith_runtime.executors import onnxruntime as ort_executor
     from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceDestination
 
     monkeypatch.setattr(ort_executor, "uses_io_binding", lambda providers: True)
-    built = engines["small_cnn"]
+    built = cpu_engines["small_cnn"]
     policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=100)
     model = ServedModel(ServingConfig("cnn", policy, warmup_iterations=1, response_cache_bytes=1 << 20))
     await model.load(LoadOptions(built.manifest_uri, pinned_memory_pool_bytes=0))

@@ -115,13 +115,13 @@ def device_tensor(cuda, array: np.ndarray, device_id: int = 0) -> DeviceTensor:
     return DeviceTensor(pointer, array.dtype, array.shape, device_id, cuda)
 
 
-def test_device_inputs_are_bound_in_place_or_gathered_on_the_device(engines, tmp_path, stand_in_cuda):
+def test_device_inputs_are_bound_in_place_or_gathered_on_the_device(cpu_engines, tmp_path, stand_in_cuda):
     """The GPU executor's path for inputs in CUDA regions, exercised on the CPU: the stand-in's
     "device memory" is host memory, which the session binds as the CPU's. A lone request that fills
     its bucket is bound where it is; other batches are gathered into the executor's device buffer
     (device-to-device from regions, host-to-device from request bodies), padded with zero rows to
     their bucket; no byte goes through the host."""
-    built = engines["small_cnn"]
+    built = cpu_engines["small_cnn"]
     executor = OnnxRuntimeExecutor(fetch_engine(built.manifest_uri, tmp_path / "engine"), intra_op_threads=1,
                                    buckets=(1, 2, 4, 8))
     cuda = stand_in_cuda()
@@ -183,8 +183,8 @@ def test_device_inputs_are_bound_in_place_or_gathered_on_the_device(engines, tmp
     assert set(cuda.device_memory) == {pair.pointer, three.pointer, one.pointer} and cuda.streams == []  # all freed
 
 
-def test_a_cpu_session_reads_device_inputs_from_a_host_copy(engines, tmp_path, stand_in_cuda):
-    built = engines["small_cnn"]
+def test_a_cpu_session_reads_device_inputs_from_a_host_copy(cpu_engines, tmp_path, stand_in_cuda):
+    built = cpu_engines["small_cnn"]
     executor = create_executor(fetch_engine(built.manifest_uri, tmp_path / "engine"), intra_op_threads=1)
     assert executor.device_inputs is None  # the regions hand a CPU model host arrays; should one come anyway:
     cuda = stand_in_cuda()
@@ -195,11 +195,11 @@ def test_a_cpu_session_reads_device_inputs_from_a_host_copy(engines, tmp_path, s
     executor.close()
 
 
-def test_outputs_every_request_wants_in_a_region_are_copied_there_device_to_device(engines, tmp_path, stand_in_cuda):
+def test_outputs_every_request_wants_in_a_region_are_copied_there_device_to_device(cpu_engines, tmp_path, stand_in_cuda):
     """The other direction, on the CPU as above: when each request of a batch names a region of the
     model's device for the logits, the session's output rows are copied into the regions (no copy
     to the host); when one request wants them in its response, the batch's outputs come to the host."""
-    built = engines["small_cnn"]
+    built = cpu_engines["small_cnn"]
     executor = OnnxRuntimeExecutor(fetch_engine(built.manifest_uri, tmp_path / "engine"), intra_op_threads=1,
                                    buckets=(1, 2, 4))
     cuda = stand_in_cuda()
