@@ -221,7 +221,8 @@ class OnnxRuntimeExecutor:
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
-            # ONNX Runtime allocates them from the device's arena; one copy to the host after the run
+            # ONNX Runtime allocates them from the device's arena; after the run each is copied to the
+            # host once, or into the requests' regions on the device (destinations)
             binding.bind_output(name, self.output_device, self.device_id)
         session.run_with_iobinding(binding)  # returns once the device's work is done (ONNX Runtime synchronizes)
         if destinations is None or self.device_batches is None:
