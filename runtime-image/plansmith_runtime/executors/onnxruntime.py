@@ -94,7 +94,7 @@ def numpy_dtype(ort_type: str) -> np.dtype | None:
     """The numpy dtype of an ONNX Runtime tensor type of fixed-size elements ('tensor(float)' ->
     float32); None for other types (strings, sequences, maps, an element type numpy does not know), which
     stay on the host path."""
-    if not (ort_type.startswith("tensor(") and ort_type.endswith(")")) or ort_type == "tensor(string)":
+    if not (ort_type.startswith("tensor(") and ort_type.endswith(")")):
         return None
     element = ort_type[len("tensor("):-1]
     try:
