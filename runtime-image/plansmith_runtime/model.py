@@ -264,8 +264,8 @@ class ServedModel:
         """The outputs asked for (all when none are); a sampled request's `trace` gets its
         timestamps from REQUEST_START to REQUEST_END, and its tensors. `output_destinations`: the
         request's CUDA regions on the model's device by output, which the executor may write
-        directly (the output is then a DeviceTensor over its region). With the response cache on
-        they are not used: the cache keeps host copies."""
+        directly (the output is then a DeviceTensor over its region), where
+        `_writes_outputs_on_device` says."""
         received = time.monotonic_ns()
         stats = self.metrics.stats
         stats.in_flight += 1
@@ -288,7 +288,7 @@ class ServedModel:
                 if cached is not None:
                     return self._answer_from_cache(cached, outputs, received, lookup_ns, trace)
             pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us, trace,
-                                           output_destinations if self.response_cache is None else None)
+                                           output_destinations if self._writes_outputs_on_device else None)
             await pending.future
         except BaseException:
             stats.failure += 1
@@ -309,6 +309,13 @@ class ServedModel:
             trace.record_tensors(tracing.TENSOR_BACKEND_OUTPUT, result)
             trace.stamp(tracing.REQUEST_END, answered)
         return result
+
+    @property
+    def _writes_outputs_on_device(self) -> bool:
+        """Whether requests' output regions go to the executor. Not with the response cache, which
+        keeps host copies; not without a batch dimension, where a request's outputs are not its rows
+        of the run's (the executor copies rows: dimension 0 split by the requests' batch sizes)."""
+        return self.response_cache is None and self.has_batch_dim
 
     def _answer_from_cache(self, cached: dict[str, np.ndarray], outputs: Sequence[str], received: int, lookup_ns: int,
                            trace: Trace | None) -> dict[str, np.ndarray]:

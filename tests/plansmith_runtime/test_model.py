@@ -127,29 +127,34 @@ async def test_without_a_response_cache_nothing_is_cached_or_reported(engines):
         await model.stop(1.0)
 
 
-async def test_with_a_response_cache_an_output_named_in_a_device_region_still_comes_to_the_host(
-        cpu_engines, stand_in_cuda, monkeypatch):
-    """The cache keeps host copies of what it answers: a request's device destination is not handed
-    to the executor then, and the output comes back as an array (its region is written from it)."""
+@pytest.mark.parametrize("case", ["response cache", "no batch dimension"])
+async def test_outputs_named_in_a_device_region_come_through_the_host_with_a_cache_or_without_a_batch_dimension(
+        cpu_engines, stand_in_cuda, monkeypatch, case):
+    """The response cache keeps host copies of what it answers, and a model served without a batch
+    dimension (maxBatchSize 0) has no rows to copy per request: in both, a request's device
+    destination is not handed to the executor, and the output comes back as an array (its region
+    is written from it). Here a request of two images, which a row copy would have cut to one."""
     from plansmith_runtime.executors import onnxruntime as ort_executor
     from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceDestination
 
     monkeypatch.setattr(ort_executor, "uses_io_binding", lambda providers: True)
     built = cpu_engines["small_cnn"]
-    policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=100)
-    model = ServedModel(ServingConfig("cnn", policy, warmup_iterations=1, response_cache_bytes=1 << 20))
+    cached = case == "response cache"
+    policy = BatchingPolicy(max_batch_size=8 if cached else 0, enabled=cached, max_queue_delay_us=100)
+    model = ServedModel(ServingConfig("cnn", policy, warmup_iterations=1, response_cache_bytes=1 << 20 if cached else 0))
     await model.load(LoadOptions(built.manifest_uri, pinned_memory_pool_bytes=0))
     cuda = stand_in_cuda()
     for executor in model._executors:
         executor.device_inputs, executor.device_batches = 0, DeviceBatches(0, 8, runtime=cuda)
     try:
-        x = built.model.sample_inputs(batch=1, seed=7)["input"]
+        assert model.has_batch_dim == cached
+        x = built.model.sample_inputs(batch=2, seed=7)["input"]
         expected = built.session().run(None, {"input": x})[0]
         region = DeviceDestination(cuda.cudaMalloc(expected.nbytes)[1], expected.nbytes, 0, cuda)
-        for _ in range(2):  # a miss, then a hit
+        for _ in range(2):  # with the cache: a miss, then a hit
             answer = await model.infer({"input": x}, [], output_destinations={"logits": region})
             assert type(answer["logits"]) is np.ndarray and cuda.copies == []
             np.testing.assert_allclose(answer["logits"], expected, rtol=1e-5, atol=1e-5)
-        assert model.metrics.stats.cache_hits == 1
+        assert model.metrics.stats.cache_hits == (1 if cached else 0)
     finally:
         await model.stop(1.0)
