@@ -532,18 +532,13 @@ def infer_payload(model: str, arrays: dict, regions: dict[str, str] | None = Non
     return request.SerializeToString()
 
 
-def output_bytes(client, model: str, arrays: dict) -> dict[str, int]:
+def output_bytes(url: str, model: str, arrays: dict) -> dict[str, int]:
     """Each output's bytes in the answer to `arrays`, from one inference (the metadata's shapes may
     leave more than the batch dimension open)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+    from tritonclient.grpc import service_pb2
 
-    inputs = []
-    for name, array in arrays.items():
-        inputs.append(grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
-        inputs[-1].set_data_from_numpy(array)
-    result = client.infer(model, inputs)
-    return {output.name: result.as_numpy(output.name).nbytes for output in result.get_response().outputs}
+    response = service_pb2.ModelInferResponse.FromString(infer_once(url, infer_payload(model, arrays)))
+    return {output.name: len(raw) for output, raw in zip(response.outputs, response.raw_output_contents)}
 
 
 @contextlib.contextmanager
@@ -561,7 +556,7 @@ def tensor_regions(kind: str, url: str, arrays: dict):
 
     client = grpcclient.InferenceServerClient(url)
     tensors = {**{name: array for name, array in arrays.items()},
-               **{name: np.zeros(nbytes, np.uint8) for name, nbytes in output_bytes(client, "model", arrays).items()}}
+               **{name: np.zeros(nbytes, np.uint8) for name, nbytes in output_bytes(url, "model", arrays).items()}}
     regions = {name: f"bench-{kind}-{name}" for name in tensors}
     created = {}
     try:
@@ -627,18 +622,26 @@ def _load_worker(url: str, payload: bytes, concurrency: int, duration: float, st
     asyncio.run(main())
 
 
+def infer_once(url: str, payload: bytes) -> bytes:
+    """One ModelInfer call with a serialized request; the serialized response."""
+    import grpc
+
+    with grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20),
+                                             ("grpc.max_send_message_length", 64 << 20)]) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        return call(payload, timeout=60)
+
+
 def check_payload(url: str, payload: bytes) -> None:
     """One call with the load's request before the load: a request the server refuses stops the
     benchmark with the server's message, instead of every generator failing on its own."""
     import grpc
 
-    with grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
-                                   response_deserializer=lambda b: b)
-        try:
-            call(payload, timeout=60)
-        except grpc.RpcError as error:
-            raise RuntimeError(f"the server refused the load's request: {error.code().name} {error.details()}") from None
+    try:
+        infer_once(url, payload)
+    except grpc.RpcError as error:
+        raise RuntimeError(f"the server refused the load's request: {error.code().name} {error.details()}") from None
 
 
 def load(url: str, payload: bytes, batch: int, concurrency: int, duration: float, processes: int) -> dict:
