@@ -110,7 +110,8 @@ def rows_view(buffer: np.ndarray, like: np.ndarray, rows: int) -> np.ndarray:
 
 
 def row_bytes(array: np.ndarray) -> int:
-    """Bytes of one row (dim 0 item) of `array`."""
+    """Bytes of one row (dim 0 item) of `array`, or of anything else with its dtype and shape (a
+    DeviceTensor, a WrittenOnDevice)."""
     return array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
 
 

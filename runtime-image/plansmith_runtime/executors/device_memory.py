@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from plansmith_runtime.batching import row_bytes
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, cuda_runtime
 
@@ -214,7 +215,7 @@ class DeviceBatches:
                 check_device(name, first, self.device_id)
                 feeds[name] = first  # the client's region, read in place
                 continue
-            row_nbytes = first.dtype.itemsize * math.prod(first.shape[1:])
+            row_nbytes = row_bytes(first)
             address = self._buffer(name, max(rows_to, self.max_rows) * row_nbytes)
             offset = copy_rows(cudart, self._stream, self.device_id, name, address, parts)
             if rows_to > rows:
@@ -224,12 +225,11 @@ class DeviceBatches:
         check_cuda(cudart.cudaStreamSynchronize(self._stream))
         return feeds
 
-    def scatter(self, name: str, source: int, dtype: np.dtype, shape: tuple[int, ...],
-                destinations: OutputDestinations) -> bool:
-        """Output `name` of a run (`shape` at device address `source`) copied into its requests'
-        destinations, when they all have one (OutputDestinations.for_output); False otherwise,
-        having copied nothing."""
-        row_nbytes = dtype.itemsize * math.prod(shape[1:])
+    def scatter(self, name: str, source: int, output: WrittenOnDevice, destinations: OutputDestinations) -> bool:
+        """Output `name` of a run (`output`'s dtype and shape, at device address `source`) copied
+        into its requests' destinations, when they all have one (OutputDestinations.for_output);
+        False otherwise, having copied nothing."""
+        row_nbytes = row_bytes(output)
         targets = destinations.for_output(name, row_nbytes, self.device_id)
         if targets is None:
             return False

@@ -229,9 +229,10 @@ class OnnxRuntimeExecutor:
             return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
         outputs: dict[str, np.ndarray] = {}
         for name, value in zip(self.output_names, binding.get_outputs()):
-            dtype, shape = self.output_dtypes[name], tuple(value.shape())
-            if dtype is not None and self.device_batches.scatter(name, value.data_ptr(), dtype, shape, destinations):
-                outputs[name] = WrittenOnDevice(dtype, shape)  # type: ignore[assignment]
+            dtype = self.output_dtypes[name]
+            written = WrittenOnDevice(dtype, tuple(value.shape())) if dtype is not None else None
+            if written is not None and self.device_batches.scatter(name, value.data_ptr(), written, destinations):
+                outputs[name] = written  # type: ignore[assignment]
             else:
                 outputs[name] = value.numpy()
         return outputs

@@ -108,7 +108,7 @@ def test_a_batchs_output_rows_are_copied_device_to_device_into_each_requests_reg
     first, second = destination(cuda, 2 * 12 + 8), destination(cuda, 12)  # the first has room to spare
     destinations = batch_destinations([2, 1], [{"y": first}, {"y": second}])
     cuda.copies.clear()
-    assert batches.scatter("y", output.pointer, np.dtype(np.float32), (4, 3), destinations)
+    assert batches.scatter("y", output.pointer, WrittenOnDevice(np.dtype(np.float32), (4, 3)), destinations)
     assert cuda.copies == [("cudaMemcpyDeviceToDevice", 24, 0), ("cudaMemcpyDeviceToDevice", 12, 0)]
     assert cuda.synchronized == 1  # the regions hold the rows before the responses say so
     written = WrittenOnDevice(np.dtype(np.float32), (4, 3))[:3]
@@ -121,5 +121,5 @@ def test_a_batchs_output_rows_are_copied_device_to_device_into_each_requests_reg
 
     cuda.copies.clear()
     short = batch_destinations([2, 1], [{"y": first}, {"y": destination(cuda, 8)}])
-    assert not batches.scatter("y", output.pointer, np.dtype(np.float32), (4, 3), short) and cuda.copies == []
+    assert not batches.scatter("y", output.pointer, WrittenOnDevice(np.dtype(np.float32), (4, 3)), short) and cuda.copies == []
     batches.close()
