@@ -29,6 +29,12 @@ from plansmith.spec import (
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
+
+def is_gpu_resource(name: str) -> bool:
+    """A whole GPU or a MIG slice (nvidia.com/mig-<profile>): what plansmith adds to serving pods itself."""
+    return name == GPU_RESOURCE or name.startswith("nvidia.com/mig-")
+
+
 # What a pattern means, in words a user understands better than the regular expression.
 PATTERN_MEANINGS = {
     STORAGE_URI_PATTERN: "must be s3://bucket/key or file:///absolute/path",
@@ -166,7 +172,7 @@ def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
                 add("spec.serving.trace.opentelemetry.resource", f"{key!r} is not an attribute name")
     for kind in ("requests", "limits"):
         for name in getattr(serving.resources, kind):
-            if name == GPU_RESOURCE or name.startswith("nvidia.com/mig-"):
+            if is_gpu_resource(name):
                 add(
                     f"spec.serving.resources.{kind}",
                     f"{name} is added by plansmith per target; use serving.mig for MIG slices",
@@ -179,7 +185,7 @@ def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
                 + (" by the serving container" if sidecar.name == RUNTIME_CONTAINER else " by another sidecar"))
         container_names.add(sidecar.name)
         for kind in ("requests", "limits"):
-            if any(name == GPU_RESOURCE or name.startswith("nvidia.com/mig-") for name in getattr(sidecar.resources, kind)):
+            if any(is_gpu_resource(name) for name in getattr(sidecar.resources, kind)):
                 add(f"spec.serving.sidecars[{i}].resources.{kind}", "GPUs go to the serving container")
 
     storage = spec.storage

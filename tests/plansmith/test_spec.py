@@ -138,6 +138,8 @@ def test_targets_need_an_identity_and_no_duplicates():
 def test_gpu_resources_are_plansmiths_to_add():
     raw = spec_with(serving__resources={"limits": {"nvidia.com/gpu": 1, "memory": "1Gi"}})
     assert problem_paths(raw) == ["spec.serving.resources.limits"]
+    raw = spec_with(serving__resources={"requests": {"nvidia.com/mig-1g.10gb": 1}})
+    assert problem_paths(raw) == ["spec.serving.resources.requests"]
 
 
 def test_file_storage_takes_no_credentials():
@@ -175,6 +177,7 @@ CLIENT = {"name": "client", "image": "registry.example/preprocess:1.2"}
     ([{**CLIENT, "name": "Client_1"}], ["spec.serving.sidecars[0].name"]),
     ([{"name": "client"}], ["spec.serving.sidecars[0].image"]),
     ([{**CLIENT, "resources": {"limits": {"nvidia.com/gpu": 1}}}], ["spec.serving.sidecars[0].resources.limits"]),
+    ([{**CLIENT, "resources": {"requests": {"nvidia.com/mig-1g.10gb": 1}}}], ["spec.serving.sidecars[0].resources.requests"]),
     ([{**CLIENT, "env": [{"name": "1X", "value": "y"}]}], ["spec.serving.sidecars[0].env[0].name"]),
     ([{**CLIENT, "securityContext": {"privileged": True}}], ["spec.serving.sidecars[0].securityContext"]),
 ])
