@@ -312,10 +312,9 @@ class ServedModel:
 
     @property
     def _writes_outputs_on_device(self) -> bool:
-        """Whether requests' output regions go to the executor. Not with the response cache, which
-        keeps host copies; not without a batch dimension, where a request's outputs are not its rows
-        of the run's (the executor copies rows: dimension 0 split by the requests' batch sizes)."""
-        return self.response_cache is None and self.has_batch_dim
+        """Whether requests' output regions go to the executor: not with the response cache, which
+        keeps host copies."""
+        return self.response_cache is None
 
     def _answer_from_cache(self, cached: dict[str, np.ndarray], outputs: Sequence[str], received: int, lookup_ns: int,
                            trace: Trace | None) -> dict[str, np.ndarray]:

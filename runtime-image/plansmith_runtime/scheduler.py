@@ -267,7 +267,8 @@ class DynamicBatcher:
         items = sum(p.batch for p in batch)
         try:
             inputs = [p.inputs for p in batch]
-            destinations = batch_destinations([p.batch for p in batch], [p.output_destinations for p in batch])
+            destinations = batch_destinations([p.batch for p in batch], [p.output_destinations for p in batch],
+                                              batch_dim=self.policy.max_batch_size > 0)
             if items <= self.inline_max_items:
                 formed, outputs = form_and_run(executor, inputs, destinations)
             else:  # the batch is formed in the executor thread too: see form_and_run

@@ -127,34 +127,66 @@ async def test_without_a_response_cache_nothing_is_cached_or_reported(engines):
         await model.stop(1.0)
 
 
-@pytest.mark.parametrize("case", ["response cache", "no batch dimension"])
-async def test_outputs_named_in_a_device_region_come_through_the_host_with_a_cache_or_without_a_batch_dimension(
-        cpu_engines, stand_in_cuda, monkeypatch, case):
-    """The response cache keeps host copies of what it answers, and a model served without a batch
-    dimension (maxBatchSize 0) has no rows to copy per request: in both, a request's device
-    destination is not handed to the executor, and the output comes back as an array (its region
-    is written from it). Here a request of two images, which a row copy would have cut to one."""
+async def load_on_stand_in_device(built, policy: BatchingPolicy, cuda, response_cache_bytes: int = 0) -> ServedModel:
+    """The small CNN served with IO binding, its executors' device batches on a stand-in CUDA
+    runtime (host memory), so that what is copied where is visible."""
     from plansmith_runtime.executors import onnxruntime as ort_executor
-    from plansmith_runtime.executors.device_memory import DeviceBatches, DeviceDestination
+    from plansmith_runtime.executors.device_memory import DeviceBatches
 
-    monkeypatch.setattr(ort_executor, "uses_io_binding", lambda providers: True)
-    built = cpu_engines["small_cnn"]
-    cached = case == "response cache"
-    policy = BatchingPolicy(max_batch_size=8 if cached else 0, enabled=cached, max_queue_delay_us=100)
-    model = ServedModel(ServingConfig("cnn", policy, warmup_iterations=1, response_cache_bytes=1 << 20 if cached else 0))
-    await model.load(LoadOptions(built.manifest_uri, pinned_memory_pool_bytes=0))
-    cuda = stand_in_cuda()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ort_executor, "uses_io_binding", lambda providers: True)
+        model = ServedModel(ServingConfig("cnn", policy, warmup_iterations=1, response_cache_bytes=response_cache_bytes))
+        await model.load(LoadOptions(built.manifest_uri, pinned_memory_pool_bytes=0))
     for executor in model._executors:
         executor.device_inputs, executor.device_batches = 0, DeviceBatches(0, 8, runtime=cuda)
+    return model
+
+
+async def test_outputs_named_in_a_device_region_come_through_the_host_with_the_response_cache(cpu_engines,
+                                                                                              stand_in_cuda):
+    """The response cache keeps host copies of what it answers: a request's device destination is
+    not handed to the executor, and the output comes back as an array (its region is written from
+    it), on a miss and on a hit."""
+    from plansmith_runtime.executors.device_memory import DeviceDestination
+
+    built, cuda = cpu_engines["small_cnn"], stand_in_cuda()
+    policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=100)
+    model = await load_on_stand_in_device(built, policy, cuda, response_cache_bytes=1 << 20)
     try:
-        assert model.has_batch_dim == cached
         x = built.model.sample_inputs(batch=2, seed=7)["input"]
         expected = built.session().run(None, {"input": x})[0]
         region = DeviceDestination(cuda.cudaMalloc(expected.nbytes)[1], expected.nbytes, 0, cuda)
-        for _ in range(2):  # with the cache: a miss, then a hit
+        for _ in range(2):  # a miss, then a hit
             answer = await model.infer({"input": x}, [], output_destinations={"logits": region})
             assert type(answer["logits"]) is np.ndarray and cuda.copies == []
             np.testing.assert_allclose(answer["logits"], expected, rtol=1e-5, atol=1e-5)
-        assert model.metrics.stats.cache_hits == (1 if cached else 0)
+        assert model.metrics.stats.cache_hits == 1
+    finally:
+        await model.stop(1.0)
+
+
+async def test_a_model_without_a_batch_dimension_writes_a_requests_whole_output_into_its_device_region(
+        cpu_engines, stand_in_cuda):
+    """Served with maxBatchSize 0, a request of two images is one item that runs alone: its whole
+    output (both images' logits) is copied device-to-device into its region, not one row of it."""
+    from plansmith_runtime.executors.device_memory import DeviceDestination, DeviceTensor
+
+    built, cuda = cpu_engines["small_cnn"], stand_in_cuda()
+    model = await load_on_stand_in_device(built, BatchingPolicy(max_batch_size=0), cuda)
+    try:
+        assert not model.has_batch_dim
+        x = built.model.sample_inputs(batch=2, seed=7)["input"]
+        expected = built.session().run(None, {"input": x})[0]
+        address = cuda.cudaMalloc(expected.nbytes)[1]
+        region = DeviceDestination(address, expected.nbytes, 0, cuda)
+        answer = await model.infer({"input": x}, [], output_destinations={"logits": region})
+        written = answer["logits"]
+        assert isinstance(written, DeviceTensor) and written.pointer == address and written.shape == expected.shape
+        assert cuda.copies == [("cudaMemcpyDeviceToDevice", expected.nbytes, 0)]
+        in_region = np.frombuffer(cuda.device_memory[address], np.float32).reshape(expected.shape)
+        np.testing.assert_allclose(in_region, expected, rtol=1e-5, atol=1e-5)
+        small = DeviceDestination(address, expected.nbytes - 1, 0, cuda)  # no room: the host path, and the region's error
+        answer = await model.infer({"input": x}, [], output_destinations={"logits": small})
+        assert type(answer["logits"]) is np.ndarray and len(cuda.copies) == 1
     finally:
         await model.stop(1.0)

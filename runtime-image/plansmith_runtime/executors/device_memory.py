@@ -20,7 +20,8 @@ region's handle).
 Outputs go the other way: a request that names a CUDA region on the model's device for an output
 gives the batcher a `DeviceDestination`. When every request of a batch has one for an output, with
 room for its rows, the executor copies each request's rows device-to-device into its region after
-the run (`scatter_rows`) and copies nothing of that output to the host; the batch's output is then
+the run (`scatter_rows`; without a batch dimension a request runs alone and its rows are the whole
+output) and copies nothing of that output to the host; the batch's output is then
 `WrittenOnDevice`, and each request's a DeviceTensor over its region (`outputs_in_place`), which the
 region's write_output recognizes as already written. Any other batch takes the host path: the
 outputs come to the host once a batch and are written to the regions from there.
@@ -113,10 +114,17 @@ class WrittenOnDevice:
 
 @dataclass(frozen=True)
 class OutputDestinations:
-    """A batch's requests in order: the rows of each, and where each asked for outputs on the device."""
+    """A batch's requests in order: the rows of each, and where each asked for outputs on the device.
+    Without a batch dimension (`batch_dim` False) a request runs alone and its item is the whole
+    output."""
 
     rows: tuple[int, ...]
     by_request: tuple[Mapping[str, DeviceDestination], ...]
+    batch_dim: bool = True
+
+    def item_nbytes(self, output: WrittenOnDevice) -> int:
+        """Bytes of one of `rows`' items of a run's output: a row (dimension 0), or the whole output."""
+        return row_bytes(output) if self.batch_dim else math.prod(output.shape) * output.dtype.itemsize
 
     def for_output(self, name: str, row_nbytes: int, device_id: int) -> tuple[DeviceDestination, ...] | None:
         """Each request's destination for output `name`, when every request has one in the memory
@@ -130,12 +138,12 @@ class OutputDestinations:
         return tuple(destinations)
 
 
-def batch_destinations(rows: Sequence[int], by_request: Sequence[Mapping[str, DeviceDestination] | None]
-                        ) -> OutputDestinations | None:
+def batch_destinations(rows: Sequence[int], by_request: Sequence[Mapping[str, DeviceDestination] | None],
+                       batch_dim: bool = True) -> OutputDestinations | None:
     """A batch's destinations, None when no request has any (the executor's usual path)."""
     if not any(by_request):
         return None
-    return OutputDestinations(tuple(rows), tuple(wanted or {} for wanted in by_request))
+    return OutputDestinations(tuple(rows), tuple(wanted or {} for wanted in by_request), batch_dim)
 
 
 def outputs_in_place(outputs: Mapping[str, object], destinations: Mapping[str, DeviceDestination] | None) -> dict:
@@ -229,13 +237,13 @@ class DeviceBatches:
         """Output `name` of a run (`output`'s dtype and shape, at device address `source`) copied
         into its requests' destinations, when they all have one (OutputDestinations.for_output);
         False otherwise, having copied nothing."""
-        row_nbytes = row_bytes(output)
-        targets = destinations.for_output(name, row_nbytes, self.device_id)
+        item_nbytes = destinations.item_nbytes(output)
+        targets = destinations.for_output(name, item_nbytes, self.device_id)
         if targets is None:
             return False
         cudart = self._cuda()
         check_cuda(cudart.cudaSetDevice(self.device_id))
-        scatter_rows(cudart, self._stream, source, row_nbytes, destinations.rows, targets)
+        scatter_rows(cudart, self._stream, source, item_nbytes, destinations.rows, targets)
         check_cuda(cudart.cudaStreamSynchronize(self._stream))
         return True
 

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from plansmith_runtime.batching import join_rows, join_rows_into, row_bytes
+from plansmith_runtime.batching import join_rows, join_rows_into
 from plansmith_runtime.executors import ExecutorError
 from plansmith_runtime.executors.cuda import check_cuda, host_array
 from plansmith_runtime.executors.device_memory import (DeviceTensor, OutputDestinations, WrittenOnDevice, copy_rows,
@@ -191,10 +191,10 @@ class TensorRTExecutor:
         for name in self.outputs:
             shape = tuple(self._context.get_tensor_shape(name))
             written = WrittenOnDevice(self._dtypes[name], shape)
-            row_nbytes = row_bytes(written)
-            targets = destinations.for_output(name, row_nbytes, self.device_inputs) if destinations else None
+            item_nbytes = destinations.item_nbytes(written) if destinations else 0
+            targets = destinations.for_output(name, item_nbytes, self.device_inputs) if destinations else None
             if targets is not None:
-                scatter_rows(cudart, self._stream, self._device[name], row_nbytes, destinations.rows, targets)
+                scatter_rows(cudart, self._stream, self._device[name], item_nbytes, destinations.rows, targets)
                 results[name] = written
                 continue
             staged = self._host[name][:int(np.prod(shape, dtype=np.int64))]

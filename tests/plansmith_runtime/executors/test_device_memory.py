@@ -99,6 +99,9 @@ def test_an_output_goes_to_the_device_only_when_every_request_has_room_for_it_th
     assert destinations.for_output("y", row, device_id=1) is None  # regions of another GPU
     assert destinations.for_output("y", row + 4, device_id=0) is None  # too small: the host path reports it
     assert batch_destinations([1], [{"y": one}]).for_output("y", row, 0) == (one,)
+    output = WrittenOnDevice(np.dtype(np.float32), (3, 5))
+    assert destinations.item_nbytes(output) == 20  # a row: dimension 0 is the batch's
+    assert batch_destinations([1], [{"y": one}], batch_dim=False).item_nbytes(output) == 60  # the whole output
 
 
 def test_a_batchs_output_rows_are_copied_device_to_device_into_each_requests_region(stand_in_cuda):

@@ -253,3 +253,16 @@ def test_outputs_every_request_wants_in_a_region_are_copied_there_from_the_engin
     outputs = executor.run(executor.form_batch([{"x": x[0]}, {"x": x[1]}]), batch_destinations([2, 1], [wanted[0], None]))
     np.testing.assert_array_equal(outputs["y"], np.concatenate(x) * 2)
     assert [kind for kind, _, _ in cudart.copies] == ["h2d", "d2h"]
+
+
+def test_without_a_batch_dimension_a_requests_whole_output_is_copied_into_its_region(executor_and_fakes):
+    """Served with maxBatchSize 0 a request runs alone, as one item: its three rows are its output."""
+    executor, cudart, engine = executor_and_fakes
+    keep: list = []
+    region = in_a_region(cudart, np.zeros((3, 3), np.float32), keep)
+    wanted = {"y": DeviceDestination(region.pointer, region.nbytes, 0, cudart)}
+    x = rows(3, 7)
+    outputs = executor.run(executor.form_batch([{"x": x}]), batch_destinations([1], [wanted], batch_dim=False))
+    assert outputs == {"y": WrittenOnDevice(np.dtype(np.float32), (3, 3))}
+    assert [(kind, size) for kind, _, size in cudart.copies[1:]] == [("d2d", 36)]
+    np.testing.assert_array_equal(keep[0], x * 2)
