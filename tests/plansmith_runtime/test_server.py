@@ -616,6 +616,10 @@ def cuda_devices() -> int:
     return count if int(error) == 0 else 0
 
 
+NEEDS_A_GPU = pytest.mark.skipif(cuda_devices() == 0, reason="needs a CUDA device and its driver: CUDA shared memory "
+                                 "regions are GPU memory (run on the lent GPU machine, docs/benchmarks.md says how)")
+
+
 def test_cuda_shared_memory_registrations_the_server_cannot_open_are_refused(engines, cnn_server):
     """Everywhere, with a GPU or without: a handle that opens nothing is refused with the reason (no
     driver here; an invalid handle on a GPU), a name a system region holds is refused, and the
@@ -656,8 +660,7 @@ def test_cuda_shared_memory_registrations_the_server_cannot_open_are_refused(eng
                                engines["small_cnn"].session().run(None, {"input": x})[0], **TOLERANCE)
 
 
-@pytest.mark.skipif(cuda_devices() == 0, reason="needs a CUDA device and its driver: CUDA shared memory regions are "
-                                                "GPU memory (run on the lent GPU machine, docs/benchmarks.md says how)")
+@NEEDS_A_GPU
 def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engines, cnn_server):
     """tritonclient's cuda_shared_memory utilities, as Triton's simple_*_cudashm_client examples and
     perf_analyzer --shared-memory cuda use them: the input in one GPU region, the outputs written into
@@ -706,8 +709,7 @@ def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engin
         cudashm.destroy_shared_memory_region(logits)
 
 
-@pytest.mark.skipif(cuda_devices() == 0, reason="needs a CUDA device and its driver: CUDA shared memory regions are "
-                                                "GPU memory (run on the lent GPU machine, docs/benchmarks.md says how)")
+@NEEDS_A_GPU
 def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_requests_that_send_bytes(engines, cnn_server):
     """A model on ONNX Runtime's CUDA provider reads inputs in its device's regions in place: the
     server says so when ready, and concurrent requests with inputs in regions (1 to 3 images, at
@@ -784,6 +786,35 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
     requests = after[f"nv_inference_request_success{label}"] - before.get(f"nv_inference_request_success{label}", 0)
     executions = after[f"nv_inference_exec_count{label}"] - before.get(f"nv_inference_exec_count{label}", 0)
     assert requests == 2 * count + 1 and executions < 2 * count, "concurrent requests should have been batched"
+
+
+@NEEDS_A_GPU
+def test_a_model_without_a_batch_dimension_reads_and_writes_cuda_regions_on_a_gpu(engines, start_server):
+    """Served with maxBatchSize 0, a request of three images is one item that runs alone: its whole
+    output, every image's logits, is written into its region (from the device), over HTTP and gRPC."""
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    server = start_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
+                          "--max-batch-size", "0", "--warmup-iterations", "1").wait_ready()
+    x = engines["small_cnn"].model.sample_inputs(batch=3, seed=40)["input"]
+    expected = engines["small_cnn"].session().run(None, {"input": x})[0]
+    http = httpclient.InferenceServerClient(server.http_url)
+    rpc = grpcclient.InferenceServerClient(server.grpc_url)
+    images = cudashm.create_shared_memory_region("images", x.nbytes, 0)
+    logits = cudashm.create_shared_memory_region("logits", expected.nbytes, 0)
+    try:
+        cudashm.set_shared_memory_region(images, [x])
+        http.register_cuda_shared_memory("images", cudashm.get_raw_handle(images), 0, x.nbytes)
+        http.register_cuda_shared_memory("logits", cudashm.get_raw_handle(logits), 0, expected.nbytes)
+        for client, module in ((http, httpclient), (rpc, grpcclient)):
+            cudashm.set_shared_memory_region(logits, [np.zeros_like(expected)])
+            infer_in_regions(client, module, x, "images", ("logits", expected.nbytes, 0))
+            written = cudashm.get_contents_as_numpy(logits, np.float32, list(expected.shape))
+            np.testing.assert_allclose(written, expected, **TOLERANCE)
+    finally:
+        http.unregister_cuda_shared_memory()
+        cudashm.destroy_shared_memory_region(images)
+        cudashm.destroy_shared_memory_region(logits)
 
 
 def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engines, start_server):
