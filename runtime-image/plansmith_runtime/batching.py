@@ -5,10 +5,12 @@ send it now or wait; it follows Triton's dynamic batcher:
 
 - requests join a batch in arrival order while the batch stays within `max_batch_size` and their
   non-batch dimensions agree with the first request's (a request that does not fit ends the batch);
-- the batch is sent at once when it reaches the target size (the largest preferred size, else
-  `max_batch_size`) or when the next queued request cannot join it;
-- otherwise the batcher waits until the oldest request has waited `max_queue_delay_us`, then sends
-  the largest prefix whose size is a preferred size, or, when none is, everything that fits.
+- when a prefix of them adds up to a preferred size, the largest such prefix is sent at once
+  ("If a batch of one of these sizes can be formed it will be executed immediately", Triton's
+  model_config.proto);
+- otherwise everything that fits is sent at once when it reaches the target size (the largest
+  preferred size, else `max_batch_size`) or when the next queued request cannot join it, and else
+  when the oldest request has waited `max_queue_delay_us`.
 
 With batching off each request is its own batch. The batcher only asks for a batch when an
 execution instance is free, so requests pile up while all instances are busy: that is what forms
@@ -58,17 +60,18 @@ def plan_batch(queue: Sequence[QueuedShape], oldest_wait_us: float, policy: Batc
         prefix_sizes.append(total)
     if count == 0:  # a single request larger than max_batch_size is rejected before queueing
         return BatchDecision(1)
-    if blocked or total >= policy.target_batch_size:
-        if not blocked and policy.preferred_batch_sizes:
-            return BatchDecision(_preferred_prefix(prefix_sizes, policy) or count)
+    preferred = _preferred_prefix(prefix_sizes, policy)
+    if preferred:
+        return BatchDecision(preferred)
+    if blocked or total >= policy.target_batch_size or oldest_wait_us >= policy.max_queue_delay_us:
         return BatchDecision(count)
-    if oldest_wait_us >= policy.max_queue_delay_us:
-        return BatchDecision(_preferred_prefix(prefix_sizes, policy) or count)
     return BatchDecision(0, policy.max_queue_delay_us - oldest_wait_us)
 
 
 def _preferred_prefix(prefix_sizes: list[int], policy: BatchingPolicy) -> int:
     """The number of requests whose total is the largest preferred size reachable, 0 if none is."""
+    if not policy.preferred_batch_sizes:
+        return 0
     preferred = set(policy.preferred_batch_sizes)
     for index in range(len(prefix_sizes) - 1, -1, -1):
         if prefix_sizes[index] in preferred:

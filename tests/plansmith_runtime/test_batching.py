@@ -56,6 +56,17 @@ def test_preferred_size_reached_is_sent_at_once():
     assert plan_batch(queue(2, 2), 0, policy(preferred_batch_sizes=(4,))).take == 2
 
 
+def test_a_smaller_preferred_size_reached_is_sent_at_once_too():
+    # Triton: "If a batch of one of these sizes can be formed it will be executed immediately"
+    assert plan_batch(queue(1, 1), 0, policy(preferred_batch_sizes=(2, 4))).take == 2
+    assert plan_batch(queue(1, 1, 1), 0, policy(preferred_batch_sizes=(2, 4))).take == 2
+
+
+def test_a_preferred_prefix_is_sent_when_the_next_request_cannot_join():
+    # 2+2 = 4 is preferred; 2+2+3 = 7 fits in 8 but is not, and the fourth request would overflow
+    assert plan_batch(queue(2, 2, 3, 3), 0, policy(preferred_batch_sizes=(4,))).take == 2
+
+
 def test_preferred_prefix_is_chosen_when_the_delay_is_over():
     # 2+2 = 4 is preferred, 2+2+1 = 5 is not: the batcher sends the first two
     assert plan_batch(queue(2, 2, 1), 100, policy(preferred_batch_sizes=(4, 8))).take == 2
