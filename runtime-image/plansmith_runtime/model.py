@@ -331,8 +331,11 @@ class ServedModel:
     async def stop(self, grace_seconds: float) -> None:
         self.state = "STOPPING"
         self.reason = "the server is shutting down"
-        if self.batcher:
-            await self.batcher.close(grace_seconds)
+        if self.batcher and not await self.batcher.close(grace_seconds):
+            # an executor thread still runs a batch past the grace period: freeing its buffers under it
+            # could crash the process, which is exiting anyway
+            log.warning("executors left open: a batch is still running", extra={"model": self.name})
+            return
         self._close_executors()
 
     def pinned_memory(self) -> PinnedMemoryUse | None:

@@ -161,7 +161,9 @@ class DynamicBatcher:
         self._waker_type = waker
         self._waker: DeadlineWaker | None = None
         self.lateness = WakeLateness()
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, list[Pending]] = {}  # batches being executed
+        self._expiry_timer: asyncio.TimerHandle | None = None  # at the first queued request's timeout
+        self._expiry_at_ns = 0
         self._closing = False
         self._loop_task: asyncio.Task | None = None
 
@@ -181,10 +183,12 @@ class DynamicBatcher:
         written there comes back as a DeviceTensor over the region."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        if len(self._queue) >= self.queue_limit:
-            self.metrics.rejected.inc()
-            raise QueueFull(f"exceeds maximum queue size {self.queue_limit}")
         now = time.monotonic_ns()
+        if len(self._queue) >= self.queue_limit:
+            self._expire(now)  # requests past their timeout hold no place in the queue
+            if len(self._queue) >= self.queue_limit:
+                self.metrics.rejected.inc()
+                raise QueueFull(f"exceeds maximum queue size {self.queue_limit}")
         timeout_us = timeout_us or self.policy.timeout_us
         pending = Pending(inputs, batch, signature, asyncio.get_running_loop().create_future(), now,
                           now + timeout_us * 1000 if timeout_us else None, trace=trace,
@@ -194,6 +198,8 @@ class DynamicBatcher:
         self._queue.append(pending)
         if pending.deadline_ns is not None:
             self._queued_with_timeout += 1
+            if self._expiry_timer is None or pending.deadline_ns < self._expiry_at_ns:
+                self._arm_expiry(pending.deadline_ns)
         self.metrics.set_queue_depth(len(self._queue))
         self._arrived.set()
         return pending
@@ -206,10 +212,14 @@ class DynamicBatcher:
                 self._idle.put_nowait(executor)
                 return
             task = asyncio.get_running_loop().create_task(self._execute(executor, batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._running[task] = batch
+            task.add_done_callback(self._forget_batch)
+
+    def _forget_batch(self, task: asyncio.Task) -> None:
+        self._running.pop(task, None)
 
     def _expire(self, now: int) -> None:
+        """Reject the queued requests whose timeout has passed (503 / DEADLINE_EXCEEDED)."""
         if not self._queued_with_timeout:
             return
         kept: deque[Pending] = deque()
@@ -219,8 +229,26 @@ class DynamicBatcher:
                     pending.future.set_exception(RequestTimedOut("request timeout expired while queued"))
             else:
                 kept.append(pending)
-        self._queue = kept
-        self._queued_with_timeout = sum(1 for p in kept if p.deadline_ns is not None)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._queued_with_timeout = sum(1 for p in kept if p.deadline_ns is not None)
+            self.metrics.set_queue_depth(len(kept))
+
+    def _arm_expiry(self, deadline_ns: int) -> None:
+        """Expire queued requests at `deadline_ns` even while every instance is busy (the dispatch
+        loop, which expires them as it forms a batch, waits for a free instance first). The event
+        loop's timer is good to a millisecond; a batch formed in between expires them exactly."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self._expiry_at_ns = deadline_ns
+        delay = max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)
+        self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._expire_on_timer)
+
+    def _expire_on_timer(self) -> None:
+        self._expiry_timer = None
+        self._expire(time.monotonic_ns())
+        if self._queued_with_timeout:
+            self._arm_expiry(min(p.deadline_ns for p in self._queue if p.deadline_ns is not None))
 
     async def _next_batch(self) -> list[Pending] | None:
         while True:
@@ -300,20 +328,33 @@ class DynamicBatcher:
                                                "queued_us": round((start - batch[0].enqueued_ns) / 1000),
                                                "compute_us": round((ran - formed) / 1000)})
 
-    async def close(self, grace_seconds: float) -> None:
-        """Stop taking requests, finish the queued and running ones (bounded by the grace period)."""
+    async def close(self, grace_seconds: float) -> bool:
+        """Stop taking requests, finish the queued and running ones within the grace period. Past it,
+        every request not answered yet fails with ShuttingDown, queued or running. Returns whether
+        every batch finished: if not, an executor thread may still be running one."""
         self._closing = True
         self._arrived.set()
-        try:
-            if self._loop_task:
-                await asyncio.wait_for(asyncio.shield(self._loop_task), grace_seconds)
-            if self._running:
-                await asyncio.wait_for(asyncio.gather(*self._running, return_exceptions=True), grace_seconds)
-        except TimeoutError:
-            log.warning("grace period over with requests still queued or running")
-            for pending in self._queue:
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + grace_seconds
+        if self._loop_task:  # it ends once the queue is empty (asyncio.wait cancels nothing)
+            await asyncio.wait([self._loop_task], timeout=grace_seconds)
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=max(0.0, ends_at - loop.time()))
+        running = [batch for task, batch in self._running.items() if not task.done()]
+        if self._queue or running:
+            log.warning("grace period over with requests still queued or running",
+                        extra={"queued": len(self._queue), "running_batches": len(running)})
+            stopped = ShuttingDown("the server shut down before this request was answered")
+            for pending in [*self._queue, *(pending for batch in running for pending in batch)]:
                 if not pending.future.done():
-                    pending.future.set_exception(ShuttingDown("the server shut down before this request ran"))
+                    pending.future.set_exception(stopped)
+            self._queue.clear()
+            self.metrics.set_queue_depth(0)
+        if self._loop_task and not self._loop_task.done():
+            self._loop_task.cancel()  # waiting for an instance that is still busy
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         self._pool.shutdown(wait=False)
         if self._waker is not None:
             self._waker.stop()
+        return not running

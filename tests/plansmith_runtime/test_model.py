@@ -190,3 +190,34 @@ async def test_a_model_without_a_batch_dimension_writes_a_requests_whole_output_
         assert type(answer["logits"]) is np.ndarray and len(cuda.copies) == 1
     finally:
         await model.stop(1.0)
+
+
+async def test_stopping_past_the_grace_period_fails_the_running_request_and_leaves_its_executor_open(engines):
+    """A batch still computing when the grace period ends: its request fails (503 / UNAVAILABLE), and
+    the executor it runs on is not closed under it (the process is exiting)."""
+    import threading
+
+    from plansmith_runtime.scheduler import ShuttingDown
+
+    model = ServedModel(ServingConfig("mlp", BatchingPolicy(max_batch_size=8, enabled=True), warmup_iterations=1))
+    await model.load(LoadOptions(engines["mlp"].manifest_uri))
+    executor = model._executors[0]
+    started, release, closed = threading.Event(), threading.Event(), []
+    run = executor.run
+
+    def slow_run(feeds, destinations=None):
+        started.set()
+        release.wait(10)
+        return run(feeds, destinations)
+
+    executor.run, executor.close = slow_run, lambda: closed.append(executor)
+    model.batcher.inline_max_items = 0  # on an instance thread, as any batch longer than INLINE_MAX_US
+    try:
+        request = asyncio.ensure_future(model.infer({"input": engines["mlp"].model.sample_inputs(batch=1)["input"]}, []))
+        assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        await model.stop(0.05)
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(request, 5)
+        assert closed == []
+    finally:
+        release.set()

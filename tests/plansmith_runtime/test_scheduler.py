@@ -190,3 +190,80 @@ async def test_a_batch_for_an_executor_thread_is_formed_there_and_a_small_one_on
         assert executor.batch_sizes == [3] and len(executor.formed_on) == 1 and executor.formed_on[0].startswith(thread)
         assert [pending.future.result()["y"][0, 0] for pending in done] == [0, 2, 4]
         await batcher.close(1.0)
+
+
+class BlockedExecutor(DoublingExecutor):
+    """Runs a batch once `release` is set (or after 10 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def run(self, feeds, destinations=None):
+        self.started.set()
+        self.release.wait(10)
+        return super().run(feeds, destinations)
+
+
+async def running_one_batch(queue_limit: int = 16) -> tuple[BlockedExecutor, DynamicBatcher, Metrics, Pending]:
+    """A batcher whose only instance is busy with a first request, until its executor is released."""
+    executor, metrics = BlockedExecutor(), Metrics("m")
+    batcher = DynamicBatcher(BatchingPolicy(max_batch_size=1, enabled=True), [executor], metrics,
+                             queue_limit=queue_limit)
+    batcher.start()
+    feeds = one_row_feeds(1)[0]
+    first = batcher.enqueue(feeds, 1, signature_of(feeds, True))
+    assert await asyncio.get_running_loop().run_in_executor(None, executor.started.wait, 5)
+    return executor, batcher, metrics, first
+
+
+@on_session_loop
+async def test_a_timeout_passing_while_every_instance_is_busy_rejects_the_request_then_and_frees_its_place():
+    executor, batcher, metrics, first = await running_one_batch(queue_limit=2)
+    feeds = one_row_feeds(3)
+    timed = [batcher.enqueue(f, 1, signature_of(f, True), timeout_us=timeout_us)
+             for f, timeout_us in zip(feeds, (20_000, 60_000))]
+    assert metrics.stats.pending == 2
+    started = time.monotonic()
+    for pending in timed:
+        with pytest.raises(RequestTimedOut):
+            await asyncio.wait_for(pending.future, 5)
+        assert time.monotonic() - started < 0.5  # not when the busy instance is done (10 s)
+        if pending is timed[0]:
+            assert batcher.depth == 1 and metrics.stats.pending == 1
+    assert batcher.depth == 0 and metrics.stats.pending == 0
+    later = batcher.enqueue(feeds[2], 1, signature_of(feeds[2], True))  # the queue has room again
+    executor.release.set()
+    await asyncio.wait_for(asyncio.gather(first.future, later.future), 5)
+    assert executor.batch_sizes == [1, 1]
+    assert await batcher.close(1.0)
+
+
+@on_session_loop
+async def test_past_the_grace_period_queued_and_running_requests_fail_and_close_says_a_batch_still_runs():
+    from plansmith_runtime.scheduler import ShuttingDown
+
+    executor, batcher, metrics, first = await running_one_batch()
+    feeds = one_row_feeds(2)[1]
+    queued = batcher.enqueue(feeds, 1, signature_of(feeds, True))
+    assert not await batcher.close(0.05)
+    for pending in (first, queued):
+        with pytest.raises(ShuttingDown):
+            pending.future.result()
+    assert batcher.depth == 0 and metrics.stats.pending == 0
+    executor.release.set()
+
+
+@on_session_loop
+async def test_a_full_queue_first_drops_requests_past_their_timeout():
+    executor, batcher, _, first = await running_one_batch(queue_limit=1)
+    feeds = one_row_feeds(3)
+    expired = batcher.enqueue(feeds[1], 1, signature_of(feeds[1], True), timeout_us=1)
+    time.sleep(0.002)  # past its timeout, before the event loop could run its expiry timer
+    accepted = batcher.enqueue(feeds[2], 1, signature_of(feeds[2], True))
+    with pytest.raises(RequestTimedOut):
+        expired.future.result()
+    executor.release.set()
+    await asyncio.wait_for(asyncio.gather(first.future, accepted.future), 5)
+    assert await batcher.close(1.0)
