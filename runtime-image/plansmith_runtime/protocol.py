@@ -229,7 +229,7 @@ def array_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -
 def _array_from_values(name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], data: Any) -> np.ndarray:
     try:
         array = np.asarray(data, dtype=dtype)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:  # OverflowError: a value out of the datatype's range
         raise InvalidRequest(f"input '{name}': data is not {datatype}: {error}") from None
     if array.size != math.prod(shape):
         raise InvalidRequest(f"input '{name}': {array.size} values for shape {list(shape)}")
@@ -242,9 +242,16 @@ def _numpy_dtype(name: str, datatype: Any) -> np.dtype:
     return np.dtype(DATATYPE_TO_NUMPY[datatype])
 
 
+# numpy refuses a shape whose dimensions multiply (zeros taken as ones) past what a 16-byte item could
+# address, even one with no elements
+MAX_SHAPE_PRODUCT = np.iinfo(np.intp).max // 16
+
+
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if math.prod(max(d, 1) for d in shape) > MAX_SHAPE_PRODUCT:
+        raise InvalidRequest(f"input '{name}': shape {list(shape)} is larger than any tensor can be")
     return tuple(shape)
 
 
@@ -313,7 +320,10 @@ def parse_request_header(text: bytes | memoryview) -> RequestHeader:
     binary_outputs: list[tuple[str, bool]] = []
     shared_memory_outputs: dict[str, SharedMemoryReference] = {}
     classifications: dict[str, int] = {}
-    for tensor in document.get("outputs") or []:
+    requested = document.get("outputs") or []
+    if not isinstance(requested, list):
+        raise InvalidRequest(f"'outputs' must be a list of objects, got {requested!r}")
+    for tensor in requested:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InvalidRequest("each requested output must be an object with a 'name'")
         outputs.append(tensor["name"])

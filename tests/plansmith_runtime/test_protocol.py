@@ -41,10 +41,20 @@ def test_json_tensor_data():
                              "parameters": {"binary_data_size": 16}}]}).encode() + b"\0" * 8, "BAD", "not an integer"),
     (json.dumps({"inputs": [{"name": "input", "datatype": "STRING", "shape": [1], "data": [1]}]}).encode(), None, "unsupported datatype"),
     (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2]}]}).encode(), None, "2 values for shape"),
+    # values out of their datatype's range, and shapes numpy refuses even without elements: 400, not 500
+    (json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 1], "data": [300]}]}).encode(), None, "data is not UINT8"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [2 ** 63]}]}).encode(), None, "data is not INT64"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2 ** 63, 0], "data": []}]}).encode(), None, "larger than any tensor"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2 ** 62, 0], "parameters": {"binary_data_size": 0}}]}).encode(),
+     "BINARY", "larger than any tensor"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "outputs": True}).encode(), None,
+     "'outputs' must be a list"),
 ])
 def test_malformed_bodies_are_invalid_requests(body, header, message):
     if header == "BAD":
         header = "abc"
+    elif header == "BINARY":  # the whole body is the JSON header
+        header = str(len(body))
     with pytest.raises(InvalidRequest, match=message):
         decode_http_request(body, header)
 
