@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 PIPELINE_LIMIT = 16
 # The request line and headers together (aiohttp allows 8 KiB a line; Triton's clients send < 1 KiB).
 MAX_HEAD_BYTES = 64 << 10
+# After answering a request it rejected while the client may still be sending (413, 431, 400), the
+# server stops writing and reads and drops what still comes, this long at most, before it closes:
+# closing a socket with unread bytes sends a reset, and the client's TCP stack may then drop the
+# error response it had not read yet (nginx's lingering close, 5 s there).
+LINGER_SECONDS = 2.0
 # An idle keep-alive connection is closed after this long (nginx's and aiohttp's default).
 KEEP_ALIVE_TIMEOUT_SECONDS = 75.0
 # Bytes read from a socket at a time into the server's read buffer, and fed to the parser from there.
@@ -234,6 +239,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._direct_body: memoryview | None = None  # a large body being received into its own buffer
         self._direct_received = 0
         self._direct_keep_alive = True
+        self._lingering = False  # answered a rejected request, dropping what the client still sends
         self._method = "GET"
         self._reset()
 
@@ -241,6 +247,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._began_ns = time.monotonic_ns()
         self._url = b""
         self._head_size = 0
+        self._head_complete = False
+        self._head_bytes_before_parsed = 0  # reads that all went into this head, parsed or not
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
@@ -264,12 +272,14 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.writable.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._direct_body is not None:
+        if self._direct_body is not None and not self._lingering:
             return self._direct_body[self._direct_received:]
         return self.server.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_active = time.monotonic()
+        if self._lingering:
+            return
         if self._direct_body is None:
             self._feed(self.server.read_buffer[:nbytes])
             return
@@ -281,12 +291,41 @@ class HttpConnection(asyncio.BufferedProtocol):
             self._complete(body, self._direct_keep_alive)
 
     def _feed(self, data: bytes | memoryview) -> None:
+        message = self._began_ns
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserUpgrade as upgrade:
+            self._ignore_upgrade(bytes(data[upgrade.args[0]:]))
         except httptools.HttpParserError as error:
             self._fail(400, f"malformed HTTP request: {error}")
+        else:
+            # httptools hands a header over only once its line ends, buffering it until then: a head
+            # still unfinished after a whole read counts that read (MAX_HEAD_BYTES bounds it, give or
+            # take the read it began in), so one endless header line cannot grow without bound
+            if not self._head_complete and self._began_ns == message and not self.failed:
+                self._head_bytes_before_parsed += len(data)
+                if self._head_bytes_before_parsed > MAX_HEAD_BYTES:
+                    self._head_too_large()
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """A request that asks to switch protocols (`Upgrade: h2c`, as `curl --http2` sends) is served
+        over HTTP/1.1, ignoring the header as RFC 9110 section 7.8 lets a server. httptools stops at
+        the end of such a request's head, its body unread: the head is parsed again without the
+        upgrade, followed by the bytes after it (the body, and any pipelined requests)."""
+        if self.failed:
+            return
+        if self._method == "CONNECT":
+            self._fail(400, "CONNECT is not supported")
+            return
+        dropped = {"upgrade", "http2-settings", "expect"}  # expect: a 100 Continue was already sent
+        connection = [token.strip() for token in self._headers.get("connection", "").split(",")
+                      if token.strip() and token.strip().lower() not in dropped]
+        head = [f"{self._method} {self._url.decode('latin-1')} HTTP/{self.parser.get_http_version()}"]
+        head.extend(f"{name}: {value}" for name, value in self._headers.items() if name not in dropped | {"connection"})
+        if connection:
+            head.append(f"connection: {', '.join(connection)}")
+        self.parser = httptools.HttpRequestParser(self)
+        self._feed("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + rest)
 
     # httptools callbacks
 
@@ -312,6 +351,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._fail(431, f"request line and headers are larger than {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
+        self._head_complete = True
         if self.failed:
             return
         self._method = method_name(self.parser.get_method())
@@ -342,7 +382,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.failed:
+        if self.failed or self.parser.should_upgrade():  # an upgrade's body is still unread: _ignore_upgrade
             return
         self._complete(self._body[0] if len(self._body) == 1 else b"".join(self._body), self.parser.should_keep_alive())
 
@@ -409,7 +449,7 @@ class HttpConnection(asyncio.BufferedProtocol):
                 keep_alive = keep_alive and not self.server.closing
                 if not self.writable.is_set():
                     await self.writable.wait()  # the client reads slowly: wait for the buffer to drain
-                self._write(response, keep_alive)
+                self._write(response, keep_alive, head_only=isinstance(item, HttpRequest) and item.method == "HEAD")
                 self.answering = False
                 if not keep_alive:
                     self._close()
@@ -420,14 +460,17 @@ class HttpConnection(asyncio.BufferedProtocol):
             if self.server.closing and not self.pending:
                 self._close()
 
-    def _write(self, response: HttpResponse, keep_alive: bool) -> None:
+    def _write(self, response: HttpResponse, keep_alive: bool, head_only: bool = False) -> None:
+        """Write a response; to a HEAD request without its body (RFC 9110 section 9.3.2: it would be
+        read as the start of the next response), its Content-Length kept."""
         on_sent = response.on_sent
         if self.transport is None or self.transport.is_closing():  # the client went away
             if on_sent is not None:
                 on_sent(None, None)
             return
         started = time.monotonic_ns() if on_sent is not None else 0
-        self.transport.write(render_response(response, keep_alive, self.server.clock.date()) + response.body)
+        head = render_response(response, keep_alive, self.server.clock.date())
+        self.transport.write(head if head_only else head + response.body)
         self.last_active = time.monotonic()
         if on_sent is not None:
             on_sent(started, time.monotonic_ns())
@@ -442,9 +485,24 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def _close(self) -> None:
         self.closing = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self.failed and not self._lingering and transport.can_write_eof():
+                self._linger(transport)
+            else:
+                transport.close()
         self._wake_worker()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close after a rejected request without resetting the connection (LINGER_SECONDS): send
+        the end of the stream once the error response is out, drop what the client still sends,
+        and close when it closes its side or the time is up."""
+        self._lingering = True
+        transport.write_eof()
+        if self.reading_paused:
+            transport.resume_reading()
+            self.reading_paused = False
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
 
     @property
     def idle(self) -> bool:

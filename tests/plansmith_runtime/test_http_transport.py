@@ -187,6 +187,55 @@ async def test_headers_over_the_limit_get_431_and_the_connection_closes(connecti
     assert status == 431 and b"larger than 65536" in body
 
 
+@on_session_loop
+async def test_one_endless_header_line_gets_431_before_it_ends(connection):
+    """httptools buffers a header until its line ends: the transport counts the reads instead."""
+    reader, writer = connection
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Filler: ")
+    with contextlib.suppress(ConnectionResetError):  # the server answers and closes while this still writes
+        for _ in range(40):  # 2.5 MB, never a line end
+            writer.write(b"y" * (64 << 10))
+            await writer.drain()
+    status, headers, body = await read_response(reader)
+    assert status == 431 and b"larger than 65536" in body and headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("extra", ["Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n",
+                                   "Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nExpect: 100-continue\r\n"],
+                         ids=["h2c", "websocket"])
+@on_session_loop
+async def test_a_request_asking_to_upgrade_is_served_over_http_1_1_with_its_body(connection, extra):
+    """As `curl --http2 http://...` asks: RFC 9110 lets a server ignore Upgrade, as Triton does. The
+    body reaches the handler, the connection stays open, and a pipelined request after it is served."""
+    reader, writer = connection
+    writer.write(post("/x", b"hello", extra) + post("/y", b"after"))
+    if "100-continue" in extra:
+        assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
+        assert await reader.readline() == b"\r\n"
+    for path, sent in (("/x", "hello"), ("/y", "after")):
+        status, headers, body = await read_response(reader)
+        assert status == 200 and "connection" not in headers and "upgrade" not in headers
+        assert json.loads(body) == {"method": "POST", "path": path, "body": sent, "header": None}
+    writer.write(b"GET /z HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["path"] == "/z"
+
+
+@on_session_loop
+async def test_a_head_request_gets_the_head_alone_and_the_next_response_stays_intact(connection):
+    reader, writer = connection
+    writer.write(b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n" + post("/y", b"next"))
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line == b"HTTP/1.1 200 OK\r\n"
+    headers = {}
+    while (line := await reader.readline()) != b"\r\n":
+        name, value = line.decode().rstrip("\r\n").split(": ", 1)
+        headers[name.lower()] = value
+    assert int(headers["content-length"]) > 0  # what a GET would have sent
+    status, _, body = await read_response(reader)  # begins right after the head
+    assert status == 200 and json.loads(body)["body"] == "next"
+
+
 @pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress)])
 @on_session_loop
 async def test_compressed_request_bodies_reach_the_handler_decoded(connection, encoding, compress):
