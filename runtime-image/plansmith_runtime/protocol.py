@@ -242,6 +242,13 @@ def _numpy_dtype(name: str, datatype: Any) -> np.dtype:
     return np.dtype(DATATYPE_TO_NUMPY[datatype])
 
 
+def boolean_parameter(owner: str, name: str, value: Any) -> bool:
+    """A boolean parameter, which Triton refuses as anything else (the string "false" is no false)."""
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{owner}: parameter '{name}' must be true or false, got {value!r}")
+    return value
+
+
 # numpy refuses a shape whose dimensions multiply (zeros taken as ones) past what a 16-byte item could
 # address, even one with no elements
 MAX_SHAPE_PRODUCT = np.iinfo(np.intp).max // 16
@@ -315,7 +322,8 @@ def parse_request_header(text: bytes | memoryview) -> RequestHeader:
             _check_byte_length(name, datatype, dtype, shape, size)
         inputs.append(InputHeader(name, dtype, shape, size, datatype, tensor.get("data"), shared_memory))
     request_parameters = document.get("parameters") or {}
-    binary_default = bool(request_parameters.get("binary_data_output", False)) if isinstance(request_parameters, dict) else False
+    binary_default = (boolean_parameter("request", "binary_data_output", request_parameters.get("binary_data_output", False))
+                      if isinstance(request_parameters, dict) else False)
     outputs: list[str] = []
     binary_outputs: list[tuple[str, bool]] = []
     shared_memory_outputs: dict[str, SharedMemoryReference] = {}
@@ -331,7 +339,7 @@ def parse_request_header(text: bytes | memoryview) -> RequestHeader:
         if not isinstance(parameters, dict):
             raise InvalidRequest(f"output '{tensor['name']}': parameters must be an object")
         if "binary_data" in parameters:
-            binary_outputs.append((tensor["name"], bool(parameters["binary_data"])))
+            binary_outputs.append((tensor["name"], boolean_parameter(f"output '{tensor['name']}'", "binary_data", parameters["binary_data"])))
         shared_memory = reference_from_parameters(f"output '{tensor['name']}'", parameters)
         if shared_memory is not None:
             shared_memory_outputs[tensor["name"]] = shared_memory

@@ -49,6 +49,10 @@ def test_json_tensor_data():
      "BINARY", "larger than any tensor"),
     (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "outputs": True}).encode(), None,
      "'outputs' must be a list"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}).encode(), None, "must be true or false"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                 "parameters": {"binary_data_output": 1}}).encode(), None, "'binary_data_output' must be true or false"),
 ])
 def test_malformed_bodies_are_invalid_requests(body, header, message):
     if header == "BAD":
