@@ -358,11 +358,15 @@ class InferenceService:
     async def ModelStreamInfer(self, call: InferCall):
         """One request of the bidirectional stream tritonclient's start_stream / stream_infer open.
         As in Triton, a request that fails is answered on the stream with its error_message, and
-        the stream goes on."""
+        the stream goes on; the answer carries the request's id (and model), as Triton's does "so
+        that client knows which request failed": answers come in completion order."""
         try:
             response = await self.ModelInfer(call)
         except GrpcError as error:
-            return service_pb2.ModelStreamInferResponse(error_message=error.message)
+            request = call.message
+            failed = service_pb2.ModelInferResponse(id=request.id, model_name=request.model_name,
+                                                    model_version=request.model_version)
+            return service_pb2.ModelStreamInferResponse(error_message=error.message, infer_response=failed)
         if type(response) is ObservedResponse:  # a traced request
             return response._replace(message=service_pb2.ModelStreamInferResponse(infer_response=response.message))
         return service_pb2.ModelStreamInferResponse(infer_response=response)

@@ -9,10 +9,11 @@ the same generator, grpc.aio served 4.2-4.7k calls/s, grpcio's synchronous serve
 (docs/benchmarks.md). The KServe v2 service has unary methods and one bidirectional stream of
 independent requests (ModelStreamInfer), so this keeps what they need from HTTP/2 (RFC 9113) and
 the gRPC wire format (grpc/doc/PROTOCOL-HTTP2.md): the connection preface and SETTINGS, flow
-control both ways, PING, RST_STREAM (a cancelled call), GOAWAY (a graceful close), CONTINUATION,
-padding, length-prefixed messages, gzip/deflate request messages, grpc-timeout (the server answers
+control both ways, PING, RST_STREAM (a cancelled call; NO_ERROR for a call answered before the
+client closed its side), GOAWAY (a graceful close), CONTINUATION (both ways), padding,
+length-prefixed messages, gzip/deflate request messages, grpc-timeout (the server answers
 DEADLINE_EXCEEDED at the deadline and cancels the call), trailers with grpc-status and
-grpc-message, and size limits. Header compression (HPACK, stateful per connection) is the `hpack`
+grpc-message (cut to 4 KiB), and size limits. Header compression (HPACK, stateful per connection) is the `hpack`
 library's; responses send their headers as literals without indexing, so they need no encoder
 state and are built once."""
 
@@ -142,12 +143,51 @@ OK_TRAILERS = literal_header("grpc-status", "0")
 ACCEPTED_ENCODINGS = "identity,gzip,deflate"
 
 
+# The longest grpc-message value sent (percent-encoded). Error messages echo client input (a model
+# name of any length): uncapped, one became a header block grpcio refuses above 16 KiB
+# (RESOURCE_EXHAUSTED instead of the call's status).
+MAX_STATUS_MESSAGE_BYTES = 4096
+TRUNCATION_MARK = "..."
+# what the gRPC spec leaves unencoded in grpc-message: printable ASCII but %
+GRPC_MESSAGE_SAFE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def grpc_message(message: str) -> str:
+    """`message` percent-encoded for grpc-message; a longer one than MAX_STATUS_MESSAGE_BYTES is cut
+    between characters (never inside an escape or a UTF-8 sequence, so it still decodes) and ends
+    with TRUNCATION_MARK."""
+    encoded = quote(message, safe=GRPC_MESSAGE_SAFE)
+    if len(encoded) <= MAX_STATUS_MESSAGE_BYTES:
+        return encoded
+    budget, kept = MAX_STATUS_MESSAGE_BYTES - len(TRUNCATION_MARK), 0
+    for character in message[:budget]:  # a character takes at least one byte encoded
+        width = len(quote(character, safe=GRPC_MESSAGE_SAFE))
+        if width > budget:
+            break
+        budget -= width
+        kept += 1
+    return quote(message[:kept], safe=GRPC_MESSAGE_SAFE) + TRUNCATION_MARK
+
+
 def status_block(status: grpc.StatusCode, message: str) -> bytes:
     """grpc-status and grpc-message (percent-encoded, as the gRPC spec asks) as a header block."""
     block = literal_header("grpc-status", str(status.value[0]))
     if message:
-        block += literal_header("grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"))
+        block += literal_header("grpc-message", grpc_message(message))
     return block
+
+
+def header_frames(flags: int, stream_id: int, block: bytes, max_frame: int) -> bytes:
+    """A header block as one HEADERS frame with `flags`, or, when it exceeds the peer's
+    SETTINGS_MAX_FRAME_SIZE, as HEADERS and CONTINUATION frames of at most `max_frame` bytes
+    (RFC 9113 6.2, 6.10: END_STREAM stays on the HEADERS frame, END_HEADERS goes on the last). A
+    strict peer (h2, nghttp2 in Envoy) fails the whole connection on one oversized frame."""
+    if len(block) <= max_frame:
+        return frame(HEADERS, flags | END_HEADERS, stream_id, block)
+    pieces = [block[offset:offset + max_frame] for offset in range(0, len(block), max_frame)]
+    return (frame(HEADERS, flags & ~END_HEADERS, stream_id, pieces[0])
+            + b"".join(frame(CONTINUATION, 0, stream_id, piece) for piece in pieces[1:-1])
+            + frame(CONTINUATION, END_HEADERS, stream_id, pieces[-1]))
 
 
 GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -180,6 +220,11 @@ def unframe_message(body: bytes | memoryview, encoding: str | None, limit: int) 
             raise GrpcError(grpc.StatusCode.INTERNAL, f"cannot decompress the {encoding} request: {error}") from None
         if len(inflated) > limit:
             raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the decompressed request exceeds {limit} bytes")
+        # zlib raises on neither: the message would be parsed from part of its bytes, or with junk ignored
+        if not decompressor.eof:
+            raise GrpcError(grpc.StatusCode.INTERNAL, f"the {encoding} request message is truncated")
+        if decompressor.unused_data:
+            raise GrpcError(grpc.StatusCode.INTERNAL, f"the {encoding} request message has bytes after its end")
         return inflated
     if encoding in (None, "identity"):
         raise GrpcError(grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
@@ -209,7 +254,7 @@ class _Stream:
     streaming: StreamingMethod | None = None  # set for a call of a streaming method
     received: bytearray = field(default_factory=bytearray)  # streaming: request bytes not yet a whole message
     tasks: set = field(default_factory=set)  # streaming: handlers still running
-    half_closed: bool = False  # streaming: the client sent END_STREAM
+    half_closed: bool = False  # the client sent END_STREAM (else the server resets the stream once it answers)
     headers_sent: bool = False  # streaming: the response HEADERS are out
     deadline: float | None = None  # loop time by which the client wants its answer (grpc-timeout)
     read_started_ns: int = 0  # when reading its (next) request message began: the stream opened, or the last was read
@@ -492,8 +537,13 @@ class GrpcConnection(asyncio.BufferedProtocol):
             if end_stream:
                 self._request_complete(stream)
             return
-        if stream_id % 2 == 0 or stream_id <= self._last_stream_id:
-            raise Http2Error(PROTOCOL_ERROR, f"stream {stream_id} is not a new client stream")
+        if stream_id % 2 == 0:
+            raise Http2Error(PROTOCOL_ERROR, f"stream {stream_id} is not a client stream")
+        if stream_id <= self._last_stream_id:
+            # A stream already answered (and reset if the client had not closed its side), or
+            # refused: its trailers, or frames crossing our RST_STREAM, are ignored (RFC 9113 5.1),
+            # not a reason to end the other calls on the connection.
+            return
         self._last_stream_id = stream_id
         if self._going_away or len(self._streams) >= MAX_CONCURRENT_STREAMS:
             self._send(frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
@@ -614,8 +664,8 @@ class GrpcConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ calls
 
     def _request_complete(self, stream: _Stream) -> None:
+        stream.half_closed = True
         if stream.streaming is not None:
-            stream.half_closed = True
             if stream.received:
                 self._end_streaming(stream, grpc.StatusCode.INTERNAL, "the request stream ended inside a message")
             self._finish_streaming(stream)
@@ -625,7 +675,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
         stream.answered = True
         if not stream.content_type.startswith("application/grpc"):
             self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, literal_header(":status", "415")))
-            self._streams.pop(stream.stream_id, None)
+            self._close_stream(stream)
             return
         method = self.server.methods.get(stream.path)
         if method is None:
@@ -790,9 +840,11 @@ class GrpcConnection(asyncio.BufferedProtocol):
     def _answer_error(self, stream: _Stream, status: grpc.StatusCode, message: str) -> None:
         """A trailers-only response: one HEADERS frame with the status and END_STREAM."""
         stream.answered = True
-        if self._streams.pop(stream.stream_id, None) is None:
+        if stream.stream_id not in self._streams:
             return
-        self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, RESPONSE_HEADERS + status_block(status, message)))
+        self._send(header_frames(END_STREAM, stream.stream_id, RESPONSE_HEADERS + status_block(status, message),
+                                 self._peer_max_frame))
+        self._close_stream(stream)
 
     def _answer(self, stream: _Stream, response) -> None:
         if stream.stream_id not in self._streams:
@@ -821,9 +873,17 @@ class GrpcConnection(asyncio.BufferedProtocol):
             stream.sent = 0
             self._blocked.pop(stream.stream_id, None)
             return
-        self._send(frame(HEADERS, END_HEADERS | END_STREAM, stream.stream_id, stream.trailers))
+        self._send(header_frames(END_STREAM, stream.stream_id, stream.trailers, self._peer_max_frame))
         self._blocked.pop(stream.stream_id, None)
+        self._close_stream(stream)
+
+    def _close_stream(self, stream: _Stream) -> None:
+        """Forget a stream whose END_STREAM has been queued. A client that has not closed its side
+        yet is told with RST_STREAM(NO_ERROR) that the rest of its request is not wanted (RFC 9113
+        8.1, as grpc-go and grpc-core do); what it sends meanwhile is ignored (_on_header_block)."""
         self._streams.pop(stream.stream_id, None)
+        if not stream.half_closed:
+            self._send(frame(RST_STREAM, 0, stream.stream_id, struct.pack(">I", NO_ERROR)))
 
     def _send_blocked(self) -> None:
         for stream in list(self._blocked.values()):

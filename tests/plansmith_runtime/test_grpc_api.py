@@ -3,6 +3,7 @@ or shared memory in one request."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import numpy as np
@@ -11,7 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as client_shm
 from tritonclient.grpc import service_pb2
 
-from plansmith_runtime.grpc_api import decode_grpc_inputs, parse_infer_request
+from plansmith_runtime.grpc_api import InferenceService, decode_grpc_inputs, parse_infer_request
 from plansmith_runtime.protocol import InvalidRequest
 from plansmith_runtime.shared_memory import SystemSharedMemory
 
@@ -89,3 +90,39 @@ def test_an_infer_request_is_parsed_with_its_tensors_as_views_of_the_received_by
     assert [bytes(raw) for raw in grouped.raw_input_contents] == list(request.raw_input_contents)
     np.testing.assert_array_equal(decode_grpc_inputs(grouped.message, raw_input_contents=grouped.raw_input_contents)["images"],
                                   images)
+
+
+class DoublingModel:
+    """A served model named "mlp" that doubles its input "x"."""
+    name, version, ready, has_batch_dim = "mlp", "1", True, True
+
+    def check_version(self, version: str) -> None:
+        pass
+
+    async def infer(self, inputs, wanted, timeout, trace, destinations):
+        return {"y": inputs["x"] * 2}
+
+
+class NoTracing:
+    def start(self, *args) -> None:
+        return None
+
+
+def test_a_failed_stream_request_is_answered_with_its_id_so_the_client_knows_which_failed():
+    """Stream answers come in completion order: an error answer without the request's id (as
+    Triton fills it in) left a client with several requests in flight unable to tell which one failed."""
+    service = InferenceService(DoublingModel(), lambda: True, None, None, NoTracing())
+
+    def answer(request_id: str, model: str) -> service_pb2.ModelStreamInferResponse:
+        request = service_pb2.ModelInferRequest(id=request_id, model_name=model, model_version="1")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+        request.raw_input_contents.append(np.ones((1, 2), np.float32).tobytes())
+        return asyncio.run(service.ModelStreamInfer(parse_infer_request(request.SerializeToString())))
+
+    failed = answer("req-bad", "no-such-model")
+    assert "no-such-model" in failed.error_message
+    assert (failed.infer_response.id, failed.infer_response.model_name) == ("req-bad", "no-such-model")
+    assert failed.infer_response.model_version == "1" and not failed.infer_response.outputs
+    served = answer("req-ok", "mlp")
+    assert served.error_message == "" and served.infer_response.id == "req-ok"
+    assert np.frombuffer(served.infer_response.raw_output_contents[0], np.float32).tolist() == [2, 2]

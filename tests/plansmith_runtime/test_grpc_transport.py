@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -47,6 +48,10 @@ class EchoService:
     def Crash(self, request):
         raise RuntimeError("a bug in a handler")
 
+    def Reject(self, request):
+        """An error that echoes client input, as "Request for unknown model: '<name>'" does."""
+        raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown model '{request.model_name}'")
+
     async def Stream(self, request):
         """Each request of a stream on its own: "fail" ends the call, "slow" waits for release."""
         if request.id == "fail":
@@ -62,7 +67,7 @@ class ServerThread:
 
     def __init__(self, service: EchoService) -> None:
         methods = {f"/test.Echo/{name}": UnaryMethod(Request, getattr(service, name))
-                   for name in ("Echo", "Slow", "Fail", "Crash")}
+                   for name in ("Echo", "Slow", "Fail", "Crash", "Reject")}
         methods["/test.Echo/Stream"] = StreamingMethod(Request, service.Stream)
         self.server = GrpcServer(methods, LIMIT)
         self.loop = uvloop.new_event_loop()
@@ -142,6 +147,65 @@ def test_errors_carry_their_status_and_message_and_the_server_keeps_serving(echo
             method(channel, "Missing")(Request())
         assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED and "/test.Echo/Missing" in unknown.value.details()
         assert method(channel, "Echo")(Request(id="after")).id == "after"
+
+
+def h2_trailers_only_call(url: str, path: str, request: service_pb2.ModelInferRequest) -> dict:
+    """The headers of a call answered trailers-only (an error), as h2, a strict HTTP/2 client (like
+    nghttp2 in Envoy), receives them: it raises on a frame over its SETTINGS_MAX_FRAME_SIZE."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", url),
+                            ("content-type", "application/grpc"), ("te", "trailers")])
+    message = framed(request)
+    for offset in range(0, len(message), 16384):  # the default frame size, until the server's SETTINGS
+        client.send_data(1, message[offset:offset + 16384], end_stream=offset + 16384 >= len(message))
+    host, port = url.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(client.data_to_send())
+        while True:
+            chunk = raw.recv(65536)
+            assert chunk, "the server closed the connection"
+            for event in client.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    return dict(event.headers)
+            raw.sendall(client.data_to_send())
+
+
+def test_an_error_message_echoing_a_long_input_is_cut_so_that_clients_get_the_calls_status(echo):
+    """A 17,000-character model name in the error message made a 17 KB header block: h2 failed the
+    connection on the oversized frame and grpcio answered RESOURCE_EXHAUSTED. The message is cut
+    to 4 KiB, ending with "...", and every client gets INVALID_ARGUMENT."""
+    server, _ = echo
+    request = Request(model_name="x" * 17000)
+    headers = h2_trailers_only_call(server.url, "/test.Echo/Reject", request)
+    with channel_to(server.url) as channel, pytest.raises(grpc.RpcError) as rejected:
+        method(channel, "Reject")(request)
+    assert headers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert len(headers["grpc-message"]) <= 4096 and headers["grpc-message"].endswith("x...")
+    assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rejected.value.details().startswith("unknown model 'xxx") and rejected.value.details().endswith("...")
+
+
+def test_a_cut_error_message_keeps_its_escapes_and_characters_whole():
+    """The cut falls between characters: never inside a %XX escape or a multi-byte character."""
+    from urllib.parse import unquote
+
+    import hpack as hpack_library
+
+    from plansmith_runtime.grpc_transport import status_block
+
+    def grpc_message(text: str) -> str:
+        return dict(hpack_library.Decoder().decode(status_block(grpc.StatusCode.INTERNAL, text)))["grpc-message"]
+
+    assert grpc_message("100% short") == "100%25 short"
+    for text in ("é" * 3000, "a" + "€" * 2000, "%" * 5000):
+        encoded = grpc_message(text)
+        assert 4096 - 9 < len(encoded) <= 4096 and encoded.endswith("...")
+        assert text.startswith(unquote(encoded[:-3], errors="strict"))
 
 
 def test_a_message_over_the_limit_is_refused_and_the_server_keeps_serving(echo):
@@ -348,6 +412,33 @@ def test_continuation_padding_and_ping_are_understood(echo):
     assert Response.FromString(data[5:]).id == "by hand"
 
 
+def test_a_header_block_larger_than_the_peers_frame_size_reaches_a_strict_client_in_continuation_frames(echo, monkeypatch):
+    """With the grpc-message cap lifted, a 40 KB error goes out as HEADERS and CONTINUATION frames
+    within the peer's SETTINGS_MAX_FRAME_SIZE (RFC 9113 6.10), which h2 accepts whole."""
+    from plansmith_runtime import grpc_transport
+
+    monkeypatch.setattr(grpc_transport, "MAX_STATUS_MESSAGE_BYTES", 1 << 20, raising=False)
+    server, _ = echo
+    headers = h2_trailers_only_call(server.url, "/test.Echo/Reject", Request(model_name="x" * 40000))
+    assert headers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert headers["grpc-message"] == f"unknown model '{'x' * 40000}'"
+
+
+def test_header_frames_put_end_stream_on_the_headers_frame_and_end_headers_on_the_last():
+    from plansmith_runtime.grpc_transport import header_frames, literal_header
+
+    block = literal_header("grpc-status", "3") + literal_header("x-long", "v" * 40000)
+    frames, written = [], header_frames(0x1, 5, block, 16384)
+    while written:
+        length = int.from_bytes(written[:3], "big")
+        frames.append((written[3], written[4], int.from_bytes(written[5:9], "big"), written[9:9 + length]))
+        written = written[9 + length:]
+    assert [(kind, flags, stream) for kind, flags, stream, _ in frames] == [(1, 0x1, 5), (9, 0, 5), (9, 0x4, 5)]
+    assert all(len(payload) <= 16384 for *_, payload in frames) and b"".join(p for *_, p in frames) == block
+    small = literal_header("grpc-status", "0")
+    assert header_frames(0x1, 5, small, 16384) == struct.pack(">IBI", len(small) << 8 | 1, 0x1 | 0x4, 5) + small
+
+
 def test_a_header_block_that_never_ends_is_refused(echo):
     """CONTINUATION frames without END_HEADERS would grow the block without bound."""
     from plansmith_runtime.grpc_transport import MAX_HEADER_LIST_BYTES, frame
@@ -374,6 +465,24 @@ def test_parse_grpc_timeout_reads_every_unit_and_refuses_malformed_values():
     assert parse_grpc_timeout(b"5n") == pytest.approx(5e-9)
     for malformed in (b"", b"S", b"10", b"1.5S", b"-1S", b"123456789S", b"10x"):
         assert parse_grpc_timeout(malformed) is None
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("damage", ["truncated", "trailing bytes"])
+def test_a_compressed_message_cut_short_or_followed_by_other_bytes_fails_with_internal(encoding, damage):
+    """zlib raises on neither: a cut message was parsed from the part that inflated (its last
+    tensor shorter, or missing), and bytes after the compressed stream were ignored."""
+    from plansmith_runtime.grpc_transport import unframe_message
+
+    message = Request(id="zipped", raw_input_contents=[b"x" * 1000, b"y" * 1000]).SerializeToString()
+    compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    compressed = compressor.compress(message) + compressor.flush()
+    whole = b"\x01" + len(compressed).to_bytes(4, "big") + compressed
+    assert bytes(unframe_message(whole, encoding, LIMIT)) == message
+    damaged = compressed[:len(compressed) // 2] if damage == "truncated" else compressed + b"garbage"
+    with pytest.raises(GrpcError) as failed:
+        unframe_message(b"\x01" + len(damaged).to_bytes(4, "big") + damaged, encoding, LIMIT)
+    assert failed.value.status == grpc.StatusCode.INTERNAL and encoding in failed.value.message
 
 
 def test_the_server_enforces_the_calls_grpc_timeout(echo):
@@ -578,17 +687,23 @@ def recording_connection() -> tuple[GrpcConnection, RecordingTransport, list]:
     return connection, transport, received
 
 
+def written_frames(transport: RecordingTransport) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of every frame the connection wrote."""
+    written = b"".join(event for event in transport.events if isinstance(event, bytes))
+    frames, position = [], 0
+    while position + 9 <= len(written):
+        length = int.from_bytes(written[position:position + 3], "big")
+        frames.append((written[position + 3], written[position + 4], int.from_bytes(written[position + 5:position + 9], "big"),
+                       written[position + 9:position + 9 + length]))
+        position += 9 + length
+    return frames
+
+
 def grpc_status_of(transport: RecordingTransport) -> str:
     """The grpc-status the connection answered with (its trailers, or a trailers-only response)."""
     import hpack as hpack_library
 
-    written = b"".join(event for event in transport.events if isinstance(event, bytes))
-    blocks, position = [], 0
-    while position + 9 <= len(written):
-        length = int.from_bytes(written[position:position + 3], "big")
-        if written[position + 3] == 1:
-            blocks.append(written[position + 9:position + 9 + length])
-        position += 9 + length
+    blocks = [payload for kind, _, _, payload in written_frames(transport) if kind == 1]
     decoder = hpack_library.Decoder()
     return next(h["grpc-status"] for h in (dict(decoder.decode(block)) for block in blocks) if "grpc-status" in h)
 
@@ -667,3 +782,73 @@ def test_a_multi_frame_message_longer_or_shorter_than_its_prefix_fails_the_call(
 
     transport, received = asyncio.run(main())
     assert received == [] and grpc_status_of(transport) == str(grpc.StatusCode.INTERNAL.value[0])
+
+
+class StreamClient:
+    """Drives a GrpcConnection without a socket whose methods are EchoService's Stream and Echo,
+    with one HPACK encoder, as one client connection has."""
+
+    def __init__(self) -> None:
+        import hpack as hpack_library
+
+        service = EchoService()
+        methods = {"/test.Echo/Stream": StreamingMethod(Request, service.Stream),
+                   "/test.Echo/Echo": UnaryMethod(Request, service.Echo)}
+        self.connection, self.transport = GrpcConnection(GrpcServer(methods, LIMIT)), RecordingTransport()
+        self.connection.connection_made(self.transport)
+        self.encoder = hpack_library.Encoder()
+        read_into(self.connection, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + self.frame(4, 0, 0))
+
+    @staticmethod
+    def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+        from plansmith_runtime.grpc_transport import frame
+
+        return frame(kind, flags, stream, payload)
+
+    def call(self, stream: int, name: str, *messages: bytes, end_stream: bool = True) -> bytes:
+        block = self.encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", f"/test.Echo/{name}"),
+                                     (":authority", "x"), ("content-type", "application/grpc")])
+        return self.frame(1, 0x4, stream, block) + self.frame(0, 0x1 if end_stream else 0, stream, b"".join(messages))
+
+    def trailers(self, stream: int) -> bytes:
+        return self.frame(1, 0x4 | 0x1, stream, self.encoder.encode([("x-trailer", "1")]))
+
+    def send(self, data: bytes) -> None:
+        read_into(self.connection, data)
+
+
+def test_a_stream_answered_before_the_client_closed_its_side_is_reset_with_no_error():
+    """A request that fails its stream ends the call while the client still holds its side open:
+    RST_STREAM(NO_ERROR) follows the trailers, so the client stops sending (grpc-go, grpc-core). A
+    call the client had closed is not reset."""
+    client = StreamClient()
+
+    async def main():
+        client.send(client.call(1, "Stream", framed(Request(id="fail")), end_stream=False)
+                    + client.call(3, "Echo", framed(Request(id="unary"))))
+        await asyncio.sleep(0.01)  # the handler task fails the call; its frames go at the end of a loop turn
+
+    asyncio.run(main())
+    frames = [(kind, flags, stream) for kind, flags, stream, _ in written_frames(client.transport) if stream]
+    assert frames.index((1, 0x4 | 0x1, 1)) < frames.index((3, 0, 1))  # the trailers-only answer, then the reset
+    resets = [(stream, payload) for kind, _, stream, payload in written_frames(client.transport) if kind == 3]
+    assert resets == [(1, b"\x00\x00\x00\x00")]
+
+
+def test_request_trailers_and_data_on_a_stream_already_answered_are_ignored():
+    """The client closes its side (trailers, or DATA crossing the server's answer) of a stream the
+    server answered and forgot: ignored (RFC 9113 5.1), where it used to be taken for a new stream
+    with an old id and end the connection with GOAWAY, and every call on it."""
+    client = StreamClient()
+
+    async def main():
+        client.send(client.call(1, "Stream", framed(Request(id="fail")), end_stream=False))
+        await asyncio.sleep(0.01)
+        client.send(client.trailers(1) + client.frame(0, 0x1, 1, framed(Request(id="late")))
+                    + client.call(3, "Echo", framed(Request(id="after"))))
+
+    asyncio.run(main())
+    assert "closed" not in client.transport.events
+    assert not [frame for frame in written_frames(client.transport) if frame[0] == 7]  # no GOAWAY
+    data = b"".join(payload for kind, _, stream, payload in written_frames(client.transport) if kind == 0 and stream == 3)
+    assert Response.FromString(data[5:]).id == "after"
