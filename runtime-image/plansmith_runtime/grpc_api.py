@@ -359,7 +359,7 @@ class InferenceService:
         """One request of the bidirectional stream tritonclient's start_stream / stream_infer open.
         As in Triton, a request that fails is answered on the stream with its error_message, and
         the stream goes on; the answer carries the request's id (and model), as Triton's does "so
-        that client knows which request failed": answers come in completion order."""
+        that client knows which request failed". Answers come in request order (StreamingMethod)."""
         try:
             response = await self.ModelInfer(call)
         except GrpcError as error:

@@ -26,6 +26,7 @@ import logging
 import struct
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, NamedTuple
 from urllib.parse import quote
@@ -114,10 +115,11 @@ class ObservedResponse(NamedTuple):
 
 class StreamingMethod(Method):
     """A bidirectional streaming method whose requests are independent (Triton's ModelStreamInfer):
-    the handler runs for each request message as it arrives, several at once, and each response
-    message is sent when it is ready, in completion order. The call ends with OK once the client
-    has closed its side and every response is out, or with the status of a GrpcError a handler
-    raises."""
+    the handler runs for each request message as it arrives, several at once, and the responses go
+    out in request order, each once those before it have (as Triton answers a model that is not
+    decoupled: tritonclient's stream callback gets no request id with an error, so the order is
+    how a client matches answers to requests). The call ends with OK once the client has closed
+    its side and every response is out, or with the status of a GrpcError a handler raises."""
 
 
 class Http2Error(Exception):
@@ -254,6 +256,9 @@ class _Stream:
     streaming: StreamingMethod | None = None  # set for a call of a streaming method
     received: bytearray = field(default_factory=bytearray)  # streaming: request bytes not yet a whole message
     tasks: set = field(default_factory=set)  # streaming: handlers still running
+    # streaming: a slot per request in arrival order, empty until its response is ready (then sent
+    # once the slots before it have been)
+    replies: deque = field(default_factory=deque)
     half_closed: bool = False  # the client sent END_STREAM (else the server resets the stream once it answers)
     headers_sent: bool = False  # streaming: the response HEADERS are out
     deadline: float | None = None  # loop time by which the client wants its answer (grpc-timeout)
@@ -694,7 +699,8 @@ class GrpcConnection(asyncio.BufferedProtocol):
         if stream.task is not None and stream.deadline is not None:
             stream.deadline_timer = loop.call_at(stream.deadline, self._deadline_passed, stream)
 
-    def _handle(self, stream: _Stream, method: Method, framed: bytes | memoryview) -> asyncio.Task | None:
+    def _handle(self, stream: _Stream, method: Method, framed: bytes | memoryview,
+                slot: list | None = None) -> asyncio.Task | None:
         """Parse one request message and answer it: a plain handler's response goes out at once; a
         coroutine handler runs in the task returned (the task calls it, so a task cancelled before
         it starts leaves no coroutine behind). A bad message or a failing handler fails the call."""
@@ -702,7 +708,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
             request = method.parser(unframe_message(framed, stream.encoding, self.server.max_message_bytes),
                                     stream.read_started_ns, stream.traceparent, stream.tracestate)
             if method.waits:
-                return asyncio.get_running_loop().create_task(self._await_answer(stream, method.handler, request))
+                return asyncio.get_running_loop().create_task(self._await_answer(stream, method.handler, request, slot))
             response = method.handler(request)
         except GrpcError as error:
             self._fail_call(stream, error.status, error.message)
@@ -710,7 +716,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
         except Exception as error:  # noqa: BLE001  (protobuf's DecodeError, or a handler's bug)
             self._answer_unexpected(stream, error)
             return None
-        self._respond(stream, response)
+        self._respond(stream, response, slot)
         return None
 
     def _deadline_passed(self, stream: _Stream) -> None:
@@ -746,7 +752,9 @@ class GrpcConnection(asyncio.BufferedProtocol):
                 return
             framed = bytes(received[:5 + length])
             del received[:5 + length]
-            task = self._handle(stream, stream.streaming, framed)
+            slot: list = []
+            stream.replies.append(slot)
+            task = self._handle(stream, stream.streaming, framed, slot)
             stream.read_started_ns = time.monotonic_ns()
             if task is not None:
                 stream.tasks.add(task)
@@ -784,8 +792,9 @@ class GrpcConnection(asyncio.BufferedProtocol):
             self._answer_error(stream, status, message)
         self._cancel(stream)
 
-    async def _await_answer(self, stream: _Stream, handler: Handler, request) -> None:
-        """Send what a coroutine handler returns: the call's response, or one response of a stream."""
+    async def _await_answer(self, stream: _Stream, handler: Handler, request, slot: list | None = None) -> None:
+        """Send what a coroutine handler returns: the call's response, or one response of a stream
+        (`slot`: the request's place in the stream's order)."""
         streaming = stream.streaming is not None
         try:
             response = await handler(request)  # type: ignore[misc]
@@ -796,7 +805,7 @@ class GrpcConnection(asyncio.BufferedProtocol):
         except Exception as error:  # noqa: BLE001
             self._answer_unexpected(stream, error)
         else:
-            self._respond(stream, response)
+            self._respond(stream, response, slot)
         finally:
             if streaming:
                 stream.tasks.discard(asyncio.current_task())
@@ -806,13 +815,22 @@ class GrpcConnection(asyncio.BufferedProtocol):
             self._finish_streaming(stream)
         self._flush_soon()
 
-    def _respond(self, stream: _Stream, response) -> None:
+    def _respond(self, stream: _Stream, response, slot: list | None = None) -> None:
+        if slot is not None:  # a stream's response: out once the responses to the requests before it are
+            slot.append(response)
+            replies = stream.replies
+            while replies and replies[0]:
+                self._deliver(stream, replies.popleft()[0])
+            return
+        self._deliver(stream, response)
+
+    def _deliver(self, stream: _Stream, response) -> None:
         if type(response) is ObservedResponse:
             started = time.monotonic_ns()
             if stream.stream_id not in self._streams or (stream.streaming is not None and stream.answered):
                 response.on_sent(None, None)  # the call ended meanwhile: nothing is sent
                 return
-            self._respond(stream, response.message)
+            self._deliver(stream, response.message)
             response.on_sent(started, time.monotonic_ns())
         elif stream.streaming is not None:
             self._send_message(stream, response)

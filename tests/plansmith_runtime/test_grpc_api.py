@@ -109,8 +109,8 @@ class NoTracing:
 
 
 def test_a_failed_stream_request_is_answered_with_its_id_so_the_client_knows_which_failed():
-    """Stream answers come in completion order: an error answer without the request's id (as
-    Triton fills it in) left a client with several requests in flight unable to tell which one failed."""
+    """Triton fills in a failed stream request's id: a client reading the raw stream (not through
+    tritonclient's callback, which drops it) can tell which of its requests failed."""
     service = InferenceService(DoublingModel(), lambda: True, None, None, NoTracing())
 
     def answer(request_id: str, model: str) -> service_pb2.ModelStreamInferResponse:
