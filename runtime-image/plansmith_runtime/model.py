@@ -146,6 +146,7 @@ class ServedModel:
             await asyncio.get_running_loop().run_in_executor(None, self._load_blocking, options)
         except Exception as error:  # every load failure keeps the server up and not ready
             self._close_executors()
+            self.manifest = self.signature = None  # no metadata or config for a model that did not load
             self.state = "UNAVAILABLE"
             self.reason = f"{type(error).__name__}: {error}"
             log.error("model not ready: %s", self.reason, extra={"model": self.name, "manifest": options.manifest_uri})

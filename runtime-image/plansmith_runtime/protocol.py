@@ -463,6 +463,8 @@ def write_to_shared_memory(shared_memory: SharedMemoryOutputs | None, reference:
     """Write an output where the request asked; the parameters a response describes it with."""
     if shared_memory is None:
         raise SharedMemoryError(f"output '{name}': this endpoint takes no shared memory")
+    if array.dtype == object:  # BYTES (a classification): each element after its 4-byte length, as in a
+        array = np.frombuffer(tensor_bytes(array), np.uint8)  # binary response; tritonclient's utilities read it so
     written = shared_memory.write_output(reference, name, array)
     parameters: dict[str, Any] = {"shared_memory_region": reference.region, "shared_memory_byte_size": written}
     if reference.offset:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -62,11 +63,16 @@ class SystemSharedMemory(RegionRegistry[Region]):
             raise SharedMemoryError(f"shared memory region '{name}': key {key!r} is not a shared memory object name")
         path = self.directory / key.strip("/")
         try:
-            descriptor = os.open(path, os.O_RDWR)
+            # not through a symbolic link (shm_open's O_NOFOLLOW): a client sharing /dev/shm must not
+            # name a link there to another file the server can write
+            descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except OSError as error:
             raise SharedMemoryError(f"unable to open shared memory region '{name}' (key {key!r}): {error.strerror}") from None
         try:
-            size = os.fstat(descriptor).st_size
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                raise SharedMemoryError(f"shared memory region '{name}': key {key!r} is not a shared memory object")
+            size = status.st_size
             if offset + byte_size > size or byte_size == 0:
                 raise SharedMemoryError(f"shared memory region '{name}': {byte_size} bytes at offset {offset} do not fit "
                                         f"in the {size}-byte object {key!r}")

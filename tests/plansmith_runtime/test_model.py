@@ -221,3 +221,21 @@ async def test_stopping_past_the_grace_period_fails_the_running_request_and_leav
         assert closed == []
     finally:
         release.set()
+
+
+async def test_a_load_failing_after_the_manifest_was_read_leaves_no_metadata_or_config(engines, monkeypatch):
+    """A model that did not load answers metadata and config requests as not ready (503), not with
+    the signature of an engine it is not serving."""
+    import plansmith_runtime.model as model_module
+    from plansmith_runtime.model import ModelNotReady
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory while creating the session")
+
+    monkeypatch.setattr(model_module, "create_executor", out_of_memory)
+    model = ServedModel(ServingConfig("mlp", BatchingPolicy(max_batch_size=8, enabled=True), warmup_iterations=1))
+    await model.load(LoadOptions(engines["mlp"].manifest_uri))
+    assert model.state == "UNAVAILABLE" and "out of memory" in model.reason
+    with pytest.raises(ModelNotReady, match="out of memory"):
+        model.metadata()
+    assert model.model_config() is None

@@ -222,6 +222,22 @@ def test_tensors_in_shared_memory_are_read_and_written_there_not_sent():
     np.testing.assert_array_equal(written, logits)
 
 
+def test_a_bytes_output_in_shared_memory_is_written_length_prefixed():
+    """A classification (BYTES) asked for in a region: written as a binary response carries it,
+    each element after its 4-byte length, which tritonclient's shared memory utilities read back."""
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    regions = FakeRegions()
+    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": [1]}],
+              "outputs": [{"name": "classes", "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 64}}]}
+    request = decode_http_request(json.dumps(header).encode(), None, regions)
+    classes = np.array([[b"0.700000:1", b"0.200000:2"]], dtype=object)
+    body, _ = encode_http_response("m", "1", request, {"classes": classes}, regions)
+    written = regions.written["classes"][1]
+    assert written.dtype == np.uint8 and json.loads(body)["outputs"][0]["parameters"]["shared_memory_byte_size"] == 28
+    assert deserialize_bytes_tensor(written.tobytes()).tolist() == [b"0.700000:1", b"0.200000:2"]
+
+
 @pytest.mark.parametrize("parameters, extra, message", [
     ({"shared_memory_region": "in"}, {}, "shared_memory_byte_size must be a non-negative integer"),
     ({"shared_memory_region": "", "shared_memory_byte_size": 16}, {}, "must be a region name"),

@@ -68,3 +68,25 @@ def test_bad_registrations_and_references_are_the_clients_errors(shared_object):
     registry.unregister("never-registered")  # as in Triton: not an error
     registry.close()
     assert registry.status() == []
+
+
+def test_a_key_that_is_a_link_to_another_file_is_refused_and_the_file_untouched(tmp_path):
+    """shm_open does not follow a symbolic link: a client sharing /dev/shm cannot point a region at
+    a file of the server's (the engine cache, /etc) and have outputs written into it."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"the server's own file")
+    link = f"plansmith-link-{os.getpid()}"
+    os.symlink(victim, f"/dev/shm/{link}")
+    try:
+        with pytest.raises(SharedMemoryError, match="unable to open"):
+            SystemSharedMemory().register("link", link, 0, 16)
+    finally:
+        os.unlink(f"/dev/shm/{link}")
+    assert victim.read_bytes() == b"the server's own file"
+    fifo = f"plansmith-fifo-{os.getpid()}"
+    os.mkfifo(f"/dev/shm/{fifo}")
+    try:
+        with pytest.raises(SharedMemoryError, match="(not a shared memory object|unable to open)"):
+            SystemSharedMemory().register("fifo", fifo, 0, 16)
+    finally:
+        os.unlink(f"/dev/shm/{fifo}")
