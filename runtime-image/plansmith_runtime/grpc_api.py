@@ -23,6 +23,7 @@ from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protobuf_wire import split_bytes_field
 from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, SharedMemoryInputs,
+                                        SharedMemoryRegionExists, SharedMemoryRegionNotFound,
                                         SharedMemoryReference, array_from_bytes, array_from_json, datatype_of,
                                         reference_from_parameters, requested_classes, tensor_bytes, tensor_layout,
                                         write_to_shared_memory)
@@ -43,6 +44,10 @@ CONTENTS_FIELD = {
 
 
 def grpc_status(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, SharedMemoryRegionExists):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(error, SharedMemoryRegionNotFound):
+        return grpc.StatusCode.NOT_FOUND
     if isinstance(error, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, RequestTimedOut):

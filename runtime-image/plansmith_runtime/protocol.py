@@ -49,6 +49,14 @@ class SharedMemoryError(InvalidRequest):
     """A shared memory region that cannot be registered, found or used: HTTP 400 / gRPC INVALID_ARGUMENT."""
 
 
+class SharedMemoryRegionExists(SharedMemoryError):
+    """A region name already registered: gRPC ALREADY_EXISTS, as Triton's shared memory manager says."""
+
+
+class SharedMemoryRegionNotFound(SharedMemoryError):
+    """No region of that name: gRPC NOT_FOUND, as Triton's shared memory manager says."""
+
+
 @dataclass(frozen=True)
 class SharedMemoryReference:
     """Where a request's tensor lives: `byte_size` bytes at `offset` into a registered region."""

@@ -10,7 +10,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
+from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference, SharedMemoryRegionExists, SharedMemoryRegionNotFound
 
 
 class NamedRegion(Protocol):
@@ -59,13 +59,13 @@ class RegionRegistry(Generic[R]):
         if not name:
             raise SharedMemoryError("a shared memory region needs a name")
         if name in self._regions:
-            raise SharedMemoryError(f"shared memory region '{name}' is already registered")
+            raise SharedMemoryRegionExists(f"shared memory region '{name}' is already registered")
 
     def _region(self, name: str) -> R:
         try:
             return self._regions[name]
         except KeyError:
-            raise SharedMemoryError(f"unable to find {self.kind} region: '{name}'") from None
+            raise SharedMemoryRegionNotFound(f"unable to find {self.kind} region: '{name}'") from None
 
     def _input_region(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
                       shape: tuple[int, ...]) -> R:

@@ -24,7 +24,8 @@ import numpy as np
 
 from plansmith_runtime.cuda_shared_memory import CudaSharedMemory
 from plansmith_runtime.executors.device_memory import DeviceDestination
-from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
+from plansmith_runtime.protocol import (SharedMemoryError, SharedMemoryReference, SharedMemoryRegionExists,
+                                       SharedMemoryRegionNotFound)
 from plansmith_runtime.region_registry import RegionRegistry
 
 # Where Linux keeps POSIX shared memory objects: shm_open(key) opens /dev/shm/<key without its
@@ -148,11 +149,11 @@ class SharedMemoryRegions:
 
     def _check_free(self, name: str) -> None:
         if self.system.holds(name) or self.cuda.holds(name):
-            raise SharedMemoryError(f"shared memory region '{name}' is already registered")
+            raise SharedMemoryRegionExists(f"shared memory region '{name}' is already registered")
 
     def _holder(self, name: str) -> SystemSharedMemory | CudaSharedMemory:
         if self.system.holds(name):
             return self.system
         if self.cuda.holds(name):
             return self.cuda
-        raise SharedMemoryError(f"unable to find shared memory region: '{name}'")
+        raise SharedMemoryRegionNotFound(f"unable to find shared memory region: '{name}'")

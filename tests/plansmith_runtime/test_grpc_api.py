@@ -126,3 +126,34 @@ def test_a_failed_stream_request_is_answered_with_its_id_so_the_client_knows_whi
     served = answer("req-ok", "mlp")
     assert served.error_message == "" and served.infer_response.id == "req-ok"
     assert np.frombuffer(served.infer_response.raw_output_contents[0], np.float32).tolist() == [2, 2]
+
+
+def test_a_region_name_registered_twice_or_unknown_gets_triton_s_status_codes(tmp_path):
+    """Triton's shared memory manager answers ALREADY_EXISTS and NOT_FOUND (tritonclient shows them);
+    other bad registrations stay INVALID_ARGUMENT."""
+    import grpc
+
+    from plansmith_runtime.grpc_transport import GrpcError
+    from plansmith_runtime.shared_memory import SharedMemoryRegions
+
+    key = f"/plansmith-grpc-codes-{os.getpid()}"
+    handle = client_shm.create_shared_memory_region("codes", key, 64)
+    regions = SharedMemoryRegions()
+    service = InferenceService(DoublingModel(), lambda: True, regions, None, NoTracing())
+    register = service_pb2.SystemSharedMemoryRegisterRequest(name="r", key=key, offset=0, byte_size=64)
+    try:
+        service.SystemSharedMemoryRegister(register)
+        codes = []
+        for call, request in ((service.SystemSharedMemoryRegister, register),
+                              (service.SystemSharedMemoryStatus, service_pb2.SystemSharedMemoryStatusRequest(name="nope")),
+                              (service.CudaSharedMemoryStatus, service_pb2.CudaSharedMemoryStatusRequest(name="nope")),
+                              (service.SystemSharedMemoryRegister,
+                               service_pb2.SystemSharedMemoryRegisterRequest(name="big", key=key, offset=0, byte_size=65))):
+            with pytest.raises(GrpcError) as failed:
+                call(request)
+            codes.append(failed.value.status)
+        assert codes == [grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND,
+                         grpc.StatusCode.INVALID_ARGUMENT]
+    finally:
+        regions.close()
+        client_shm.destroy_shared_memory_region(handle)

@@ -592,7 +592,7 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         http.unregister_system_shared_memory("images")
         with pytest.raises(InferenceServerException, match="unable to find") as caught:
             rpc.infer("cnn", [tensor])
-        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert caught.value.status() == "StatusCode.NOT_FOUND"  # as Triton's shared memory manager answers
         rpc.unregister_system_shared_memory()  # all
         assert http.get_system_shared_memory_status() == [] and not rpc.get_system_shared_memory_status().regions
         np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
