@@ -613,6 +613,8 @@ class TraceControl:
         override = {name: value for name, value in {**self._overrides.get(model, {}), **parsed}.items()
                     if value is not None}
         settings = self._checked(replace(self._global, **override))
+        if "count" not in parsed:  # trace_count is a budget of traces left: other changes do not refill it
+            settings = replace(settings, count=self._sampler_of(model).remaining)
         old = self._model_samplers.pop(model, None)
         if override:
             self._overrides[model] = override
@@ -625,8 +627,18 @@ class TraceControl:
 
     def _update_global(self, parsed: dict[str, Any]) -> None:
         fields = {name: getattr(self.startup, name) if value is None else value for name, value in parsed.items()}
+        # trace_count is a budget of traces left (Triton carries count_ over): other changes do not refill
+        # it, the global one or a model's own
+        fields.setdefault("count", self._global_sampler.remaining)
         settings = self._checked(replace(self._global, **fields))
-        overridden = {model: self._checked(replace(settings, **override)) for model, override in self._overrides.items()}
+
+        def with_override(model: str, override: dict[str, Any]) -> TraceSettings:
+            merged = replace(settings, **override)
+            if "count" in override:  # the model's own budget: what it has left
+                merged = replace(merged, count=self._model_samplers[model].remaining)
+            return self._checked(merged)
+
+        overridden = {model: with_override(model, override) for model, override in self._overrides.items()}
         old = [self._global_sampler, *self._model_samplers.values()]
         self._global = settings
         self._global_sampler = self._sampler(settings)

@@ -226,6 +226,30 @@ def test_a_model_without_an_override_shares_the_global_sampler(tmp_path):
     assert control.settings()["trace_count"] == control.settings("resnet")["trace_count"] == "2"
 
 
+def test_a_trace_count_used_up_is_not_refilled_by_changing_another_setting(tmp_path):
+    """trace_count is the traces left (Triton carries count_ over into new settings): changing the
+    log frequency, or the global rate under a model's own count, leaves what is left."""
+    control = TraceControl(tracing_settings(tmp_path, rate=1), ["resnet"], "1")
+
+    def traced(requests: int) -> int:
+        taken = [trace for index in range(requests) if (trace := control.start("resnet", str(index))) is not None]
+        for trace in taken:
+            trace.finish()
+        return len(taken)
+
+    control.update(None, {"trace_count": "2"})
+    assert traced(5) == 2
+    with pytest.raises(InvalidTraceSetting, match="trace count is 0"):  # as Triton refuses it: nothing is left
+        control.update(None, {"log_frequency": "0"})
+    assert control.settings()["trace_count"] == "0" and traced(5) == 0
+    assert control.update(None, {"trace_count": "3"})["trace_count"] == "3"  # set anew: a new budget
+    control.update("resnet", {"trace_count": "4"})
+    assert traced(1) == 1
+    control.update(None, {"trace_rate": "1"})
+    control.update("resnet", {"log_frequency": "0"})
+    assert (control.settings("resnet")["trace_count"], control.settings()["trace_count"]) == ("3", "3")
+
+
 def test_settings_that_would_trace_nothing_are_refused_and_nothing_changes(tmp_path):
     control = TraceControl(TraceSettings(), ["resnet"], "1")  # started without a trace file
     with pytest.raises(InvalidTraceSetting, match="Attempting to set invalid trace setting: trace file name is not given"):
