@@ -231,9 +231,10 @@ class InferenceService:
     def ModelStatistics(self, request):
         try:
             model = self._model(request.name, request.version) if request.name else self.model
+            model_stats = model.statistics(named=bool(request.name))
         except InvalidRequest as error:
             raise grpc_error(error) from None
-        return json_format.ParseDict({"model_stats": [model.statistics()]}, service_pb2.ModelStatisticsResponse())
+        return json_format.ParseDict({"model_stats": model_stats}, service_pb2.ModelStatisticsResponse())
 
     def RepositoryIndex(self, request):
         response = service_pb2.RepositoryIndexResponse()

@@ -196,9 +196,9 @@ class HttpApi:
 
     def model_statistics(self, target: Route) -> HttpResponse:
         if target.model is None:  # every model: this server's one
-            return json_response({"model_stats": [self.model.statistics()]})
+            return json_response({"model_stats": self.model.statistics()})
         try:
-            return json_response({"model_stats": [self._model(target).statistics()]})
+            return json_response({"model_stats": self._model(target).statistics(named=True)})
         except InvalidRequest as error:
             return error_response(400, str(error))
 

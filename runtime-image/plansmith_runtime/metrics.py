@@ -143,7 +143,8 @@ class Metrics:
             self.summaries["queue"].observe(queue_us)
 
     def record_cache_hit(self, request_us: float, lookup_us: float) -> None:
-        """A request answered from the response cache: a success with no queue and no compute."""
+        """A request answered from the response cache: a success with no compute, and no time in the
+        queue (looked up before it: Triton counts the time up to the lookup, as short)."""
         stats = self.stats
         stats.success += 1
         stats.request_us += request_us
@@ -151,6 +152,7 @@ class Metrics:
         stats.cache_hit_us += lookup_us
         if self.summaries:
             self.summaries["request"].observe(request_us)
+            self.summaries["queue"].observe(0.0)
 
     def record_cache_miss(self, us: float) -> None:
         """A lookup that missed, with the insertion of the response after it."""
@@ -195,7 +197,7 @@ def _duration(count: int, us: float) -> dict:
 def model_statistics(name: str, version: str, stats: ModelStats) -> dict:
     """One model's entry of Triton's statistics extension (`model_stats` in GET
     v2/models/{name}/stats and in gRPC's ModelStatisticsResponse). As in Triton, a request answered
-    from the response cache counts in success and cache_hit, not in queue and compute."""
+    from the response cache counts in success, queue and cache_hit, not in compute."""
     executed = stats.success - stats.cache_hits
     return {
         "name": name,
@@ -206,7 +208,7 @@ def model_statistics(name: str, version: str, stats: ModelStats) -> dict:
         "inference_stats": {
             "success": _duration(stats.success, stats.request_us),
             "fail": _duration(stats.failure, stats.failure_us),
-            "queue": _duration(executed, stats.queue_us),
+            "queue": _duration(stats.success, stats.queue_us),
             "compute_input": _duration(executed, stats.compute_input_us),
             "compute_infer": _duration(executed, stats.compute_us),
             "compute_output": _duration(executed, stats.compute_output_us),

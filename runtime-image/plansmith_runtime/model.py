@@ -243,9 +243,15 @@ class ServedModel:
         return (f"cannot {action} model '{name}': this server serves the one model it was started with ('{self.name}'); "
                 "models are loaded and unloaded by changing the InferenceModel, not through the repository API")
 
-    def statistics(self) -> dict:
-        """This model's entry of Triton's statistics extension."""
-        return model_statistics(self.name, self.version, self.metrics.stats)
+    def statistics(self, named: bool = False) -> list[dict]:
+        """The `model_stats` of Triton's statistics extension, which lists ready models only: none
+        while this one loads, failed to or stops; asked for by name (`named`), such a model is the
+        client's error, "requested model '...' is not available" (TRITONSERVER_ServerModelStatistics)."""
+        if self.ready:
+            return [model_statistics(self.name, self.version, self.metrics.stats)]
+        if named:
+            raise InvalidRequest(f"requested model '{self.name}' is not available")
+        return []
 
     # ------------------------------------------------------------------ inference
 

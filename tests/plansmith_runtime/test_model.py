@@ -102,7 +102,7 @@ async def test_with_a_response_cache_a_repeated_request_is_answered_without_runn
         assert stats.exec_count - executions == 2 and stats.cache_hit_us > 0 and stats.cache_miss_us > 0
         reported = model_statistics("mlp", "1", stats)["inference_stats"]
         counts = [reported[name]["count"] for name in ("success", "queue", "compute_infer", "cache_hit", "cache_miss")]
-        assert counts == [3, 2, 2, 1, 2]
+        assert counts == [3, 3, 2, 1, 2]  # as Triton: a cache hit counts in queue, not in compute
         rendered = model.metrics.render().decode()
         assert 'nv_cache_num_hits_per_model{model="mlp",version="1"} 1\n' in rendered
         assert 'nv_cache_num_misses_per_model{model="mlp",version="1"} 2\n' in rendered
@@ -223,11 +223,21 @@ async def test_stopping_past_the_grace_period_fails_the_running_request_and_leav
         release.set()
 
 
-async def test_a_load_failing_after_the_manifest_was_read_leaves_no_metadata_or_config(engines, monkeypatch):
+async def test_a_load_failing_after_the_manifest_was_read_leaves_no_metadata_config_or_statistics(engines, monkeypatch):
     """A model that did not load answers metadata and config requests as not ready (503), not with
-    the signature of an engine it is not serving."""
+    the signature of an engine it is not serving; as in Triton, the statistics extension lists it
+    not, and asked for it by name answers that it is not available (400 / INVALID_ARGUMENT)."""
+    import json
+
+    import grpc
+    from tritonclient.grpc import service_pb2
+
     import plansmith_runtime.model as model_module
+    from plansmith_runtime.grpc_api import InferenceService
+    from plansmith_runtime.grpc_transport import GrpcError
+    from plansmith_runtime.http_api import HttpApi, Route
     from plansmith_runtime.model import ModelNotReady
+    from plansmith_runtime.shared_memory import SharedMemoryRegions
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory while creating the session")
@@ -239,3 +249,12 @@ async def test_a_load_failing_after_the_manifest_was_read_leaves_no_metadata_or_
     with pytest.raises(ModelNotReady, match="out of memory"):
         model.metadata()
     assert model.model_config() is None
+    api = HttpApi(model, lambda: model.ready, SharedMemoryRegions(), None, None)
+    assert json.loads(api.model_statistics(Route("model_statistics")).body) == {"model_stats": []}
+    named = api.model_statistics(Route("model_statistics", model="mlp"))
+    assert named.status == 400 and json.loads(named.body) == {"error": "requested model 'mlp' is not available"}
+    service = InferenceService(model, lambda: model.ready, SharedMemoryRegions(), None, None)
+    assert not service.ModelStatistics(service_pb2.ModelStatisticsRequest()).model_stats
+    with pytest.raises(GrpcError, match="not available") as refused:
+        service.ModelStatistics(service_pb2.ModelStatisticsRequest(name="mlp"))
+    assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT

@@ -834,7 +834,7 @@ def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engi
     stats = http.get_inference_statistics("cnn")["model_stats"][0]
     inference = stats["inference_stats"]
     counts = [inference[name]["count"] for name in ("cache_hit", "cache_miss", "success", "queue")]
-    assert counts == [2, 2, 4, 2] and inference["cache_hit"]["ns"] > 0
+    assert counts == [2, 2, 4, 4] and inference["cache_hit"]["ns"] > 0  # Triton counts hits in queue too
     assert rpc.get_inference_statistics("cnn").model_stats[0].inference_stats.cache_hit.count == 2
     metrics = server.metrics()
     assert metrics['nv_cache_num_hits_per_model{model="cnn",version="1"}'] == 2
