@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from plansmith_runtime.executors import ExecutorError
-from plansmith_runtime.executors.cuda import check_cuda, cuda_runtime
+from plansmith_runtime.executors.cuda import bytes_allocated_from, check_cuda, cuda_driver, cuda_runtime
 from plansmith_runtime.executors.device_memory import DeviceDestination, DeviceTensor
 from plansmith_runtime.protocol import SharedMemoryError, SharedMemoryReference
 from plansmith_runtime.region_registry import RegionRegistry
@@ -59,7 +59,7 @@ class OpenedHandle:
 
     def __init__(self, pointer: int, device_id: int, region: str, runtime) -> None:
         self.pointer = pointer
-        weakref.finalize(self, functools.partial(_close_handle, runtime, pointer, device_id, region))
+        self.close = weakref.finalize(self, functools.partial(_close_handle, runtime, pointer, device_id, region))
 
 
 def _close_handle(runtime, pointer: int, device_id: int, region: str) -> None:
@@ -94,9 +94,12 @@ class CudaSharedMemory(RegionRegistry[CudaRegion]):
 
     kind = "CUDA shared memory"
 
-    def __init__(self, runtime=None, input_device: Callable[[], int | None] = lambda: None) -> None:
+    def __init__(self, runtime=None, input_device: Callable[[], int | None] = lambda: None, driver=None) -> None:
+        """`driver`: cuda-python's `cuda.bindings.driver`, loaded at the first registration (None), or
+        a stand-in with its cuMemGetAddressRange."""
         super().__init__()
         self._runtime = runtime
+        self._driver = driver
         self._input_device = input_device
 
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
@@ -116,11 +119,24 @@ class CudaSharedMemory(RegionRegistry[CudaRegion]):
             handle = cudart.cudaIpcMemHandle_t()
             # cuda-bindings 13 exposes the handle's bytes only through its address (as tritonclient reads them)
             ctypes.memmove(handle.getPtr(), bytes(raw_handle), CUDA_IPC_HANDLE_SIZE)
-            pointer = check_cuda(cudart.cudaIpcOpenMemHandle(handle, cudart.cudaIpcMemLazyEnablePeerAccess))
+            pointer = int(check_cuda(cudart.cudaIpcOpenMemHandle(handle, cudart.cudaIpcMemLazyEnablePeerAccess)))
         except ExecutorError as error:  # CudaUnavailable is one
             raise SharedMemoryError(f"unable to open CUDA shared memory region '{name}' on device {device_id}: "
                                     f"{error}") from None
-        self._regions[name] = CudaRegion(name, device_id, byte_size, OpenedHandle(int(pointer), device_id, name, cudart))
+        opened = OpenedHandle(pointer, device_id, name, cudart)
+        try:
+            if self._driver is None:
+                self._driver = cuda_driver()
+            allocated = bytes_allocated_from(self._driver, pointer)
+        except ExecutorError as error:
+            opened.close()
+            raise SharedMemoryError(f"CUDA shared memory region '{name}': cannot tell the size of the memory its "
+                                    f"handle opens: {error}") from None
+        if byte_size > allocated:  # as Triton checks: requests would reach past the client's memory
+            opened.close()
+            raise SharedMemoryError(f"CUDA shared memory region '{name}': byte_size {byte_size} is larger than the "
+                                    f"{allocated} bytes of device memory its handle opens")
+        self._regions[name] = CudaRegion(name, device_id, byte_size, opened)
 
     def input_array(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
                     shape: tuple[int, ...]) -> np.ndarray | DeviceTensor:

@@ -28,7 +28,8 @@ class StandInCudaRuntime:
     """The cuda-python runtime calls the CUDA shared memory registry and the executors' device
     batches make, answered as cuda.bindings.runtime answers them ((error, value) tuples), over host
     memory: "device memory" (a client's allocation named by its IPC handle's bytes, or a cudaMalloc)
-    is host buffers, so what is copied where is visible."""
+    is host buffers, so what is copied where is visible. It stands in for cuda.bindings.driver's
+    cuMemGetAddressRange too."""
 
     class cudaMemcpyKind(enum.IntEnum):  # noqa: N801  (cuda-python's names)
         cudaMemcpyHostToDevice = 1
@@ -79,6 +80,16 @@ class StandInCudaRuntime:
         address = ctypes.addressof(self.allocations[raw])
         self.opened[address] = raw
         return (0, address)
+
+    CUdeviceptr = int  # noqa: N815  (cuda.bindings.driver's)
+
+    def cuMemGetAddressRange(self, pointer: int):  # noqa: N802
+        """(error, base, size) of the allocation `pointer` lies in."""
+        for buffer in (*self.allocations.values(), *self.device_memory.values()):
+            base = ctypes.addressof(buffer)
+            if base <= pointer < base + len(buffer):
+                return (0, base, len(buffer))
+        return (1, 0, 0)  # CUDA_ERROR_INVALID_VALUE
 
     def cudaIpcCloseMemHandle(self, pointer: int):  # noqa: N802
         return (0,) if self.opened.pop(pointer, None) is not None else (400,)

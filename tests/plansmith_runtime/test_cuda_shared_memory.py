@@ -24,7 +24,7 @@ from plansmith_runtime.shared_memory import SharedMemoryRegions
 
 def registry_with_region(cuda, nbytes: int = 256, device_id: int = 0, input_device: int | None = None):
     handle = cuda.allocate(nbytes, tag=7)
-    registry = CudaSharedMemory(cuda, input_device=lambda: input_device)
+    registry = CudaSharedMemory(cuda, input_device=lambda: input_device, driver=cuda)
     registry.register("images", handle, device_id, nbytes)
     return registry, cuda, handle
 
@@ -93,6 +93,9 @@ def test_an_input_on_the_models_device_is_read_in_place_and_its_mapping_outlives
      "unable to open CUDA shared memory region 'absent-device' on device 5: CUDA error 101"),
     (lambda r: r.register("stale", bytes([9]) * 64, 0, 8),
      "unable to open CUDA shared memory region 'stale' on device 0: CUDA error 400"),
+    # as Triton checks (cuMemGetAddressRange): requests would read and write past the client's memory
+    (lambda r: r.register("oversized", r._runtime.allocate(16, tag=3), 0, 17),
+     "byte_size 17 is larger than the 16 bytes of device memory its handle opens"),
 ])
 def test_bad_registrations_and_references_are_refused_with_the_reason(call, message, stand_in_cuda):
     registry, cuda, _ = registry_with_region(stand_in_cuda(devices=2))
@@ -227,7 +230,7 @@ async def test_outputs_in_regions_of_the_models_device_are_written_there_by_the_
     cuda = stand_in_cuda()
     for executor in model._executors:  # what a session on the CUDA provider has
         executor.device_inputs, executor.device_batches = 0, DeviceBatches(0, 8, runtime=cuda)
-    regions = SharedMemoryRegions(cuda=CudaSharedMemory(cuda, input_device=lambda: model.input_device))
+    regions = SharedMemoryRegions(cuda=CudaSharedMemory(cuda, input_device=lambda: model.input_device, driver=cuda))
     logs = LogControl(LogSettings(), [], logging.getLogger("test-cuda-outputs"))
     http = HttpApi(model, lambda: model.ready, regions, logs, TraceControl(TraceSettings(), [model.name], model.version))
     rpc = InferenceService(model, lambda: model.ready, regions, logs, TraceControl(TraceSettings(), [model.name], model.version))
@@ -281,3 +284,13 @@ async def test_outputs_in_regions_of_the_models_device_are_written_there_by_the_
     finally:
         await model.stop(1.0)
         regions.close()
+
+
+def test_a_refused_registration_closes_the_handle_it_opened_at_once(stand_in_cuda):
+    """Not when the exception and its traceback (whose frames hold the handle) are collected."""
+    registry, cuda, _ = registry_with_region(stand_in_cuda())
+    try:
+        registry.register("oversized", cuda.allocate(16, tag=3), 0, 17)
+    except SharedMemoryError as error:
+        refused = error  # alive, with its traceback, while the handles are counted
+    assert "larger than the 16 bytes" in str(refused) and len(cuda.opened) == 1

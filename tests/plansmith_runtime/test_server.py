@@ -679,6 +679,12 @@ def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engin
         cudashm.set_shared_memory_region(images, [x])
         http.register_cuda_shared_memory("images", cudashm.get_raw_handle(images), 0, x.nbytes)
         rpc.register_cuda_shared_memory("logits", cudashm.get_raw_handle(logits), 0, 2 * output_bytes)
+        small = cudashm.create_shared_memory_region("small", 64, 0)
+        try:  # as Triton refuses it: requests would read and write past the client's allocation
+            with pytest.raises(InferenceServerException, match="larger than the .* bytes of device memory its handle"):
+                rpc.register_cuda_shared_memory("oversized", cudashm.get_raw_handle(small), 0, 64 << 20)
+        finally:
+            cudashm.destroy_shared_memory_region(small)
         assert sorted(http.get_cuda_shared_memory_status(), key=lambda region: region["name"]) == [
             {"name": "images", "device_id": 0, "byte_size": x.nbytes},
             {"name": "logits", "device_id": 0, "byte_size": 2 * output_bytes}]

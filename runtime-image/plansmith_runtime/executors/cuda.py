@@ -28,6 +28,22 @@ def cuda_runtime():
     return cudart
 
 
+def cuda_driver():
+    """The `cuda.bindings.driver` module (the few calls the runtime API lacks)."""
+    try:
+        from cuda.bindings import driver  # type: ignore[import-not-found]
+    except ImportError as error:
+        raise CudaUnavailable(f"cuda-python is not installed ({error})") from None
+    return driver
+
+
+def bytes_allocated_from(driver, pointer: int) -> int:
+    """How many bytes of the device allocation `pointer` lies in start at it (cuMemGetAddressRange;
+    the allocation's context must be current)."""
+    base, size = check_cuda(driver.cuMemGetAddressRange(driver.CUdeviceptr(pointer)))
+    return int(base) + int(size) - pointer
+
+
 def check_cuda(result) -> object:
     """cuda-python calls return (error, *values); raise on a non-zero error."""
     error, *values = result if isinstance(result, tuple) else (result,)
