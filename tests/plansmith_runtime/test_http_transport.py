@@ -59,15 +59,25 @@ async def connection(server):
     writer.close()
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """A response's status and headers (lower-case names)."""
     status_line = await asyncio.wait_for(reader.readline(), 5)
     assert status_line.startswith(b"HTTP/1.1 "), status_line
     headers = {}
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, value = line.decode().rstrip("\r\n").split(": ", 1)
         headers[name.lower()] = value
-    body = await reader.readexactly(int(headers["content-length"]))
-    return int(status_line.split()[1]), headers, body
+    return int(status_line.split()[1]), headers
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    status, headers = await read_head(reader)
+    return status, headers, await reader.readexactly(int(headers["content-length"]))
+
+
+async def read_100_continue(reader: asyncio.StreamReader) -> None:
+    assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
+    assert await reader.readline() == b"\r\n"
 
 
 async def read_last_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -151,8 +161,7 @@ async def test_pipelined_requests_are_answered_in_order(connection):
 async def test_expect_100_continue_is_answered_before_the_body(connection):
     reader, writer = connection
     writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-    assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
-    assert await reader.readline() == b"\r\n"
+    await read_100_continue(reader)
     writer.write(b"hello")
     status, _, body = await read_response(reader)
     assert status == 200 and json.loads(body)["body"] == "hello"
@@ -210,8 +219,7 @@ async def test_a_request_asking_to_upgrade_is_served_over_http_1_1_with_its_body
     reader, writer = connection
     writer.write(post("/x", b"hello", extra) + post("/y", b"after"))
     if "100-continue" in extra:
-        assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
-        assert await reader.readline() == b"\r\n"
+        await read_100_continue(reader)
     for path, sent in (("/x", "hello"), ("/y", "after")):
         status, headers, body = await read_response(reader)
         assert status == 200 and "connection" not in headers and "upgrade" not in headers
@@ -225,13 +233,8 @@ async def test_a_request_asking_to_upgrade_is_served_over_http_1_1_with_its_body
 async def test_a_head_request_gets_the_head_alone_and_the_next_response_stays_intact(connection):
     reader, writer = connection
     writer.write(b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n" + post("/y", b"next"))
-    status_line = await asyncio.wait_for(reader.readline(), 5)
-    assert status_line == b"HTTP/1.1 200 OK\r\n"
-    headers = {}
-    while (line := await reader.readline()) != b"\r\n":
-        name, value = line.decode().rstrip("\r\n").split(": ", 1)
-        headers[name.lower()] = value
-    assert int(headers["content-length"]) > 0  # what a GET would have sent
+    status, headers = await read_head(reader)
+    assert status == 200 and int(headers["content-length"]) > 0  # what a GET would have sent
     status, _, body = await read_response(reader)  # begins right after the head
     assert status == 200 and json.loads(body)["body"] == "next"
 
