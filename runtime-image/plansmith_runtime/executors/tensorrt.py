@@ -86,9 +86,14 @@ def largest_shapes(profiles: Sequence[ProfileRange]) -> dict[str, Shape]:
     largest: dict[str, Shape] = {}
     for profile in profiles:
         for name, (_, _, high) in profile.shapes.items():
-            current = largest.get(name)
-            largest[name] = high if current is None else tuple(max(a, b) for a, b in zip(current, high))
+            widen(largest, name, high)
     return largest
+
+
+def widen(largest: dict[str, Shape], name: str, shape: Shape) -> None:
+    """Make `largest[name]` the element-wise maximum of itself and `shape`."""
+    current = largest.get(name)
+    largest[name] = tuple(shape) if current is None else tuple(max(a, b) for a, b in zip(current, shape))
 
 
 class TensorRTExecutor:
@@ -118,22 +123,34 @@ class TensorRTExecutor:
             ProfileRange({n: tuple(tuple(s) for s in self._engine.get_tensor_profile_shape(n, p)) for n in self.inputs})
             for p in range(self._engine.num_optimization_profiles)
         ]
-        self._profile = -1
         # Device buffers and pinned host buffers sized for the largest shapes any profile accepts.
-        largest = largest_shapes(self.profiles)
-        max_batch = max((s[0] for s in largest.values()), default=1)
+        largest = {**largest_shapes(self.profiles), **self._largest_output_shapes()}
+        self._profile = -1  # none chosen for a run yet
         self._device: dict[str, int] = {}
         self._host: dict[str, np.ndarray] = {}
         for name in names:
-            if name in largest:
-                shape = largest[name]
-            else:
-                shape = tuple(max_batch if d < 0 else d for d in self._engine.get_tensor_shape(name))
-            size = buffer_bytes(shape, self._dtypes[name])
+            size = buffer_bytes(largest[name], self._dtypes[name])
             self._device[name] = check_cuda(cudart.cudaMalloc(size))
             host_pointer = check_cuda(cudart.cudaMallocHost(size))
             self._host[name] = host_array(host_pointer, size).view(self._dtypes[name])
             self._context.set_tensor_address(name, self._device[name])
+
+    def _largest_output_shapes(self) -> dict[str, Shape]:
+        """Per output, the element-wise maximum of its shape with each profile's largest inputs set.
+        Only the context knows an output's shape, from the input shapes: a dynamic dimension other
+        than the batch (a sequence length) can reach whatever the inputs' maxima allow."""
+        largest: dict[str, Shape] = {}
+        for index, profile in enumerate(self.profiles):
+            self._context.set_optimization_profile_async(index, self._stream_handle)
+            for name, (_, _, high) in profile.shapes.items():
+                self._context.set_input_shape(name, high)
+            for name in self.outputs:
+                shape = tuple(self._context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise ExecutorError(f"output '{name}' has a shape its inputs do not determine {list(shape)} "
+                                        "(data-dependent): this executor sizes its buffers up front")
+                widen(largest, name, shape)
+        return largest
 
     def form_batch(self, requests: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Joined straight into the pinned host buffers `run` copies to the device from, so `run`

@@ -140,9 +140,9 @@ def fake_tensorrt(engine: FakeEngine) -> types.ModuleType:
     return trt
 
 
-@pytest.fixture
-def executor_and_fakes(tmp_path: Path, monkeypatch):
-    cudart, engine = FakeCudaRuntime(), FakeEngine()
+def executor_over(engine: FakeEngine, tmp_path: Path, monkeypatch) -> tuple[TensorRTExecutor, FakeCudaRuntime]:
+    """A TensorRTExecutor over `engine`, with the fake TensorRT and CUDA runtime in sys.modules."""
+    cudart = FakeCudaRuntime()
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
@@ -151,7 +151,14 @@ def executor_and_fakes(tmp_path: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"plan")
-    executor = TensorRTExecutor(types.SimpleNamespace(path=lambda name: plan))
+    return TensorRTExecutor(types.SimpleNamespace(path=lambda name: plan)), cudart
+
+
+@pytest.fixture
+def executor_and_fakes(tmp_path: Path, monkeypatch):
+    engine = FakeEngine()
+    executor, cudart = executor_over(engine, tmp_path, monkeypatch)
+    engine.contexts[0].profiles_set.clear()  # the output shapes were probed under each profile
     return executor, cudart, engine
 
 
@@ -165,6 +172,29 @@ def test_buffers_fit_the_largest_profile_and_are_freed_at_close(executor_and_fak
     assert sorted(array.nbytes for array in cudart.pinned.values()) == [16 * 3 * 4] * 2
     executor.close()
     assert not cudart.device and not cudart.pinned and cudart.streams == 0
+
+
+class SequenceEngine(FakeEngine):
+    """x and y of shape [batch, sequence]: batches 1-4, sequences 1-64; y has x's shape."""
+
+    num_optimization_profiles = 1
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [[1, 1], [2, 16], [4, 64]]
+
+    def get_tensor_shape(self, name):
+        return (-1, -1)
+
+
+def test_an_outputs_buffers_fit_the_largest_shape_its_inputs_allow_not_only_the_largest_batch(tmp_path, monkeypatch):
+    """A sequence output sized by putting the largest batch for every dynamic dimension got (4, 4):
+    TensorRT would have written a (2, 64) batch's output past its end."""
+    engine = SequenceEngine()
+    executor, cudart = executor_over(engine, tmp_path, monkeypatch)
+    assert cudart.device[engine.contexts[0].addresses["y"]].nbytes == 4 * 64 * 4
+    x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+    np.testing.assert_array_equal(executor.run({"x": x})["y"], x * 2)
+    executor.close()
 
 
 def test_a_batch_is_joined_in_the_pinned_buffer_and_copied_to_the_device_from_there(executor_and_fakes):
