@@ -7,6 +7,8 @@ writes it as config.pbtxt, so what our runtime reports and what stock Triton wou
 
 from __future__ import annotations
 
+import numpy as np
+
 from plansmith.manifest import Manifest, TensorSpec
 from plansmith_runtime.config import ServingConfig
 from plansmith_runtime.protocol import DATATYPE_TO_CONFIG, datatype_of
@@ -27,7 +29,17 @@ def _warmup_dims(tensor: TensorSpec, has_batch_dim: bool) -> list[int]:
     dims = config_dims(tensor, has_batch_dim)
     hint = (tensor.opt_shape or tensor.min_shape or [])
     hint = hint[1:] if has_batch_dim else hint
-    return [d if d >= 0 else (hint[i] if i < len(hint) else 1) for i, d in enumerate(dims)]
+    return [d if d >= 0 else (hint[i] if i < len(hint) else 1) for i, d in enumerate(dims)] or [1]
+
+
+def _add_tensor(tensors, tensor: TensorSpec, has_batch_dim: bool, mc) -> None:
+    """An input or output of a ModelConfig. Triton refuses empty dims (ValidateIOShape: "must specify
+    'dims'"): a tensor that is one value an item (a label, a score) is dims [1] reshaped to []."""
+    dims = config_dims(tensor, has_batch_dim)
+    added = tensors.add(name=tensor.name, data_type=getattr(mc, DATATYPE_TO_CONFIG[datatype_of(tensor.dtype)]),
+                        dims=dims or [1])
+    if not dims:
+        added.reshape.SetInParent()
 
 
 def build_model_config(name: str, manifest: Manifest, serving: ServingConfig, *, kind_gpu: bool | None = None,
@@ -38,11 +50,9 @@ def build_model_config(name: str, manifest: Manifest, serving: ServingConfig, *,
     has_batch_dim = policy.max_batch_size > 0
     config = mc.ModelConfig(name=name, platform=platform_of(manifest), max_batch_size=policy.max_batch_size)
     for tensor in manifest.inputs:
-        config.input.add(name=tensor.name, data_type=getattr(mc, DATATYPE_TO_CONFIG[datatype_of(tensor.dtype)]),
-                         dims=config_dims(tensor, has_batch_dim))
+        _add_tensor(config.input, tensor, has_batch_dim, mc)
     for tensor in manifest.outputs:
-        config.output.add(name=tensor.name, data_type=getattr(mc, DATATYPE_TO_CONFIG[datatype_of(tensor.dtype)]),
-                          dims=config_dims(tensor, has_batch_dim))
+        _add_tensor(config.output, tensor, has_batch_dim, mc)
     if policy.batching:
         dynamic = config.dynamic_batching
         dynamic.preferred_batch_size.extend(policy.preferred_batch_sizes)
@@ -63,7 +73,12 @@ def build_model_config(name: str, manifest: Manifest, serving: ServingConfig, *,
             for tensor in manifest.inputs:
                 warmup.inputs[tensor.name].data_type = getattr(mc, DATATYPE_TO_CONFIG[datatype_of(tensor.dtype)])
                 warmup.inputs[tensor.name].dims.extend(_warmup_dims(tensor, has_batch_dim))
-                warmup.inputs[tensor.name].random_data = True
+                # random bytes are fine values for a float, not for token ids an embedding gathers
+                # with: Triton's warmup fails on them (zeros, as ServedModel's warmup_inputs uses)
+                if np.dtype(tensor.dtype).kind == "f":
+                    warmup.inputs[tensor.name].random_data = True
+                else:
+                    warmup.inputs[tensor.name].zero_data = True
     if default_model_filename:
         config.default_model_filename = default_model_filename
     for capability, filename in (cc_model_filenames or {}).items():

@@ -18,14 +18,17 @@ SPEC = parse_spec({
 })
 
 
-def manifest(backend="tensorrt", cc="9.0", key="k90") -> Manifest:
+CNN_INPUTS = [{"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32], "optShape": [8, 3, 32, 32]}]
+CNN_OUTPUTS = [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}]
+
+
+def manifest(backend="tensorrt", cc="9.0", key="k90", inputs=CNN_INPUTS, outputs=CNN_OUTPUTS) -> Manifest:
     target = {"device": "gpu", "computeCapability": cc} if backend == "tensorrt" else {"device": "cpu", "cpuIsa": "x86_64-avx2"}
     name = "model.plan" if backend == "tensorrt" else "model.onnx"
     return Manifest.model_validate({
         "key": key, "backend": backend, "backendVersion": "10.3.0", "target": target, "precision": "fp16",
         "buildOptions": {}, "source": {"uri": "s3://models/cnn/model.onnx", "sha256": "0" * 64},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 32, 32], "optShape": [8, 3, 32, 32]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}], "maxBatchSize": 32,
+        "inputs": inputs, "outputs": outputs, "maxBatchSize": 32,
         "artifacts": [{"name": name, "sha256": "1" * 64, "bytes": 10}], "buildSeconds": 1, "builderVersion": "0",
         "createdAt": "now"})
 
@@ -56,6 +59,22 @@ def test_plans_for_several_compute_capabilities_use_cc_model_filenames():
     config = parse(repo.files["cnn/config.pbtxt"])
     assert dict(config.cc_model_filenames) == {"9.0": "model_sm90.plan", "8.6": "model_sm86.plan"}
     assert repo.engines["cnn/1/model_sm86.plan"].manifest.key == "b"
+
+
+def test_a_tensor_of_one_value_an_item_is_dims_1_reshaped_and_token_ids_warm_up_on_zeros():
+    """Triton refuses empty dims ("must specify 'dims'"), and random bytes as token ids make an
+    embedding's Gather fail every warmup run."""
+    text_model = manifest(inputs=[{"name": "input_ids", "dtype": "int64", "shape": [-1, 16]},
+                                  {"name": "temperature", "dtype": "float32", "shape": [-1]}],
+                          outputs=[{"name": "label", "dtype": "int64", "shape": [-1]}])
+    config = parse(render_repository("text", SPEC, [text_model]).files["text/config.pbtxt"])
+    temperature, label = config.input[1], config.output[0]
+    assert list(temperature.dims) == [1] and temperature.HasField("reshape") and not temperature.reshape.shape
+    assert list(label.dims) == [1] and label.HasField("reshape")
+    assert list(config.input[0].dims) == [16] and not config.input[0].HasField("reshape")
+    warmup = config.model_warmup[0].inputs
+    assert warmup["input_ids"].zero_data and not warmup["input_ids"].random_data
+    assert warmup["temperature"].random_data and list(warmup["temperature"].dims) == [1]
 
 
 def test_onnxruntime_engine_renders_onnxruntime_onnx_on_cpu():
