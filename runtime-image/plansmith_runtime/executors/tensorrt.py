@@ -203,6 +203,8 @@ class TensorRTExecutor:
             self._context.set_input_shape(name, array.shape)
             check_cuda(cudart.cudaMemcpyAsync(self._device[name], staged.ctypes.data, array.nbytes, kind_h2d, self._stream))
         if not self._context.execute_async_v3(self._stream_handle):
+            # the copies queued before it may still read the pinned buffers the next batch is joined in
+            check_cuda(cudart.cudaStreamSynchronize(self._stream))
             raise ExecutorError("TensorRT execute_async_v3 failed")
         results: dict[str, np.ndarray | WrittenOnDevice] = {}
         for name in self.outputs:

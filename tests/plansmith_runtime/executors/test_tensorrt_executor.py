@@ -40,6 +40,7 @@ class FakeCudaRuntime(types.ModuleType):
         self.pinned: dict[int, np.ndarray] = {}
         self.copies: list[tuple[str, int, int]] = []  # (kind, source address, bytes)
         self.streams = 0
+        self.synchronized = 0
 
     def _allocate(self, table: dict, size: int):
         array = np.zeros(size, np.uint8)
@@ -74,6 +75,7 @@ class FakeCudaRuntime(types.ModuleType):
         return (0,)
 
     def cudaStreamSynchronize(self, stream):
+        self.synchronized += 1
         return (0,)
 
 
@@ -216,6 +218,15 @@ def test_feeds_from_elsewhere_are_staged_and_the_profile_follows_the_batch(execu
         outputs = executor.run({"x": rows(batch, start)})
         np.testing.assert_array_equal(outputs["y"], rows(batch, start) * 2)
     assert engine.contexts[0].profiles_set == [0, 1, 0]  # switched only when the batch needs it
+
+
+def test_a_failed_run_waits_for_its_input_copies_before_the_pinned_buffers_are_reused(executor_and_fakes):
+    executor, cudart, engine = executor_and_fakes
+    engine.contexts[0].execute_async_v3 = lambda stream: False
+    feeds = executor.form_batch([{"x": rows(2, 0)}])
+    with pytest.raises(ExecutorError, match="execute_async_v3 failed"):
+        executor.run(feeds)
+    assert [kind for kind, _, _ in cudart.copies] == ["h2d"] and cudart.synchronized == 1
 
 
 def test_a_batch_larger_than_the_buffers_is_joined_in_pageable_memory_and_refused(executor_and_fakes):
