@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,17 +31,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def _integer_at_least(minimum: int):
-    """An argparse type: an integer of at least `minimum`."""
+def _integer_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer of at least `minimum` (and at most `maximum`)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
     return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, at least 0, got {text}")
+    return value
+
+
+PORT = _integer_at_least(0, 65535)  # 0: any free port
 
 
 def _sizes(text: str) -> list[int]:
@@ -62,27 +78,27 @@ def register(subparsers) -> None:
     parser.add_argument("--manifest", metavar="URI", help="engine manifest (s3:// or file://, or its engine folder)")
     parser.add_argument("--model-name", help="name on the wire (default: metadata.name, else 'model')")
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--http-port", type=PORT, default=8000)
+    parser.add_argument("--grpc-port", type=PORT, default=8001)
+    parser.add_argument("--metrics-port", type=PORT, default=8002)
     parser.add_argument("--endpoint", help="S3 endpoint URL (default: the spec's, then PLANSMITH_S3_ENDPOINT)")
     parser.add_argument("--cache-dir", type=Path, help="where to keep the downloaded artifacts (default: a temp dir)")
     batching = parser.add_argument_group("batching (override spec.serving)")
-    batching.add_argument("--max-batch-size", type=int)
+    batching.add_argument("--max-batch-size", type=_integer_at_least(0))
     batching.add_argument("--no-batching", action="store_true", help="run every request on its own")
     batching.add_argument("--preferred-batch-sizes", type=_sizes, metavar="N,N")
-    batching.add_argument("--max-queue-delay-us", type=int)
-    batching.add_argument("--max-queue-size", type=int)
-    batching.add_argument("--timeout-us", type=int, help="reject requests queued longer than this")
-    batching.add_argument("--instances", type=int, help="execution instances running batches concurrently")
-    batching.add_argument("--intra-op-threads", type=int, default=0, help="threads per ONNX Runtime session (0: the CPUs this process may use, "
+    batching.add_argument("--max-queue-delay-us", type=_integer_at_least(0))
+    batching.add_argument("--max-queue-size", type=_integer_at_least(1))
+    batching.add_argument("--timeout-us", type=_integer_at_least(0), help="reject requests queued longer than this")
+    batching.add_argument("--instances", type=_integer_at_least(1), help="execution instances running batches concurrently")
+    batching.add_argument("--intra-op-threads", type=_integer_at_least(0), default=0, help="threads per ONNX Runtime session (0: the CPUs this process may use, "
                           "affinity and cgroup quota, shared between the instances)")
-    batching.add_argument("--warmup-iterations", type=int)
+    batching.add_argument("--warmup-iterations", type=_integer_at_least(1))
     batching.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--pinned-memory-pool-byte-size", type=_integer_at_least(0), metavar="BYTES",
                         help="Triton's: pinned host memory the GPU executors may join batches in, for faster copies "
                              "to the device (default 268435456, 256 MB; 0: none, batches stay in pageable memory)")
-    parser.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM: time to finish in-flight requests")
+    parser.add_argument("--grace-seconds", type=_seconds, default=30.0, help="SIGTERM: time to finish in-flight requests")
     parser.add_argument("--metrics-interval-ms", type=_integer_at_least(1), default=DEFAULT_INTERVAL_MS,
                         help="how often the GPU and CPU metrics (nv_gpu_*, nv_cpu_*) are polled, as Triton's flag")
     parser.add_argument("--metrics-config", action="append", default=[], metavar="KEY=VALUE",

@@ -170,3 +170,26 @@ def test_a_negative_pinned_memory_pool_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--manifest", "file:///x", "--pinned-memory-pool-byte-size", "-1"])
     assert "--pinned-memory-pool-byte-size: must be at least 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--instances", "0"), ("--max-queue-size", "-1"), ("--timeout-us", "-1"), ("--max-batch-size", "-2"),
+    ("--max-queue-delay-us", "-1"), ("--warmup-iterations", "0"), ("--intra-op-threads", "-1"),
+    ("--http-port", "70001"), ("--grpc-port", "-1"), ("--metrics-port", "65536"),
+    ("--grace-seconds", "-1"), ("--grace-seconds", "nan"),
+])
+def test_flags_the_spec_would_refuse_are_usage_errors_not_a_broken_server(flag, value, capsys):
+    """--instances -1 left the model loading for ever, --max-queue-size -1 refused every request,
+    and a port past 65535 was bound modulo 65536 (70001: 4465) while the log said 70001."""
+    import argparse
+
+    from plansmith_runtime import cli as runtime_cli
+
+    parser = argparse.ArgumentParser()  # parsed only: a wrongly accepted value must not start a server
+    runtime_cli.register(parser.add_subparsers())
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["serve", "--manifest", "file:///x", flag, value])
+    assert exited.value.code == 2 and flag in capsys.readouterr().err
+    lowest = {"--instances": "1", "--max-queue-size": "1", "--warmup-iterations": "1", "--grace-seconds": "0"}.get(flag, "0")
+    parsed = vars(parser.parse_args(["serve", flag, lowest]))
+    assert parsed[flag[2:].replace("-", "_")] == float(lowest)
