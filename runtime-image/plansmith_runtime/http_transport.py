@@ -240,6 +240,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._direct_received = 0
         self._direct_keep_alive = True
         self._lingering = False  # answered a rejected request, dropping what the client still sends
+        self._receiving = False  # a request's head or body has begun to arrive and is not whole yet
         self._method = "GET"
         self._reset()
 
@@ -329,7 +330,9 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     # httptools callbacks
 
-    on_message_begin = _reset
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._receiving = True
 
     # The callbacks below run once per header and request: the head's size is counted inline and
     # header names are decoded through a cache (a method call and a decode-and-lower per header
@@ -388,6 +391,7 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def _complete(self, body: bytes | memoryview, keep_alive: bool) -> None:
         """Hand a whole request to the worker (its head parsed, its body received)."""
+        self._receiving = False
         content_encoding = self._headers.get("content-encoding")
         if content_encoding is not None:
             try:
@@ -481,6 +485,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self.failed:
             return
         self.failed = True
+        self._receiving = False
         self._enqueue(error_response(status, message), False)
 
     def _close(self) -> None:
@@ -506,7 +511,9 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     @property
     def idle(self) -> bool:
-        return not self.answering and not self.pending
+        """No request in progress: none arriving, none waiting for its answer. A closing server
+        waits for a request that began to arrive before it closed, and answers it."""
+        return not self.answering and not self.pending and not self._receiving
 
     def close_when_idle(self) -> None:
         if self.idle:
@@ -549,7 +556,8 @@ class HttpServer:
             await asyncio.sleep(self.keep_alive_timeout / 4)
             cutoff = time.monotonic() - self.keep_alive_timeout
             for connection in list(self.connections):
-                if connection.idle and connection.last_active < cutoff:
+                # a request that stopped arriving half-way counts as idle here: the client stalled
+                if not connection.answering and not connection.pending and connection.last_active < cutoff:
                     connection._close()
 
     @property

@@ -356,8 +356,11 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_a_busy_
         assert await asyncio.wait_for(idle_reader.read(), 2) == b""
         status, headers, body = await read_response(busy_reader)
         assert status == 200 and "connection" not in headers and json.loads(body)["body"] == "slow"
-        idle_writer.close()
-        busy_writer.close()
+        stalled_reader, stalled_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        stalled_writer.write(post("/x", b"never all sent")[:-4])  # a client that stops half-way is idle too
+        assert await asyncio.wait_for(stalled_reader.read(), 2) == b""
+        for writer in (idle_writer, busy_writer, stalled_writer):
+            writer.close()
 
 
 @on_session_loop
@@ -381,6 +384,26 @@ async def test_close_finishes_in_flight_requests_and_closes_idle_connections():
         await asyncio.open_connection("127.0.0.1", port)
     busy_writer.close()
     idle_writer.close()
+
+
+@on_session_loop
+async def test_close_answers_a_request_that_began_to_arrive_before_it():
+    """As Triton drains before it stops its endpoints: half a body in when the server starts closing,
+    the rest after; the request is answered (and the connection then closed), not dropped."""
+    async with serving(echo, MAX_BODY) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = post("/x", b"0123456789")
+        writer.write(request[:-5])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(server.close(5.0))
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        writer.write(request[-5:])
+        status, headers, body = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close" and json.loads(body)["body"] == "0123456789"
+        await asyncio.wait_for(closing, 5)
+        writer.close()
 
 
 # Large bodies (DIRECT_BODY_BYTES and up) are received by the socket straight into their own buffer.
