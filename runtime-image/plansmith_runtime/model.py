@@ -335,15 +335,22 @@ class ServedModel:
             trace.stamp(tracing.REQUEST_END, answered)
         return result
 
-    async def stop(self, grace_seconds: float) -> None:
+    async def stop(self, grace_seconds: float) -> bool:
+        """Finish the queued and running requests within the grace period and close the executors.
+        False when a thread still uses them (a batch past the grace period, or a load not done):
+        they are left open, as freeing their buffers under it could crash the process, which is
+        exiting anyway."""
+        loading = self.state == "LOADING"
         self.state = "STOPPING"
         self.reason = "the server is shutting down"
+        if loading:
+            log.warning("stopped while loading: executors left open", extra={"model": self.name})
+            return False
         if self.batcher and not await self.batcher.close(grace_seconds):
-            # an executor thread still runs a batch past the grace period: freeing its buffers under it
-            # could crash the process, which is exiting anyway
             log.warning("executors left open: a batch is still running", extra={"model": self.name})
-            return
+            return False
         self._close_executors()
+        return True
 
     def pinned_memory(self) -> PinnedMemoryUse | None:
         """The pinned memory pool's budget and what the executors hold of it (None before loading)."""

@@ -73,10 +73,11 @@ class Server:
 
         log.info("shutting down: not ready, finishing in-flight requests", extra={"grace_seconds": grace})
         self.accepting = False
+        ends_at = loop.time() + grace  # one grace period for the whole shutdown (Triton's --exit-timeout-secs)
         # Listeners close first and wait for the requests they accepted; the batcher keeps running
         # until then so those requests complete; then the batcher drains and the executors close.
         await asyncio.gather(grpc_server.close(grace), http_server.close(grace), return_exceptions=True)
-        await self.model.stop(grace)
+        closed = await self.model.stop(max(0.0, ends_at - loop.time()))
         await metrics_runner.cleanup()
         system_metrics.stop()
         self.shared_memory.close()
@@ -84,6 +85,12 @@ class Server:
         if not loader.done():
             loader.cancel()
         log.info("stopped")
+        if not closed:
+            # A thread still loads the engine or runs a batch past the grace period: the interpreter
+            # would wait for it at exit (the event loop's executor and the instances' pool join their
+            # threads). As Triton after --exit-timeout-secs, exit with the work in flight.
+            logging.shutdown()
+            os._exit(0)
         return 0
 
 

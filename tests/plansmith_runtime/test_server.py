@@ -416,6 +416,23 @@ def test_sigterm_finishes_accepted_requests_and_exits_0(engines, start_server):
     assert '"stopped"' in server.log()
 
 
+def test_sigterm_while_the_engine_warms_up_exits_0_within_the_grace_period(engines, start_server):
+    """The interpreter waited at exit for the loading thread: the whole warmup ran after "stopped".
+    As Triton after --exit-timeout-secs, the process exits with that work in flight."""
+    server = start_server("--manifest", engines["small_cnn"].manifest_uri, "--warmup-iterations", "1000000",
+                          "--grace-seconds", "1")
+    server.wait_live()
+    deadline = time.monotonic() + 30
+    while '"artifact verified"' not in server.log():  # warming up from here on (a million runs a size)
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    signalled = time.monotonic()
+    code = server.terminate(timeout=30)
+    assert code == 0 and time.monotonic() - signalled < 6, server.log()
+    assert '"stopped while loading: executors left open"' in server.log() and '"warmup done"' not in server.log()
+
+
 def test_serve_from_model_yaml_takes_settings_and_engine_from_the_spec(engines, start_server, tmp_path):
     import yaml
 
