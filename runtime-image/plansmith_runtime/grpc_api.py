@@ -277,9 +277,13 @@ class InferenceService:
         return service_pb2.CudaSharedMemoryUnregisterResponse()
 
     def LogSettings(self, request):
-        """Triton's logging extension: the settings a request names are changed (none: read them)."""
+        """Triton's logging extension: the settings a request names are changed (none: read them).
+        A setting named without a value is refused, as Triton refuses it ("expect boolean for ...")."""
+        changes = choices(request.settings)
+        if unset := sorted(name for name, value in changes.items() if value is None):
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"log settings named without a value: {unset}")
         try:
-            settings = self.log_control.update(choices(request.settings))
+            settings = self.log_control.update(changes)
         except InvalidLogSetting as error:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         response = service_pb2.LogSettingsResponse()

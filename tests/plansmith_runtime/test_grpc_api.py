@@ -157,3 +157,23 @@ def test_a_region_name_registered_twice_or_unknown_gets_triton_s_status_codes(tm
     finally:
         regions.close()
         client_shm.destroy_shared_memory_region(handle)
+
+
+def test_a_log_setting_named_without_a_value_is_refused_and_nothing_changes():
+    """Triton answers INVALID_ARG ("expect boolean for 'log_info'"); such a setting was ignored."""
+    import logging
+
+    import grpc
+
+    from plansmith_runtime.grpc_transport import GrpcError
+    from plansmith_runtime.log_settings import LogControl, LogSettings
+
+    logs = LogControl(LogSettings(), [], logging.getLogger("test-grpc-log-settings"))
+    service = InferenceService(DoublingModel(), lambda: True, None, logs, NoTracing())
+    request = service_pb2.LogSettingsRequest()
+    request.settings["log_info"].bool_param = False
+    request.settings["log_verbose_level"].SetInParent()  # named, no value
+    with pytest.raises(GrpcError, match=r"without a value: \['log_verbose_level'\]") as refused:
+        service.LogSettings(request)
+    assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert service.LogSettings(service_pb2.LogSettingsRequest()).settings["log_info"].bool_param is True
