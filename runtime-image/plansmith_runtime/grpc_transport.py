@@ -600,6 +600,8 @@ class GrpcConnection(asyncio.BufferedProtocol):
         self._unacknowledged += len(payload)  # padding counts against flow control too
         stream = self._streams.get(stream_id)
         if stream is None or stream.answered:
+            if stream is not None and flags & END_STREAM:  # closed both ways now: no RST_STREAM for it
+                stream.half_closed = True
             return  # a refused, reset or already answered stream: only the connection window counts
         data = self._unpad(flags, payload)
         stream.unacknowledged += len(payload)

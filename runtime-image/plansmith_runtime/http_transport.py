@@ -332,7 +332,7 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def on_message_begin(self) -> None:
         self._reset()
-        self._receiving = True
+        self._receiving = not self.failed  # after a rejected request nothing more is answered
 
     # The callbacks below run once per header and request: the head's size is counted inline and
     # header names are decoded through a cache (a method call and a decode-and-lower per header
@@ -468,7 +468,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         """Write a response; to a HEAD request without its body (RFC 9110 section 9.3.2: it would be
         read as the start of the next response), its Content-Length kept."""
         on_sent = response.on_sent
-        if self.transport is None or self.transport.is_closing():  # the client went away
+        # the client went away, or the connection lingers after a rejection (its end already sent)
+        if self.transport is None or self.transport.is_closing() or self._lingering:
             if on_sent is not None:
                 on_sent(None, None)
             return

@@ -612,9 +612,10 @@ class TraceControl:
     def _update_model(self, model: str, parsed: dict[str, Any]) -> None:
         override = {name: value for name, value in {**self._overrides.get(model, {}), **parsed}.items()
                     if value is not None}
-        settings = self._checked(replace(self._global, **override))
+        settings = replace(self._global, **override)
         if "count" not in parsed:  # trace_count is a budget of traces left: other changes do not refill it
             settings = replace(settings, count=self._sampler_of(model).remaining)
+        settings = self._checked(settings)
         old = self._model_samplers.pop(model, None)
         if override:
             self._overrides[model] = override

@@ -850,6 +850,27 @@ def test_a_stream_answered_before_the_client_closed_its_side_is_reset_with_no_er
     assert resets == [(1, b"\x00\x00\x00\x00")]
 
 
+def test_a_stream_the_client_closes_while_its_ended_answer_waits_on_flow_control_is_not_reset():
+    """Ended by a failing request while its responses wait for the client's window, then closed by
+    the client: once the window opens the trailers end it, and no RST_STREAM follows on a stream
+    closed both ways (RFC 9113 5.1)."""
+    client = StreamClient()
+
+    async def main():
+        client.send(client.frame(4, 0, 0, struct.pack(">HI", 4, 0)))  # an initial stream window of 0
+        client.send(client.call(1, "Stream", framed(Request(id="ok")), end_stream=False))
+        await asyncio.sleep(0.01)  # the answer to "ok" waits for the window
+        client.send(client.frame(0, 0, 1, framed(Request(id="fail"))))
+        await asyncio.sleep(0.01)  # the stream is ended; its trailers wait behind the blocked DATA
+        client.send(client.frame(0, 0x1, 1, b""))  # the client closes its side
+        client.send(client.frame(8, 0, 1, struct.pack(">I", 65535)))  # and opens the window
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    frames = [(kind, flags) for kind, flags, stream, _ in written_frames(client.transport) if stream == 1]
+    assert frames[-1] == (1, 0x4 | 0x1) and (3, 0) not in frames  # trailers last, no reset
+
+
 def test_request_trailers_and_data_on_a_stream_already_answered_are_ignored():
     """The client closes its side (trailers, or DATA crossing the server's answer) of a stream the
     server answered and forgot: ignored (RFC 9113 5.1), where it used to be taken for a new stream

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import time
 import zlib
 
 import pytest
@@ -403,6 +404,32 @@ async def test_close_answers_a_request_that_began_to_arrive_before_it():
         status, headers, body = await read_response(reader)
         assert status == 200 and headers["connection"] == "close" and json.loads(body)["body"] == "0123456789"
         await asyncio.wait_for(closing, 5)
+        writer.close()
+
+
+@on_session_loop
+async def test_a_rejected_request_leaves_nothing_to_wait_for_at_close_and_no_write_after_its_end():
+    """After a 413 the connection lingers: the start of a request read with the rejected one is not
+    a request in progress (a closing server would wait out the linger), and an earlier request's
+    answer, due once the connection's end was sent, is dropped, not written (the worker crashed)."""
+    async with serving(echo, MAX_BODY) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(post("/big", b"x" * (MAX_BODY + 1)) + b"GET /next HTTP/1.1\r\nHost: x\r\n")
+        assert (await read_response(reader))[0] == 413
+        await asyncio.sleep(0.05)
+        (lingering,) = server.connections
+        assert lingering.idle
+        writer.close()
+    async with serving(echo, MAX_BODY) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(post("/sleep/300", b"first") + b"NOT HTTP AT ALL\r\n\r\n")
+        await asyncio.sleep(0.1)
+        (connection,) = server.connections
+        worker = connection.worker
+        started = time.monotonic()
+        await server.close(0.05)  # the grace period ends with /sleep/300 still in its handler
+        assert time.monotonic() - started < 1
+        await asyncio.wait_for(worker, 2)  # ends without raising
         writer.close()
 
 

@@ -248,6 +248,9 @@ def test_a_trace_count_used_up_is_not_refilled_by_changing_another_setting(tmp_p
     control.update(None, {"trace_rate": "1"})
     control.update("resnet", {"log_frequency": "0"})
     assert (control.settings("resnet")["trace_count"], control.settings()["trace_count"]) == ("3", "3")
+    assert traced(5) == 3
+    with pytest.raises(InvalidTraceSetting, match="trace count is 0"):  # a model's own count too
+        control.update("resnet", {"trace_rate": "2"})
 
 
 def test_settings_that_would_trace_nothing_are_refused_and_nothing_changes(tmp_path):
