@@ -329,12 +329,15 @@ class InferenceService:
                                    and (count := requested_classes(tensor.name, parameters_of(tensor)))}
                 timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
                 destinations = self.shared_memory.output_destinations(in_shared_memory) if in_shared_memory else None
-                outputs = await model.infer(inputs, wanted, timeout, trace, destinations)
-                if classifications:
-                    outputs = classify_outputs(outputs, classifications, model.has_batch_dim)
+
+                def respond(outputs: dict[str, np.ndarray]) -> service_pb2.ModelInferResponse:
+                    if classifications:
+                        outputs = classify_outputs(outputs, classifications, model.has_batch_dim)
+                    return self._infer_response(model, request.id, outputs, in_shared_memory)
+
+                response = await model.infer(inputs, wanted, timeout, trace, destinations, respond)
             except INFERENCE_ERRORS as error:
                 raise grpc_error(error) from None
-            response = self._infer_response(model, request.id, outputs, in_shared_memory)
         except BaseException:  # answered with an error status, or cancelled: the trace ends without a send
             if trace is not None:
                 trace.finish()
@@ -353,10 +356,7 @@ class InferenceService:
             if reference is None:
                 response.raw_output_contents.append(tensor_bytes(array))
                 continue
-            try:
-                parameters = write_to_shared_memory(self.shared_memory, reference, name, array)
-            except SharedMemoryError as error:
-                raise grpc_error(error) from None
+            parameters = write_to_shared_memory(self.shared_memory, reference, name, array)
             for key, value in parameters.items():
                 if isinstance(value, str):
                     tensor.parameters[key].string_param = value

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -285,10 +286,14 @@ class HttpApi:
                 trace.stamp(tracing.HTTP_RECV_END, request.received_ns)
             destinations = (self.shared_memory.output_destinations(decoded.shared_memory_outputs)
                             if decoded.shared_memory_outputs else None)
-            outputs = await model.infer(decoded.inputs, decoded.outputs, trace=trace, output_destinations=destinations)
-            if decoded.classifications:
-                outputs = classify_outputs(outputs, decoded.classifications, model.has_batch_dim)
-            payload, header_length = encode_http_response(model.name, model.version, decoded, outputs, self.shared_memory)
+
+            def respond(outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+                if decoded.classifications:
+                    outputs = classify_outputs(outputs, decoded.classifications, model.has_batch_dim)
+                return encode_http_response(model.name, model.version, decoded, outputs, self.shared_memory)
+
+            payload, header_length = await model.infer(decoded.inputs, decoded.outputs, trace=trace,
+                                                       output_destinations=destinations, respond=respond)
         except INFERENCE_ERRORS as error:
             response = error_response(error_status(error), str(error))
             return response if trace is None else response._replace(on_sent=trace.sent_over_http)

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,12 @@ from plansmith_runtime.tracing import Trace
 log = logging.getLogger(__name__)
 
 VERSION = "1"
+
+Response = TypeVar("Response")
+
+
+def _the_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return outputs
 
 
 class ModelNotReady(Exception):
@@ -267,12 +273,16 @@ class ServedModel:
 
     async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str], timeout_us: int = 0,
                     trace: Trace | None = None,
-                    output_destinations: dict[str, DeviceDestination] | None = None) -> dict[str, np.ndarray]:
-        """The outputs asked for (all when none are); a sampled request's `trace` gets its
-        timestamps from REQUEST_START to REQUEST_END, and its tensors. `output_destinations`: the
-        request's CUDA regions on the model's device by output, which the executor may write
-        directly (the output is then a DeviceTensor over its region), where
-        `_writes_outputs_on_device` says."""
+                    output_destinations: dict[str, DeviceDestination] | None = None,
+                    respond: Callable[[dict[str, np.ndarray]], Response] = _the_outputs) -> Response:
+        """What `respond` makes of the outputs asked for (all when none are; by default the outputs
+        themselves). `respond` is the front end's last step that can fail for the request's sake
+        (writing an output into a region too small for it): as in Triton, whose backends count a
+        request whose response failed as a failure, the request counts as a success only once it
+        returned. A sampled request's `trace` gets its timestamps from REQUEST_START to REQUEST_END,
+        and its tensors. `output_destinations`: the request's CUDA regions on the model's device by
+        output, which the executor may write directly (the output is then a DeviceTensor over its
+        region), where `_writes_outputs_on_device` says."""
         received = time.monotonic_ns()
         stats = self.metrics.stats
         stats.in_flight += 1
@@ -287,53 +297,47 @@ class ServedModel:
             if trace is not None:
                 trace.stamp(tracing.REQUEST_START, received)
                 trace.record_tensors(tracing.TENSOR_QUEUE_INPUT, inputs)
+            cached = cache_lookup_ns = None
             if self.response_cache is not None:
                 lookup_started = time.monotonic_ns()
                 key = response_key(inputs)
                 cached = self.response_cache.get(key)
-                lookup_ns = time.monotonic_ns() - lookup_started
-                if cached is not None:
-                    return self._answer_from_cache(cached, outputs, received, lookup_ns, trace)
-            pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us, trace,
-                                           output_destinations if self._writes_outputs_on_device else None)
-            await pending.future
+                cache_lookup_ns = time.monotonic_ns() - lookup_started
+            if cached is not None:
+                result = cached
+            else:
+                pending = self.batcher.enqueue(inputs, checked.batch, checked.batch_key, timeout_us, trace,
+                                               output_destinations if self._writes_outputs_on_device else None)
+                result = await pending.future
+                if self.response_cache is not None:
+                    inserting = time.monotonic_ns()
+                    self.response_cache.put(key, result)
+                    self.metrics.record_cache_miss((cache_lookup_ns + time.monotonic_ns() - inserting) / 1000)
+            if outputs:
+                result = {name: result[name] for name in outputs}
+            if trace is not None:
+                trace.record_tensors(tracing.TENSOR_BACKEND_OUTPUT, result)
+            response = respond(result)
         except BaseException:
             stats.failure += 1
             stats.failure_us += (time.monotonic_ns() - received) / 1000
             raise
         finally:
             stats.in_flight -= 1
-        result = pending.future.result()
-        if self.response_cache is not None:
-            inserting = time.monotonic_ns()
-            self.response_cache.put(key, result)
-            self.metrics.record_cache_miss((lookup_ns + time.monotonic_ns() - inserting) / 1000)
         answered = time.monotonic_ns()
-        self.metrics.record_success((answered - received) / 1000, pending.queue_us)
-        if outputs:
-            result = {name: result[name] for name in outputs}
+        if cached is not None:  # Triton's cache hit: a success without queue or compute
+            self.metrics.record_cache_hit((answered - received) / 1000, cache_lookup_ns / 1000)
+        else:
+            self.metrics.record_success((answered - received) / 1000, pending.queue_us)
         if trace is not None:
-            trace.record_tensors(tracing.TENSOR_BACKEND_OUTPUT, result)
             trace.stamp(tracing.REQUEST_END, answered)
-        return result
+        return response
 
     @property
     def _writes_outputs_on_device(self) -> bool:
         """Whether requests' output regions go to the executor: not with the response cache, which
         keeps host copies."""
         return self.response_cache is None
-
-    def _answer_from_cache(self, cached: dict[str, np.ndarray], outputs: Sequence[str], received: int, lookup_ns: int,
-                           trace: Trace | None) -> dict[str, np.ndarray]:
-        """The outputs asked for of a response the cache held: Triton's cache hit, a success without
-        queue or compute (its trace goes from REQUEST_START to REQUEST_END)."""
-        result = {name: cached[name] for name in outputs} if outputs else dict(cached)
-        answered = time.monotonic_ns()
-        self.metrics.record_cache_hit((answered - received) / 1000, lookup_ns / 1000)
-        if trace is not None:
-            trace.record_tensors(tracing.TENSOR_BACKEND_OUTPUT, result)
-            trace.stamp(tracing.REQUEST_END, answered)
-        return result
 
     async def stop(self, grace_seconds: float) -> bool:
         """Finish the queued and running requests within the grace period and close the executors.

@@ -99,8 +99,8 @@ class DoublingModel:
     def check_version(self, version: str) -> None:
         pass
 
-    async def infer(self, inputs, wanted, timeout, trace, destinations):
-        return {"y": inputs["x"] * 2}
+    async def infer(self, inputs, wanted, timeout, trace, destinations, respond):
+        return respond({"y": inputs["x"] * 2})
 
 
 class NoTracing:

@@ -127,6 +127,32 @@ async def test_without_a_response_cache_nothing_is_cached_or_reported(engines):
         await model.stop(1.0)
 
 
+@pytest.mark.parametrize("response_cache_bytes", [0, 1 << 20])
+async def test_a_request_whose_response_fails_counts_as_a_failure_not_a_success(engines, response_cache_bytes):
+    """The front end's `respond` (writing an output into a region too small for it) is the
+    request's last step: when it raises, the request counts as a failure, as Triton's backends
+    count it, whether it ran or came from the response cache; `respond`'s value is the answer."""
+    from plansmith_runtime.protocol import SharedMemoryError
+
+    def too_small(outputs):
+        raise SharedMemoryError("output 'logits': the region is too small")
+
+    policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=100)
+    model = ServedModel(ServingConfig("mlp", policy, warmup_iterations=1, response_cache_bytes=response_cache_bytes))
+    await model.load(LoadOptions(engines["mlp"].manifest_uri))
+    try:
+        x = engines["mlp"].model.sample_inputs(batch=1, seed=5)["input"]
+        assert await model.infer({"input": x}, [], respond=lambda outputs: sorted(outputs)) == ["logits"]
+        for _ in range(2):  # with a cache, the second one is a hit
+            with pytest.raises(SharedMemoryError, match="too small"):
+                await model.infer({"input": x}, [], respond=too_small)
+        stats = model.metrics.stats
+        assert (stats.success, stats.failure, stats.in_flight) == (1, 2, 0)
+        assert stats.cache_hits == 0 and stats.failure_us > 0
+    finally:
+        await model.stop(1.0)
+
+
 async def load_on_stand_in_device(built, policy: BatchingPolicy, cuda, response_cache_bytes: int = 0) -> ServedModel:
     """The small CNN served with IO binding, its executors' device batches on a stand-in CUDA
     runtime (host memory), so that what is copied where is visible."""

@@ -596,9 +596,16 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         assert caught.value.status() == "400"
         small = grpcclient.InferRequestedOutput("logits")
         small.set_shared_memory("logits", output_bytes - 4)
+        before = rpc.get_inference_statistics("cnn").model_stats[0].inference_stats
         with pytest.raises(InferenceServerException, match="should be at least") as caught:
             rpc.infer("cnn", [tensor], outputs=[small])
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException, match="should be at least") as caught:
+            infer_in_regions(http, httpclient, x, "images", ("logits", output_bytes - 4, 0))
+        assert caught.value.status() == "400"
+        after = rpc.get_inference_statistics("cnn").model_stats[0].inference_stats
+        # the model ran, but the requests failed: Triton counts them so
+        assert (after.success.count - before.success.count, after.fail.count - before.fail.count) == (0, 2)
         with pytest.raises(InferenceServerException, match="already registered"):
             http.register_system_shared_memory("images", key, x.nbytes)
         with pytest.raises(InferenceServerException, match="unable to open"):
