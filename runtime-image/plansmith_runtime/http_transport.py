@@ -182,21 +182,40 @@ def compress_response(response: HttpResponse, encoding: str | None) -> HttpRespo
     return HttpResponse(response.status, body, response.content_type, (*response.headers, ("Content-Encoding", encoding)))
 
 
-def render_response(response: HttpResponse, keep_alive: bool, date: bytes, server: bytes = b"plansmith") -> bytes:
-    """The status line and headers of a response (the body follows them on the wire)."""
-    head = _response_head(response.status, response.content_type, response.headers, keep_alive, server)
+# What a response's Connection header says: nothing (HTTP/1.1's connections persist unless told),
+# that the server closes the connection, or that it keeps it (RFC 9112 section 9.3: an HTTP/1.0
+# client that asked for keep-alive keeps the connection only when the response says so).
+CONNECTION_PERSISTS = b""
+CONNECTION_CLOSE = b"close"
+CONNECTION_KEEP_ALIVE = b"keep-alive"
+
+
+def connection_option(keep_alive: bool, request: HttpRequest | HttpResponse) -> bytes:
+    """The Connection header a response to `request` carries (a rejection is answered and closed)."""
+    if not keep_alive:
+        return CONNECTION_CLOSE
+    asked = request.headers.get("connection") if type(request) is HttpRequest else None
+    if asked is not None and "keep-alive" in asked.lower():
+        return CONNECTION_KEEP_ALIVE
+    return CONNECTION_PERSISTS
+
+
+def render_response(response: HttpResponse, connection: bytes, date: bytes, server: bytes = b"plansmith") -> bytes:
+    """The status line and headers of a response (the body follows them on the wire); `connection`
+    is what connection_option says of it."""
+    head = _response_head(response.status, response.content_type, response.headers, connection, server)
     return b"%sDate: %s\r\nContent-Length: %d\r\n\r\n" % (head, date, len(response.body))
 
 
 @lru_cache(maxsize=256)  # responses repeat a few statuses, content types and headers: made once each
-def _response_head(status: int, content_type: str, headers: tuple[tuple[str, str], ...], keep_alive: bool,
+def _response_head(status: int, content_type: str, headers: tuple[tuple[str, str], ...], connection: bytes,
                    server: bytes) -> bytes:
     """Every line of a response's head but its Date and Content-Length, each ending in CRLF."""
     lines = [b"HTTP/1.1 %d %s" % (status, _reason(status).encode()), b"Server: " + server,
              b"Content-Type: " + content_type.encode("latin-1")]
     lines.extend(f"{name}: {value}".encode("latin-1") for name, value in headers)
-    if not keep_alive:
-        lines.append(b"Connection: close")
+    if connection:
+        lines.append(b"Connection: " + connection)
     return b"\r\n".join(lines) + b"\r\n"
 
 
@@ -453,7 +472,8 @@ class HttpConnection(asyncio.BufferedProtocol):
                 keep_alive = keep_alive and not self.server.closing
                 if not self.writable.is_set():
                     await self.writable.wait()  # the client reads slowly: wait for the buffer to drain
-                self._write(response, keep_alive, head_only=isinstance(item, HttpRequest) and item.method == "HEAD")
+                self._write(response, connection_option(keep_alive, item),
+                            head_only=isinstance(item, HttpRequest) and item.method == "HEAD")
                 self.answering = False
                 if not keep_alive:
                     self._close()
@@ -464,7 +484,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             if self.server.closing and not self.pending:
                 self._close()
 
-    def _write(self, response: HttpResponse, keep_alive: bool, head_only: bool = False) -> None:
+    def _write(self, response: HttpResponse, connection: bytes, head_only: bool = False) -> None:
         """Write a response; to a HEAD request without its body (RFC 9110 section 9.3.2: it would be
         read as the start of the next response), its Content-Length kept."""
         on_sent = response.on_sent
@@ -474,7 +494,7 @@ class HttpConnection(asyncio.BufferedProtocol):
                 on_sent(None, None)
             return
         started = time.monotonic_ns() if on_sent is not None else 0
-        head = render_response(response, keep_alive, self.server.clock.date())
+        head = render_response(response, connection, self.server.clock.date())
         self.transport.write(head if head_only else head + response.body)
         self.last_active = time.monotonic()
         if on_sent is not None:

@@ -138,13 +138,13 @@ async def test_a_handler_may_answer_at_once_without_a_coroutine():
 
 
 def test_a_response_head_has_its_date_and_length_and_closes_only_when_asked():
-    from plansmith_runtime.http_transport import render_response
+    from plansmith_runtime.http_transport import CONNECTION_CLOSE, CONNECTION_PERSISTS, render_response
 
     response = HttpResponse(200, b"{}", headers=(("X-Answer", "yes"),))
-    kept = render_response(response, True, b"Sun, 29 Nov 2026 22:00:00 GMT")
+    kept = render_response(response, CONNECTION_PERSISTS, b"Sun, 29 Nov 2026 22:00:00 GMT")
     assert kept == (b"HTTP/1.1 200 OK\r\nServer: plansmith\r\nContent-Type: application/json\r\nX-Answer: yes\r\n"
                     b"Date: Sun, 29 Nov 2026 22:00:00 GMT\r\nContent-Length: 2\r\n\r\n")
-    closed = render_response(HttpResponse(404, b"not here"), False, b"Sun, 29 Nov 2026 22:00:01 GMT")
+    closed = render_response(HttpResponse(404, b"not here"), CONNECTION_CLOSE, b"Sun, 29 Nov 2026 22:00:01 GMT")
     assert closed.startswith(b"HTTP/1.1 404 Not Found\r\n") and b"Connection: close\r\n" in closed
     assert closed.endswith(b"Date: Sun, 29 Nov 2026 22:00:01 GMT\r\nContent-Length: 8\r\n\r\n")
 
@@ -223,7 +223,9 @@ async def test_a_request_asking_to_upgrade_is_served_over_http_1_1_with_its_body
         await read_100_continue(reader)
     for path, sent in (("/x", "hello"), ("/y", "after")):
         status, headers, body = await read_response(reader)
-        assert status == 200 and "connection" not in headers and "upgrade" not in headers
+        assert status == 200 and "upgrade" not in headers
+        asked_keep_alive = path == "/x" and "keep-alive" in extra
+        assert headers.get("connection") == ("keep-alive" if asked_keep_alive else None)  # never "Upgrade"
         assert json.loads(body) == {"method": "POST", "path": path, "body": sent, "header": None}
     writer.write(b"GET /z HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
     status, _, body = await read_response(reader)
@@ -308,6 +310,22 @@ async def test_http_1_0_without_keep_alive_closes_after_the_response(connection)
     writer.write(b"GET /x HTTP/1.0\r\n\r\n")
     status, _ = await read_last_response(reader)
     assert status == 200
+
+
+@on_session_loop
+async def test_http_1_0_with_keep_alive_is_told_the_connection_persists_and_keeps_it(connection):
+    """An HTTP/1.0 client keeps its connection only when the response says "Connection:
+    keep-alive" (RFC 9112 section 9.3; ApacheBench's -k counts on it); one that did not ask, or an
+    HTTP/1.1 client, gets no such header."""
+    reader, writer = connection
+    for body in (b"first", b"second"):
+        writer.write(b"POST /x HTTP/1.0\r\nConnection: Keep-Alive\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        status, headers, answer = await read_response(reader)
+        assert status == 200 and json.loads(answer)["body"] == body.decode()
+        assert headers["connection"] == "keep-alive"
+    writer.write(post("/x", b"over 1.1"))
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and "connection" not in headers
 
 
 @on_session_loop
