@@ -22,8 +22,8 @@ from plansmith_runtime.http_api import EXTENSIONS, INFERENCE_ERRORS, SERVER_NAME
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
 from plansmith_runtime.protobuf_wire import split_bytes_field
-from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, SharedMemoryError, SharedMemoryInputs,
-                                        SharedMemoryRegionExists, SharedMemoryRegionNotFound,
+from plansmith_runtime.protocol import (InvalidRequest, ModelNotFound, NotFound, SharedMemoryError, SharedMemoryInputs,
+                                        SharedMemoryRegionExists,
                                         SharedMemoryReference, array_from_bytes, array_from_json, datatype_of,
                                         reference_from_parameters, requested_classes, tensor_bytes, tensor_layout,
                                         write_to_shared_memory)
@@ -46,7 +46,7 @@ CONTENTS_FIELD = {
 def grpc_status(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, SharedMemoryRegionExists):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(error, SharedMemoryRegionNotFound):
+    if isinstance(error, NotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT

@@ -21,7 +21,7 @@ from plansmith_runtime.http_transport import (HttpRequest, HttpResponse, accepte
                                               error_response, json_response)
 from plansmith_runtime.log_settings import InvalidLogSetting, LogControl
 from plansmith_runtime.model import ModelNotReady, ServedModel
-from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, SharedMemoryError,
+from plansmith_runtime.protocol import (HEADER_CONTENT_LENGTH, InvalidRequest, ModelNotFound, NotFound, SharedMemoryError,
                                         decode_http_request, encode_http_response)
 from plansmith_runtime.scheduler import ExecutionFailed, QueueFull, RequestTimedOut, ShuttingDown
 from plansmith_runtime.shared_memory import SharedMemoryRegions, SystemSharedMemory
@@ -40,6 +40,8 @@ INFERENCE_ERRORS = (InvalidRequest, ModelNotReady, QueueFull, ShuttingDown, Requ
 
 
 def error_status(error: BaseException) -> int:
+    if isinstance(error, NotFound):
+        return 404
     if isinstance(error, InvalidRequest):
         return 400
     if isinstance(error, (QueueFull, ModelNotReady, ShuttingDown, RequestTimedOut)):
@@ -190,7 +192,7 @@ class HttpApi:
         try:
             config = self._model(target).model_config()
         except InvalidRequest as error:
-            return error_response(400, str(error))
+            return error_response(error_status(error), str(error))
         if config is None:
             return error_response(503, f"model '{self.model.name}' is not ready: {self.model.reason}")
         return json_response(config_as_json(config))
@@ -201,7 +203,7 @@ class HttpApi:
         try:
             return json_response({"model_stats": self._model(target).statistics(named=True)})
         except InvalidRequest as error:
-            return error_response(400, str(error))
+            return error_response(error_status(error), str(error))
 
     def repository_index(self, target: Route, request: HttpRequest) -> HttpResponse:
         try:
@@ -243,7 +245,7 @@ class HttpApi:
         try:
             return json_response(self._regions(target).status(target.region or ""))
         except SharedMemoryError as error:
-            return error_response(400, str(error))
+            return error_response(error_status(error), str(error))
 
     def shared_memory_register(self, target: Route, request: HttpRequest) -> HttpResponse:
         assert target.region is not None
@@ -259,7 +261,7 @@ class HttpApi:
                 self.shared_memory.register_system(target.region, document.get("key"), document.get("offset", 0),
                                                    document.get("byte_size"))
         except InvalidRequest as error:  # SharedMemoryError is one
-            return error_response(400, str(error))
+            return error_response(error_status(error), str(error))
         return HttpResponse(200, b"")
 
     def shared_memory_unregister(self, target: Route) -> HttpResponse:

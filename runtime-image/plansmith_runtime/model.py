@@ -24,7 +24,7 @@ from plansmith_runtime.executors.device_memory import DeviceDestination
 from plansmith_runtime.executors.pinned_memory import DEFAULT_POOL_BYTES, PinnedMemoryPool
 from plansmith_runtime.loader import fetch_engine
 from plansmith_runtime.metrics import Metrics, model_statistics
-from plansmith_runtime.protocol import InvalidRequest, Signature
+from plansmith_runtime.protocol import InvalidRequest, ModelNotFound, Signature
 from plansmith_runtime.response_cache import ResponseCache, response_key
 from plansmith_runtime.scheduler import DynamicBatcher
 from plansmith_runtime.system_metrics import PinnedMemoryUse
@@ -269,7 +269,8 @@ class ServedModel:
 
     def check_version(self, version: str | None) -> None:
         if version and version != self.version:
-            raise InvalidRequest(f"model '{self.name}' has no version {version} (serving version {self.version})")
+            raise ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found "
+                                f"(serving version {self.version})")
 
     async def infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str], timeout_us: int = 0,
                     trace: Trace | None = None,

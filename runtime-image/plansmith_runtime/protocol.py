@@ -41,8 +41,13 @@ class InvalidRequest(ValueError):
     """A request the model cannot run: HTTP 400 / gRPC INVALID_ARGUMENT."""
 
 
-class ModelNotFound(InvalidRequest):
-    pass
+class NotFound(InvalidRequest):
+    """Something a request names does not exist: HTTP 404 / gRPC NOT_FOUND, as Triton answers its
+    TRITONSERVER_ERROR_NOT_FOUND (HttpCodeFromError in its http_server.cc)."""
+
+
+class ModelNotFound(NotFound):
+    """No model (or version) of that name is served."""
 
 
 class SharedMemoryError(InvalidRequest):
@@ -50,11 +55,11 @@ class SharedMemoryError(InvalidRequest):
 
 
 class SharedMemoryRegionExists(SharedMemoryError):
-    """A region name already registered: gRPC ALREADY_EXISTS, as Triton's shared memory manager says."""
+    """A region name already registered: gRPC ALREADY_EXISTS (HTTP 400), as Triton's shared memory manager says."""
 
 
-class SharedMemoryRegionNotFound(SharedMemoryError):
-    """No region of that name: gRPC NOT_FOUND, as Triton's shared memory manager says."""
+class SharedMemoryRegionNotFound(SharedMemoryError, NotFound):
+    """No region of that name: HTTP 404 / gRPC NOT_FOUND, as Triton's shared memory manager says."""
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,10 @@ async def test_a_model_still_loading_is_live_not_ready_and_refuses_inference(api
     infer = await answer(api, request("POST", "/v2/models/resnet/infer", b'{"inputs": []}'))
     assert infer.status == 503 and "is not ready" in json.loads(infer.body)["error"]
     other = await answer(api, request("POST", "/v2/models/other/infer", b'{"inputs": []}'))
-    assert other.status == 400 and "unknown model" in json.loads(other.body)["error"]
+    assert other.status == 404 and "unknown model: 'other'" in json.loads(other.body)["error"]
+    # as Triton's model ready endpoint, an unknown model or version is not ready: 400
     version = await answer(api, request("GET", "/v2/models/resnet/versions/7/ready"))
-    assert version.status == 400 and "has no version 7" in json.loads(version.body)["error"]
+    assert version.status == 400 and "'resnet' version 7 is not found" in json.loads(version.body)["error"]
 
 
 @pytest.mark.parametrize("kind, body, message", [
@@ -141,7 +142,7 @@ def test_a_bad_shared_memory_registration_is_400_and_registers_nothing(api, kind
     assert api.handle(request("GET", f"/v2/{kind}/region/images/register")).status == 405
     status = api.handle(request("GET", f"/v2/{kind}/region/images/status"))
     kind_name = {"systemsharedmemory": "system", "cudasharedmemory": "CUDA"}[kind]
-    assert status.status == 400
+    assert status.status == 404  # Triton's NOT_FOUND
     assert f"unable to find {kind_name} shared memory region" in json.loads(status.body)["error"]
     assert api.handle(request("POST", f"/v2/{kind}/unregister")).status == 200
 

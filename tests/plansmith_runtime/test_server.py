@@ -275,11 +275,16 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(engines, cnn_se
         (lambda: http.infer("cnn", [http_input(x, name="image")]), "unexpected inference input 'image'"),
         (lambda: http.infer("cnn", [http_input(x[:, :, :16])]), "shape"),
         (lambda: http.infer("cnn", [http_input(np.zeros((17, 3, 32, 32), np.float32))]), "batch-size must be <= 16"),
-        (lambda: http.infer("missing", [http_input(x)]), "unknown model"),
     ]:
         with pytest.raises(InferenceServerException, match=message) as error:
             bad()
         assert error.value.status() == "400"
+    # what a request names and is not there is 404 / NOT_FOUND, as Triton answers (HttpCodeFromError)
+    for bad in (lambda: http.infer("missing", [http_input(x)]), lambda: http.infer("cnn", [http_input(x)], "7"),
+                lambda: http.get_model_metadata("missing"), lambda: http.get_model_config("cnn", "2")):
+        with pytest.raises(InferenceServerException, match="Request for unknown model: '(missing|cnn)'") as error:
+            bad()
+        assert error.value.status() == "404"
 
     rpc = grpcclient.InferenceServerClient(cnn_server.grpc_url)
     wrong_dtype = grpcclient.InferInput("input", list(x.shape), "FP64")
@@ -292,6 +297,10 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(engines, cnn_se
         with pytest.raises(InferenceServerException, match=message) as error:
             bad()
         assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    for bad in (lambda: rpc.infer("missing", [grpc_input(x)]), lambda: rpc.get_model_metadata("cnn", "7")):
+        with pytest.raises(InferenceServerException, match="Request for unknown model") as error:
+            bad()
+        assert error.value.status() == "StatusCode.NOT_FOUND"
 
     assert http.is_server_ready() and rpc.is_model_ready("cnn")
     assert rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits").shape == (1, 10)
@@ -617,6 +626,9 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         with pytest.raises(InferenceServerException, match="unable to find") as caught:
             rpc.infer("cnn", [tensor])
         assert caught.value.status() == "StatusCode.NOT_FOUND"  # as Triton's shared memory manager answers
+        with pytest.raises(InferenceServerException, match="unable to find") as caught:
+            infer_in_regions(http, httpclient, x, "images", ("logits", output_bytes, 0))
+        assert caught.value.status() == "404"
         rpc.unregister_system_shared_memory()  # all
         assert http.get_system_shared_memory_status() == [] and not rpc.get_system_shared_memory_status().regions
         np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
