@@ -41,6 +41,7 @@ class Region:
     offset: int  # into the shared memory object
     byte_size: int
     mapping: mmap.mmap
+    descriptor: int  # the object, open while registered: its current size is checked before each use
 
     def status(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -78,20 +79,23 @@ class SystemSharedMemory(RegionRegistry[Region]):
                 raise SharedMemoryError(f"shared memory region '{name}': {byte_size} bytes at offset {offset} do not fit "
                                         f"in the {size}-byte object {key!r}")
             mapping = mmap.mmap(descriptor, size)
-        finally:
-            os.close(descriptor)  # the mapping keeps the object alive
-        self._regions[name] = Region(name, key, offset, byte_size, mapping)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, mapping, descriptor)
 
     def input_array(self, reference: SharedMemoryReference, tensor: str, dtype: np.dtype,
                     shape: tuple[int, ...]) -> np.ndarray:
         """The input as a view of the region (no copy); its size must be what its shape needs."""
         region = self._input_region(reference, tensor, dtype, shape)
+        _check_not_shrunk(region, reference)
         return np.frombuffer(region.mapping, dtype, reference.byte_size // dtype.itemsize,
                              region.offset + reference.offset).reshape(shape)
 
     def write_output(self, reference: SharedMemoryReference, tensor: str, array: np.ndarray) -> int:
         """Copy an output into its region; returns the bytes written."""
         region = self._output_region(reference, tensor, array)
+        _check_not_shrunk(region, reference)
         target = np.frombuffer(region.mapping, array.dtype, array.size, region.offset + reference.offset)
         np.copyto(target.reshape(array.shape), array)
         return array.nbytes
@@ -99,6 +103,19 @@ class SystemSharedMemory(RegionRegistry[Region]):
     def _release(self, region: Region) -> None:
         """A request still reading the region keeps its mapping alive until it is done."""
         _close(region.mapping)
+        os.close(region.descriptor)
+
+
+def _check_not_shrunk(region: Region, reference: SharedMemoryReference) -> None:
+    """Refuse a reference past the end of a region's object, which the client shrank after
+    registering it: touching a mapped page past the end of its file kills the process with SIGBUS
+    (Triton's server dies so). A client shrinking it between this check and the read can still do
+    that; a client that shrank it before sending is answered."""
+    end = region.offset + reference.offset + reference.byte_size
+    size = os.fstat(region.descriptor).st_size
+    if size < end:
+        raise SharedMemoryError(f"shared memory region '{region.name}': its object {region.key!r} is now {size} bytes, "
+                                f"too small for {reference.byte_size} bytes at offset {reference.offset}; register it again")
 
 
 def _close(mapping: mmap.mmap) -> None:

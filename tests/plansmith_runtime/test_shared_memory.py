@@ -3,6 +3,7 @@ clients make them (tritonclient.utils.shared_memory)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -90,3 +91,43 @@ def test_a_key_that_is_a_link_to_another_file_is_refused_and_the_file_untouched(
             SystemSharedMemory().register("fifo", fifo, 0, 16)
     finally:
         os.unlink(f"/dev/shm/{fifo}")
+
+
+def test_a_region_whose_object_the_client_shrank_is_refused_instead_of_crashing_the_server():
+    """Touching a mapped page past the end of its object is SIGBUS, the server's death: a reference
+    past the object's current end is the client's error, and the region works again once the
+    object has its size back."""
+    key, pages = f"/plansmith-shrunk-{os.getpid()}", 3 * mmap.PAGESIZE
+    handle = client_shm.create_shared_memory_region("shrunk", key, pages)
+    registry = SystemSharedMemory()
+    descriptor = os.open(f"/dev/shm/{key.lstrip('/')}", os.O_RDWR)
+    try:
+        registry.register("tensors", key, 0, pages)
+        os.ftruncate(descriptor, 1024)
+        past_the_end = SharedMemoryReference("tensors", 4096, 2 * mmap.PAGESIZE)
+        float32 = np.dtype(np.float32)
+        with pytest.raises(SharedMemoryError, match=f"is now 1024 bytes, too small for 4096 bytes at offset {2 * mmap.PAGESIZE}"):
+            registry.write_output(past_the_end, "logits", np.ones(1024, np.float32))
+        with pytest.raises(SharedMemoryError, match="is now 1024 bytes"):
+            registry.input_array(SharedMemoryReference("tensors", 64, 1000), "input", float32, (16,))
+        # what still lies inside the object is served
+        np.testing.assert_array_equal(registry.input_array(SharedMemoryReference("tensors", 64, 0), "input", float32,
+                                                           (16,)), np.zeros(16, np.float32))
+        os.ftruncate(descriptor, pages)
+        assert registry.write_output(past_the_end, "logits", np.ones(1024, np.float32)) == 4096
+    finally:
+        os.close(descriptor)
+        registry.close()
+        client_shm.destroy_shared_memory_region(handle)
+
+
+def test_a_region_keeps_its_object_open_until_it_is_unregistered(shared_object):
+    key, _ = shared_object
+    opened = len(os.listdir("/proc/self/fd"))
+    registry = SystemSharedMemory()
+    registry.register("a", key, 0, 64)
+    registry.register("b", key, 64, 64)
+    with pytest.raises(SharedMemoryError, match="do not fit"):
+        registry.register("c", key, 4096, 64)
+    registry.unregister_all()
+    assert len(os.listdir("/proc/self/fd")) == opened
