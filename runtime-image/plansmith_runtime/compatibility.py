@@ -7,8 +7,10 @@ Rules:
   any ONNX Runtime at least as new as the one that wrote them, so only an older one is refused;
 - CPU engines record the widest SIMD extension they were optimized for as "<arch>-<extension>"
   (e.g. "x86_64-avx2"); the machine must have that architecture and that extension;
-- GPU engines need a GPU whose compute capability equals the recorded one, unless built with
-  hardware compatibility "ampere+", which runs on any compute capability >= 8.0.
+- GPU engines need the GPU they will run on, CUDA device 0 (the first that CUDA_VISIBLE_DEVICES
+  lets this process see, in CUDA's order), to have the recorded compute capability, unless built
+  with hardware compatibility "ampere+", which runs on any compute capability >= 8.0. Another
+  visible GPU that matches does not help: the executors use device 0.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class IncompatibleEngine(RuntimeError):
 class Machine:
     arch: str  # platform.machine(): x86_64, aarch64
     cpu_flags: frozenset[str] = field(default_factory=frozenset)
-    gpu_compute_capabilities: tuple[str, ...] = ()  # one per visible GPU, e.g. ("9.0",)
+    gpu_compute_capabilities: tuple[str, ...] = ()  # one per usable GPU in CUDA's device order, e.g. ("9.0",)
     backend_versions: dict[str, str] = field(default_factory=dict)  # installed backends
 
 
@@ -67,14 +69,16 @@ def problems(manifest: Manifest, machine: Machine) -> list[str]:
                 found.append(f"engine is optimized for {target.cpu_isa}, this CPU lacks {extension}")
     else:
         capabilities = machine.gpu_compute_capabilities
-        wanted = target.compute_capability
         if not capabilities:
-            found.append("engine needs a GPU, none is visible (NVML found no device)")
-        elif target.hardware_compatibility == "ampere+":
-            if not any(_version_tuple(cc) >= (8, 0) for cc in capabilities):
-                found.append(f"engine is built for Ampere or newer (ampere+), this GPU has compute capability {capabilities[0]}")
-        elif wanted not in capabilities:
-            found.append(f"engine is built for compute capability {wanted}, this GPU has {', '.join(capabilities)}")
+            found.append("engine needs a GPU, none is visible (no CUDA device)")
+            return found
+        runs_on = capabilities[0]  # CUDA device 0, the executors' device
+        where = "this GPU" if len(capabilities) == 1 else "the GPU it would run on (CUDA device 0)"
+        if target.hardware_compatibility == "ampere+":
+            if _version_tuple(runs_on) < (8, 0):
+                found.append(f"engine is built for Ampere or newer (ampere+), {where} has compute capability {runs_on}")
+        elif target.compute_capability != runs_on:
+            found.append(f"engine is built for compute capability {target.compute_capability}, {where} has {runs_on}")
     return found
 
 
@@ -92,7 +96,33 @@ def cpu_flags() -> frozenset[str]:
 
 
 def gpu_compute_capabilities() -> tuple[str, ...]:
-    """Compute capabilities of the visible GPUs through NVML; () without a driver."""
+    """Compute capabilities of the GPUs this process can use, in CUDA's device order (what
+    CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER make it), through the CUDA runtime; without
+    cuda-python, NVML's, which lists every GPU of the container in PCI order. () without a driver."""
+    through_cuda = cuda_compute_capabilities()
+    return through_cuda if through_cuda is not None else nvml_compute_capabilities()
+
+
+def cuda_compute_capabilities() -> tuple[str, ...] | None:
+    """The CUDA devices' compute capabilities, device 0 first; None without cuda-python, () when
+    CUDA finds no device (no driver, or CUDA_VISIBLE_DEVICES hides them all)."""
+    from plansmith_runtime.executors.cuda import CudaUnavailable, check_cuda, cuda_runtime
+
+    try:
+        cudart = cuda_runtime()
+    except CudaUnavailable:
+        return None
+    error, count = cudart.cudaGetDeviceCount()
+    if int(error) != 0:
+        return ()
+    attribute = cudart.cudaDeviceAttr
+    return tuple(f"{check_cuda(cudart.cudaDeviceGetAttribute(attribute.cudaDevAttrComputeCapabilityMajor, device))}."
+                 f"{check_cuda(cudart.cudaDeviceGetAttribute(attribute.cudaDevAttrComputeCapabilityMinor, device))}"
+                 for device in range(count))
+
+
+def nvml_compute_capabilities() -> tuple[str, ...]:
+    """Every GPU NVML sees, in its (PCI) order; () without a driver."""
     try:
         import pynvml
     except ImportError:
