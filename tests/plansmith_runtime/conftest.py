@@ -188,6 +188,24 @@ def engines(tmp_path_factory) -> dict[str, BuiltEngine]:
     return built
 
 
+# How close a served output must be to the same engine run directly on the same input. On the CPU a
+# request's rows come out of a batch as they would alone. ONNX Runtime's CUDA provider picks
+# convolution algorithms (TF32 among them, its default as Triton's) per batch size, which moves a
+# request's logits by up to ~2e-3 when it runs batched (an H200); another request's image would
+# move them by about 1.
+ON_THE_CPU = dict(rtol=1e-5, atol=1e-5)
+BATCHED_ON_A_GPU = dict(rtol=1e-2, atol=1e-2)
+
+
+@pytest.fixture(scope="session")
+def tolerance(engines) -> dict[str, float]:
+    """ON_THE_CPU, or BATCHED_ON_A_GPU where the builder found a GPU and built for it."""
+    from plansmith.onnxruntime_providers import CPU_PROVIDER
+
+    on_a_gpu = any(built.execution_provider not in (None, CPU_PROVIDER) for built in engines.values())
+    return BATCHED_ON_A_GPU if on_a_gpu else ON_THE_CPU
+
+
 @pytest.fixture
 def cpu_engines(engines) -> dict[str, BuiltEngine]:
     """`engines`, for the tests that play device memory with the stand-in CUDA runtime's host

@@ -16,7 +16,7 @@ from plansmith_runtime.system_metrics import PinnedMemoryUse
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def test_a_loaded_model_runs_two_sessions_answers_like_onnxruntime_and_froze_its_startup_objects(engines):
+async def test_a_loaded_model_runs_two_sessions_answers_like_onnxruntime_and_froze_its_startup_objects(engines, tolerance):
     policy = BatchingPolicy(max_batch_size=8, enabled=True, max_queue_delay_us=1000)
     model = ServedModel(ServingConfig("mlp", policy, instances=2, warmup_iterations=1))
     gc.unfreeze()
@@ -29,7 +29,7 @@ async def test_a_loaded_model_runs_two_sessions_answers_like_onnxruntime_and_fro
         results = await asyncio.gather(*(model.infer({"input": x}, []) for x in inputs))
         session = engines["mlp"].session()
         for x, result in zip(inputs, results):
-            np.testing.assert_allclose(result["logits"], session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(result["logits"], session.run(None, {"input": x})[0], **tolerance)
         assert model.metrics.stats.success == 4
     finally:
         await model.stop(1.0)
@@ -37,7 +37,7 @@ async def test_a_loaded_model_runs_two_sessions_answers_like_onnxruntime_and_fro
 
 @pytest.mark.parametrize("pool_bytes", [64 << 20, 0])
 async def test_a_model_on_a_gpu_joins_batches_in_pinned_buffers_from_warmup_on_unless_the_pool_is_off(
-        engines, monkeypatch, caplog, pool_bytes):
+        engines, monkeypatch, caplog, pool_bytes, tolerance):
     """The GPU's path on the CPU provider, pinned memory from numpy: each instance's buffer is
     allocated by warmup, serves the batches, and is freed at stop; with a pool of 0 bytes none is."""
     from plansmith_runtime import model as model_module
@@ -71,13 +71,13 @@ async def test_a_model_on_a_gpu_joins_batches_in_pinned_buffers_from_warmup_on_u
         inputs = [built.model.sample_inputs(batch=1, seed=seed)["input"] for seed in range(3)]
         results = await asyncio.gather(*(model.infer({"input": x}, []) for x in inputs))
         expected = built.session().run(None, {"input": np.concatenate(inputs)})[0]
-        np.testing.assert_allclose(np.concatenate([result["logits"] for result in results]), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.concatenate([result["logits"] for result in results]), expected, **tolerance)
     finally:
         await model.stop(1.0)
     assert not live and model.pinned_memory() == PinnedMemoryUse(pool_bytes, 0)
 
 
-async def test_with_a_response_cache_a_repeated_request_is_answered_without_running_the_model(engines):
+async def test_with_a_response_cache_a_repeated_request_is_answered_without_running_the_model(engines, tolerance):
     """Triton's response cache: the first request with some inputs runs and is kept (a miss), the
     same inputs again are answered from the cache (a hit: success, no queue, no execution), and
     other inputs run; the statistics and the metrics say so with Triton's names."""
@@ -94,9 +94,9 @@ async def test_with_a_response_cache_a_repeated_request_is_answered_without_runn
         first = await model.infer({"input": x}, [])
         again = await model.infer({"input": x.copy()}, ["logits"])
         third = await model.infer({"input": other}, [])
-        np.testing.assert_allclose(first["logits"], session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(first["logits"], session.run(None, {"input": x})[0], **tolerance)
         np.testing.assert_array_equal(again["logits"], first["logits"])
-        np.testing.assert_allclose(third["logits"], session.run(None, {"input": other})[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(third["logits"], session.run(None, {"input": other})[0], **tolerance)
         stats = model.metrics.stats
         assert (stats.success, stats.cache_hits, stats.cache_misses) == (3, 1, 2)
         assert stats.exec_count - executions == 2 and stats.cache_hit_us > 0 and stats.cache_miss_us > 0
@@ -169,7 +169,7 @@ async def load_on_stand_in_device(built, policy: BatchingPolicy, cuda, response_
 
 
 async def test_outputs_named_in_a_device_region_come_through_the_host_with_the_response_cache(cpu_engines,
-                                                                                              stand_in_cuda):
+                                                                                              stand_in_cuda, tolerance):
     """The response cache keeps host copies of what it answers: a request's device destination is
     not handed to the executor, and the output comes back as an array (its region is written from
     it), on a miss and on a hit."""
@@ -185,14 +185,14 @@ async def test_outputs_named_in_a_device_region_come_through_the_host_with_the_r
         for _ in range(2):  # a miss, then a hit
             answer = await model.infer({"input": x}, [], output_destinations={"logits": region})
             assert type(answer["logits"]) is np.ndarray and cuda.copies == []
-            np.testing.assert_allclose(answer["logits"], expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(answer["logits"], expected, **tolerance)
         assert model.metrics.stats.cache_hits == 1
     finally:
         await model.stop(1.0)
 
 
 async def test_a_model_without_a_batch_dimension_writes_a_requests_whole_output_into_its_device_region(
-        cpu_engines, stand_in_cuda):
+        cpu_engines, stand_in_cuda, tolerance):
     """Served with maxBatchSize 0, a request of two images is one item that runs alone: its whole
     output (both images' logits) is copied device-to-device into its region, not one row of it."""
     from plansmith_runtime.executors.device_memory import DeviceDestination, DeviceTensor
@@ -210,7 +210,7 @@ async def test_a_model_without_a_batch_dimension_writes_a_requests_whole_output_
         assert isinstance(written, DeviceTensor) and written.pointer == address and written.shape == expected.shape
         assert cuda.copies == [("cudaMemcpyDeviceToDevice", expected.nbytes, 0)]
         in_region = np.frombuffer(cuda.device_memory[address], np.float32).reshape(expected.shape)
-        np.testing.assert_allclose(in_region, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(in_region, expected, **tolerance)
         small = DeviceDestination(address, expected.nbytes - 1, 0, cuda)  # no room: the host path, and the region's error
         answer = await model.infer({"input": x}, [], output_destinations={"logits": small})
         assert type(answer["logits"]) is np.ndarray and len(cuda.copies) == 1

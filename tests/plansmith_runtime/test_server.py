@@ -27,12 +27,6 @@ from plansmith_runtime.http_transport import DIRECT_BODY_BYTES
 from plansmith_runtime.system_metrics import NvmlGpus
 from plansmith_runtime.trace_summary import read_traces, summarize
 
-TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-# A request batched with others on a GPU against the same engine run on it alone: ONNX Runtime's CUDA
-# provider picks convolution algorithms (TF32 among them) per batch size, which moves logits by up to
-# ~2e-3 (an H200); another request's image would move them by about 1.
-BATCHED_ON_A_GPU = dict(rtol=1e-2, atol=1e-2)
-
 
 @pytest.fixture(scope="module")
 def cnn_server(engines, module_server):
@@ -54,7 +48,7 @@ def grpc_input(array: np.ndarray, name: str = "input", module=grpcclient, dataty
     return tensor
 
 
-def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server):
+def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server, tolerance):
     session = engines["small_cnn"].session()
     # 8 images: 98 KB in binary and more as JSON, so over HTTP both bodies are received into buffers of
     # their own (http_transport.DIRECT_BODY_BYTES)
@@ -82,7 +76,7 @@ def test_outputs_equal_direct_onnxruntime_over_every_client(engines, cnn_server)
     http_aio, grpc_aio = asyncio.run(asynchronous())
     for result in (binary, as_json, over_grpc, http_aio, grpc_aio):
         assert result.shape == (8, 10)
-        np.testing.assert_allclose(result, expected, **TOLERANCE)
+        np.testing.assert_allclose(result, expected, **tolerance)
 
 
 def test_classification_extension_returns_each_images_top_classes_over_http_and_grpc(engines, cnn_server):
@@ -116,7 +110,7 @@ def test_classification_extension_returns_each_images_top_classes_over_http_and_
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_tritonclient_compressed_requests_and_responses(engines, cnn_server, algorithm):
+def test_tritonclient_compressed_requests_and_responses(engines, cnn_server, algorithm, tolerance):
     x = engines["small_cnn"].model.sample_inputs(batch=2, seed=12)["input"]
     expected = engines["small_cnn"].session().run(None, {"input": x})[0]
     http = httpclient.InferenceServerClient(cnn_server.http_url)
@@ -124,7 +118,7 @@ def test_tritonclient_compressed_requests_and_responses(engines, cnn_server, alg
         result = http.infer("cnn", [http_input(x, binary=binary)], request_compression_algorithm=algorithm,
                             response_compression_algorithm=algorithm,
                             outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary)])
-        np.testing.assert_allclose(result.as_numpy("logits"), expected, **TOLERANCE)
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, **tolerance)
     # tritonclient hides the response's headers: ask once more by hand and look at them. As in
     # Triton, inference results are compressed, metadata and errors are not.
     infer_body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
@@ -134,13 +128,13 @@ def test_tritonclient_compressed_requests_and_responses(engines, cnn_server, alg
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.headers["Content-Encoding"] == algorithm
         body = zlib.decompress(response.read(), 16 + zlib.MAX_WBITS if algorithm == "gzip" else zlib.MAX_WBITS)
-    np.testing.assert_allclose(np.reshape(json.loads(body)["outputs"][0]["data"], (2, 10)), expected, **TOLERANCE)
+    np.testing.assert_allclose(np.reshape(json.loads(body)["outputs"][0]["data"], (2, 10)), expected, **tolerance)
     request = urllib.request.Request(f"http://{cnn_server.http_url}/v2/models/cnn", headers={"Accept-Encoding": algorithm})
     with urllib.request.urlopen(request, timeout=5) as response:
         assert "Content-Encoding" not in response.headers and json.loads(response.read())["name"] == "cnn"
 
 
-def test_health_metadata_and_config_like_triton(cnn_server):
+def test_health_metadata_and_config_like_triton(engines, cnn_server):
     http = httpclient.InferenceServerClient(cnn_server.http_url)
     assert http.is_server_live() and http.is_server_ready() and http.is_model_ready("cnn")
     assert "binary_tensor_data" in http.get_server_metadata()["extensions"]
@@ -156,8 +150,10 @@ def test_health_metadata_and_config_like_triton(cnn_server):
     assert grpc_config.platform == "onnxruntime_onnx" and grpc_config.instance_group[0].count == 2
     with pytest.raises(InferenceServerException, match="unknown model"):
         rpc.get_model_metadata("nope")
-    # warmup ran every batch size the batcher forms (1, the preferred sizes, the maximum) before ready
-    assert '"batch_sizes": [1, 4, 8, 16]' in cnn_server.log()
+    # warmup ran every batch size the batcher forms (1, the preferred sizes, the maximum) before ready,
+    # and on CUDA every bucket its sessions pad batches up to
+    on_cuda = engines["small_cnn"].execution_provider == "CUDAExecutionProvider"
+    assert f'"batch_sizes": {[1, 2, 4, 8, 16] if on_cuda else [1, 4, 8, 16]}' in cnn_server.log()
 
 
 def test_metrics_port_polls_tritons_cpu_and_pinned_memory_metrics_and_gpu_ones_where_nvml_sees_gpus(cnn_server):
@@ -200,7 +196,7 @@ def test_latency_summaries_follow_the_counters_and_order_their_quantiles(engines
     assert 0 < infer["0.5"] < request["0.99"]  # a request's compute is part of its time in the server
 
 
-def test_concurrent_clients_get_their_own_results_in_batches(engines, cnn_server):
+def test_concurrent_clients_get_their_own_results_in_batches(engines, cnn_server, tolerance):
     session = engines["small_cnn"].session()
     before = cnn_server.metrics()
     count = 48
@@ -232,8 +228,8 @@ def test_concurrent_clients_get_their_own_results_in_batches(engines, cnn_server
     for thread in threads:
         thread.join()
     for index in range(count):  # each client got the outputs of its own input, not a neighbour's
-        np.testing.assert_allclose(grpc_results[index], expected[index], **TOLERANCE)
-        np.testing.assert_allclose(http_results[index], expected[index], **TOLERANCE)
+        np.testing.assert_allclose(grpc_results[index], expected[index], **tolerance)
+        np.testing.assert_allclose(http_results[index], expected[index], **tolerance)
 
     after = cnn_server.metrics()
     label = '{model="cnn",version="1"}'
@@ -310,7 +306,7 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(engines, cnn_se
     assert metrics['nv_inference_request_failure{model="cnn",version="1"}'] >= 6
 
 
-def test_queue_full_is_503_and_unavailable(engines, start_server):
+def test_queue_full_is_503_and_unavailable(engines, start_server, tolerance):
     server = start_server("--manifest", engines["mlp"].manifest_uri, "--max-batch-size", "32",
                           "--max-queue-delay-us", "1500000", "--max-queue-size", "2", "--no-warmup").wait_ready()
     x = engines["mlp"].model.sample_inputs(batch=1)["input"]
@@ -337,7 +333,7 @@ def test_queue_full_is_503_and_unavailable(engines, start_server):
     assert http_error.status() == "503" and "maximum queue size" in http_error.message()
     assert time.monotonic() - started < 5
     for result in results:  # the queued requests still complete
-        np.testing.assert_allclose(result.as_numpy("logits"), expected, **TOLERANCE)
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, **tolerance)
 
 
 def test_tampered_artifact_keeps_the_server_not_ready(engines, start_server, tmp_path):
@@ -368,24 +364,27 @@ def test_tampered_artifact_keeps_the_server_not_ready(engines, start_server, tmp
     assert server.process.poll() is None  # stays up answering health, no crash loop
 
 
-def test_engine_for_another_cpu_is_refused(engines, start_server, tmp_path):
+def test_engine_for_another_cpu_or_gpu_is_refused(engines, start_server, tmp_path):
     import shutil
 
     copy = tmp_path / "engine"
     shutil.copytree(engines["mlp"].engine_path.parent, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["target"]["cpuIsa"] = "aarch64-sve2"
+    if engines["mlp"].execution_provider == "CUDAExecutionProvider":  # the builder found a GPU
+        manifest["target"]["computeCapability"], refusal = "5.0", "engine is built for compute capability 5.0"
+    else:
+        manifest["target"]["cpuIsa"], refusal = "aarch64-sve2", "engine is for CPU architecture aarch64"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     server = start_server("--manifest", f"file://{copy}")
     server.wait_live()
     deadline = time.monotonic() + 20
     while "model not ready" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "engine is for CPU architecture aarch64" in server.log()
+    assert refusal in server.log()
     assert server.get("/v2/health/ready")[0] == 503
 
 
-def test_sigterm_finishes_accepted_requests_and_exits_0(engines, start_server):
+def test_sigterm_finishes_accepted_requests_and_exits_0(engines, start_server, tolerance):
     server = start_server("--manifest", engines["mlp"].manifest_uri, "--max-batch-size", "32",
                           "--max-queue-delay-us", "800000", "--no-warmup").wait_ready()
     model = engines["mlp"].model
@@ -421,7 +420,7 @@ def test_sigterm_finishes_accepted_requests_and_exits_0(engines, start_server):
     assert code == 0, server.log()
     for index, x in enumerate(inputs):
         assert not isinstance(outcomes[index], Exception), f"request {index} lost: {outcomes[index]!r}"
-        np.testing.assert_allclose(outcomes[index], session.run(None, {"input": x})[0], **TOLERANCE)
+        np.testing.assert_allclose(outcomes[index], session.run(None, {"input": x})[0], **tolerance)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{server.http_url}/v2/health/live", timeout=2)
     assert '"stopped"' in server.log()
@@ -444,7 +443,7 @@ def test_sigterm_while_the_engine_warms_up_exits_0_within_the_grace_period(engin
     assert '"stopped while loading: executors left open"' in server.log() and '"warmup done"' not in server.log()
 
 
-def test_serve_from_model_yaml_takes_settings_and_engine_from_the_spec(engines, start_server, tmp_path):
+def test_serve_from_model_yaml_takes_settings_and_engine_from_the_spec(engines, start_server, tmp_path, tolerance):
     import yaml
 
     info = engines["mlp"].model
@@ -466,11 +465,11 @@ def test_serve_from_model_yaml_takes_settings_and_engine_from_the_spec(engines, 
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "300"
     x = info.sample_inputs(batch=2, seed=5)["input"]
     np.testing.assert_allclose(http.infer("tiny-mlp", [http_input(x)]).as_numpy("logits"),
-                               engines["mlp"].session().run(None, {"input": x})[0], **TOLERANCE)
+                               engines["mlp"].session().run(None, {"input": x})[0], **tolerance)
     assert server.metrics()['nv_inference_request_summary_us_count{model="tiny-mlp",version="1"}'] == 1
 
 
-def test_serves_an_engine_from_s3(s3_server, start_server, tmp_path, monkeypatch):
+def test_serves_an_engine_from_s3(s3_server, start_server, tmp_path, monkeypatch, tolerance):
     import boto3
 
     from tests.plansmith_runtime.conftest import build_engine
@@ -488,7 +487,7 @@ def test_serves_an_engine_from_s3(s3_server, start_server, tmp_path, monkeypatch
     expected = ort.InferenceSession(str(info.path)).run(None, {"input": x})[0]
     rpc = grpcclient.InferenceServerClient(server.grpc_url)
     result = rpc.infer("model", [grpc_input(x)])
-    np.testing.assert_allclose(result.as_numpy("logits"), expected, **TOLERANCE)
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, **tolerance)
     # --manifest alone: batching on with the defaults, up to the batch size the engine accepts
     config = rpc.get_model_config("model").config
     assert config.max_batch_size == 32 and config.dynamic_batching.max_queue_delay_microseconds == 100
@@ -559,7 +558,7 @@ def infer_in_regions(client, module, x: np.ndarray, input_region: str, output: t
     return client.infer("cnn", [tensor], outputs=[wanted])
 
 
-def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn_server):
+def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn_server, tolerance):
     import tritonclient.utils.shared_memory as shm
 
     session = engines["small_cnn"].session()
@@ -591,13 +590,13 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         assert "data" not in described  # the data went to shared memory, not into the response
         assert over_grpc.get_output("logits").parameters["shared_memory_byte_size"].int64_param == output_bytes
         both = shm.get_contents_as_numpy(handle, np.float32, [2, *expected.shape], offset=x.nbytes)
-        np.testing.assert_allclose(both[0], expected, **TOLERANCE)
-        np.testing.assert_allclose(both[1], expected, **TOLERANCE)
+        np.testing.assert_allclose(both[0], expected, **tolerance)
+        np.testing.assert_allclose(both[1], expected, **tolerance)
 
         # input from shared memory, output in the response, mixed with raw bytes in one server
         tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
         tensor.set_shared_memory("images", x.nbytes)
-        np.testing.assert_allclose(rpc.infer("cnn", [tensor]).as_numpy("logits"), expected, **TOLERANCE)
+        np.testing.assert_allclose(rpc.infer("cnn", [tensor]).as_numpy("logits"), expected, **tolerance)
 
         # mistakes are the client's: 400 / INVALID_ARGUMENT, and the server keeps serving
         wrong_size = httpclient.InferInput("input", list(x.shape), "FP32")
@@ -633,7 +632,7 @@ def test_system_shared_memory_inputs_and_outputs_over_http_and_grpc(engines, cnn
         assert caught.value.status() == "404"
         rpc.unregister_system_shared_memory()  # all
         assert http.get_system_shared_memory_status() == [] and not rpc.get_system_shared_memory_status().regions
-        np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
+        np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **tolerance)
     finally:
         shm.destroy_shared_memory_region(handle)
 
@@ -658,7 +657,7 @@ NEEDS_A_GPU = pytest.mark.skipif(cuda_devices() == 0, reason="needs a CUDA devic
                                  "regions are GPU memory (run on the lent GPU machine, docs/benchmarks.md says how)")
 
 
-def test_cuda_shared_memory_registrations_the_server_cannot_open_are_refused(engines, cnn_server):
+def test_cuda_shared_memory_registrations_the_server_cannot_open_are_refused(engines, cnn_server, tolerance):
     """Everywhere, with a GPU or without: a handle that opens nothing is refused with the reason (no
     driver here; an invalid handle on a GPU), a name a system region holds is refused, and the
     server goes on serving."""
@@ -695,11 +694,11 @@ def test_cuda_shared_memory_registrations_the_server_cannot_open_are_refused(eng
     http.unregister_cuda_shared_memory()  # nothing registered: not an error, as in Triton
     x = engines["small_cnn"].model.sample_inputs(batch=1, seed=3)["input"]
     np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"),
-                               engines["small_cnn"].session().run(None, {"input": x})[0], **TOLERANCE)
+                               engines["small_cnn"].session().run(None, {"input": x})[0], **tolerance)
 
 
 @NEEDS_A_GPU
-def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engines, cnn_server):
+def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engines, cnn_server, tolerance):
     """tritonclient's cuda_shared_memory utilities, as Triton's simple_*_cudashm_client examples and
     perf_analyzer --shared-memory cuda use them: the input in one GPU region, the outputs written into
     another by an HTTP and a gRPC request, read back by the client from GPU memory."""
@@ -735,8 +734,8 @@ def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engin
         assert described["parameters"] == {"shared_memory_region": "logits", "shared_memory_byte_size": output_bytes}
         infer_over(rpc, grpcclient, output_bytes)
         both = cudashm.get_contents_as_numpy(logits, np.float32, [2, *expected.shape])
-        np.testing.assert_allclose(both[0], expected, **TOLERANCE)
-        np.testing.assert_allclose(both[1], expected, **TOLERANCE)
+        np.testing.assert_allclose(both[0], expected, **tolerance)
+        np.testing.assert_allclose(both[1], expected, **tolerance)
 
         wrong_size = grpcclient.InferInput("input", list(x.shape), "FP32")
         wrong_size.set_shared_memory("images", x.nbytes - 4)
@@ -754,7 +753,7 @@ def test_cuda_shared_memory_inputs_and_outputs_over_http_and_grpc_on_a_gpu(engin
 
 
 @NEEDS_A_GPU
-def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_requests_that_send_bytes(engines, cnn_server):
+def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_requests_that_send_bytes(engines, cnn_server, tolerance):
     """A model on ONNX Runtime's CUDA provider reads inputs in its device's regions in place: the
     server says so when ready, and concurrent requests with inputs in regions (1 to 3 images, at
     offsets, so lone requests are padded to their bucket and batches are gathered on the device)
@@ -801,7 +800,7 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
 
         results = asyncio.run(run_all())
         for index in range(count):
-            np.testing.assert_allclose(results[index], expected[index], **BATCHED_ON_A_GPU)
+            np.testing.assert_allclose(results[index], expected[index], **tolerance)
 
         outputs = {i: cudashm.create_shared_memory_region(f"output-{i}", offset + expected[i].nbytes, 0) for i in range(count)}
         try:
@@ -812,7 +811,7 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
             for i, region in outputs.items():
                 contents = cudashm.get_contents_as_numpy(region, np.uint8, [offset + expected[i].nbytes])
                 logits = contents[offset:].view(np.float32).reshape(expected[i].shape)
-                np.testing.assert_allclose(logits, expected[i], **BATCHED_ON_A_GPU)
+                np.testing.assert_allclose(logits, expected[i], **tolerance)
         finally:
             for i, region in outputs.items():
                 rpc.unregister_cuda_shared_memory(f"output-{i}")
@@ -820,7 +819,7 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
         http = httpclient.InferenceServerClient(cnn_server.http_url)
         lone = httpclient.InferInput("input", list(inputs[2].shape), "FP32")  # 3 images: padded to a bucket of 4
         lone.set_shared_memory("input-2", inputs[2].nbytes, offset=offset)
-        np.testing.assert_allclose(http.infer("cnn", [lone]).as_numpy("logits"), expected[2], **TOLERANCE)
+        np.testing.assert_allclose(http.infer("cnn", [lone]).as_numpy("logits"), expected[2], **tolerance)
     finally:
         rpc.unregister_cuda_shared_memory()
         for region in regions.values():
@@ -833,7 +832,7 @@ def test_concurrent_requests_in_cuda_regions_are_batched_on_the_gpu_with_request
 
 
 @NEEDS_A_GPU
-def test_a_model_without_a_batch_dimension_reads_and_writes_cuda_regions_on_a_gpu(engines, start_server):
+def test_a_model_without_a_batch_dimension_reads_and_writes_cuda_regions_on_a_gpu(engines, start_server, tolerance):
     """Served with maxBatchSize 0, a request of three images is one item that runs alone: its whole
     output, every image's logits, is written into its region (from the device), over HTTP and gRPC."""
     import tritonclient.utils.cuda_shared_memory as cudashm
@@ -854,14 +853,14 @@ def test_a_model_without_a_batch_dimension_reads_and_writes_cuda_regions_on_a_gp
             cudashm.set_shared_memory_region(logits, [np.zeros_like(expected)])
             infer_in_regions(client, module, x, "images", ("logits", expected.nbytes, 0))
             written = cudashm.get_contents_as_numpy(logits, np.float32, list(expected.shape))
-            np.testing.assert_allclose(written, expected, **TOLERANCE)
+            np.testing.assert_allclose(written, expected, **tolerance)
     finally:
         http.unregister_cuda_shared_memory()
         cudashm.destroy_shared_memory_region(images)
         cudashm.destroy_shared_memory_region(logits)
 
 
-def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engines, start_server):
+def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engines, start_server, tolerance):
     """--cache-config local,size=N (Triton's flag): the same inputs again, over HTTP or gRPC, are
     answered from the cache; Triton's statistics, metrics and model config say so."""
     server = start_server("--manifest", engines["small_cnn"].manifest_uri, "--model-name", "cnn",
@@ -870,10 +869,10 @@ def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engi
     x, other = (engines["small_cnn"].model.sample_inputs(batch=2, seed=seed)["input"] for seed in (50, 51))
     expected = engines["small_cnn"].session().run(None, {"input": x})[0]
     assert http.get_model_config("cnn")["response_cache"] == {"enable": True}
-    np.testing.assert_allclose(http.infer("cnn", [http_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
-    np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **TOLERANCE)
+    np.testing.assert_allclose(http.infer("cnn", [http_input(x)]).as_numpy("logits"), expected, **tolerance)
+    np.testing.assert_allclose(rpc.infer("cnn", [grpc_input(x)]).as_numpy("logits"), expected, **tolerance)
     np.testing.assert_allclose(http.infer("cnn", [http_input(x, binary=False)]).as_numpy("logits"), expected,
-                               **TOLERANCE)
+                               **tolerance)
     rpc.infer("cnn", [grpc_input(other)])
     stats = http.get_inference_statistics("cnn")["model_stats"][0]
     inference = stats["inference_stats"]
@@ -886,7 +885,7 @@ def test_the_response_cache_answers_a_repeated_request_over_either_protocol(engi
     assert metrics['nv_inference_request_success{model="cnn",version="1"}'] == 4
 
 
-def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines, cnn_server):
+def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines, cnn_server, tolerance):
     """tritonclient's bidirectional ModelStreamInfer (sync start_stream / async_stream_infer and
     asyncio stream_infer): each request's answer comes back with its id; a bad request is answered
     with an error on the stream, which goes on."""
@@ -915,8 +914,8 @@ def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines,
         client.stop_stream()
     assert len(errors) == 1 and "shape" in errors[0]
     for request_id, logits in expected.items():
-        np.testing.assert_allclose(got[request_id], logits, **TOLERANCE)
-    np.testing.assert_allclose(got["after the error"], expected["request-0"], **TOLERANCE)
+        np.testing.assert_allclose(got[request_id], logits, **tolerance)
+    np.testing.assert_allclose(got["after the error"], expected["request-0"], **tolerance)
 
     async def asynchronous():
         async def requests():
@@ -932,7 +931,7 @@ def test_tritonclient_streams_get_every_answer_and_errors_on_the_stream(engines,
 
     streamed = asyncio.run(asynchronous())
     for request_id, logits in expected.items():
-        np.testing.assert_allclose(streamed[request_id], logits, **TOLERANCE)
+        np.testing.assert_allclose(streamed[request_id], logits, **tolerance)
 
 
 def test_repository_index_lists_the_model_and_load_unload_are_refused_with_the_reason(cnn_server):
@@ -1001,7 +1000,7 @@ def stream_one(rpc, model: str, x: np.ndarray, request_id: str, headers: dict | 
     rpc.stop_stream()
 
 
-def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engines, start_server, otlp_collector):
+def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engines, start_server, otlp_collector, tolerance):
     """Triton's OpenTelemetry trace mode through tritonclient: with rate 0 only requests that carry a
     W3C traceparent (HTTP header, gRPC metadata, a gRPC stream's metadata) are traced, each as
     InferRequest > model > compute spans under the client's span; a rate switched on at runtime
@@ -1026,7 +1025,7 @@ def test_opentelemetry_mode_sends_tritons_spans_under_the_clients_context(engine
     http.infer("cnn", [http_input(x)], request_id="no-context")  # rate 0: not traced
     expected = engines["small_cnn"].session().run(None, {"input": x})[0]
     np.testing.assert_allclose(http.infer("cnn", [http_input(x)], request_id="over-http", headers=headers["over-http"])
-                               .as_numpy("logits"), expected, **TOLERANCE)
+                               .as_numpy("logits"), expected, **tolerance)
     rpc.infer("cnn", [grpc_input(x)], request_id="over-grpc", headers=headers["over-grpc"])
     stream_one(rpc, "cnn", x, "streamed", headers["streamed"])
     http.update_trace_settings(settings={"trace_rate": "1"})
