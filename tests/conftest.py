@@ -52,6 +52,43 @@ def kube_client(control_plane):
 
 
 @pytest.fixture(scope="session")
+def inference_model_crd(kube_client) -> dict:
+    """The InferenceModel CRD installed on the control plane, Established and served; its body."""
+    import yaml
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from plansmith.spec import API_GROUP, API_VERSION, PLURAL
+
+    extensions = client.ApiextensionsV1Api(kube_client)
+    body = yaml.safe_load((REPO_ROOT / "crds/inferencemodel.yaml").read_text())
+    try:
+        extensions.create_custom_resource_definition(body)
+    except ApiException as error:
+        assert error.status == 409, error
+    name = body["metadata"]["name"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = extensions.read_custom_resource_definition(name).status
+        if any(c.type == "Established" and c.status == "True" for c in status.conditions or []):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("CRD never became Established")
+    # the first requests after Established can race the discovery cache
+    custom = client.CustomObjectsApi(kube_client)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
+            return body
+        except ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     from plansmith.devcluster.s3 import S3Server
 

@@ -19,37 +19,10 @@ NAMESPACE = "crd-tests"
 
 
 @pytest.fixture(scope="module")
-def crd_installed(kube_client, repo_root):
-    extensions = client.ApiextensionsV1Api(kube_client)
-    body = yaml.safe_load((repo_root / "crds/inferencemodel.yaml").read_text())
-    try:
-        extensions.create_custom_resource_definition(body)
-    except ApiException as error:  # another test module of this session installed it first
-        assert error.status == 409, error
-        current = extensions.read_custom_resource_definition(body["metadata"]["name"])
-        assert current.spec.names.kind == "InferenceModel"
-    name = body["metadata"]["name"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        status = extensions.read_custom_resource_definition(name).status
-        if any(c.type == "Established" and c.status == "True" for c in status.conditions or []):
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("CRD never became Established")
+def crd_installed(kube_client, inference_model_crd):
+    assert inference_model_crd["spec"]["names"]["kind"] == "InferenceModel"
     client.CoreV1Api(kube_client).create_namespace({"metadata": {"name": NAMESPACE}})
-    # the first requests after Established can race the discovery cache
-    custom = client.CustomObjectsApi(kube_client)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            custom.list_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL)
-            break
-        except ApiException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    return body
+    return inference_model_crd
 
 
 @pytest.fixture

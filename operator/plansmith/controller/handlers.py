@@ -353,14 +353,18 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
 
     deployments = {d["target"]: d for d in serving_index.get((namespace, name), [])}
     all_built = bool(plans) and all(m is not None for _, _, m in plans)
+    applied: set[str] = set()
     if all_built:
-        await _roll_out(operator, namespace, name, model, spec, plans, deployments, logger)
+        applied = await _roll_out(operator, namespace, name, model, spec, plans, deployments,
+                                  discovery.still_present, logger)
     for obs, (target, key, _) in zip(observation.targets, plans):
         deployment = deployments.get(target.slug)
         obs.serving_wanted = spec.serving.replicas
         if deployment is not None:
             obs.serving_ready = deployment["readyReplicas"]
-            obs.serving_current = deployment["key"] == key and deployment["rolledOut"]
+            # one this reconcile applied has not begun to roll out: the index still shows it as it was
+            obs.serving_current = (target.slug not in applied and deployment["key"] == key
+                                   and deployment["rolledOut"])
             if obs.serving_current and obs.record.get("state") == "Built" and obs.serving_ready > 0:
                 obs.record["state"] = "Serving"
     return observation
@@ -418,11 +422,15 @@ async def _credentials(operator: Operator, namespace: str, spec: InferenceModelS
 
 async def _roll_out(operator: Operator, namespace: str, name: str, model: dict[str, Any], spec: InferenceModelSpec,
                     plans: list[tuple[Target, str, Manifest | None]], deployments: dict[str, dict[str, Any]],
-                    logger: logging.Logger) -> None:
-    """Every target has a verified engine: make the Deployments and the Service say so.
-    Deployments already running the right engine with the right settings are left alone."""
+                    still_present: frozenset[str], logger: logging.Logger) -> set[str]:
+    """Every target has a verified engine: make the Deployments and the Service say so; the targets
+    whose Deployment was applied. Deployments already running the right engine with the right
+    settings are left alone. A Deployment whose GPU type is no longer a target is deleted, unless
+    that type still has nodes which new pods cannot use now (cordoned, NotReady): Kubernetes leaves
+    the pods running there, and so does the operator."""
     settings = operator.settings
     storage = rendering.storage_uri(spec, settings)
+    applied: set[str] = set()
     for target, key, _ in plans:
         body = rendering.render_deployment(name=name, namespace=namespace, spec=spec, target=target, key=key,
                                            manifest_uri=manifest_uri(storage, key), settings=settings)
@@ -431,17 +439,24 @@ async def _roll_out(operator: Operator, namespace: str, name: str, model: dict[s
             continue
         body["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = _spec_hash(body)
         kopf.adopt(body, owner=model)
-        action = await asyncio.to_thread(operator.kube.apply, body)
-        logger.info("Deployment %s %s (engine %s)", body["metadata"]["name"], action, key)
+        await asyncio.to_thread(operator.kube.apply, body)
+        applied.add(target.slug)
+        logger.info("Deployment %s applied (engine %s)", body["metadata"]["name"], key)
     service = rendering.render_service(name=name, namespace=namespace)
     kopf.adopt(service, owner=model)
     if not deployments:
         await asyncio.to_thread(operator.kube.apply, service)
     wanted = {t.slug for t, _, _ in plans}
     for slug, deployment in deployments.items():
-        if slug not in wanted:
-            logger.info("Deployment %s removed: its GPU type is no longer a target", deployment["name"])
-            await asyncio.to_thread(operator.kube.delete_deployment, namespace, deployment["name"])
+        if slug in wanted:
+            continue
+        if slug in still_present:
+            logger.info("Deployment %s kept: its GPU type's nodes take no new pods now (cordoned or not Ready)",
+                        deployment["name"])
+            continue
+        logger.info("Deployment %s removed: its GPU type is no longer a target", deployment["name"])
+        await asyncio.to_thread(operator.kube.delete_deployment, namespace, deployment["name"])
+    return applied
 
 
 def _spec_hash(body: dict[str, Any]) -> str:

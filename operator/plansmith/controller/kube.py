@@ -17,6 +17,9 @@ from plansmith.spec import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger(__name__)
 
+FIELD_MANAGER = "plansmith"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply; the client sends the body as JSON, which is YAML
+
 
 class KubeApi:
     def __init__(self, kubeconfig: str | None = None) -> None:
@@ -66,21 +69,14 @@ class KubeApi:
                 return result
         return {}
 
-    def apply(self, body: dict[str, Any]) -> str:
-        """Create the object, or patch it when it exists. Returns created|patched."""
+    def apply(self, body: dict[str, Any]) -> None:
+        """Server-side apply, as field manager "plansmith": the object is created, or becomes what
+        `body` says. What an earlier apply set and `body` leaves out (a removed sidecar, volume,
+        environment variable, limit or nodeSelector entry) is removed; a strategic merge patch kept
+        it, merging lists and maps by key. `force` takes over fields another manager set."""
         kind, namespace, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
-        create, patch = {
-            "Deployment": (self.apps.create_namespaced_deployment, self.apps.patch_namespaced_deployment),
-            "Service": (self.core.create_namespaced_service, self.core.patch_namespaced_service),
-        }[kind]
-        try:
-            create(namespace, body)
-            return "created"
-        except ApiException as error:
-            if error.status != 409:
-                raise
-        patch(name, namespace, body)
-        return "patched"
+        patch = {"Deployment": self.apps.patch_namespaced_deployment, "Service": self.core.patch_namespaced_service}[kind]
+        patch(name, namespace, body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH)
 
     def delete_deployment(self, namespace: str, name: str) -> None:
         try:

@@ -251,8 +251,11 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
         "args": runtime_args(name, spec, manifest_uri),
         "env": [{"name": "HOME", "value": "/tmp"}, *storage_env(spec, settings),
                 *opentelemetry_env(name, namespace, deployment_name(name, target), spec)],
-        "ports": [{"name": "http", "containerPort": HTTP_PORT}, {"name": "grpc", "containerPort": GRPC_PORT},
-                  {"name": "metrics", "containerPort": METRICS_PORT}],
+        # protocol spelled out: server-side apply keys port lists by (port, protocol) and, before
+        # Kubernetes 1.21, refuses an entry that leaves the default out
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                  {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 2, "failureThreshold": 150},
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
@@ -294,8 +297,8 @@ def render_service(*, name: str, namespace: str) -> dict[str, Any]:
                      "labels": {**MANAGED_BY, MODEL_LABEL: name, COMPONENT_LABEL: "serving"}},
         "spec": {
             "selector": {MODEL_LABEL: name, COMPONENT_LABEL: "serving"},
-            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http"},
-                      {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"},
-                      {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}],
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                      {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
+                      {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
         },
     }

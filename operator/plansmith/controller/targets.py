@@ -88,6 +88,9 @@ class Target:
 class Discovery:
     targets: list[Target]
     unmatched: list[str]  # one message per spec.targets entry no node satisfies
+    # slugs of the types the spec selects that have nodes at all, new pods allowed there or not
+    # (cordoned, NotReady): Kubernetes leaves running pods on such nodes, and their Deployments stay
+    still_present: frozenset[str] = frozenset()
 
 
 def tolerates(tolerations: Iterable[Toleration], taint: Taint) -> bool:
@@ -133,9 +136,13 @@ def gpu_resource_on(node: NodeInfo, spec: InferenceModelSpec, settings: Operator
     return None
 
 
-def eligible(node: NodeInfo, spec: InferenceModelSpec) -> bool:
-    if node.unschedulable or not node.ready:
-        return False
+def takes_new_pods(node: NodeInfo) -> bool:
+    """Not cordoned and Ready: the scheduler places new pods there."""
+    return not node.unschedulable and node.ready
+
+
+def accepts(node: NodeInfo, spec: InferenceModelSpec) -> bool:
+    """The model's pods may run there: serving.nodeSelector matches, NoSchedule/NoExecute taints tolerated."""
     if any(node.labels.get(k) != v for k, v in spec.serving.node_selector.items()):
         return False
     return all(tolerates(spec.serving.tolerations, t) for t in node.taints if t.effect in ("NoSchedule", "NoExecute"))
@@ -143,6 +150,27 @@ def eligible(node: NodeInfo, spec: InferenceModelSpec) -> bool:
 
 def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settings: OperatorSettings) -> Discovery:
     nodes = sorted(nodes, key=lambda n: n.name)
+    found, any_gpu_node = _gpu_targets(nodes, spec, settings, only_taking_new_pods=True)
+    present, _ = _gpu_targets(nodes, spec, settings, only_taking_new_pods=False)
+
+    if not spec.targets:
+        still_present = frozenset(t.slug for t in present)
+        if found or any_gpu_node:
+            return Discovery(found, [] if found else ["no schedulable GPU node matches serving.nodeSelector/tolerations/mig"],
+                             still_present)
+        if settings.cpu_fallback and spec.build.backend != "tensorrt" and spec.serving.mig is None:
+            return Discovery(_cpu_targets(nodes, spec, only_taking_new_pods=True), [],
+                             frozenset(t.slug for t in _cpu_targets(nodes, spec, only_taking_new_pods=False)))
+        return Discovery([], ["the cluster has no GPU node (nvidia.com/gpu.product label)"])
+
+    chosen, unmatched = _selected(found, spec)
+    return Discovery(chosen, unmatched, frozenset(t.slug for t in _selected(present, spec)[0]))
+
+
+def _gpu_targets(nodes: list[NodeInfo], spec: InferenceModelSpec, settings: OperatorSettings, *,
+                 only_taking_new_pods: bool) -> tuple[list[Target], bool]:
+    """The GPU types of the nodes that accept the model's pods (and take new pods, if asked), and
+    whether the cluster has any GPU node."""
     groups: dict[tuple[str, str, str], list[str]] = {}
     any_gpu_node = False
     for node in nodes:
@@ -152,17 +180,15 @@ def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settin
             continue
         any_gpu_node = True
         resource = gpu_resource_on(node, spec, settings)
-        if resource and eligible(node, spec):
+        if resource and accepts(node, spec) and (takes_new_pods(node) or not only_taking_new_pods):
             groups.setdefault((product, capability, resource), []).append(node.name)
-    found = [Target("gpu", product, capability, resource, tuple(names)) for (product, capability, resource), names in sorted(groups.items())]
+    targets = [Target("gpu", product, capability, resource, tuple(names))
+               for (product, capability, resource), names in sorted(groups.items())]
+    return targets, any_gpu_node
 
-    if not spec.targets:
-        if found or any_gpu_node:
-            return Discovery(found, [] if found else ["no schedulable GPU node matches serving.nodeSelector/tolerations/mig"])
-        if settings.cpu_fallback and spec.build.backend != "tensorrt" and spec.serving.mig is None:
-            return Discovery(_cpu_targets(nodes, spec), [])
-        return Discovery([], ["the cluster has no GPU node (nvidia.com/gpu.product label)"])
 
+def _selected(found: list[Target], spec: InferenceModelSpec) -> tuple[list[Target], list[str]]:
+    """The targets spec.targets selects, and a message for each selector that matches none."""
     chosen: list[Target] = []
     unmatched: list[str] = []
     for selector in spec.targets:
@@ -176,13 +202,13 @@ def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settin
                                                       ("computeCapability", selector.compute_capability)) if v)
             unmatched.append(f"no schedulable node with {wanted}")
         chosen.extend(t for t in matches if t not in chosen)
-    return Discovery(chosen, unmatched)
+    return chosen, unmatched
 
 
-def _cpu_targets(nodes: list[NodeInfo], spec: InferenceModelSpec) -> list[Target]:
+def _cpu_targets(nodes: list[NodeInfo], spec: InferenceModelSpec, *, only_taking_new_pods: bool) -> list[Target]:
     groups: dict[str, list[str]] = {}
     for node in nodes:
-        if eligible(node, spec):
+        if accepts(node, spec) and (takes_new_pods(node) or not only_taking_new_pods):
             arch = ARCHITECTURES.get(node.labels.get("kubernetes.io/arch", "amd64"), node.labels.get("kubernetes.io/arch"))
             groups.setdefault(arch, []).append(node.name)
     return [Target("cpu", None, None, None, tuple(names), cpu_arch=arch) for arch, names in sorted(groups.items())]

@@ -47,6 +47,23 @@ def test_nodes_a_pod_cannot_use_are_ignored():
     assert [t.nodes for t in discover_targets(nodes, tolerant, SETTINGS).targets] == [("tainted",)]
 
 
+def test_a_gpu_type_whose_nodes_take_no_new_pods_is_no_target_but_still_present():
+    """Cordoned or NotReady nodes get no new build or pod, but the type's serving Deployment stays
+    (Kubernetes leaves running pods there); a type the spec no longer selects, or whose nodes the
+    pods cannot use at all, is gone."""
+    nodes = [gpu_node("h1", H100, unschedulable=True), gpu_node("a1", A100, ready=False),
+             gpu_node("t1", {**A100, "nvidia.com/gpu.product": "NVIDIA-A100-PCIE-40GB"},
+                      taints=(Taint("dedicated", "ml", "NoSchedule"),))]
+    found = discover_targets(nodes, spec(), SETTINGS)
+    assert found.targets == []
+    assert found.still_present == {"sm90-nvidia-h100-80gb-hbm3", "sm80-nvidia-a100-sxm4-40gb"}
+    only_hopper = discover_targets(nodes, spec(targets=[{"computeCapability": "9.0"}]), SETTINGS)
+    assert only_hopper.targets == [] and only_hopper.still_present == {"sm90-nvidia-h100-80gb-hbm3"}
+    uncordoned = discover_targets([gpu_node("h1", H100), *nodes[1:]], spec(), SETTINGS)
+    assert [t.slug for t in uncordoned.targets] == ["sm90-nvidia-h100-80gb-hbm3"]
+    assert uncordoned.still_present == {"sm90-nvidia-h100-80gb-hbm3", "sm80-nvidia-a100-sxm4-40gb"}
+
+
 def test_node_selector_narrows_the_nodes():
     nodes = [gpu_node("h1", {**H100, "pool": "a"}), gpu_node("h2", {**H100, "pool": "b"})]
     found = discover_targets(nodes, spec(serving={"nodeSelector": {"pool": "b"}}), SETTINGS)

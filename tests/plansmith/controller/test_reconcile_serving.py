@@ -1,0 +1,181 @@
+"""Rolling out serving, in process, against the real API server: the reconcile (handlers.reconcile)
+with kopf's indexes given as plain dicts, an engine published to file:// storage, and the
+Deployments read back from the API server.
+
+What a GitOps user relies on: removing a sidecar or a nodeSelector entry from the spec removes it
+from the pods (server-side apply; a strategic merge patch kept both); a change of serving settings
+is not reported Ready before its Deployment rolls out; a cordoned or NotReady GPU type keeps its
+serving Deployment, as Kubernetes keeps its pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from plansmith import testmodels
+from plansmith.controller import handlers, rendering
+from plansmith.controller.targets import node_info
+from plansmith.engine_key import manifest_uri
+from plansmith.spec import API_GROUP, API_VERSION, PLURAL
+
+NAMESPACE = "serving-rollout-tests"
+
+
+def gpu_node(name: str, product: str, major: str, minor: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {
+        "nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": product, "nvidia.com/gpu.compute.major": major,
+        "nvidia.com/gpu.compute.minor": minor, "kubernetes.io/arch": "amd64", "pool": "canary"}},
+        "spec": {}, "status": {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+H100_NODE = gpu_node("gpu-h100", "NVIDIA-H100-80GB-HBM3", "9", "0")
+A100_NODE = gpu_node("gpu-a100", "NVIDIA-A100-SXM4-40GB", "8", "0")
+H100, A100 = "sm90-nvidia-h100-80gb-hbm3", "sm80-nvidia-a100-sxm4-40gb"
+
+
+@pytest.fixture
+def operator_state(control_plane, kube_client, inference_model_crd, monkeypatch):
+    from kubernetes.client.rest import ApiException
+
+    from plansmith.controller.kube import KubeApi
+
+    monkeypatch.setattr(handlers, "KubeApi", lambda: KubeApi(str(control_plane.kubeconfig)))
+    posted: list[dict[str, Any]] = []  # kopf posts Events only inside its own handlers' context
+    monkeypatch.setattr(handlers.kopf, "event", lambda objs, **event: posted.append(event))
+    try:
+        client.CoreV1Api(kube_client).create_namespace({"metadata": {"name": NAMESPACE}})
+    except ApiException as error:
+        assert error.status == 409
+    handlers.OPERATOR = handlers.Operator()
+    yield handlers.OPERATOR
+    handlers.OPERATOR = None
+
+
+class Model:
+    """An InferenceModel in the API server (its children's owner), reconciled in this process."""
+
+    def __init__(self, kube_client, tmp_path: Path, serving: dict[str, Any]) -> None:
+        self.custom = client.CustomObjectsApi(kube_client)
+        self.apps = client.AppsV1Api(kube_client)
+        source = testmodels.mlp(tmp_path / "mlp.onnx")
+        self.storage = (tmp_path / "engines").as_uri()
+        self.name = f"m-{uuid.uuid4().hex[:8]}"
+        spec = {"model": {"uri": source.path.as_uri(), "inputs": source.spec_inputs()},
+                "storage": {"uri": self.storage}, "serving": serving}
+        self.body = self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "InferenceModel",
+            "metadata": {"name": self.name}, "spec": spec})
+        self.nodes = [node_info(H100_NODE)]
+        self.deployments: list[dict[str, Any]] = []  # the serving index
+
+    def change_serving(self, **serving: Any) -> None:
+        self.body = self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, self.name)
+        spec = self.body["spec"]
+        spec["serving"] = {**{k: v for k, v in spec["serving"].items() if k not in serving},
+                           **{k: v for k, v in serving.items() if v is not None}}
+        self.body = self.custom.replace_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL,
+                                                                 self.name, self.body)
+
+    def reconcile(self) -> dict[str, Any]:
+        model = {**self.body, "status": {}}
+        indexes = {"node_index": {handlers.NODES: self.nodes}, "build_job_index": {},
+                   "serving_index": {(NAMESPACE, self.name): self.deployments}}
+        asyncio.run(handlers.reconcile(NAMESPACE, self.name, model, logging.getLogger("test"), **indexes))
+        return handlers.state().written_status[self.body["metadata"]["uid"]]
+
+    def publish_engine(self, key: str, compute_capability: str, gpu_product: str) -> None:
+        """What a finished build Job leaves in storage: the engine and its manifest."""
+        folder = Path(manifest_uri(self.storage, key).removeprefix("file://")).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        engine = b"an engine"
+        (folder / "model.onnx").write_bytes(engine)
+        (folder / "manifest.json").write_text(json.dumps({
+            "schemaVersion": 1, "key": key, "backend": "onnxruntime", "backendVersion": "1.20.0",
+            "target": {"device": "gpu", "computeCapability": compute_capability, "gpuProduct": gpu_product},
+            "precision": "fp32", "buildOptions": {}, "source": {"uri": "file:///m.onnx", "sha256": "0" * 64},
+            "inputs": [], "outputs": [], "maxBatchSize": 8,
+            "artifacts": [{"name": "model.onnx", "role": "engine", "sha256": hashlib.sha256(engine).hexdigest(),
+                           "bytes": len(engine)}],
+            "buildSeconds": 1, "builderVersion": "0", "createdAt": "now"}))
+
+    def deployment(self, target: str = H100) -> client.V1Deployment:
+        return self.apps.read_namespaced_deployment(f"{self.name}-{target}", NAMESPACE)
+
+    def rolled_out(self) -> None:
+        """The serving index as the Deployment watch shows it once its pods are ready."""
+        listed = self.apps.list_namespaced_deployment(NAMESPACE, label_selector=f"{rendering.MODEL_LABEL}={self.name}")
+        self.deployments = [{
+            "name": deployment.metadata.name, "target": deployment.metadata.labels[rendering.TARGET_LABEL],
+            "key": deployment.spec.template.metadata.annotations[rendering.KEY_LABEL],
+            "replicas": deployment.spec.replicas, "readyReplicas": deployment.spec.replicas, "rolledOut": True,
+            "specHash": deployment.metadata.annotations[handlers.SPEC_HASH_ANNOTATION]} for deployment in listed.items]
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def serving_model(operator_state, kube_client, tmp_path, serving: dict[str, Any], nodes=(H100_NODE,)) -> Model:
+    """A model whose engines are built and whose Deployments have rolled out: Ready."""
+    model = Model(kube_client, tmp_path, serving)
+    model.nodes = [node_info(node) for node in nodes]
+    building = model.reconcile()  # launches the build Jobs; their keys are in the status
+    for target in building["targets"]:
+        model.publish_engine(target["engineKey"], target["computeCapability"], target["gpuProduct"])
+    model.reconcile()
+    model.rolled_out()
+    assert conditions(model.reconcile())["Ready"] == ("True", "Serving")
+    return model
+
+
+def test_removing_a_sidecar_and_a_node_selector_removes_them_from_the_deployment(operator_state, kube_client, tmp_path):
+    model = serving_model(operator_state, kube_client, tmp_path, {
+        "nodeSelector": {"pool": "canary"}, "sharedMemorySize": "128Mi",
+        "sidecars": [{"name": "client", "image": "busybox:1.36", "command": ["sleep", "infinity"]}]})
+    pod = model.deployment().spec.template.spec
+    assert [c.name for c in pod.containers] == ["runtime", "client"] and pod.node_selector == {"pool": "canary"}
+    assert "shared-memory" in [v.name for v in pod.volumes]
+
+    model.change_serving(sidecars=[], nodeSelector={}, sharedMemorySize=None)
+    model.reconcile()
+    pod = model.deployment().spec.template.spec
+    assert [c.name for c in pod.containers] == ["runtime"]
+    assert not pod.node_selector
+    assert "shared-memory" not in [v.name for v in pod.volumes]
+    assert all(m.name != "shared-memory" for m in pod.containers[0].volume_mounts)
+
+
+def test_a_serving_change_is_not_ready_until_its_deployment_rolls_out(operator_state, kube_client, tmp_path):
+    model = serving_model(operator_state, kube_client, tmp_path, {"maxBatchSize": 8})
+    model.change_serving(dynamicBatching={"maxQueueDelayMicroseconds": 5000})
+    status = model.reconcile()  # applies the new pod template; the index still shows the old rollout
+    assert "--max-queue-delay-us" in model.deployment().spec.template.spec.containers[0].args
+    assert status["observedGeneration"] == model.body["metadata"]["generation"]
+    assert conditions(status)["Ready"][0] == "False" and conditions(status)["ServingReady"][0] == "False"
+    model.rolled_out()
+    assert conditions(model.reconcile())["Ready"] == ("True", "Serving")
+
+
+def test_a_cordoned_or_not_ready_gpu_type_keeps_its_deployment(operator_state, kube_client, tmp_path):
+    model = serving_model(operator_state, kube_client, tmp_path, {}, nodes=(H100_NODE, A100_NODE))
+    cordoned = {**H100_NODE, "spec": {"unschedulable": True}}
+    not_ready = {**H100_NODE, "status": {**H100_NODE["status"], "conditions": [{"type": "Ready", "status": "Unknown"}]}}
+    for node in (cordoned, not_ready):
+        model.nodes = [node_info(node), node_info(A100_NODE)]
+        model.reconcile()
+        assert model.deployment(H100).metadata.name == f"{model.name}-{H100}"
+    model.nodes = [node_info(A100_NODE)]  # the type's nodes left the cluster: its Deployment goes
+    model.reconcile()
+    with pytest.raises(client.ApiException) as gone:
+        model.deployment(H100)
+    assert gone.value.status == 404
+    assert model.deployment(A100).metadata.name == f"{model.name}-{A100}"
