@@ -8,6 +8,7 @@ OpenAPI schema on Kubernetes 1.20 cannot express, are `semantic_problems`. Both 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -90,6 +91,16 @@ def _pydantic_problems(error: ValidationError, prefix: tuple[str | int, ...]) ->
     return problems
 
 
+# Kubernetes' resource quantity grammar (k8s.io/apimachinery/pkg/api/resource): a decimal number and
+# a binary-SI, decimal-SI or exponent suffix. The API server refuses anything else, which would
+# reach the operator only when it applies the Deployment.
+QUANTITY_PATTERN = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?")
+
+
+def is_quantity(value: int | str) -> bool:
+    return isinstance(value, int) or QUANTITY_PATTERN.fullmatch(value) is not None
+
+
 def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
     """Rules between fields that the CRD schema cannot express. Pure; returns all problems."""
     problems: list[Problem] = []
@@ -170,6 +181,19 @@ def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
         for key in (trace.opentelemetry.resource if trace.opentelemetry else {}):
             if not key or "=" in key:
                 add("spec.serving.trace.opentelemetry.resource", f"{key!r} is not an attribute name")
+    if build.hardware_compatibility != "none" and build.backend == "onnxruntime":
+        add("spec.build.hardwareCompatibility", "applies to TensorRT plans; an onnxruntime engine is keyed and checked "
+                                                "per compute capability")
+    quantities = [(f"spec.serving.resources.{kind}.{name}", value) for kind in ("requests", "limits")
+                  for name, value in getattr(serving.resources, kind).items()]
+    quantities += [(f"spec.serving.sidecars[{i}].resources.{kind}.{name}", value)
+                   for i, sidecar in enumerate(serving.sidecars) for kind in ("requests", "limits")
+                   for name, value in getattr(sidecar.resources, kind).items()]
+    if serving.shared_memory_size is not None:
+        quantities.append(("spec.serving.sharedMemorySize", serving.shared_memory_size))
+    for path, value in quantities:
+        if not is_quantity(value):
+            add(path, f"{value!r} is not a Kubernetes quantity (like 2, 500m, 1.5, 8Gi or 1G)")
     for kind in ("requests", "limits"):
         for name in getattr(serving.resources, kind):
             if is_gpu_resource(name):

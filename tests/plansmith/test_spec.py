@@ -142,6 +142,22 @@ def test_gpu_resources_are_plansmiths_to_add():
     assert problem_paths(raw) == ["spec.serving.resources.requests"]
 
 
+def test_quantities_must_be_kubernetes_quantities():
+    """The API server refuses the Deployment otherwise, and the operator would learn it only then."""
+    good = {"limits": {"memory": "8Gi", "cpu": "1.5", "ephemeral-storage": "1G"}, "requests": {"cpu": "500m", "memory": 2}}
+    parse_spec(spec_with(serving__resources=good, serving__sharedMemorySize="1Gi"))
+    raw = spec_with(serving={"resources": {"limits": {"memory": "8GB"}}, "sharedMemorySize": "1 GiB",
+                             "sidecars": [{"name": "client", "image": "busybox", "resources": {"requests": {"cpu": "half"}}}]})
+    assert problem_paths(raw) == ["spec.serving.resources.limits.memory", "spec.serving.sidecars[0].resources.requests.cpu",
+                                  "spec.serving.sharedMemorySize"]
+
+
+def test_hardware_compatibility_is_for_tensorrt_plans():
+    assert problem_paths(spec_with(build={"backend": "onnxruntime", "hardwareCompatibility": "ampere+"})) == [
+        "spec.build.hardwareCompatibility"]
+    parse_spec(spec_with(build={"backend": "tensorrt", "hardwareCompatibility": "ampere+"}))
+
+
 def test_file_storage_takes_no_credentials():
     raw = spec_with(storage={"uri": "file:///var/engines", "secretRef": {"name": "s3"}, "endpoint": "http://x:9000"})
     assert problem_paths(raw) == ["spec.storage.secretRef", "spec.storage.endpoint"]
