@@ -30,6 +30,10 @@ class CatalogError(Exception):
     """Storage could not answer (retry later) or holds something that is not an engine."""
 
 
+class SourceNotFound(CatalogError):
+    """The spec names a source object (model, calibration data) that storage does not hold."""
+
+
 @functools.lru_cache(maxsize=64)
 def _s3_store(endpoint: str | None, credentials: Credentials) -> S3Store:
     """One S3 client per (endpoint, credentials), shared by every reconcile: creating a boto3 client
@@ -86,7 +90,7 @@ class EngineCatalog:
                 return cached
             value = store.sha256(uri)
         except ObjectNotFound:
-            raise CatalogError(f"{uri} does not exist") from None
+            raise SourceNotFound(f"{uri} does not exist") from None
         except StorageError as error:
             raise CatalogError(f"storage unavailable: {error}") from None
         with self._lock:

@@ -20,12 +20,13 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from plansmith.controller import rendering
-from plansmith.controller.catalog import CatalogError, Credentials, EngineCatalog
+from plansmith.controller.catalog import CatalogError, Credentials, EngineCatalog, SourceNotFound
 from plansmith.controller.kube import KubeApi
 from plansmith.controller.settings import OperatorSettings
 from plansmith.controller.status import Observation, TargetObservation, compute_status, rollout_complete
@@ -39,6 +40,7 @@ BUILD_LABELS = {**rendering.MANAGED_BY, rendering.COMPONENT_LABEL: "build"}
 SERVING_LABELS = {**rendering.MANAGED_BY, rendering.COMPONENT_LABEL: "serving"}
 NODES = "nodes"  # the single key of the node index
 SPEC_HASH_ANNOTATION = "plansmith.io/spec-hash"
+KSTATUS_CONDITIONS = ("Reconciling", "Stalled")
 
 
 class Operator:
@@ -61,6 +63,8 @@ class Operator:
         # uids of models deleted while a reconcile of them may still be queued behind the model's lock:
         # without a finalizer nothing else marks them, and acting on them would re-create their children
         self.deleted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # reconciles scheduled after a storage error in an event handler, which kopf does not retry
+        self.retries: dict[tuple[str, str], asyncio.Task] = {}
 
     def running_builds(self, build_job_index: kopf.Index, now: float) -> int:
         """Unfinished build Jobs: those indexed, plus those launched so recently that the watch has not
@@ -77,6 +81,20 @@ class Operator:
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault((namespace, name), asyncio.Lock())
+
+    def retry_later(self, namespace: str, name: str, delay: float, again: Callable[[], Awaitable[None]]) -> None:
+        """Run `again` after `delay` seconds, once per model however many times it is asked meanwhile."""
+        if (namespace, name) in self.retries:
+            return
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.retries.pop((namespace, name), None)
+            await again()
+
+        self.retries[(namespace, name)] = asyncio.get_running_loop().create_task(later())
 
 
 OPERATOR: Operator | None = None
@@ -182,7 +200,7 @@ async def build_job_changed(namespace: str, name: str, labels: kopf.Labels, type
     for ns, name, model in indexed_models(model_index):
         waiting = latest_status(model).get("phase") in (None, "Pending", "Building")
         if (ns == namespace and (waiting or name == labels.get(rendering.MODEL_LABEL))) or _waits_for_slot(model):
-            await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+            await reconcile_from_event(ns, name, model, logger, model_index, node_index, build_job_index, serving_index)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
@@ -193,7 +211,8 @@ async def serving_changed(namespace: str, labels: kopf.Labels, type: str | None,
         return
     name = labels.get(rendering.MODEL_LABEL)
     for model in list(model_index.get((namespace, name), [])):
-        await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
+        await reconcile_from_event(namespace, name, model, logger, model_index, node_index, build_job_index,
+                                   serving_index)
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -210,7 +229,26 @@ async def node_changed(type: str | None, logger: logging.Logger, model_index: ko
         return
     logger.info("schedulable GPU capacity changed; reconciling every model")
     for ns, name, model in indexed_models(model_index):
-        await reconcile(ns, name, model, logger, node_index, build_job_index, serving_index)
+        await reconcile_from_event(ns, name, model, logger, model_index, node_index, build_job_index, serving_index)
+
+
+async def reconcile_from_event(namespace: str, name: str, model: dict[str, Any], logger: logging.Logger,
+                               model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
+                               serving_index: kopf.Index) -> None:
+    """`reconcile` for an event of a model's Job, Deployment or a Node. kopf never retries an event
+    handler (the error "is logged and then ignored"): a retryable error (storage unavailable) here
+    schedules another reconcile of the model after its delay, of the model as it is then."""
+    try:
+        await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
+    except kopf.TemporaryError as error:
+        logger.warning("reconciling %s/%s again in %ss: %s", namespace, name, error.delay, error)
+
+        async def again() -> None:
+            for current in list(model_index.get((namespace, name), [])):
+                await reconcile_from_event(namespace, name, current, logger, model_index, node_index,
+                                           build_job_index, serving_index)
+
+        state().retry_later(namespace, name, error.delay or 30, again)
 
 
 def indexed_models(model_index: kopf.Index) -> list[tuple[str, str, dict[str, Any]]]:
@@ -266,6 +304,8 @@ def _post_transitions(model: dict[str, Any], previous: dict[str, Any], status: d
     before = {c["type"]: c for c in previous.get("conditions", [])}
     ref = model
     for c in status["conditions"]:
+        if c["type"] in KSTATUS_CONDITIONS:  # they restate the others for kstatus; an Event each would repeat them
+            continue
         old = before.get(c["type"])
         if old is None or old.get("status") != c["status"] or old.get("reason") != c["reason"]:
             kind = "Normal" if c["status"] == "True" or c["reason"] in ("Building", "WaitingForEngines", "RollingOut") else "Warning"
@@ -308,6 +348,8 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
         if effective_quantization(spec.build) == "calibrated":
             calibration_sha = await asyncio.to_thread(
                 operator.catalog.sha256_of, spec.build.calibration.uri, endpoint, credentials)
+    except (SourceNotFound, SecretNotFound) as error:  # the spec names what is not there: the user's to fix
+        return Observation(generation, valid=False, invalid_reason=type(error).__name__, invalid_message=str(error))
     except CatalogError as error:
         raise kopf.TemporaryError(f"cannot read the model from storage: {error}", delay=30) from None
 
@@ -390,6 +432,10 @@ async def _launch_build(operator: Operator, namespace: str, name: str, model: di
     return {"state": "Building", "jobName": job_name}
 
 
+class SecretNotFound(Exception):
+    """The Secret the spec (or the operator's settings) names for storage credentials does not exist."""
+
+
 def _record_engine(record: dict[str, Any], manifest: Manifest, spec: InferenceModelSpec) -> None:
     engine = manifest.artifact("engine")
     record.update(state="Built", sha256=engine.sha256, backend=manifest.backend, backendVersion=manifest.backend_version)
@@ -415,8 +461,10 @@ async def _credentials(operator: Operator, namespace: str, spec: InferenceModelS
         return Credentials()
     try:
         data = await asyncio.to_thread(operator.kube.secret_data, namespace, secret)
-    except Exception as error:  # noqa: BLE001 - reported as a retryable condition
-        raise kopf.TemporaryError(f"cannot read Secret {namespace}/{secret}: {error}", delay=30) from None
+    except ApiException as error:
+        if error.status == 404:
+            raise SecretNotFound(f"Secret {namespace}/{secret} (the storage credentials) does not exist") from None
+        raise kopf.TemporaryError(f"cannot read Secret {namespace}/{secret}: {error.reason}", delay=30) from None
     return Credentials(data.get("AWS_ACCESS_KEY_ID"), data.get("AWS_SECRET_ACCESS_KEY"), data.get("AWS_DEFAULT_REGION"))
 
 

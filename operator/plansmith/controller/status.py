@@ -64,6 +64,8 @@ def compute_status(obs: Observation, previous_conditions: list[dict[str, Any]], 
             cond("EnginesReady", False, "InvalidSpec", "the spec is invalid; nothing was built"),
             cond("ServingReady", False, "InvalidSpec", "the spec is invalid; nothing was deployed"),
             cond("Ready", False, obs.invalid_reason or "InvalidSpec", obs.invalid_message),
+            cond("Reconciling", False, "Stalled", "nothing to do until the spec changes"),
+            cond("Stalled", True, obs.invalid_reason or "InvalidSpec", obs.invalid_message),
         ]
         return {"observedGeneration": gen, "phase": "Failed", "conditions": conditions,
                 "targetCount": 0, "enginesReady": 0, "targets": []}
@@ -104,6 +106,18 @@ def compute_status(obs: Observation, previous_conditions: list[dict[str, Any]], 
     else:
         blocker = engines if engines["status"] != "True" else serving
         overall = cond("Ready", False, blocker["reason"], blocker["message"])
+    # kstatus' conditions (sigs.k8s.io/cli-utils), which tools that know nothing of this kind read
+    # (kpt, Config Sync, Flux's generic health check): without them a model counts as Current
+    # whatever it is doing. Stalled: it cannot get on without a change (a failed build, no node).
+    stalled = bool(failed) or engines["reason"] == "NoMatchingNodes"
+    if stalled:
+        reconciling = cond("Reconciling", False, "Stalled", engines["message"])
+    elif ready_ok:
+        reconciling = cond("Reconciling", False, "Serving", overall["message"])
+    else:
+        reconciling = cond("Reconciling", True, overall["reason"], overall["message"])
+    stalled_condition = cond("Stalled", stalled, engines["reason"] if stalled else "Progressing",
+                             engines["message"] if stalled else "nothing blocks the model")
 
     if failed:
         phase = "Failed"
@@ -118,7 +132,8 @@ def compute_status(obs: Observation, previous_conditions: list[dict[str, Any]], 
     return {
         "observedGeneration": gen,
         "phase": phase,
-        "conditions": [cond("Valid", True, "SpecValid", "the spec is valid"), engines, serving, overall],
+        "conditions": [cond("Valid", True, "SpecValid", "the spec is valid"), engines, serving, overall, reconciling,
+                       stalled_condition],
         "targetCount": total,
         "enginesReady": len(built),
         "targets": [t.record for t in obs.targets],

@@ -66,6 +66,36 @@ def test_no_matching_nodes_is_a_condition_not_a_crash():
     assert status["phase"] == "Pending"
 
 
+def kstatus(status: dict) -> str:
+    """What sigs.k8s.io/cli-utils' kstatus computes for a custom resource from its generic properties
+    (status.go: checkGenericProperties), observedGeneration equal to the generation here."""
+    found = conditions(status)
+    if found.get("Reconciling", ("False",))[0] == "True":
+        return "InProgress"
+    if found.get("Stalled", ("False",))[0] == "True":
+        return "Failed"
+    return "Current"
+
+
+def test_kstatus_reads_building_as_in_progress_failures_as_failed_and_serving_as_current():
+    built = target("Built")
+    built.serving_wanted, built.serving_ready, built.serving_current = 1, 1, True
+    cases = {
+        "invalid": Observation(1, valid=False, invalid_reason="SourceNotFound", invalid_message="s3://m/x.onnx does not exist"),
+        "building": Observation(1, targets=[target("Building")]),
+        "accuracy gate failed": Observation(1, targets=[target("Failed", reason="AccuracyGateFailed", message="cosine 0.2")]),
+        "no nodes": Observation(1, unmatched=["no schedulable node with gpuProduct=NVIDIA-L4"]),
+        "rolling out": Observation(1, targets=[target("Built")]),
+        "serving": Observation(1, targets=[built], endpoint="m.ns.svc:8000"),
+    }
+    seen = {name: kstatus(compute_status(obs, [], "T")) for name, obs in cases.items()}
+    assert seen == {"invalid": "Failed", "building": "InProgress", "accuracy gate failed": "Failed",
+                    "no nodes": "Failed", "rolling out": "InProgress", "serving": "Current"}
+    stalled = compute_status(cases["accuracy gate failed"], [], "T")
+    assert conditions(stalled)["Stalled"] == ("True", "AccuracyGateFailed")
+    assert all(c["observedGeneration"] == 1 for c in stalled["conditions"])
+
+
 @pytest.mark.parametrize("generation, wanted, status, complete", [
     (4, 1, {"observedGeneration": 4, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}, True),
     (4, 0, {"observedGeneration": 4}, True),  # scaled to zero

@@ -1,11 +1,11 @@
-"""Rolling out serving, in process, against the real API server: the reconcile (handlers.reconcile)
-with kopf's indexes given as plain dicts, an engine published to file:// storage, and the
-Deployments read back from the API server.
+"""The reconcile (handlers.reconcile) in process, against the real API server: kopf's indexes given
+as plain dicts, engines published to file:// storage, the children read back from the API server.
 
 What a GitOps user relies on: removing a sidecar or a nodeSelector entry from the spec removes it
 from the pods (server-side apply; a strategic merge patch kept both); a change of serving settings
 is not reported Ready before its Deployment rolls out; a cordoned or NotReady GPU type keeps its
-serving Deployment, as Kubernetes keeps its pods.
+serving Deployment, as Kubernetes keeps its pods; a model file or Secret that is not there is a
+condition with its reason, not a silent retry.
 """
 
 from __future__ import annotations
@@ -63,14 +63,14 @@ def operator_state(control_plane, kube_client, inference_model_crd, monkeypatch)
 class Model:
     """An InferenceModel in the API server (its children's owner), reconciled in this process."""
 
-    def __init__(self, kube_client, tmp_path: Path, serving: dict[str, Any]) -> None:
+    def __init__(self, kube_client, tmp_path: Path, serving: dict[str, Any], **spec_changes: Any) -> None:
         self.custom = client.CustomObjectsApi(kube_client)
         self.apps = client.AppsV1Api(kube_client)
         source = testmodels.mlp(tmp_path / "mlp.onnx")
         self.storage = (tmp_path / "engines").as_uri()
         self.name = f"m-{uuid.uuid4().hex[:8]}"
         spec = {"model": {"uri": source.path.as_uri(), "inputs": source.spec_inputs()},
-                "storage": {"uri": self.storage}, "serving": serving}
+                "storage": {"uri": self.storage}, "serving": serving, **spec_changes}
         self.body = self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, {
             "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "InferenceModel",
             "metadata": {"name": self.name}, "spec": spec})
@@ -179,3 +179,46 @@ def test_a_cordoned_or_not_ready_gpu_type_keeps_its_deployment(operator_state, k
         model.deployment(H100)
     assert gone.value.status == 404
     assert model.deployment(A100).metadata.name == f"{model.name}-{A100}"
+
+
+@pytest.mark.parametrize("change, reason, message", [
+    ("model", "SourceNotFound", "missing.onnx does not exist"),
+    ("secret", "SecretNotFound", "Secret serving-rollout-tests/no-such-secret (the storage credentials) does not exist"),
+])
+def test_a_model_file_or_secret_that_is_not_there_is_a_condition_and_creates_nothing(
+        operator_state, kube_client, tmp_path, change, reason, message):
+    """A typo in the model's URI or the Secret's name: Valid=False and Stalled with the reason (Argo
+    CD shows Degraded), where the reconcile raised and kopf retried with no status at all."""
+    source = testmodels.mlp(tmp_path / "mlp.onnx")
+    spec_changes = ({"model": {"uri": (tmp_path / "missing.onnx").as_uri(), "inputs": source.spec_inputs()}}
+                    if change == "model" else
+                    {"storage": {"uri": "s3://engines/plansmith", "secretRef": {"name": "no-such-secret"}}})
+    model = Model(kube_client, tmp_path, {}, **spec_changes)
+    status = model.reconcile()
+    assert conditions(status)["Valid"] == ("False", reason) and conditions(status)["Stalled"] == ("True", reason)
+    assert message in next(c["message"] for c in status["conditions"] if c["type"] == "Ready")
+    assert client.BatchV1Api(kube_client).list_namespaced_job(
+        NAMESPACE, label_selector=f"{rendering.MODEL_LABEL}={model.name}").items == []
+
+
+def test_a_retry_after_an_event_handlers_error_runs_once_per_model_after_its_delay():
+    """kopf never retries an event handler: reconcile_from_event schedules the model again."""
+    operator = handlers.Operator.__new__(handlers.Operator)  # the retry bookkeeping alone, no API clients
+    operator.retries = {}
+    runs: list[str] = []
+
+    async def scenario() -> None:
+        async def again(label: str) -> None:
+            runs.append(label)
+
+        operator.retry_later("ns", "m", 0.05, lambda: again("first"))
+        operator.retry_later("ns", "m", 0.05, lambda: again("second"))  # already scheduled: not twice
+        operator.retry_later("ns", "other", 0.05, lambda: again("other"))
+        await asyncio.sleep(0.01)
+        assert runs == []
+        await asyncio.sleep(0.1)
+        operator.retry_later("ns", "m", 0.01, lambda: again("after it ran"))
+        await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert runs == ["first", "other", "after it ran"] and operator.retries == {}
