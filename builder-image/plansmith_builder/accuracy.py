@@ -5,6 +5,12 @@ drawn (seeded) within the declared shapes and dtypes. Per output we report the l
 similarity over the batches, the largest absolute error and the largest relative error
 (|engine - reference| / max(|reference|, 1e-6)), and the worst output decides the gate.
 
+Non-finite values: where the engine holds the same non-finite value as the reference (NaN where it
+has NaN, an infinity of the same sign) the two count as equal, and the figures are computed on the
+finite rest; models such as log-probabilities (Log of a ReLU) or a Sqrt of the gate's own normal
+inputs produce them legitimately. Any other inf or NaN (one where the reference is finite, a finite
+value where the reference has one, an infinity of the other sign) fails the gate with its own message.
+
 Computed with numpy rather than polygraphy's comparators: polygraphy's CompareFunc reports
 absolute/relative error statistics but no cosine similarity (the gate's main figure), and it
 wants its own RunResults wrapping; the figures here are three lines each.
@@ -12,6 +18,7 @@ wants its own RunResults wrapping; the figures here are three lines each.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -60,13 +67,34 @@ def gate_feeds(signature: ModelSignature, samples: int, calibration: dict[str, n
     return feeds or random_feeds(signature, samples, seed)
 
 
+def matching_non_finite(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Where both hold the same non-finite value: NaN and NaN, or infinities of the same sign.
+
+    polygraphy's CompareFunc.simple(infinities_compare_equal=True) gives matching infinities an
+    absolute difference of 0 (polygraphy/comparator/compare.py); a NaN where the reference has NaN
+    is what the model computes too, so it counts as equal here as well (numpy's equal_nan=True),
+    where polygraphy's elementwise check would report it as a mismatch."""
+    both_nan = np.isnan(reference) & np.isnan(actual)
+    same_infinity = np.isinf(reference) & (reference == actual)
+    return both_nan | same_infinity
+
+
+def mismatched_non_finite(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Where either holds inf or NaN and the other does not hold the same value."""
+    either_non_finite = ~(np.isfinite(reference) & np.isfinite(actual))
+    return either_non_finite & ~matching_non_finite(reference, actual)
+
+
 def cosine(reference: np.ndarray, actual: np.ndarray) -> float:
-    """Cosine similarity of two flattened tensors; 1.0 for two all-zero tensors, 0.0 when either
-    holds NaN or infinity (an engine producing them is broken)."""
+    """Cosine similarity of two flattened tensors over the positions where both are finite
+    (matching inf/NaN positions count as equal and are left out); 1.0 for two all-zero tensors,
+    0.0 when one holds inf or NaN where the other does not (an engine producing them is broken)."""
     a = reference.astype(np.float64).ravel()
     b = actual.astype(np.float64).ravel()
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    if np.any(mismatched_non_finite(a, b)):
         return 0.0
+    finite = ~matching_non_finite(a, b)
+    a, b = a[finite], b[finite]
     norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
     if norm_a == 0 and norm_b == 0:
         return 1.0
@@ -78,11 +106,14 @@ def cosine(reference: np.ndarray, actual: np.ndarray) -> float:
 def compare_batch(reference: np.ndarray, actual: np.ndarray) -> OutputAccuracy:
     if reference.shape != actual.shape:
         raise ValueError(f"engine output shape {list(actual.shape)} differs from the reference's {list(reference.shape)}")
-    a = reference.astype(np.float64)
-    b = actual.astype(np.float64)
-    diff = np.abs(a - b)
-    if not np.all(np.isfinite(diff)):
+    a = reference.astype(np.float64).ravel()
+    b = actual.astype(np.float64).ravel()
+    if np.any(mismatched_non_finite(a, b)):
+        # infinite errors: gate_failure reports these as non-finite values, not as a low cosine
         return OutputAccuracy(cosine=0.0, max_abs_error=float("inf"), max_rel_error=float("inf"))
+    finite = ~matching_non_finite(a, b)  # the matching inf/NaN positions are equal: no error there
+    a, b = a[finite], b[finite]
+    diff = np.abs(a - b)
     rel = diff / np.maximum(np.abs(a), RELATIVE_FLOOR)
     return OutputAccuracy(cosine=cosine(a, b), max_abs_error=float(diff.max(initial=0.0)),
                           max_rel_error=float(rel.max(initial=0.0)))
@@ -116,6 +147,11 @@ def gate_failure(result: AccuracyResult, gate: AccuracyGate) -> str | None:
     """Why `result` fails `gate` (naming the worst output), or None when it passes."""
     problems = []
     for name, figures in sorted(result.per_output.items()):
+        if not math.isfinite(figures.max_abs_error):  # compare_batch's mark of mismatched inf/NaN
+            problems.append(f"output {name!r} has inf or NaN values that differ from the FP32 reference's (inf or NaN "
+                            f"where the reference is finite, a finite value where it holds inf or NaN, or an "
+                            f"infinity of the other sign)")
+            continue
         if not figures.cosine >= gate.min_cosine:
             problems.append(f"output {name!r} cosine {figures.cosine:.6f} < minCosine {gate.min_cosine}")
         if gate.max_abs_error is not None and not figures.max_abs_error <= gate.max_abs_error:

@@ -47,3 +47,64 @@ def test_close_engine_passes_and_broken_engine_fails_naming_the_output():
     failure = gate_failure(bad, gate)
     assert "output 'y' cosine" in failure and "maxAbsError 0.1" in failure
     assert bad.per_output["y"].cosine == bad.cosine < 0.99
+
+
+# ---- inf and NaN: matching non-finite values are equal, any other one fails the gate
+
+INF, NAN = float("inf"), float("nan")
+
+
+def log_relu_model(path):
+    """A real ONNX model whose FP32 output holds -inf wherever the input is <= 0: Log(Relu(x))."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 16])
+    y = helper.make_tensor_value_info("logp", TensorProto.FLOAT, ["batch", 16])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["r"]), helper.make_node("Log", ["r"], ["logp"])],
+                              "log_relu", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_matching_infinities_and_nans_count_as_equal():
+    reference = np.array([-INF, 1.0, NAN, INF, 2.0])
+    figures = compare_batch(reference, reference.copy())
+    assert figures.cosine == pytest.approx(1.0) and figures.max_abs_error == figures.max_rel_error == 0.0
+    # the figures come from the finite rest
+    figures = compare_batch(reference, np.array([-INF, 1.5, NAN, INF, 2.0]))
+    assert figures.max_abs_error == 0.5 and figures.max_rel_error == 0.5 and 0.9 < figures.cosine < 1.0
+
+
+@pytest.mark.parametrize("engine", [
+    [-INF, 1.0, NAN, INF, INF],    # inf where the reference is finite
+    [-INF, 1.0, NAN, INF, NAN],    # NaN where the reference is finite
+    [-5.0, 1.0, NAN, INF, 2.0],    # finite where the reference holds -inf
+    [-INF, 1.0, 0.0, INF, 2.0],    # finite where the reference holds NaN
+    [INF, 1.0, NAN, INF, 2.0],     # the other infinity
+])
+def test_mismatched_inf_or_nan_fails_the_gate_saying_so(engine):
+    reference = np.array([-INF, 1.0, NAN, INF, 2.0])
+    gate = AccuracyGate(min_cosine=0.5)
+    result = measure(lambda feeds: {"y": reference}, lambda feeds: {"y": np.array(engine)}, [{}], gate)
+    failure = gate_failure(result, gate)
+    assert failure is not None and "output 'y' has inf or NaN values that differ from the FP32 reference" in failure
+    assert "cosine" not in failure
+
+
+def test_engine_that_reproduces_minus_inf_outputs_is_built(tmp_path, cli, write_yaml):
+    """Log(Relu(x)) on the gate's standard-normal inputs: about half the outputs are -inf, and the fp32
+    ONNX Runtime engine computes exactly those; it passes the gate and its figures are finite."""
+    from plansmith.manifest import parse_manifest
+
+    model = log_relu_model(tmp_path / "log_relu.onnx")
+    store = tmp_path / "store"
+    inputs = [{"name": "input", "minShape": [1, 16], "optShape": [8, 16], "maxShape": [8, 16]}]
+    run = cli(str(write_yaml(tmp_path / "m.yaml", model.as_uri(), inputs=inputs, build={"precision": "fp32"},
+                             storage_uri=store.as_uri())), "--backend", "onnxruntime")
+    assert run.exit_code == 0 and run.result["status"] == "built", run.result
+    manifest = parse_manifest((store / "engines" / run.result["key"] / "manifest.json").read_bytes())
+    assert manifest.accuracy.per_output["logp"].cosine == pytest.approx(1.0)
+    assert manifest.accuracy.max_abs_error == 0.0
