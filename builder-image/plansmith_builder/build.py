@@ -3,7 +3,8 @@
 
     fetch model (verify sha256) -> check ONNX and shapes -> target -> backend -> engine key
     -> cache hit?  yes: verify artifacts, report `hit` (nothing written)
-                   no:  build -> accuracy gate -> benchmark -> upload artifacts -> manifest (last)
+                   no:  can the store be written? -> build -> accuracy gate -> benchmark
+                        -> upload artifacts -> manifest (last)
 
 Every failure is a `BuildResult` with status `failed` and a reason (see `errors`); nothing is
 published for a failed build.
@@ -40,7 +41,7 @@ from plansmith_builder.calibration import load_calibration
 from plansmith_builder.errors import BuildError
 from plansmith_builder.modelcheck import inspect_model, load_model
 from plansmith_builder.progress import Progress
-from plansmith_builder.publish import artifact_for, find_engine, publish
+from plansmith_builder.publish import artifact_for, check_publishable, find_engine, publish
 from plansmith_builder.target import DetectedTarget, cpu_target, detect_target, target_from_override
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,11 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
                            existing.manifest)
     if existing.problem:
         log.warning("rebuilding %s: %s", key, existing.problem)
+    # Checked before building, not only when publishing: a TensorRT build can take an hour of GPU
+    # time, and a store that refuses the upload fails the Job as StorageUnavailable, which is
+    # retried, so every retry repeated the whole build. Only a miss is checked: a hit writes
+    # nothing, and `plansmith serve` looks engines up through here with read-only credentials.
+    check_publishable(engine_store, storage_uri, key)
     progress.done("lookup", result="miss")
 
     # ---- build, gate, benchmark

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from plansmith.engine_key import engine_prefix, manifest_uri
 from plansmith.manifest import Artifact, Manifest, ManifestError, parse_manifest
+from plansmith.storage import ObjectNotFound, StorageUnavailable, Store, join, sha256_file
 from plansmith_builder.backends.base import ArtifactRole
-from plansmith.storage import ObjectNotFound, Store, join, sha256_file
+from plansmith_builder.errors import BuildError
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ def find_engine(store: Store, storage_uri: str, key: str, workdir: Path) -> Exis
         if actual != artifact.sha256:
             return Existing(None, f"artifact {artifact.name} has sha256 {actual}, the manifest says {artifact.sha256}")
     return Existing(manifest)
+
+
+def check_publishable(store: Store, storage_uri: str, key: str) -> None:
+    """Fail with StorageUnavailable (retryable) when the engine folder for `key` plainly cannot be
+    written: a bucket that does not exist, a folder this process cannot create files in."""
+    try:
+        store.check_writable(engine_prefix(storage_uri, key))
+    except StorageUnavailable as error:
+        raise BuildError("StorageUnavailable", f"the engine store cannot be written, so nothing was built: "
+                                               f"{error}") from None
 
 
 def artifact_for(path: Path, name: str, role: ArtifactRole) -> Artifact:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -79,6 +80,12 @@ class Store(Protocol):
         """sha256 of the object, streamed (nothing written to disk)."""
         ...
 
+    def check_writable(self, uri: str) -> None:
+        """Raise StorageUnavailable when objects under the folder `uri` plainly cannot be written
+        (a bucket that does not exist, a folder this process cannot create files in); cheap, and
+        leaves nothing behind."""
+        ...
+
 
 # --------------------------------------------------------------------------- file://
 
@@ -118,10 +125,23 @@ class FileStore:
         return digest.hexdigest()
 
     def _atomic_write(self, target: Path, fill: Callable[[BinaryIO], None]) -> None:
+        """Write through a temp file beside `target`, then rename it into place.
+
+        The temp file is created as open() creates files, with mode 0o666 less the umask (and the
+        folder's default ACL), so readers under other uids (a serving pod on a shared volume) can
+        read what is published. tempfile.NamedTemporaryFile always creates mode 0o600, and
+        computing the mode from os.umask() would mean setting the process-wide umask for a moment,
+        which races with files other threads create."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as tmp:
-            fill(tmp)
-        os.replace(tmp.name, target)
+        tmp = target.parent / f".tmp-{target.name}-{secrets.token_hex(8)}"
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with open(descriptor, "wb") as out:
+                fill(out)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def upload(self, src: Path, uri: str, sha256: str, progress: Progress | None = None) -> None:
         target = self._path(uri)
@@ -150,6 +170,22 @@ class FileStore:
         if not path.is_file():
             raise ObjectNotFound(uri)
         return sha256_file(path)
+
+    def check_writable(self, uri: str) -> None:
+        """Create and remove a probe file in the folder `uri`, or in its nearest existing parent when
+        the folder does not exist yet (writes create it), so nothing is left behind.
+
+        A probe rather than os.access(W_OK): access() says yes to root for any folder not on a
+        read-only mount, /proc included, and yes for a writable regular file in the way of the folder."""
+        folder = self._path(uri)
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".plansmith-write-check-"):
+                pass
+        except OSError as error:
+            raise StorageUnavailable(f"{uri}: cannot create files in {existing}: {error}") from None
 
 
 # --------------------------------------------------------------------------- s3://
@@ -291,6 +327,17 @@ class S3Store:
 
         self._call(uri, stream)
         return digest.hexdigest()
+
+    def check_writable(self, uri: str) -> None:
+        """HeadBucket: the bucket exists and answers these credentials; it writes nothing.
+
+        It needs s3:ListBucket, which telling a missing object (404) from a refused one (403) on
+        reads already needs. A bucket whose policy refuses PutObject alone is found only at upload."""
+        bucket, _ = self._split(uri)
+        try:
+            self._call(uri, lambda: self._client.head_bucket(Bucket=bucket))
+        except ObjectNotFound:
+            raise StorageUnavailable(f"{uri}: bucket {bucket} does not exist") from None
 
 
 def open_store(uri: str, endpoint: str | None = None) -> Store:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,65 @@ def test_bad_uris_are_refused():
         open_store("http://example.com/x")
     with pytest.raises(InvalidStorageUri):
         open_store("file:///tmp").read_bytes("s3://bucket/key")
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask-022", "umask-002"])
+def umask(request):
+    """The process umask set to the parameter for the test, restored afterwards."""
+    import os
+
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def test_file_store_publishes_with_the_mode_open_gives_under_the_umask(umask, tmp_path):
+    """Not 0600: a serving process under another uid must be able to read what the builder published."""
+    base = (tmp_path / "store").as_uri()
+    store = open_store(base)
+    payload = tmp_path / "engine.plan"
+    payload.write_bytes(b"plan bytes")
+    store.upload(payload, f"{base}/engines/k/model.plan", sha256_file(payload))
+    store.write_bytes(f"{base}/engines/k/manifest.json", b"{}")
+    plain = tmp_path / "store" / "engines" / "k" / "written-by-open"
+    plain.write_bytes(b"x")
+
+    folder = tmp_path / "store" / "engines" / "k"
+    expected = 0o666 & ~umask
+    assert oct(plain.stat().st_mode & 0o777) == oct(expected)
+    for name in ("model.plan", "manifest.json"):
+        assert oct((folder / name).stat().st_mode & 0o777) == oct(expected), name
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.plan", "written-by-open"]
+
+
+def test_check_writable_passes_on_a_usable_store_and_leaves_nothing(base, tmp_path):
+    store = open_store(base)
+    store.check_writable(f"{base}/engines/k")
+    assert store.exists(f"{base}/engines/k") is False
+    if base.startswith("file://"):
+        assert list(tmp_path.iterdir()) == []  # not even the store folder: writes create it
+    else:
+        import boto3
+
+        bucket = base.split("/")[2]
+        assert boto3.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_check_writable_refuses_a_missing_bucket(s3_base):
+    store = open_store(s3_base)
+    with pytest.raises(StorageUnavailable, match="bucket no-such-bucket-for-plansmith does not exist"):
+        store.check_writable("s3://no-such-bucket-for-plansmith/prefix/engines/k")
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "in-proc"])
+def test_check_writable_refuses_a_folder_that_cannot_be_created(where, tmp_path):
+    """A file standing where a folder must go, and /proc, where not even root can create files (and
+    where os.access(W_OK) says yes to root)."""
+    if where == "in-proc" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"in the way")
+    folder = blocker / "store" if where == "under-a-file" else Path(f"/proc/plansmith-store-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(StorageUnavailable, match="cannot create files in"):
+        open_store("file:///").check_writable((folder / "engines" / "k").as_uri())
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,39 @@ def test_unreachable_store_is_retryable(models, tmp_path, monkeypatch, cli, writ
     assert run.exit_code == EXIT_RETRYABLE
     assert run.result["status"] == "failed" and run.result["reason"] == "StorageUnavailable"
     assert "127.0.0.1" in run.result["message"]
+
+
+def test_store_bucket_that_does_not_exist_fails_before_building(bucket, models, tmp_path, cli, write_yaml):
+    """A typo in the store's bucket: retryable, but found before the build, so a Job retry does not
+    repeat an hour of TensorRT build each time."""
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
+    manifest_file = write_yaml(tmp_path / "m.yaml", upload_model(bucket, models, "mlp"),
+                               inputs=models["mlp"].spec_inputs(), build={"precision": "fp32"},
+                               storage_uri=f"s3://{missing}/store")
+    workdir = tmp_path / "work"
+    run = cli(str(manifest_file), "--workdir", str(workdir))
+    assert run.result["key"] and not (workdir / "build").exists()  # the lookup ran, the build did not
+    assert run.exit_code == EXIT_RETRYABLE
+    assert run.result["status"] == "failed" and run.result["reason"] == "StorageUnavailable"
+    assert f"bucket {missing} does not exist" in run.result["message"]
+    assert missing not in {b["Name"] for b in bucket.client.list_buckets()["Buckets"]}
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_store_folder_that_cannot_be_written_fails_before_building(tmp_path, models, cli, write_yaml):
+    """A file:// store in a folder nobody can create files in, root included (/proc here; a read-only
+    mount or missing permissions look the same to the builder): the lookup is a plain miss, and the
+    write check then fails it as StorageUnavailable, retryable, before anything is built."""
+    store = Path(f"/proc/plansmith-store-{uuid.uuid4().hex[:12]}")
+    workdir = tmp_path / "work"
+    run = cli(str(write_yaml(tmp_path / "m.yaml", models["mlp"].path.as_uri(), inputs=models["mlp"].spec_inputs(),
+                             build={"precision": "fp32"}, storage_uri=store.as_uri())),
+              "--backend", "onnxruntime", "--workdir", str(workdir))
+    assert not (workdir / "build").exists()
+    assert run.exit_code == EXIT_RETRYABLE
+    assert run.result["status"] == "failed" and run.result["reason"] == "StorageUnavailable"
+    assert "the engine store cannot be written" in run.result["message"]
+    assert "cannot create files in /proc" in run.result["message"]
 
 
 def test_transformer_block_with_dynamic_int8_passes_the_gate(bucket, models, tmp_path, cli, write_yaml):
