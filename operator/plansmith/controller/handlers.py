@@ -30,7 +30,7 @@ from plansmith.controller.catalog import CatalogError, Credentials, EngineCatalo
 from plansmith.controller.kube import KubeApi
 from plansmith.controller.settings import OperatorSettings
 from plansmith.controller.status import Observation, TargetObservation, compute_status, rollout_complete
-from plansmith.controller.targets import NodeInfo, Target, discover_targets, node_info
+from plansmith.controller.targets import NodeInfo, Target, discover_targets, hardware_compatibility_problem, node_info
 from plansmith.engine_key import effective_quantization, engine_key, manifest_uri
 from plansmith.manifest import Manifest
 from plansmith.spec import API_GROUP, API_VERSION, PLURAL, InferenceModelSpec
@@ -325,10 +325,18 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                           serving_index: kopf.Index) -> Observation:
     settings = operator.settings
     generation = model["metadata"].get("generation", 1)
+    name_problem = rendering.model_name_problem(name)
+    if name_problem:
+        return Observation(generation, valid=False, invalid_reason="InvalidName", invalid_message=name_problem)
     try:
         spec = parse_spec(model.get("spec"))
     except InvalidSpec as error:
         return Observation(generation, valid=False, invalid_reason="InvalidSpec", invalid_message=str(error))
+    if spec.serving.runtime == "triton":
+        return Observation(generation, valid=False, invalid_reason="RuntimeUnsupported", invalid_message=(
+            "serving.runtime triton is not rolled out by this operator yet (plansmith_runtime.triton_repo renders "
+            "the model repository, but no Triton pod is made); use runtime plansmith, which speaks the same "
+            "KServe v2 / Triton protocol"))
     storage = rendering.storage_uri(spec, settings)
     if not storage:
         return Observation(generation, valid=False, invalid_reason="NoStorage",
@@ -357,6 +365,13 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                               endpoint=f"{rendering.service_name(name)}.{namespace}.svc:{rendering.HTTP_PORT}")
     plans: list[tuple[Target, str, Manifest | None]] = []
     for target in discovery.targets:
+        unbuildable = hardware_compatibility_problem(spec, target)
+        if unbuildable:
+            observation.targets.append(TargetObservation(target.slug, {
+                "gpuProduct": target.gpu_product, "computeCapability": target.compute_capability, "state": "Failed",
+                "reason": "HardwareCompatibilityUnsupported", "message": unbuildable}))
+            plans.append((target, "", None))
+            continue
         key = engine_key(source_sha256=source_sha, build=spec.build, inputs=spec.model.inputs,
                          backend=settings.builder_backend, backend_version=settings.builder_backend_version,
                          target=target.engine_target(), calibration_sha256=calibration_sha)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from plansmith.controller.settings import OperatorSettings
@@ -38,6 +39,21 @@ def dns_name(*parts: str, limit: int = 63) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return name[: limit - 9].rstrip("-") + "-" + digest
+
+
+# A Service's name is a DNS-1035 label, and the model's name is its Service's and a label value on
+# every child: an InferenceModel (any DNS-1123 subdomain) named resnet50.v2, 3d-unet or longer than
+# 63 characters would be refused by the API server half-way through creating its children. KServe
+# asks the same of InferenceService names.
+MODEL_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a served model's Service and labels, or None."""
+    if len(name) <= 63 and MODEL_NAME.fullmatch(name):
+        return None
+    return (f"the model name {name!r} names its Service and labels: use at most 63 lowercase letters, digits and "
+            "'-', starting with a letter and ending with a letter or digit (a DNS-1035 label)")
 
 
 def job_name(key: str) -> str:

@@ -148,6 +148,19 @@ def accepts(node: NodeInfo, spec: InferenceModelSpec) -> bool:
     return all(tolerates(spec.serving.tolerations, t) for t in node.taints if t.effect in ("NoSchedule", "NoExecute"))
 
 
+def hardware_compatibility_problem(spec: InferenceModelSpec, target: Target) -> str | None:
+    """Why `target` can get no engine with the spec's hardware compatibility level: TensorRT builds
+    and runs an ampere+ plan on compute capability 8.0 or newer only, and every target of such a
+    model shares one engine key, so a pre-Ampere GPU would be handed the Ampere build."""
+    if spec.build.hardware_compatibility != "ampere+" or target.device != "gpu":
+        return None
+    major = int((target.compute_capability or "0").split(".")[0])
+    if major >= 8:
+        return None
+    return (f"hardwareCompatibility ampere+ needs compute capability 8.0 or newer; {target.gpu_product} has "
+            f"{target.compute_capability}: leave it out with spec.targets, or build with hardwareCompatibility none")
+
+
 def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settings: OperatorSettings) -> Discovery:
     nodes = sorted(nodes, key=lambda n: n.name)
     found, any_gpu_node = _gpu_targets(nodes, spec, settings, only_taking_new_pods=True)
@@ -158,7 +171,9 @@ def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settin
         if found or any_gpu_node:
             return Discovery(found, [] if found else ["no schedulable GPU node matches serving.nodeSelector/tolerations/mig"],
                              still_present)
-        if settings.cpu_fallback and spec.build.backend != "tensorrt" and spec.serving.mig is None:
+        # a CPU engine is ONNX Runtime's: not with a TensorRT builder image, nor a spec that asks for TensorRT
+        if (settings.cpu_fallback and settings.builder_backend != "tensorrt" and spec.build.backend != "tensorrt"
+                and spec.serving.mig is None):
             return Discovery(_cpu_targets(nodes, spec, only_taking_new_pods=True), [],
                              frozenset(t.slug for t in _cpu_targets(nodes, spec, only_taking_new_pods=False)))
         return Discovery([], ["the cluster has no GPU node (nvidia.com/gpu.product label)"])

@@ -63,12 +63,13 @@ def operator_state(control_plane, kube_client, inference_model_crd, monkeypatch)
 class Model:
     """An InferenceModel in the API server (its children's owner), reconciled in this process."""
 
-    def __init__(self, kube_client, tmp_path: Path, serving: dict[str, Any], **spec_changes: Any) -> None:
+    def __init__(self, kube_client, tmp_path: Path, serving: dict[str, Any], name: str | None = None,
+                 **spec_changes: Any) -> None:
         self.custom = client.CustomObjectsApi(kube_client)
         self.apps = client.AppsV1Api(kube_client)
         source = testmodels.mlp(tmp_path / "mlp.onnx")
         self.storage = (tmp_path / "engines").as_uri()
-        self.name = f"m-{uuid.uuid4().hex[:8]}"
+        self.name = name or f"m-{uuid.uuid4().hex[:8]}"
         spec = {"model": {"uri": source.path.as_uri(), "inputs": source.spec_inputs()},
                 "storage": {"uri": self.storage}, "serving": serving, **spec_changes}
         self.body = self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, {
@@ -184,16 +185,25 @@ def test_a_cordoned_or_not_ready_gpu_type_keeps_its_deployment(operator_state, k
 @pytest.mark.parametrize("change, reason, message", [
     ("model", "SourceNotFound", "missing.onnx does not exist"),
     ("secret", "SecretNotFound", "Secret serving-rollout-tests/no-such-secret (the storage credentials) does not exist"),
+    ("name", "InvalidName", "the model name 'resnet50.v2' names its Service"),
+    ("runtime", "RuntimeUnsupported", "serving.runtime triton is not rolled out by this operator yet"),
 ])
-def test_a_model_file_or_secret_that_is_not_there_is_a_condition_and_creates_nothing(
+def test_what_the_operator_cannot_act_on_is_a_condition_and_creates_nothing(
         operator_state, kube_client, tmp_path, change, reason, message):
-    """A typo in the model's URI or the Secret's name: Valid=False and Stalled with the reason (Argo
-    CD shows Degraded), where the reconcile raised and kopf retried with no status at all."""
+    """A typo in the model's URI or the Secret's name, a name no Service can have, a runtime not
+    rolled out: Valid=False and Stalled with the reason (Argo CD shows Degraded), where the
+    reconcile raised (and kopf retried with no status at all) or the API server refused half-way."""
     source = testmodels.mlp(tmp_path / "mlp.onnx")
-    spec_changes = ({"model": {"uri": (tmp_path / "missing.onnx").as_uri(), "inputs": source.spec_inputs()}}
-                    if change == "model" else
-                    {"storage": {"uri": "s3://engines/plansmith", "secretRef": {"name": "no-such-secret"}}})
-    model = Model(kube_client, tmp_path, {}, **spec_changes)
+    spec_changes, name, serving = {}, None, {}
+    if change == "model":
+        spec_changes = {"model": {"uri": (tmp_path / "missing.onnx").as_uri(), "inputs": source.spec_inputs()}}
+    elif change == "secret":
+        spec_changes = {"storage": {"uri": "s3://engines/plansmith", "secretRef": {"name": "no-such-secret"}}}
+    elif change == "name":
+        name = "resnet50.v2"  # a valid InferenceModel name, not a valid Service name
+    else:
+        serving = {"runtime": "triton"}
+    model = Model(kube_client, tmp_path, serving, name=name, **spec_changes)
     status = model.reconcile()
     assert conditions(status)["Valid"] == ("False", reason) and conditions(status)["Stalled"] == ("True", reason)
     assert message in next(c["message"] for c in status["conditions"] if c["type"] == "Ready")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from plansmith.controller import rendering
 from plansmith.controller.settings import OperatorSettings
 from plansmith.controller.targets import Target
@@ -231,3 +233,14 @@ def test_service_selects_all_targets_of_the_model():
 def test_long_names_stay_valid_dns_labels():
     name = rendering.dns_name("a" * 60, "sm90-nvidia-h100-80gb-hbm3")
     assert len(name) <= 63 and name == rendering.dns_name("a" * 60, "sm90-nvidia-h100-80gb-hbm3")
+
+
+@pytest.mark.parametrize("name, usable", [
+    ("resnet50", True), ("bert-large-2", True), ("m", True), ("a" * 63, True),
+    ("resnet50.v2", False), ("3d-unet", False), ("a" * 64, False), ("model-", False), ("Model", False),
+])
+def test_a_model_name_must_name_a_service_and_label_its_children(name, usable):
+    problem = rendering.model_name_problem(name)
+    assert (problem is None) == usable
+    if not usable:
+        assert "DNS-1035 label" in problem and repr(name) in problem

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from plansmith.controller.settings import OperatorSettings
-from plansmith.controller.targets import NodeInfo, Taint, discover_targets, node_info
+from plansmith.controller.targets import NodeInfo, Taint, discover_targets, hardware_compatibility_problem, node_info
 from plansmith.validation import parse_spec
 
 SETTINGS = OperatorSettings(builder_backend_version="1.0")
@@ -104,3 +104,25 @@ def test_node_info_reads_a_node_object():
     info = node_info(node)
     assert info.ready and info.unschedulable and info.allocatable["nvidia.com/gpu"] == "2"
     assert info.taints == (Taint("k", None, "NoExecute"),)
+
+
+def test_ampere_plus_plans_are_for_ampere_or_newer_only():
+    t4 = {"nvidia.com/gpu.product": "Tesla-T4", "nvidia.com/gpu.compute.major": "7", "nvidia.com/gpu.compute.minor": "5"}
+    nodes = [gpu_node("a1", A100), gpu_node("t1", t4)]
+    ampere_plus = spec(build={"backend": "tensorrt", "hardwareCompatibility": "ampere+"})
+    found = {t.gpu_product: t for t in discover_targets(nodes, ampere_plus, SETTINGS).targets}
+    assert hardware_compatibility_problem(ampere_plus, found["NVIDIA-A100-SXM4-40GB"]) is None
+    problem = hardware_compatibility_problem(ampere_plus, found["Tesla-T4"])
+    assert problem.startswith("hardwareCompatibility ampere+ needs compute capability 8.0 or newer; Tesla-T4 has 7.5")
+    assert hardware_compatibility_problem(spec(), found["Tesla-T4"]) is None
+
+
+def test_no_cpu_fallback_with_a_tensorrt_builder_image():
+    """A CPU engine is ONNX Runtime's: with the TensorRT builder its Job could only fail."""
+    from dataclasses import replace
+
+    cpu_only = [NodeInfo("cpu1", {"kubernetes.io/arch": "amd64"}, {"cpu": "4"})]
+    assert [t.slug for t in discover_targets(cpu_only, spec(), SETTINGS).targets] == ["cpu-x86-64"]
+    tensorrt_builder = replace(SETTINGS, builder_backend="tensorrt")
+    found = discover_targets(cpu_only, spec(), tensorrt_builder)
+    assert found.targets == [] and found.unmatched == ["the cluster has no GPU node (nvidia.com/gpu.product label)"]
