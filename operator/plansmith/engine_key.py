@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -169,3 +170,11 @@ def engine_prefix(storage_uri: str, key: str) -> str:
 
 def manifest_uri(storage_uri: str, key: str) -> str:
     return engine_prefix(storage_uri, key) + "/manifest.json"
+
+
+def storage_of(manifest_uri: str) -> str:
+    """The storage root a manifest URI (<storage>/engines/<key>/manifest.json) is under."""
+    found = re.fullmatch(r"(.+)/engines/[^/]+/manifest\.json", manifest_uri)
+    if found is None:
+        raise ValueError(f"{manifest_uri} is not <storage>/engines/<key>/manifest.json")
+    return found.group(1)

@@ -122,6 +122,49 @@ def register(subparsers) -> None:
                         "it at runtime through Triton's logging extension (tritonclient's update_log_settings)")
     parser.set_defaults(handler=cmd_serve)
 
+    repository = subparsers.add_parser(
+        "triton-repository", help="write the Triton model repository that serves an engine (serving.runtime: triton)",
+        description="Render config.pbtxt from the InferenceModel's spec and the engine's manifest, download the engine "
+                    "(verifying its sha256) beside it, under DIR: what a serving pod's init container gives "
+                    "`tritonserver --model-repository=DIR`. Prints one JSON line; on failure a JSON error and exit 1.")
+    repository.add_argument("--manifest", required=True, metavar="URI", help="engine manifest (s3:// or file://)")
+    repository.add_argument("--model-name", required=True, help="the model's name in the repository and on the wire")
+    repository.add_argument("--spec-json", required=True, metavar="JSON", help="the InferenceModel's spec, as JSON")
+    repository.add_argument("--out", required=True, type=Path, metavar="DIR", help="the model repository folder")
+    repository.add_argument("--endpoint", help="S3 endpoint URL (default: the spec's, then PLANSMITH_S3_ENDPOINT)")
+    repository.set_defaults(handler=cmd_triton_repository)
+
+
+def cmd_triton_repository(args: argparse.Namespace) -> int:
+    import json
+
+    from plansmith.engine_key import storage_of
+    from plansmith.manifest import ManifestError, parse_manifest
+    from plansmith.storage import StorageError, open_store
+    from plansmith.validation import InvalidSpec, parse_spec
+    from plansmith_runtime.loader import normalize_manifest_uri
+    from plansmith_runtime.triton_repo import RepositoryError, render_repository, write_repository
+
+    def failed(reason: str, message: str) -> int:
+        print(json.dumps({"status": "failed", "reason": reason, "message": message}))
+        return 1
+
+    try:
+        spec = parse_spec(json.loads(args.spec_json))
+    except (ValueError, InvalidSpec) as error:
+        return failed("InvalidSpec", str(error))
+    endpoint = args.endpoint or spec.storage.endpoint
+    uri = normalize_manifest_uri(args.manifest)
+    try:
+        manifest = parse_manifest(open_store(uri, endpoint).read_bytes(uri))
+        repository = render_repository(args.model_name, spec, [manifest])
+        written = write_repository(repository, args.out, storage_of(uri), endpoint)
+    except (StorageError, ManifestError, RepositoryError, ValueError) as error:
+        return failed(type(error).__name__, str(error))
+    print(json.dumps({"status": "written", "repository": str(args.out),
+                      "files": sorted(str(path.relative_to(args.out)) for path in written)}))
+    return 0
+
 
 def serving_config(args: argparse.Namespace, spec_serving, default_name: str):
     """Spec settings (or defaults: batching on, max batch from the flags) with flags applied."""

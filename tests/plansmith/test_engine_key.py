@@ -84,3 +84,12 @@ def test_onnxruntime_ignores_tensorrt_only_knobs_and_keys_cpu_isa():
 
 def test_manifest_location():
     assert manifest_uri("s3://engines/prod/", "k1") == "s3://engines/prod/engines/k1/manifest.json"
+
+
+def test_the_storage_root_of_a_manifest_uri():
+    from plansmith.engine_key import manifest_uri, storage_of
+
+    for storage in ("s3://engines/prod", "file:///var/engines"):
+        assert storage_of(manifest_uri(storage, "k" * 32)) == storage
+    with pytest.raises(ValueError, match="is not <storage>/engines/<key>/manifest.json"):
+        storage_of("s3://engines/prod/k/manifest.json")

@@ -112,3 +112,39 @@ def test_repository_is_written_with_verified_engines(engines, tmp_path):
     assert (tmp_path / "repo/mlp/1/model.onnx").read_bytes() == built.engine_path.read_bytes()
     config = parse((tmp_path / "repo/mlp/config.pbtxt").read_text())
     assert config.platform == "onnxruntime_onnx" and list(config.input[0].dims) == [256]
+
+
+def test_the_init_containers_command_writes_the_repository_and_refuses_a_tampered_engine(engines, tmp_path, capsys):
+    """`plansmith triton-repository`, as a Triton serving pod's init container runs it."""
+    import json
+    import shutil
+
+    from plansmith.cli import main
+
+    built = engines["mlp"]
+    spec = {"model": {"uri": f"file://{built.model.path}", "inputs": built.model.spec_inputs()},
+            "serving": {"runtime": "triton", "maxBatchSize": 32, "dynamicBatching": {"preferredBatchSizes": [8]},
+                        "instances": 2}}
+    command = ["triton-repository", "--manifest", built.manifest_uri, "--model-name", "mlp",
+               "--spec-json", json.dumps(spec), "--out", str(tmp_path / "repo")]
+    assert main(command) == 0
+    assert json.loads(capsys.readouterr().out) == {"status": "written", "repository": str(tmp_path / "repo"),
+                                                   "files": ["mlp/1/model.onnx", "mlp/config.pbtxt"]}
+    config = parse((tmp_path / "repo/mlp/config.pbtxt").read_text())
+    assert (config.max_batch_size, list(config.dynamic_batching.preferred_batch_size)) == (32, [8])
+    assert config.instance_group[0].count == 2
+    assert (tmp_path / "repo/mlp/1/model.onnx").read_bytes() == built.engine_path.read_bytes()
+
+    # the same engine with its bytes changed in storage: refused, and the engine file not left behind
+    store = tmp_path / "store"
+    engine_folder = built.engine_path.parent
+    copy = store / "engines" / engine_folder.name
+    shutil.copytree(engine_folder, copy)
+    (copy / built.engine_path.name).write_bytes(b"not the engine")
+    tampered = command[:2] + [(copy / "manifest.json").as_uri()] + command[3:-1] + [str(tmp_path / "tampered")]
+    assert main(tampered) == 1
+    error = json.loads(capsys.readouterr().out)
+    assert error["status"] == "failed" and error["reason"] == "IntegrityError" and "sha256" in error["message"]
+    assert not (tmp_path / "tampered/mlp/1/model.onnx").exists()
+    assert main(command[:-3] + ["{not json", "--out", str(tmp_path / "bad")]) == 1
+    assert json.loads(capsys.readouterr().out)["reason"] == "InvalidSpec"

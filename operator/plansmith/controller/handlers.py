@@ -332,11 +332,6 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
         spec = parse_spec(model.get("spec"))
     except InvalidSpec as error:
         return Observation(generation, valid=False, invalid_reason="InvalidSpec", invalid_message=str(error))
-    if spec.serving.runtime == "triton":
-        return Observation(generation, valid=False, invalid_reason="RuntimeUnsupported", invalid_message=(
-            "serving.runtime triton is not rolled out by this operator yet (plansmith_runtime.triton_repo renders "
-            "the model repository, but no Triton pod is made); use runtime plansmith, which speaks the same "
-            "KServe v2 / Triton protocol"))
     storage = rendering.storage_uri(spec, settings)
     if not storage:
         return Observation(generation, valid=False, invalid_reason="NoStorage",

@@ -253,20 +253,65 @@ def serving_volumes(spec: InferenceModelSpec) -> list[dict[str, Any]]:
     return volumes
 
 
+MODEL_REPOSITORY = "/models"  # where a Triton pod's init container writes the repository tritonserver serves
+MODEL_REPOSITORY_VOLUME = "model-repository"
+
+
+def triton_args(spec: InferenceModelSpec) -> list[str]:
+    """tritonserver's flags: the repository the init container wrote, the ports, and the settings
+    plansmith's runtime takes under Triton's own flag names (the rest is in config.pbtxt)."""
+    serving = spec.serving
+    args = [f"--model-repository={MODEL_REPOSITORY}", f"--http-port={HTTP_PORT}", f"--grpc-port={GRPC_PORT}",
+            f"--metrics-port={METRICS_PORT}", "--strict-readiness=true", "--exit-timeout-secs=30"]
+    if serving.metrics.latency_summaries:
+        args.append("--metrics-config=summary_latencies=true")
+    if serving.trace is not None:
+        args += [f"--trace-config={entry}" for entry in serving.trace.trace_config()]
+    if serving.response_cache is not None:
+        args.append(f"--cache-config={serving.response_cache.cache_config()}")
+    return args
+
+
+def triton_repository_init_container(name: str, spec: InferenceModelSpec, manifest_uri: str,
+                                     settings: OperatorSettings) -> dict[str, Any]:
+    """Fetches the engine (checking its sha256) and renders config.pbtxt beside it, with the runtime
+    image's `plansmith triton-repository`, before tritonserver starts."""
+    return {
+        "name": MODEL_REPOSITORY_VOLUME,
+        "image": settings.runtime_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["plansmith", "triton-repository"],
+        "args": ["--manifest", manifest_uri, "--model-name", name, "--out", MODEL_REPOSITORY,
+                 "--spec-json", json.dumps(spec.to_api(), sort_keys=True, separators=(",", ":"))],
+        "env": [{"name": "HOME", "value": "/tmp"}, *storage_env(spec, settings)],
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"},
+                         {"name": MODEL_REPOSITORY_VOLUME, "mountPath": MODEL_REPOSITORY}],
+    }
+
+
 def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, target: Target, key: str,
                       manifest_uri: str, settings: OperatorSettings) -> dict[str, Any]:
+    """The serving Deployment of one target. With `serving.runtime: triton` its pods run stock
+    tritonserver (the chart's images.triton) on a model repository an init container writes;
+    otherwise plansmith's runtime, which fetches the engine itself."""
     selector = {MODEL_LABEL: name, TARGET_LABEL: target.slug, COMPONENT_LABEL: "serving"}
     labels = {**MANAGED_BY, **selector}
     resources = spec.serving.resources
     limits = {**{k: str(v) for k, v in resources.limits.items()}, **_gpu_limits(target)}
     requests = {k: str(v) for k, v in resources.requests.items()}
+    triton = spec.serving.runtime == "triton"
+    telemetry = opentelemetry_env(name, namespace, deployment_name(name, target), spec)
+    if triton:
+        server = {"image": settings.triton_image, "command": ["tritonserver"], "args": triton_args(spec),
+                  "env": [{"name": "HOME", "value": "/tmp"}, *telemetry]}
+    else:
+        server = {"image": settings.runtime_image, "args": runtime_args(name, spec, manifest_uri),
+                  "env": [{"name": "HOME", "value": "/tmp"}, *storage_env(spec, settings), *telemetry]}
     container = {
         "name": RUNTIME_CONTAINER,
-        "image": settings.runtime_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "args": runtime_args(name, spec, manifest_uri),
-        "env": [{"name": "HOME", "value": "/tmp"}, *storage_env(spec, settings),
-                *opentelemetry_env(name, namespace, deployment_name(name, target), spec)],
+        **server,
         # protocol spelled out: server-side apply keys port lists by (port, protocol) and, before
         # Kubernetes 1.21, refuses an entry that leaves the default out
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
@@ -279,8 +324,12 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_SECONDS)]}}},
         "resources": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
         "securityContext": container_security_context(),
-        "volumeMounts": serving_mounts(spec),
+        "volumeMounts": serving_mounts(spec) + ([{"name": MODEL_REPOSITORY_VOLUME, "mountPath": MODEL_REPOSITORY,
+                                                  "readOnly": True}] if triton else []),
     }
+    pod_extras: dict[str, Any] = {}
+    if triton:
+        pod_extras["initContainers"] = [triton_repository_init_container(name, spec, manifest_uri, settings)]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -297,8 +346,10 @@ def render_deployment(*, name: str, namespace: str, spec: InferenceModelSpec, ta
                     "terminationGracePeriodSeconds": 30 + DRAIN_SECONDS,
                     "securityContext": pod_security_context(),
                     **_scheduling(spec, target, settings),
+                    **pod_extras,
                     "containers": [container, *(render_sidecar(sidecar, spec) for sidecar in spec.serving.sidecars)],
-                    "volumes": serving_volumes(spec),
+                    "volumes": serving_volumes(spec) + ([{"name": MODEL_REPOSITORY_VOLUME, "emptyDir": {}}]
+                                                        if triton else []),
                 },
             },
         },

@@ -182,28 +182,39 @@ def test_a_cordoned_or_not_ready_gpu_type_keeps_its_deployment(operator_state, k
     assert model.deployment(A100).metadata.name == f"{model.name}-{A100}"
 
 
+def test_runtime_triton_rolls_out_tritonserver_and_switching_back_rolls_out_the_runtime(
+        operator_state, kube_client, tmp_path):
+    model = serving_model(operator_state, kube_client, tmp_path, {"runtime": "triton"})
+    pod = model.deployment().spec.template.spec
+    assert pod.containers[0].command == ["tritonserver"] and pod.containers[0].image == operator_state.settings.triton_image
+    assert [c.name for c in pod.init_containers] == ["model-repository"]
+    assert pod.init_containers[0].command == ["plansmith", "triton-repository"]
+    model.change_serving(runtime="plansmith")
+    model.reconcile()
+    pod = model.deployment().spec.template.spec
+    assert pod.containers[0].image == operator_state.settings.runtime_image and not pod.containers[0].command
+    assert not pod.init_containers and "model-repository" not in [v.name for v in pod.volumes]
+
+
 @pytest.mark.parametrize("change, reason, message", [
     ("model", "SourceNotFound", "missing.onnx does not exist"),
     ("secret", "SecretNotFound", "Secret serving-rollout-tests/no-such-secret (the storage credentials) does not exist"),
     ("name", "InvalidName", "the model name 'resnet50.v2' names its Service"),
-    ("runtime", "RuntimeUnsupported", "serving.runtime triton is not rolled out by this operator yet"),
 ])
 def test_what_the_operator_cannot_act_on_is_a_condition_and_creates_nothing(
         operator_state, kube_client, tmp_path, change, reason, message):
-    """A typo in the model's URI or the Secret's name, a name no Service can have, a runtime not
-    rolled out: Valid=False and Stalled with the reason (Argo CD shows Degraded), where the
-    reconcile raised (and kopf retried with no status at all) or the API server refused half-way."""
+    """A typo in the model's URI or the Secret's name, a name no Service can have: Valid=False and
+    Stalled with the reason (Argo CD shows Degraded), where the reconcile raised (and kopf retried
+    with no status at all) or the API server refused half-way."""
     source = testmodels.mlp(tmp_path / "mlp.onnx")
-    spec_changes, name, serving = {}, None, {}
+    spec_changes, name = {}, None
     if change == "model":
         spec_changes = {"model": {"uri": (tmp_path / "missing.onnx").as_uri(), "inputs": source.spec_inputs()}}
     elif change == "secret":
         spec_changes = {"storage": {"uri": "s3://engines/plansmith", "secretRef": {"name": "no-such-secret"}}}
-    elif change == "name":
-        name = "resnet50.v2"  # a valid InferenceModel name, not a valid Service name
     else:
-        serving = {"runtime": "triton"}
-    model = Model(kube_client, tmp_path, serving, name=name, **spec_changes)
+        name = "resnet50.v2"  # a valid InferenceModel name, not a valid Service name
+    model = Model(kube_client, tmp_path, {}, name=name, **spec_changes)
     status = model.reconcile()
     assert conditions(status)["Valid"] == ("False", reason) and conditions(status)["Stalled"] == ("True", reason)
     assert message in next(c["message"] for c in status["conditions"] if c["type"] == "Ready")

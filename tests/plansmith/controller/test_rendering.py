@@ -244,3 +244,30 @@ def test_a_model_name_must_name_a_service_and_label_its_children(name, usable):
     assert (problem is None) == usable
     if not usable:
         assert "DNS-1035 label" in problem and repr(name) in problem
+
+
+def test_runtime_triton_runs_tritonserver_on_a_repository_its_init_container_writes():
+    """serving.runtime: triton: stock Triton (the chart's images.triton) serves the repository that
+    `plansmith triton-repository` renders from the spec and fills with the verified engine."""
+    import json
+
+    spec = SPEC.model_copy(update={"serving": SPEC.serving.model_copy(update={"runtime": "triton"})})
+    body = rendering.render_deployment(name="resnet", namespace="ml", spec=spec, target=H100, key=KEY,
+                                       manifest_uri="s3://engines/prod/engines/k/manifest.json", settings=SETTINGS)
+    pod = body["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert server["image"] == SETTINGS.triton_image and server["command"] == ["tritonserver"]
+    assert server["args"][:4] == ["--model-repository=/models", "--http-port=8000", "--grpc-port=8001",
+                                  "--metrics-port=8002"]
+    assert {"name": "model-repository", "mountPath": "/models", "readOnly": True} in server["volumeMounts"]
+    assert not any(e["name"].startswith("AWS_") for e in server["env"])  # credentials stay with the init container
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"  # Triton's, as the runtime's
+    (init,) = pod["initContainers"]
+    assert init["image"] == SETTINGS.runtime_image and init["command"] == ["plansmith", "triton-repository"]
+    args = dict(zip(init["args"][::2], init["args"][1::2]))
+    assert args["--manifest"] == "s3://engines/prod/engines/k/manifest.json" and args["--out"] == "/models"
+    assert parse_spec(json.loads(args["--spec-json"])) == spec and args["--model-name"] == "resnet"
+    assert any(e["name"] == "AWS_ACCESS_KEY_ID" for e in init["env"])
+    assert {"name": "model-repository", "emptyDir": {}} in pod["volumes"]
+    # switching the runtime rolls the pods
+    assert body["spec"]["template"] != deployment()["spec"]["template"]
