@@ -430,7 +430,7 @@ def build(kind: str, workdir: Path) -> tuple[str, Path, str, np.ndarray]:
     result = run_build(BuildRequest(spec=spec, workdir=workdir / f"build-{kind}"))
     if result.status not in ("built", "hit"):
         raise SystemExit(f"build of {kind} failed: {result.to_json()}")
-    engine = Path(result.manifest_uri.removeprefix("file://")).parent / "model.onnx"
+    engine = Path(result.manifest_uri.removeprefix("file://")).parent / result.manifest.artifact("engine").name
     return result.manifest_uri, engine, info.input_name, info.sample_inputs(batch=1, seed=3)[info.input_name]
 
 

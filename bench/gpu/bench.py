@@ -488,7 +488,8 @@ def build_phase(cfg: dict, state: dict, workdir: Path, models: list[str], precis
                 row["executor_error"] = f"{type(error).__name__}: {error}"
                 print(f"    executor failed: {row['executor_error']}", flush=True)
             if precision == "fp16" and not cfg.get("skip_variants"):
-                engine_file = Path(result["manifestUri"].removeprefix("file://")).parent / "model.onnx"
+                manifest_path = Path(result["manifestUri"].removeprefix("file://"))
+                engine_file = manifest_path.parent / parse_manifest(manifest_path.read_bytes()).artifact("engine").name
                 row["variants"] = provider_variants(engine_file, meta, cfg)
         for half in (False, True):
             if cfg.get("skip_torch") or (half and cfg["device"] == "cpu"):

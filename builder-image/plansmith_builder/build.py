@@ -235,6 +235,7 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
     # ---- publish, manifest last
     progress.phase("publish", uri=state["manifest_uri"])
     artifacts = [artifact_for(f.path, f.name, f.role) for f in built.files]
+    files = {artifact.name: f.path for artifact, f in zip(artifacts, built.files)}
     manifest = Manifest(
         key=key,
         backend=backend.name,
@@ -259,7 +260,16 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
         builder_version=PLANSMITH_VERSION,
         created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    uri = publish(engine_store, storage_uri, manifest, {f.name: f.path for f in built.files}, workdir, progress)
+    uri, ours = publish(engine_store, storage_uri, manifest, files, workdir, progress,
+                        replace_broken=existing.problem is not None)
+    if not ours:  # another build of this key published first: its engine is the key's
+        earlier = find_engine(engine_store, storage_uri, key, workdir)
+        if earlier.manifest is None:
+            raise BuildError("StorageUnavailable", f"another build published {uri} first, and it does not verify: "
+                                                   f"{earlier.problem}; a retry replaces it")
+        progress.done("publish", result="hit", seconds_total=round(time.monotonic() - started, 3))
+        return BuildResult("hit", key, uri, None, "another build of this key published first; its engine is kept",
+                           earlier.manifest)
     progress.done("publish", seconds_total=round(time.monotonic() - started, 3))
     message = f"built {backend.name} {built.effective_precision} engine for {target.name}"
     if built.notes:

@@ -2,10 +2,15 @@
 
 `<storage>/engines/<key>/` holds the artifacts and `manifest.json`. The manifest is uploaded only
 after every artifact is uploaded and its stored bytes verified by sha256, so a reader that finds
-a manifest finds a complete engine; a key without a manifest is not an engine. Artifacts of a
-publish that failed half-way are left in place, not deleted: without a manifest nobody uses them,
-the next build of the key overwrites them, and a concurrent builder of the same key (same bytes)
-may already reference them from its manifest.
+a manifest finds a complete engine; a key without a manifest is not an engine.
+
+Two builders may build one key at once (models of two namespaces with the same model and spec),
+and their engines differ: TensorRT builds are not bit-reproducible. So artifacts are stored under
+names that carry their sha256 (`model-<sha256[:16]>.plan`), which one build never overwrites with
+another's bytes, and the manifest is created only where none is (S3's If-None-Match, a hard link on
+file://): the first manifest wins and describes bytes that are there; the later builder finds it
+and reports a hit. Artifacts of a publish that lost or failed half-way are left in place: no
+manifest names them.
 """
 
 from __future__ import annotations
@@ -74,13 +79,24 @@ def check_publishable(store: Store, storage_uri: str, key: str) -> None:
                                                f"{error}") from None
 
 
+def stored_name(name: str, sha256: str) -> str:
+    """An artifact's name in the store: its file name with its content's sha256 in it
+    (model.plan -> model-<sha256[:16]>.plan)."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-{sha256[:16]}{dot}{suffix}"
+
+
 def artifact_for(path: Path, name: str, role: ArtifactRole) -> Artifact:
-    return Artifact(name=name, role=role, sha256=sha256_file(path), bytes=path.stat().st_size)
+    """The manifest entry of a built file, under its content-addressed stored name."""
+    sha256 = sha256_file(path)
+    return Artifact(name=stored_name(name, sha256), role=role, sha256=sha256, bytes=path.stat().st_size)
 
 
 def publish(store: Store, storage_uri: str, manifest: Manifest, files: dict[str, Path], workdir: Path,
-            progress=None) -> str:
-    """Upload each artifact (verified), then the manifest; return the manifest URI.
+            progress=None, replace_broken: bool = False) -> tuple[str, bool]:
+    """Upload each artifact (verified), then the manifest; the manifest URI, and whether this
+    manifest is the one published (False: another builder's was there first, and is kept).
+    `replace_broken`: a manifest there was found unusable (find_engine's problem) and is replaced.
 
     `files` maps artifact names in `manifest.artifacts` to local paths."""
     prefix = engine_prefix(storage_uri, manifest.key)
@@ -92,5 +108,7 @@ def publish(store: Store, storage_uri: str, manifest: Manifest, files: dict[str,
     manifest_path = workdir / "manifest.json"
     manifest_path.write_text(manifest.to_json(), encoding="utf-8")
     uri = manifest_uri(storage_uri, manifest.key)
-    store.upload(manifest_path, uri, sha256_file(manifest_path))
-    return uri
+    if replace_broken:
+        store.upload(manifest_path, uri, sha256_file(manifest_path))
+        return uri, True
+    return uri, store.create(manifest_path, uri, sha256_file(manifest_path))

@@ -39,6 +39,10 @@ class ObjectNotFound(StorageError):
     """No object at that URI."""
 
 
+class ObjectExists(StorageError):
+    """A write that creates only a missing object found one there."""
+
+
 class IntegrityError(StorageError):
     """The bytes read or written do not have the expected sha256."""
 
@@ -70,6 +74,10 @@ class Store(Protocol):
         ...
     def upload(self, src: Path, uri: str, sha256: str, progress: Progress | None = None) -> None:
         """Write `src` to `uri` and verify the stored bytes have `sha256`."""
+        ...
+    def create(self, src: Path, uri: str, sha256: str) -> bool:
+        """Write `src` to `uri` (verified) unless an object is there already: False then, and the
+        object there is kept (another writer was first)."""
         ...
     def write_bytes(self, uri: str, data: bytes) -> None: ...
     def delete(self, uri: str) -> None: ...
@@ -151,6 +159,20 @@ class FileStore:
         if sha256_file(target) != sha256:
             target.unlink(missing_ok=True)
             raise IntegrityError(f"{uri}: stored bytes do not match sha256 {sha256}")
+
+    def create(self, src: Path, uri: str, sha256: str) -> bool:
+        """Written beside the target, then hard-linked to it: link() fails when the name exists, so
+        of two writers exactly one creates it."""
+        target = self._path(uri)
+        staged = target.with_name(f".create-{target.name}-{secrets.token_hex(8)}")
+        self.upload(src, str(staged.as_uri()), sha256)
+        try:
+            os.link(staged, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            staged.unlink(missing_ok=True)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         self._atomic_write(self._path(uri), lambda out: out.write(data))
@@ -240,6 +262,8 @@ class S3Store:
                 raise ObjectNotFound(uri) from None
             if code == "NoSuchBucket":
                 raise ObjectNotFound(f"{uri}: bucket does not exist") from None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):  # a conditional write lost
+                raise ObjectExists(uri) from None
             raise StorageUnavailable(f"{uri}: {code or 'error'}: {error}") from None
         except NoCredentialsError:
             raise StorageUnavailable(f"{uri}: no S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
@@ -290,6 +314,26 @@ class S3Store:
         if self._stored_sha256(uri) != sha256:
             self.delete(uri)
             raise IntegrityError(f"{uri}: stored bytes do not match sha256 {sha256}")
+
+    def create(self, src: Path, uri: str, sha256: str) -> bool:
+        """PutObject with If-None-Match: * (S3's conditional write): refused with 412 when the key
+        exists. A store that ignores the header (older S3-compatible servers) overwrites instead;
+        the artifacts a manifest names are content-addressed, so it still describes stored bytes."""
+        import base64
+
+        bucket, key = self._split(uri)
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+
+        def put() -> None:
+            with open(src, "rb") as body:
+                self._client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumSHA256=checksum,
+                                        Metadata={"sha256": sha256}, IfNoneMatch="*")
+
+        try:
+            self._call(uri, put)
+        except ObjectExists:
+            return False
+        return True
 
     def _stored_sha256(self, uri: str) -> str:
         """The sha256 of what is stored now: the server's own SHA256 checksum where the store keeps

@@ -152,3 +152,18 @@ def test_check_writable_refuses_a_folder_that_cannot_be_created(where, tmp_path)
     with pytest.raises(StorageUnavailable, match="cannot create files in"):
         open_store("file:///").check_writable((folder / "engines" / "k").as_uri())
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_create_writes_only_where_nothing_is(base, tmp_path):
+    """The manifest's conditional write: of two writers the first creates the object, the second is
+    told and changes nothing (S3's If-None-Match, a hard link on file://)."""
+    store = open_store(base)
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_bytes(b'{"by": "first"}')
+    second.write_bytes(b'{"by": "second"}')
+    uri = f"{base}/engines/k/manifest.json"
+    assert store.create(first, uri, sha256_file(first)) is True
+    assert store.create(second, uri, sha256_file(second)) is False
+    assert store.read_bytes(uri) == b'{"by": "first"}'
+    if base.startswith("file://"):  # nothing staged is left beside it
+        assert sorted(p.name for p in Path(base.removeprefix("file://"), "engines/k").iterdir()) == ["manifest.json"]

@@ -137,7 +137,8 @@ def test_corrupted_artifact_is_rebuilt_not_served(bucket, models, tmp_path, cli,
                                inputs=models["mlp"].spec_inputs(), build={"precision": "fp32"},
                                storage_uri=bucket.uri("store"))
     key = cli(str(manifest_file)).result["key"]
-    engine_key_path = f"store/engines/{key}/model.onnx"
+    engine_name = parse_manifest(bucket.read(f"store/engines/{key}/manifest.json")).artifact("engine").name
+    engine_key_path = f"store/engines/{key}/{engine_name}"
     good = bucket.read(engine_key_path)
     bucket.put(engine_key_path, b"garbage")
     run = cli(str(manifest_file))

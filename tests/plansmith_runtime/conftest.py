@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from plansmith.devcluster.processes import free_port
+from plansmith.manifest import parse_manifest
 from plansmith_runtime.cuda_shared_memory import CUDA_IPC_HANDLE_SIZE
 
 PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
@@ -147,8 +148,6 @@ class BuiltEngine:
     @property
     def execution_provider(self) -> str | None:
         """The provider the builder built the engine for: the CPU's here, CUDA's where it found a GPU."""
-        from plansmith.manifest import parse_manifest
-
         return parse_manifest(Path(self.manifest_uri.removeprefix("file://")).read_bytes()).target.execution_provider
 
     def session(self):
@@ -183,8 +182,9 @@ def engines(tmp_path_factory) -> dict[str, BuiltEngine]:
     built = {}
     for kind in ("mlp", "small_cnn"):
         info, uri = build_engine(kind, workdir, f"file://{store}")
-        folder = Path(uri.removeprefix("file://")).parent
-        built[kind] = BuiltEngine(info, uri, folder / "model.onnx")
+        manifest_path = Path(uri.removeprefix("file://"))
+        engine_name = parse_manifest(manifest_path.read_bytes()).artifact("engine").name
+        built[kind] = BuiltEngine(info, uri, manifest_path.parent / engine_name)
     return built
 
 

@@ -21,10 +21,11 @@ def test_verified_artifacts_land_in_the_folder(engines, tmp_path):
 def test_modified_artifact_is_refused_and_removed(engines, tmp_path):
     copy = tmp_path / "engine"
     shutil.copytree(engines["mlp"].engine_path.parent, copy)
-    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes() + b"\0")
+    engine = copy / engines["mlp"].engine_path.name
+    engine.write_bytes(engine.read_bytes() + b"\0")
     with pytest.raises(IntegrityError, match="refusing to serve a modified engine"):
         fetch_engine(f"file://{copy}", tmp_path / "local")
-    assert not (tmp_path / "local" / "model.onnx").exists()
+    assert not (tmp_path / "local" / engine.name).exists()
 
 
 def test_missing_manifest_is_object_not_found(tmp_path):

@@ -342,9 +342,10 @@ def test_tampered_artifact_keeps_the_server_not_ready(engines, start_server, tmp
     source = engines["mlp"].engine_path.parent
     copy = tmp_path / "engine"
     shutil.copytree(source, copy)
-    data = bytearray((copy / "model.onnx").read_bytes())
+    engine = copy / engines["mlp"].engine_path.name
+    data = bytearray(engine.read_bytes())
     data[-10] ^= 0xFF  # flip bits in a weight
-    (copy / "model.onnx").write_bytes(bytes(data))
+    engine.write_bytes(bytes(data))
 
     server = start_server("--manifest", f"file://{copy}/manifest.json")
     server.wait_live()

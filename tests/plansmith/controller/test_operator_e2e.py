@@ -187,7 +187,8 @@ def test_model_is_built_per_gpu_type_served_and_answers(e2e):
         manifest = e2e["s3"].get_object(Bucket="plansmith-engines", Key=f"{PREFIX}/engines/{target['engineKey']}/manifest.json")
         assert b'"CPUExecutionProvider"' in manifest["Body"].read()  # simulated GPUs: honest about where it runs
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Valid": "True", "EnginesReady": "True", "ServingReady": "True", "Ready": "True"}
+        "Valid": "True", "EnginesReady": "True", "ServingReady": "True", "Ready": "True",
+        "Reconciling": "False", "Stalled": "False"}  # kstatus: Current
 
     deployments = client.AppsV1Api(e2e["api"]).list_namespaced_deployment(NAMESPACE).items
     assert sorted(d.metadata.name for d in deployments) == ["cnn-sm86-nvidia-a10g", "cnn-sm90-nvidia-h100-80gb-hbm3"]
