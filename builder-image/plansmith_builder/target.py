@@ -117,6 +117,15 @@ def target_from_override(value: str, detected: DetectedTarget) -> DetectedTarget
         if not re.fullmatch(r"[A-Za-z0-9_]+(-[A-Za-z0-9_]+)?", isa):
             raise ValueError(f"--target cpu:<isa> needs an ISA such as cpu:x86_64 or cpu:x86_64-avx2, got {value!r}")
         cpu = detected if detected.target.device == "cpu" else cpu_target()
+        here = cpu.target.cpu_isa or ""
+        arch, _, extension = isa.partition("-")
+        # an arch-only target is built portable; one that names an extension is optimized at ONNX
+        # Runtime's full level, whose layouts (NCHWc blocks) are this CPU's SIMD width: only this
+        # CPU's own extension describes such an engine
+        if arch != here.partition("-")[0] or (extension and isa != here):
+            raise ValueError(f"--target {value} cannot be built on this {here or 'unknown'} CPU: an engine optimized "
+                             f"for a CPU is optimized for the one that builds it; build on such a CPU, or for "
+                             f"cpu:{arch} (portable)")
         return replace(cpu, target=EngineTarget(device="cpu", cpu_isa=isa))
     if not re.fullmatch(COMPUTE_CAPABILITY_PATTERN, value):
         raise ValueError(f"--target must be auto, cpu, cpu:<isa> or a compute capability such as 9.0, got {value!r}")

@@ -60,3 +60,14 @@ def test_overrides():
     assert target_from_override("cpu", h100).target.device == "cpu"
     with pytest.raises(ValueError, match="compute capability"):
         target_from_override("h100", cpu)
+
+
+def test_a_cpu_target_naming_an_extension_is_built_on_a_cpu_with_that_extension_only():
+    """ONNX Runtime's full optimization lays tensors out for the building CPU's SIMD width (NCHWc
+    blocks): an AVX-512 builder's engine labelled x86_64-avx2 would be served on AVX2-only nodes."""
+    avx512 = DetectedTarget(EngineTarget(device="cpu", cpu_isa="x86_64-avx512_vnni"), cpu_vendor="GenuineIntel")
+    assert target_from_override("cpu:x86_64-avx512_vnni", avx512).target.cpu_isa == "x86_64-avx512_vnni"
+    assert target_from_override("cpu:x86_64", avx512).target.cpu_isa == "x86_64"  # portable: any x86-64 CPU
+    for other in ("cpu:x86_64-avx2", "cpu:aarch64", "cpu:aarch64-sve"):
+        with pytest.raises(ValueError, match=f"--target {other} cannot be built on this x86_64-avx512_vnni CPU"):
+            target_from_override(other, avx512)
