@@ -17,7 +17,7 @@ import logging
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -144,6 +144,7 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
         if target.device != "gpu":
             raise BuildError("InvalidSpec", "--simulated-gpu needs --target <compute capability>")
         run_target = cpu_target().target
+        target = replace(target, simulated=True)  # keyed apart from a real GPU's engine
         progress.info("simulated GPU", target=target.name, runsOn=run_target.name)
     backend = resolve_backend(request.backend or build.backend, run_target)
     backend.check(build, run_target)

@@ -49,6 +49,9 @@ class EngineTarget:
     compute_capability: str | None = None
     gpu_product: str | None = None
     cpu_isa: str | None = None
+    # a GPU type of a cluster whose GPUs are simulated (`plansmith build --simulated-gpu`): its engine
+    # is built and run on the CPU, so it must never share a key with a real GPU's engine
+    simulated: bool = False
 
     def __post_init__(self) -> None:
         if self.device == "gpu" and not self.compute_capability:
@@ -70,9 +73,11 @@ def target_document(target: EngineTarget, hardware_compatibility: str) -> dict[s
     every Ampere-or-newer GPU, so the compute capability drops out of the key."""
     if target.device == "cpu":
         return {"device": "cpu", "isa": target.cpu_isa or ""}
-    if hardware_compatibility == "ampere+":
-        return {"device": "gpu", "hardwareCompatibility": "ampere+"}
-    return {"device": "gpu", "computeCapability": target.compute_capability or ""}
+    document = ({"device": "gpu", "hardwareCompatibility": "ampere+"} if hardware_compatibility == "ampere+"
+                else {"device": "gpu", "computeCapability": target.compute_capability or ""})
+    if target.simulated:
+        document["simulatedOn"] = "cpu"
+    return document
 
 
 def effective_quantization(build: BuildSpec) -> str | None:

@@ -32,10 +32,10 @@ def job_env_and_args(tmp_path, models, target: Target):
     return spec, settings, env, container["args"]
 
 
-def operator_key(spec, settings, target: Target) -> str:
+def operator_key(spec, settings, target: Target, simulated: bool = False) -> str:
     sha = hashlib.sha256(open(spec.model.uri[len("file://"):], "rb").read()).hexdigest()
     return engine_key(source_sha256=sha, build=spec.build, inputs=spec.model.inputs, backend="onnxruntime",
-                      backend_version=settings.builder_backend_version, target=target.engine_target())
+                      backend_version=settings.builder_backend_version, target=target.engine_target(simulated))
 
 
 def test_cpu_target_job_builds_under_the_operators_key(tmp_path, models, cli, monkeypatch):
@@ -68,7 +68,9 @@ def test_simulated_gpu_is_keyed_for_the_gpu_type_and_runs_on_the_cpu(tmp_path, m
 
     run = cli(*args, "--simulated-gpu")
     assert run.exit_code == 0, run.result
-    assert run.result["key"] == operator_key(spec, settings, target)
+    assert run.result["key"] == operator_key(spec, settings, target, simulated=True)
+    # a real sm90 build of the same spec never gets this CPU-built engine as a cache hit
+    assert run.result["key"] != operator_key(spec, settings, target)
     manifest = parse_manifest((tmp_path / "store" / "engines" / run.result["key"] / "manifest.json").read_bytes())
     assert manifest.target.device == "gpu" and manifest.target.compute_capability == "9.0"
     assert manifest.target.execution_provider == "CPUExecutionProvider"

@@ -369,7 +369,8 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
             continue
         key = engine_key(source_sha256=source_sha, build=spec.build, inputs=spec.model.inputs,
                          backend=settings.builder_backend, backend_version=settings.builder_backend_version,
-                         target=target.engine_target(), calibration_sha256=calibration_sha)
+                         target=target.engine_target(simulated=settings.simulated_gpus),
+                         calibration_sha256=calibration_sha)
         record: dict[str, Any] = {"gpuProduct": target.gpu_product, "computeCapability": target.compute_capability,
                                   "engineKey": key, "engineUri": manifest_uri(storage, key),
                                   "backend": settings.builder_backend,

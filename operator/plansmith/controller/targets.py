@@ -73,10 +73,12 @@ class Target:
             raw = f"sm{(self.compute_capability or '').replace('.', '')}-{self.gpu_product or 'gpu'}"
         return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
 
-    def engine_target(self) -> EngineTarget:
+    def engine_target(self, simulated: bool = False) -> EngineTarget:
+        """The key's target; `simulated`: the cluster's GPUs are simulated (its builds run on the CPU)."""
         if self.device == "cpu":
             return EngineTarget(device="cpu", cpu_isa=self.cpu_arch)
-        return EngineTarget(device="gpu", compute_capability=self.compute_capability, gpu_product=self.gpu_product)
+        return EngineTarget(device="gpu", compute_capability=self.compute_capability, gpu_product=self.gpu_product,
+                            simulated=simulated)
 
     @property
     def builder_target_arg(self) -> str:
