@@ -18,11 +18,11 @@ wants its own RunResults wrapping; the figures here are three lines each.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import numpy as np
 
+from plansmith.accuracy_gate import gate_failure  # noqa: F401  (the builder's gate; the operator's too)
 from plansmith.manifest import AccuracyResult, OutputAccuracy
 from plansmith.spec import AccuracyGate
 from plansmith_builder.calibration import batches
@@ -103,6 +103,18 @@ def cosine(reference: np.ndarray, actual: np.ndarray) -> float:
     return float(np.clip(a @ b / (norm_a * norm_b), -1.0, 1.0))
 
 
+def relative_rms_error(reference: np.ndarray, actual: np.ndarray) -> float:
+    """RMS of (actual - reference) over the reference's spread (its standard deviation), or over its
+    RMS where it does not vary: what cosine similarity misses, an output scaled or offset (cosine
+    ignores magnitude), or a small signal on a large offset lost to rounding (fp16 at 1000 +- 0.1
+    keeps a cosine of 1.0). 0.0 for equal tensors, inf for a difference from an all-zero reference."""
+    error = float(np.sqrt(np.mean((actual - reference) ** 2))) if reference.size else 0.0
+    if error == 0.0:
+        return 0.0
+    scale = float(np.std(reference)) or float(np.sqrt(np.mean(reference ** 2)))
+    return error / scale if scale > 0 else float("inf")
+
+
 def compare_batch(reference: np.ndarray, actual: np.ndarray) -> OutputAccuracy:
     if reference.shape != actual.shape:
         raise ValueError(f"engine output shape {list(actual.shape)} differs from the reference's {list(reference.shape)}")
@@ -110,19 +122,21 @@ def compare_batch(reference: np.ndarray, actual: np.ndarray) -> OutputAccuracy:
     b = actual.astype(np.float64).ravel()
     if np.any(mismatched_non_finite(a, b)):
         # infinite errors: gate_failure reports these as non-finite values, not as a low cosine
-        return OutputAccuracy(cosine=0.0, max_abs_error=float("inf"), max_rel_error=float("inf"))
+        return OutputAccuracy(cosine=0.0, max_abs_error=float("inf"), max_rel_error=float("inf"),
+                              relative_rms_error=float("inf"))
     finite = ~matching_non_finite(a, b)  # the matching inf/NaN positions are equal: no error there
     a, b = a[finite], b[finite]
     diff = np.abs(a - b)
     rel = diff / np.maximum(np.abs(a), RELATIVE_FLOOR)
     return OutputAccuracy(cosine=cosine(a, b), max_abs_error=float(diff.max(initial=0.0)),
-                          max_rel_error=float(rel.max(initial=0.0)))
+                          max_rel_error=float(rel.max(initial=0.0)), relative_rms_error=relative_rms_error(a, b))
 
 
 def worst(items: Iterable[OutputAccuracy]) -> OutputAccuracy:
     items = list(items)
     return OutputAccuracy(cosine=min(i.cosine for i in items), max_abs_error=max(i.max_abs_error for i in items),
-                          max_rel_error=max(i.max_rel_error for i in items))
+                          max_rel_error=max(i.max_rel_error for i in items),
+                          relative_rms_error=max(i.relative_rms_error or 0.0 for i in items))
 
 
 def measure(reference: Runner, engine: Runner, feeds: list[Feeds], gate: AccuracyGate) -> AccuracyResult:
@@ -139,23 +153,7 @@ def measure(reference: Runner, engine: Runner, feeds: list[Feeds], gate: Accurac
     overall = worst(summary.values())
     return AccuracyResult(
         cosine=overall.cosine, max_abs_error=overall.max_abs_error, max_rel_error=overall.max_rel_error,
-        samples=len(feeds), per_output=summary, min_cosine=gate.min_cosine, max_abs_error_allowed=gate.max_abs_error,
+        relative_rms_error=overall.relative_rms_error, samples=len(feeds), per_output=summary,
+        min_cosine=gate.min_cosine, max_abs_error_allowed=gate.max_abs_error,
+        max_relative_rms_error_allowed=gate.max_relative_rms_error,
     )
-
-
-def gate_failure(result: AccuracyResult, gate: AccuracyGate) -> str | None:
-    """Why `result` fails `gate` (naming the worst output), or None when it passes."""
-    problems = []
-    for name, figures in sorted(result.per_output.items()):
-        if not math.isfinite(figures.max_abs_error):  # compare_batch's mark of mismatched inf/NaN
-            problems.append(f"output {name!r} has inf or NaN values that differ from the FP32 reference's (inf or NaN "
-                            f"where the reference is finite, a finite value where it holds inf or NaN, or an "
-                            f"infinity of the other sign)")
-            continue
-        if not figures.cosine >= gate.min_cosine:
-            problems.append(f"output {name!r} cosine {figures.cosine:.6f} < minCosine {gate.min_cosine}")
-        if gate.max_abs_error is not None and not figures.max_abs_error <= gate.max_abs_error:
-            problems.append(f"output {name!r} max abs error {figures.max_abs_error:.6g} > maxAbsError {gate.max_abs_error}")
-    if not result.per_output and not result.cosine >= gate.min_cosine:
-        problems.append(f"cosine {result.cosine:.6f} < minCosine {gate.min_cosine}")
-    return "; ".join(problems) or None

@@ -57,6 +57,8 @@ class OutputAccuracy(ManifestModel):
     cosine: float
     max_abs_error: float
     max_rel_error: float
+    relative_rms_error: float | None = Field(
+        default=None, description="RMS of (engine - reference) over the reference's spread; absent in older manifests")
 
 
 class AccuracyResult(ManifestModel):
@@ -65,10 +67,12 @@ class AccuracyResult(ManifestModel):
     cosine: float
     max_abs_error: float
     max_rel_error: float
+    relative_rms_error: float | None = None
     samples: int
     per_output: dict[str, OutputAccuracy] = Field(default_factory=dict)
     min_cosine: float = Field(description="The gate the engine was built under")
     max_abs_error_allowed: float | None = None
+    max_relative_rms_error_allowed: float | None = None
 
 
 class LatencyFigures(ManifestModel):

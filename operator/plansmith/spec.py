@@ -113,6 +113,15 @@ class AccuracyGate(ApiModel):
         ge=0,
         description="Largest absolute difference allowed for any output element. Unset: not checked.",
     )
+    max_relative_rms_error: float | None = Field(
+        default=0.5,
+        ge=0,
+        description=(
+            "Largest RMS of (engine - reference) allowed per output, relative to the spread (standard deviation) of "
+            "the reference's values, or to their RMS when they do not vary. Cosine alone misses an engine whose "
+            "outputs are scaled or offset, or one that lost a small signal on a large offset (fp16). Null: not checked."
+        ),
+    )
     samples: int = Field(default=16, ge=1, description="How many input batches to compare.")
 
 
@@ -464,6 +473,8 @@ class AccuracyReport(ApiModel):
 
     cosine: float | None = Field(default=None, description="Lowest cosine similarity over outputs.")
     max_abs_error: float | None = Field(default=None, description="Largest absolute error over outputs.")
+    relative_rms_error: float | None = Field(
+        default=None, description="Largest RMS error over the reference's spread, over outputs.")
 
 
 class LatencyReport(ApiModel):

@@ -21,6 +21,36 @@ def test_errors_are_absolute_and_relative():
     assert figures.max_abs_error == 0.5 and figures.max_rel_error == 0.5
 
 
+@pytest.mark.parametrize("case, reference, engine", [
+    # fp16 (resolution 0.5 at 1000) rounds a regression head at 1000 +- 0.1 to 1000.0: the signal is gone
+    ("a small signal on a large offset lost to fp16", lambda x: 1000.0 + 0.1 * np.tanh(x.sum(axis=1, keepdims=True)),
+     lambda y: y.astype(np.float16).astype(np.float64)),
+    ("every value 3x too large", lambda x: x @ np.ones((16, 4)), lambda y: 3 * y),
+    ("a constant output answered with another constant", lambda x: np.full((x.shape[0], 1), 0.2),
+     lambda y: np.full_like(y, 0.9)),
+])
+def test_the_default_gate_refuses_outputs_cosine_cannot_tell_apart(case, reference, engine):
+    """Cosine similarity is 1.0 for each of these engines; the relative RMS error (over the
+    reference's spread) is not, and the default gate refuses them."""
+    gate = AccuracyGate()  # what a spec gets by default
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((8, 16))} for _ in range(4)]
+    result = measure(lambda f: {"y": reference(f["x"])}, lambda f: {"y": engine(reference(f["x"]))}, feeds, gate)
+    assert result.cosine > 0.9999, case  # the gate's old figure saw nothing wrong
+    assert result.relative_rms_error > 0.9
+    assert "relative RMS error" in gate_failure(result, gate) and "maxRelativeRmsError 0.5" in gate_failure(result, gate)
+
+
+def test_the_relative_rms_error_of_a_close_engine_is_small_and_passes():
+    reference, engine, feeds = run_pair(0.01)
+    result = measure(reference, engine, feeds, AccuracyGate())
+    assert 0 < result.relative_rms_error < 0.01 and gate_failure(result, AccuracyGate()) is None
+    assert compare_batch(np.zeros(3), np.zeros(3)).relative_rms_error == 0.0
+    assert compare_batch(np.zeros(3), np.ones(3)).relative_rms_error == float("inf")
+    unchecked = AccuracyGate(max_relative_rms_error=None)
+    assert gate_failure(measure(lambda f: {"y": f["x"]}, lambda f: {"y": 3 * f["x"]}, feeds, unchecked), unchecked) is None
+
+
 def run_pair(noise: float):
     rng = np.random.default_rng(0)
     weights = rng.standard_normal((8, 4))

@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable
 import kopf
 from kubernetes.client.rest import ApiException
 
+from plansmith.accuracy_gate import gate_failure
 from plansmith.controller import rendering
 from plansmith.controller.catalog import CatalogError, Credentials, EngineCatalog, SourceNotFound
 from plansmith.controller.kube import KubeApi
@@ -452,13 +453,12 @@ def _record_engine(record: dict[str, Any], manifest: Manifest, spec: InferenceMo
     record.update(state="Built", sha256=engine.sha256, backend=manifest.backend, backendVersion=manifest.backend_version)
     if manifest.accuracy:
         record["accuracy"] = {"cosine": manifest.accuracy.cosine, "maxAbsError": manifest.accuracy.max_abs_error}
-        gate = spec.build.accuracy
-        too_far = gate.max_abs_error is not None and manifest.accuracy.max_abs_error > gate.max_abs_error
-        if manifest.accuracy.cosine < gate.min_cosine or too_far:
+        if manifest.accuracy.relative_rms_error is not None:
+            record["accuracy"]["relativeRmsError"] = manifest.accuracy.relative_rms_error
+        failure = gate_failure(manifest.accuracy, spec.build.accuracy)
+        if failure:  # built under another model's gate (models share engines by key)
             record.update(state="Failed", reason="AccuracyGateFailed",
-                          message=f"engine {manifest.key} measured cosine {manifest.accuracy.cosine:.6f}, "
-                                  f"max abs error {manifest.accuracy.max_abs_error:.3g}; the gate wants cosine >= "
-                                  f"{gate.min_cosine}" + (f", max abs error <= {gate.max_abs_error}" if gate.max_abs_error is not None else ""))
+                          message=f"engine {manifest.key} fails this model's accuracy gate: {failure}")
     if manifest.benchmark:
         b1 = manifest.benchmark.batch1
         record["latency"] = {"p50Ms": b1.p50_ms, "p95Ms": b1.p95_ms, "p99Ms": b1.p99_ms}
