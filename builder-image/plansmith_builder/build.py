@@ -244,7 +244,8 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
         target=ManifestTarget(
             device=target.device, compute_capability=target.compute_capability, gpu_product=target.gpu_product,
             driver_version=detected.driver_version, cpu_isa=run_target.cpu_isa, cpu_vendor=detected.cpu_vendor,
-            hardware_compatibility=build.hardware_compatibility, execution_provider=built.execution_provider,
+            hardware_compatibility=build.hardware_compatibility if backend.name == "tensorrt" else "none",
+            execution_provider=built.execution_provider,
         ),
         precision=build.precision,
         quantization=effective_quantization(build),

@@ -136,7 +136,8 @@ def key_document(
         "keyVersion": KEY_VERSION,
         "source": {"sha256": source_sha256},
         "backend": {"name": backend, "version": backend_version},
-        "target": target_document(target, hardware_compatibility),
+        # TensorRT's alone: an ONNX Runtime engine is keyed per compute capability (build `auto` resolves here)
+        "target": target_document(target, hardware_compatibility if backend == "tensorrt" else "none"),
         "options": options,
     }
 

@@ -165,7 +165,7 @@ class FileStore:
         of two writers exactly one creates it."""
         target = self._path(uri)
         staged = target.with_name(f".create-{target.name}-{secrets.token_hex(8)}")
-        self.upload(src, str(staged.as_uri()), sha256)
+        self.upload(src, "file://" + str(staged), sha256)  # as _path reads URIs: not percent-encoded
         try:
             os.link(staged, target)
             return True

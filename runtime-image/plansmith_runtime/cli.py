@@ -159,7 +159,7 @@ def cmd_triton_repository(args: argparse.Namespace) -> int:
         manifest = parse_manifest(open_store(uri, endpoint).read_bytes(uri))
         repository = render_repository(args.model_name, spec, [manifest])
         written = write_repository(repository, args.out, storage_of(uri), endpoint)
-    except (StorageError, ManifestError, RepositoryError, ValueError) as error:
+    except (StorageError, ManifestError, RepositoryError, ValueError, OSError) as error:  # OSError: --out unwritable
         return failed(type(error).__name__, str(error))
     print(json.dumps({"status": "written", "repository": str(args.out),
                       "files": sorted(str(path.relative_to(args.out)) for path in written)}))

@@ -73,6 +73,10 @@ def test_irrelevant_changes_keep_the_key():
 def test_ampere_plus_drops_the_compute_capability():
     a100 = EngineTarget(device="gpu", compute_capability="8.0")
     assert key({"hardwareCompatibility": "ampere+"}) == key({"hardwareCompatibility": "ampere+"}, target=a100)
+    # TensorRT's alone: an ONNX Runtime engine (backend auto on its builder) stays keyed per compute capability
+    ampere_plus = {"hardwareCompatibility": "ampere+"}
+    assert key(ampere_plus, backend="onnxruntime") != key(ampere_plus, backend="onnxruntime", target=a100)
+    assert key(ampere_plus, backend="onnxruntime") == key(backend="onnxruntime")
 
 
 def test_onnxruntime_ignores_tensorrt_only_knobs_and_keys_cpu_isa():

@@ -167,3 +167,13 @@ def test_create_writes_only_where_nothing_is(base, tmp_path):
     assert store.read_bytes(uri) == b'{"by": "first"}'
     if base.startswith("file://"):  # nothing staged is left beside it
         assert sorted(p.name for p in Path(base.removeprefix("file://"), "engines/k").iterdir()) == ["manifest.json"]
+
+
+def test_create_in_a_folder_whose_name_a_uri_would_escape(tmp_path):
+    """A store path with a space or a '+': the staged copy goes beside the target, as any write does."""
+    store = open_store((tmp_path / "my engines+v2").as_uri())
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes(b"{}")
+    target = tmp_path / "my engines+v2" / "engines" / "k" / "manifest.json"
+    assert store.create(manifest, "file://" + str(target), sha256_file(manifest)) is True
+    assert target.read_bytes() == b"{}" and sorted(p.name for p in target.parent.iterdir()) == ["manifest.json"]

@@ -148,3 +148,6 @@ def test_the_init_containers_command_writes_the_repository_and_refuses_a_tampere
     assert not (tmp_path / "tampered/mlp/1/model.onnx").exists()
     assert main(command[:-3] + ["{not json", "--out", str(tmp_path / "bad")]) == 1
     assert json.loads(capsys.readouterr().out)["reason"] == "InvalidSpec"
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(command[:-1] + [str(tmp_path / "a-file" / "repo")]) == 1  # an --out it cannot write
+    assert json.loads(capsys.readouterr().out)["reason"] == "NotADirectoryError"

@@ -361,7 +361,7 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                               endpoint=f"{rendering.service_name(name)}.{namespace}.svc:{rendering.HTTP_PORT}")
     plans: list[tuple[Target, str, Manifest | None]] = []
     for target in discovery.targets:
-        unbuildable = hardware_compatibility_problem(spec, target)
+        unbuildable = hardware_compatibility_problem(spec, target, settings.builder_backend)
         if unbuildable:
             observation.targets.append(TargetObservation(target.slug, {
                 "gpuProduct": target.gpu_product, "computeCapability": target.compute_capability, "state": "Failed",

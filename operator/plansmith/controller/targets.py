@@ -150,11 +150,11 @@ def accepts(node: NodeInfo, spec: InferenceModelSpec) -> bool:
     return all(tolerates(spec.serving.tolerations, t) for t in node.taints if t.effect in ("NoSchedule", "NoExecute"))
 
 
-def hardware_compatibility_problem(spec: InferenceModelSpec, target: Target) -> str | None:
+def hardware_compatibility_problem(spec: InferenceModelSpec, target: Target, backend: str) -> str | None:
     """Why `target` can get no engine with the spec's hardware compatibility level: TensorRT builds
     and runs an ampere+ plan on compute capability 8.0 or newer only, and every target of such a
     model shares one engine key, so a pre-Ampere GPU would be handed the Ampere build."""
-    if spec.build.hardware_compatibility != "ampere+" or target.device != "gpu":
+    if spec.build.hardware_compatibility != "ampere+" or target.device != "gpu" or backend != "tensorrt":
         return None
     major = int((target.compute_capability or "0").split(".")[0])
     if major >= 8:

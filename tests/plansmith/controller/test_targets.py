@@ -111,10 +111,13 @@ def test_ampere_plus_plans_are_for_ampere_or_newer_only():
     nodes = [gpu_node("a1", A100), gpu_node("t1", t4)]
     ampere_plus = spec(build={"backend": "tensorrt", "hardwareCompatibility": "ampere+"})
     found = {t.gpu_product: t for t in discover_targets(nodes, ampere_plus, SETTINGS).targets}
-    assert hardware_compatibility_problem(ampere_plus, found["NVIDIA-A100-SXM4-40GB"]) is None
-    problem = hardware_compatibility_problem(ampere_plus, found["Tesla-T4"])
+    assert hardware_compatibility_problem(ampere_plus, found["NVIDIA-A100-SXM4-40GB"], "tensorrt") is None
+    problem = hardware_compatibility_problem(ampere_plus, found["Tesla-T4"], "tensorrt")
     assert problem.startswith("hardwareCompatibility ampere+ needs compute capability 8.0 or newer; Tesla-T4 has 7.5")
-    assert hardware_compatibility_problem(spec(), found["Tesla-T4"]) is None
+    assert hardware_compatibility_problem(spec(), found["Tesla-T4"], "tensorrt") is None
+    # backend auto on the ONNX Runtime builder: the setting means nothing there, every GPU type builds
+    auto = spec(build={"hardwareCompatibility": "ampere+"})
+    assert hardware_compatibility_problem(auto, found["Tesla-T4"], "onnxruntime") is None
 
 
 def test_no_cpu_fallback_with_a_tensorrt_builder_image():
