@@ -211,6 +211,11 @@ def semantic_problems(spec: InferenceModelSpec) -> list[Problem]:
         for kind in ("requests", "limits"):
             if any(is_gpu_resource(name) for name in getattr(sidecar.resources, kind)):
                 add(f"spec.serving.sidecars[{i}].resources.{kind}", "GPUs go to the serving container")
+        env_names: set[str] = set()
+        for j, variable in enumerate(sidecar.env):  # server-side apply keys env by name: a repeat is refused
+            if variable.name in env_names:
+                add(f"spec.serving.sidecars[{i}].env[{j}].name", f"{variable.name!r} is set twice")
+            env_names.add(variable.name)
 
     storage = spec.storage
     if storage.uri and storage.uri.startswith("file://"):

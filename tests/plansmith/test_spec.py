@@ -152,6 +152,12 @@ def test_quantities_must_be_kubernetes_quantities():
                                   "spec.serving.sharedMemorySize"]
 
 
+def test_a_sidecar_sets_each_environment_variable_once():
+    sidecar = {"name": "client", "image": "busybox", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"},
+                                                              {"name": "A", "value": "3"}]}
+    assert problem_paths(spec_with(serving__sidecars=[sidecar])) == ["spec.serving.sidecars[0].env[2].name"]
+
+
 def test_hardware_compatibility_is_for_tensorrt_plans():
     assert problem_paths(spec_with(build={"backend": "onnxruntime", "hardwareCompatibility": "ampere+"})) == [
         "spec.build.hardwareCompatibility"]

@@ -360,6 +360,13 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
     observation = Observation(generation, unmatched=discovery.unmatched,
                               endpoint=f"{rendering.service_name(name)}.{namespace}.svc:{rendering.HTTP_PORT}")
     plans: list[tuple[Target, str, Manifest | None]] = []
+
+    def key_for(target: Target) -> str:
+        return engine_key(source_sha256=source_sha, build=spec.build, inputs=spec.model.inputs,
+                          backend=settings.builder_backend, backend_version=settings.builder_backend_version,
+                          target=target.engine_target(simulated=settings.simulated_gpus),
+                          calibration_sha256=calibration_sha)
+
     for target in discovery.targets:
         unbuildable = hardware_compatibility_problem(spec, target, settings.builder_backend)
         if unbuildable:
@@ -368,10 +375,7 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                 "reason": "HardwareCompatibilityUnsupported", "message": unbuildable}))
             plans.append((target, "", None))
             continue
-        key = engine_key(source_sha256=source_sha, build=spec.build, inputs=spec.model.inputs,
-                         backend=settings.builder_backend, backend_version=settings.builder_backend_version,
-                         target=target.engine_target(simulated=settings.simulated_gpus),
-                         calibration_sha256=calibration_sha)
+        key = key_for(target)
         record: dict[str, Any] = {"gpuProduct": target.gpu_product, "computeCapability": target.compute_capability,
                                   "engineKey": key, "engineUri": manifest_uri(storage, key),
                                   "backend": settings.builder_backend,
@@ -421,6 +425,18 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                                    and deployment["rolledOut"])
             if obs.serving_current and obs.record.get("state") == "Built" and obs.serving_ready > 0:
                 obs.record["state"] = "Serving"
+    # a Deployment kept on nodes that take no new pods is not updated: one whose engine or pod
+    # template is not its type's current one serves the model as it was, and the model is not Ready
+    targets = {t.slug for t in discovery.targets}
+    for kept in discovery.present:
+        deployment = deployments.get(kept.slug)
+        if kept.slug in targets or deployment is None:
+            continue
+        key = key_for(kept)
+        wanted = rendering.render_deployment(name=name, namespace=namespace, spec=spec, target=kept, key=key,
+                                             manifest_uri=manifest_uri(storage, key), settings=settings)
+        if deployment["key"] != key or deployment["specHash"] != _spec_hash(wanted):
+            observation.stale_serving.append(deployment["name"])
     return observation
 
 

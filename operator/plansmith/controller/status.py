@@ -30,6 +30,8 @@ class Observation:
     targets: list[TargetObservation] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     endpoint: str | None = None
+    # Deployments kept on nodes that take no new pods (cordoned, NotReady) serving an older engine
+    stale_serving: list[str] = field(default_factory=list)
 
 
 def rollout_complete(generation: int, wanted_replicas: int, status: dict[str, Any]) -> bool:
@@ -91,7 +93,11 @@ def compute_status(obs: Observation, previous_conditions: list[dict[str, Any]], 
     wanted = sum(t.serving_wanted for t in obs.targets)
     ready = sum(t.serving_ready for t in obs.targets if t.serving_current)
     all_served = bool(obs.targets) and all(t.serving_current and t.serving_ready >= t.serving_wanted for t in obs.targets)
-    if all_served:
+    if all_served and obs.stale_serving:
+        serving = cond("ServingReady", False, "StaleServing",
+                       f"{', '.join(obs.stale_serving)} still serve an older engine: their nodes take no new pods "
+                       "(cordoned or not Ready), and they are updated once the nodes do")
+    elif all_served:
         serving = cond("ServingReady", True, "ReplicasReady", f"{ready}/{wanted} serving replicas ready")
     elif len(built) < total or not obs.targets:
         serving = cond("ServingReady", False, "WaitingForEngines", "serving starts once every target has an engine")

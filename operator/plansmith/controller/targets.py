@@ -90,9 +90,13 @@ class Target:
 class Discovery:
     targets: list[Target]
     unmatched: list[str]  # one message per spec.targets entry no node satisfies
-    # slugs of the types the spec selects that have nodes at all, new pods allowed there or not
-    # (cordoned, NotReady): Kubernetes leaves running pods on such nodes, and their Deployments stay
-    still_present: frozenset[str] = frozenset()
+    # the types the spec selects that have nodes at all, new pods allowed there or not (cordoned,
+    # NotReady): Kubernetes leaves running pods on such nodes, and their Deployments stay
+    present: tuple[Target, ...] = ()
+
+    @property
+    def still_present(self) -> frozenset[str]:
+        return frozenset(t.slug for t in self.present)
 
 
 def tolerates(tolerations: Iterable[Toleration], taint: Taint) -> bool:
@@ -169,19 +173,18 @@ def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settin
     present, _ = _gpu_targets(nodes, spec, settings, only_taking_new_pods=False)
 
     if not spec.targets:
-        still_present = frozenset(t.slug for t in present)
         if found or any_gpu_node:
             return Discovery(found, [] if found else ["no schedulable GPU node matches serving.nodeSelector/tolerations/mig"],
-                             still_present)
+                             tuple(present))
         # a CPU engine is ONNX Runtime's: not with a TensorRT builder image, nor a spec that asks for TensorRT
         if (settings.cpu_fallback and settings.builder_backend != "tensorrt" and spec.build.backend != "tensorrt"
                 and spec.serving.mig is None):
             return Discovery(_cpu_targets(nodes, spec, only_taking_new_pods=True), [],
-                             frozenset(t.slug for t in _cpu_targets(nodes, spec, only_taking_new_pods=False)))
+                             tuple(_cpu_targets(nodes, spec, only_taking_new_pods=False)))
         return Discovery([], ["the cluster has no GPU node (nvidia.com/gpu.product label)"])
 
     chosen, unmatched = _selected(found, spec)
-    return Discovery(chosen, unmatched, frozenset(t.slug for t in _selected(present, spec)[0]))
+    return Discovery(chosen, unmatched, tuple(_selected(present, spec)[0]))
 
 
 def _gpu_targets(nodes: list[NodeInfo], spec: InferenceModelSpec, settings: OperatorSettings, *,

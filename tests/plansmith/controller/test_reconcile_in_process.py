@@ -174,6 +174,21 @@ def test_a_cordoned_or_not_ready_gpu_type_keeps_its_deployment(operator_state, k
         model.nodes = [node_info(node), node_info(A100_NODE)]
         model.reconcile()
         assert model.deployment(H100).metadata.name == f"{model.name}-{H100}"
+    # a new setting while the H100 nodes are cordoned: the kept H100 Deployment is not updated, and
+    # the model is not Ready while it serves the old one
+    model.nodes = [node_info(cordoned), node_info(A100_NODE)]
+    model.change_serving(dynamicBatching={"maxQueueDelayMicroseconds": 7000})
+    model.reconcile()
+    model.rolled_out()
+    status = model.reconcile()
+    assert conditions(status)["ServingReady"] == ("False", "StaleServing")
+    assert f"{model.name}-{H100}" in next(c["message"] for c in status["conditions"] if c["type"] == "ServingReady")
+    assert "7000" not in model.deployment(H100).spec.template.spec.containers[0].args
+    model.nodes = [node_info(H100_NODE), node_info(A100_NODE)]  # uncordoned: it is updated
+    model.reconcile()
+    assert "7000" in model.deployment(H100).spec.template.spec.containers[0].args
+    model.rolled_out()
+    assert conditions(model.reconcile())["Ready"] == ("True", "Serving")
     model.nodes = [node_info(A100_NODE)]  # the type's nodes left the cluster: its Deployment goes
     model.reconcile()
     with pytest.raises(client.ApiException) as gone:

@@ -108,3 +108,13 @@ def test_kstatus_reads_building_as_in_progress_failures_as_failed_and_serving_as
 ])
 def test_a_rollout_is_complete_as_kubectl_rollout_status_says(generation, wanted, status, complete):
     assert rollout_complete(generation, wanted, status) is complete
+
+
+def test_a_deployment_kept_on_unavailable_nodes_with_an_older_engine_is_not_ready():
+    built = target("Built")
+    built.serving_wanted, built.serving_ready, built.serving_current = 1, 1, True
+    status = compute_status(Observation(2, targets=[built], stale_serving=["m-sm90-nvidia-h100"]), [], "T")
+    assert conditions(status)["ServingReady"] == ("False", "StaleServing")
+    assert conditions(status)["Ready"] == ("False", "StaleServing") and kstatus(status) == "InProgress"
+    assert "m-sm90-nvidia-h100 still serve an older engine" in next(
+        c["message"] for c in status["conditions"] if c["type"] == "ServingReady")
