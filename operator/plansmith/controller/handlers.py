@@ -42,6 +42,9 @@ SERVING_LABELS = {**rendering.MANAGED_BY, rendering.COMPONENT_LABEL: "serving"}
 NODES = "nodes"  # the single key of the node index
 SPEC_HASH_ANNOTATION = "plansmith.io/spec-hash"
 KSTATUS_CONDITIONS = ("Reconciling", "Stalled")
+# a model file or Secret the spec names and storage or the API lacks is looked for again this often
+# (the operator watches neither: it may be uploaded or created after the model)
+MISSING_OBJECT_RETRY_SECONDS = 60.0
 
 
 class Operator:
@@ -294,6 +297,8 @@ async def reconcile(namespace: str, name: str, model: dict[str, Any], logger: lo
         if _differs(previous, status):
             await asyncio.to_thread(operator.kube.patch_status, namespace, name, status)
             operator.written_status[model["metadata"]["uid"]] = status
+    if observation.retry_seconds:  # what is missing may appear (an upload, a Secret): look again, status written
+        raise kopf.TemporaryError(observation.invalid_message, delay=observation.retry_seconds)
 
 
 def _differs(previous: dict[str, Any], status: dict[str, Any]) -> bool:
@@ -352,8 +357,9 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
         if effective_quantization(spec.build) == "calibrated":
             calibration_sha = await asyncio.to_thread(
                 operator.catalog.sha256_of, spec.build.calibration.uri, endpoint, credentials)
-    except (SourceNotFound, SecretNotFound) as error:  # the spec names what is not there: the user's to fix
-        return Observation(generation, valid=False, invalid_reason=type(error).__name__, invalid_message=str(error))
+    except (SourceNotFound, SecretNotFound) as error:  # the spec names what is not there (yet): the user's to fix
+        return Observation(generation, valid=False, invalid_reason=type(error).__name__, invalid_message=str(error),
+                           retry_seconds=MISSING_OBJECT_RETRY_SECONDS)
     except CatalogError as error:
         raise kopf.TemporaryError(f"cannot read the model from storage: {error}", delay=30) from None
 

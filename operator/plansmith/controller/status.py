@@ -32,6 +32,7 @@ class Observation:
     endpoint: str | None = None
     # Deployments kept on nodes that take no new pods (cordoned, NotReady) serving an older engine
     stale_serving: list[str] = field(default_factory=list)
+    retry_seconds: float | None = None  # look again after this long (a missing object may appear)
 
 
 def rollout_complete(generation: int, wanted_replicas: int, status: dict[str, Any]) -> bool:

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 from kubernetes import client
 
@@ -230,11 +231,20 @@ def test_what_the_operator_cannot_act_on_is_a_condition_and_creates_nothing(
     else:
         name = "resnet50.v2"  # a valid InferenceModel name, not a valid Service name
     model = Model(kube_client, tmp_path, {}, name=name, **spec_changes)
-    status = model.reconcile()
+    if change == "name":
+        status = model.reconcile()
+    else:  # written, and looked for again: the file may be uploaded, the Secret created, after the model
+        with pytest.raises(kopf.TemporaryError, match=message.replace("(", r"\(").replace(")", r"\)")) as retried:
+            model.reconcile()
+        assert retried.value.delay == handlers.MISSING_OBJECT_RETRY_SECONDS
+        status = handlers.state().written_status[model.body["metadata"]["uid"]]
     assert conditions(status)["Valid"] == ("False", reason) and conditions(status)["Stalled"] == ("True", reason)
     assert message in next(c["message"] for c in status["conditions"] if c["type"] == "Ready")
     assert client.BatchV1Api(kube_client).list_namespaced_job(
         NAMESPACE, label_selector=f"{rendering.MODEL_LABEL}={model.name}").items == []
+    if change == "model":  # the file uploaded after the model: the next look builds it
+        testmodels.mlp(tmp_path / "missing.onnx")
+        assert conditions(model.reconcile())["Valid"] == ("True", "SpecValid")
 
 
 def test_a_retry_after_an_event_handlers_error_runs_once_per_model_after_its_delay():
