@@ -31,7 +31,8 @@ from plansmith.controller.catalog import CatalogError, Credentials, EngineCatalo
 from plansmith.controller.kube import KubeApi
 from plansmith.controller.settings import OperatorSettings
 from plansmith.controller.status import Observation, TargetObservation, compute_status, rollout_complete
-from plansmith.controller.targets import NodeInfo, Target, discover_targets, hardware_compatibility_problem, node_info
+from plansmith.controller.targets import (Discovery, NodeInfo, Target, discover_targets, hardware_compatibility_problem,
+                                          node_info)
 from plansmith.engine_key import effective_quantization, engine_key, manifest_uri
 from plansmith.manifest import Manifest
 from plansmith.spec import API_GROUP, API_VERSION, PLURAL, InferenceModelSpec
@@ -431,19 +432,39 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                                    and deployment["rolledOut"])
             if obs.serving_current and obs.record.get("state") == "Built" and obs.serving_ready > 0:
                 obs.record["state"] = "Serving"
-    # a Deployment kept on nodes that take no new pods is not updated: one whose engine or pod
-    # template is not its type's current one serves the model as it was, and the model is not Ready
+    _observe_kept(observation, discovery, deployments, key_for, name, namespace, spec, storage, settings)
+    return observation
+
+
+def _observe_kept(observation: Observation, discovery: Discovery, deployments: dict[str, dict[str, Any]],
+                  key_for: Callable[[Target], str], name: str, namespace: str, spec: InferenceModelSpec,
+                  storage: str, settings: OperatorSettings) -> None:
+    """The GPU types whose nodes take no new pods (cordoned, NotReady): no build or rollout there.
+    One whose Deployment runs its current engine and pod template still serves the model, and
+    counts as a target doing so; one whose Deployment is older serves the model as it was
+    (`stale_serving`: not Ready); one without a Deployment cannot serve (`unmatched`)."""
     targets = {t.slug for t in discovery.targets}
     for kept in discovery.present:
+        if kept.slug in targets:
+            continue
         deployment = deployments.get(kept.slug)
-        if kept.slug in targets or deployment is None:
+        if deployment is None:
+            observation.unmatched.append(f"the nodes of {kept.gpu_product or kept.slug} take no new pods "
+                                         "(cordoned or not Ready)")
             continue
         key = key_for(kept)
         wanted = rendering.render_deployment(name=name, namespace=namespace, spec=spec, target=kept, key=key,
                                              manifest_uri=manifest_uri(storage, key), settings=settings)
         if deployment["key"] != key or deployment["specHash"] != _spec_hash(wanted):
             observation.stale_serving.append(deployment["name"])
-    return observation
+            continue
+        ready = deployment["readyReplicas"]
+        observation.targets.append(TargetObservation(kept.slug, {
+            "gpuProduct": kept.gpu_product, "computeCapability": kept.compute_capability, "engineKey": key,
+            "engineUri": manifest_uri(storage, key), "state": "Serving" if ready > 0 else "Built",
+            "reason": "NodesTakeNoNewPods",
+            "message": "its nodes are cordoned or not Ready: its Deployment serves on, and is updated once they take pods"},
+            serving_wanted=spec.serving.replicas, serving_ready=ready, serving_current=deployment["rolledOut"]))
 
 
 async def _launch_build(operator: Operator, namespace: str, name: str, model: dict[str, Any],

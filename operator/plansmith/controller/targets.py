@@ -172,9 +172,11 @@ def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settin
     found, any_gpu_node = _gpu_targets(nodes, spec, settings, only_taking_new_pods=True)
     present, _ = _gpu_targets(nodes, spec, settings, only_taking_new_pods=False)
 
+    # `unmatched` says what has no node at all: a type whose nodes take no new pods is in `present`,
+    # and the reconcile says whether its Deployment still serves it
     if not spec.targets:
         if found or any_gpu_node:
-            return Discovery(found, [] if found else ["no schedulable GPU node matches serving.nodeSelector/tolerations/mig"],
+            return Discovery(found, [] if present else ["no schedulable GPU node matches serving.nodeSelector/tolerations/mig"],
                              tuple(present))
         # a CPU engine is ONNX Runtime's: not with a TensorRT builder image, nor a spec that asks for TensorRT
         if (settings.cpu_fallback and settings.builder_backend != "tensorrt" and spec.build.backend != "tensorrt"
@@ -183,8 +185,9 @@ def discover_targets(nodes: Iterable[NodeInfo], spec: InferenceModelSpec, settin
                              tuple(_cpu_targets(nodes, spec, only_taking_new_pods=False)))
         return Discovery([], ["the cluster has no GPU node (nvidia.com/gpu.product label)"])
 
-    chosen, unmatched = _selected(found, spec)
-    return Discovery(chosen, unmatched, tuple(_selected(present, spec)[0]))
+    chosen, _ = _selected(found, spec)
+    selected_present, unmatched = _selected(present, spec)
+    return Discovery(chosen, unmatched, tuple(selected_present))
 
 
 def _gpu_targets(nodes: list[NodeInfo], spec: InferenceModelSpec, settings: OperatorSettings, *,

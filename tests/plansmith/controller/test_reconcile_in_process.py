@@ -212,6 +212,27 @@ def test_runtime_triton_rolls_out_tritonserver_and_switching_back_rolls_out_the_
     assert not pod.init_containers and "model-repository" not in [v.name for v in pod.volumes]
 
 
+def test_a_model_whose_only_gpu_type_is_cordoned_stays_ready_while_its_pods_serve(
+        operator_state, kube_client, tmp_path):
+    """Routine maintenance: its pods keep serving the current engine, and nothing can be built or
+    moved there meanwhile. Ready stays (kstatus: Current), the target says why it is idle; a model
+    with no Deployment there yet waits, saying the nodes take no new pods."""
+    model = serving_model(operator_state, kube_client, tmp_path, {})
+    model.nodes = [node_info({**H100_NODE, "spec": {"unschedulable": True}})]
+    status = model.reconcile()
+    assert conditions(status)["Ready"] == ("True", "Serving") and conditions(status)["Stalled"][0] == "False"
+    (target,) = status["targets"]
+    assert (target["state"], target["reason"]) == ("Serving", "NodesTakeNoNewPods")
+
+    (tmp_path / "newcomer").mkdir()
+    newcomer = Model(kube_client, tmp_path / "newcomer", {})
+    newcomer.nodes = model.nodes
+    status = newcomer.reconcile()
+    assert conditions(status)["EnginesReady"] == ("False", "NoMatchingNodes")
+    assert "the nodes of NVIDIA-H100-80GB-HBM3 take no new pods (cordoned or not Ready)" in next(
+        c["message"] for c in status["conditions"] if c["type"] == "EnginesReady")
+
+
 @pytest.mark.parametrize("change, reason, message", [
     ("model", "SourceNotFound", "missing.onnx does not exist"),
     ("secret", "SecretNotFound", "Secret serving-rollout-tests/no-such-secret (the storage credentials) does not exist"),

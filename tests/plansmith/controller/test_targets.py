@@ -42,7 +42,11 @@ def test_nodes_a_pod_cannot_use_are_ignored():
         gpu_node("tainted", A100, taints=(Taint("dedicated", "ml", "NoSchedule"),)),
     ]
     found = discover_targets(nodes, spec(), SETTINGS)
-    assert found.targets == [] and found.unmatched
+    assert found.targets == []
+    # the H100s exist, cordoned or not Ready: present (the reconcile tells whether they still serve), not unmatched
+    assert found.unmatched == [] and found.still_present == {"sm90-nvidia-h100-80gb-hbm3"}
+    assert discover_targets(nodes[2:], spec(), SETTINGS).unmatched == [
+        "no schedulable GPU node matches serving.nodeSelector/tolerations/mig"]
     tolerant = spec(serving={"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]})
     assert [t.nodes for t in discover_targets(nodes, tolerant, SETTINGS).targets] == [("tainted",)]
 
