@@ -300,15 +300,7 @@ class S3Store:
         return digest.hexdigest()
 
     def upload(self, src: Path, uri: str, sha256: str, progress: Progress | None = None) -> None:
-        import base64
-
-        bucket, key = self._split(uri)
-        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
-        with open(src, "rb") as body:
-            # ChecksumSHA256 makes the server reject bytes that arrive corrupted
-            self._call(uri, lambda: self._client.put_object(
-                Bucket=bucket, Key=key, Body=body, ChecksumSHA256=checksum,
-                Metadata={"sha256": sha256}))
+        self._put(src, uri, sha256)
         if progress:
             progress(src.stat().st_size)
         if self._stored_sha256(uri) != sha256:
@@ -319,21 +311,22 @@ class S3Store:
         """PutObject with If-None-Match: * (S3's conditional write): refused with 412 when the key
         exists. A store that ignores the header (older S3-compatible servers) overwrites instead;
         the artifacts a manifest names are content-addressed, so it still describes stored bytes."""
+        try:
+            self._put(src, uri, sha256, IfNoneMatch="*")
+        except ObjectExists:
+            return False
+        return True
+
+    def _put(self, src: Path, uri: str, sha256: str, **conditions: str) -> None:
+        """PutObject of `src` with its sha256: ChecksumSHA256 makes the server reject bytes that
+        arrive corrupted, and the metadata keeps it for readers."""
         import base64
 
         bucket, key = self._split(uri)
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
-
-        def put() -> None:
-            with open(src, "rb") as body:
-                self._client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumSHA256=checksum,
-                                        Metadata={"sha256": sha256}, IfNoneMatch="*")
-
-        try:
-            self._call(uri, put)
-        except ObjectExists:
-            return False
-        return True
+        with open(src, "rb") as body:
+            self._call(uri, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumSHA256=checksum,
+                                                            Metadata={"sha256": sha256}, **conditions))
 
     def _stored_sha256(self, uri: str) -> str:
         """The sha256 of what is stored now: the server's own SHA256 checksum where the store keeps
