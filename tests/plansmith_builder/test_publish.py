@@ -33,17 +33,7 @@ def build(tmp_path, builder: str, plan_bytes: bytes) -> tuple[Manifest, dict]:
 def storage(request, tmp_path):
     if request.param == "file":
         return (tmp_path / "store").as_uri()
-    import uuid
-
-    import boto3
-
-    s3_server = request.getfixturevalue("s3_server")
-    monkeypatch = request.getfixturevalue("monkeypatch")
-    for name, value in s3_server.credentials_env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"publish-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/store"
+    return request.getfixturevalue("bucket").uri("store")  # a fresh moto bucket, the environment pointing at it
 
 
 def test_artifacts_are_stored_under_their_sha256():
