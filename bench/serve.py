@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served_process import ServedProcess, mean_batch, server_time_ms  # noqa: E402
+from served_process import CLOCK_TICKS, ServedProcess, mean_batch, server_time_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANSMITH = str(Path(sys.executable).with_name("plansmith"))
@@ -352,6 +353,30 @@ def http_load(port: int, model_name: str, input_name: str, array: np.ndarray, co
             "errors": status_errors + socket_errors}
 
 
+def machine_idle_seconds() -> float:
+    """Idle (and I/O wait) time of all CPUs since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / CLOCK_TICKS
+
+
+def with_cpu_split(server: ServedProcess, run) -> dict | None:
+    """`run()`'s figures (a load run by a generator child process that has exited when it returns:
+    wrk) with where the machine's CPU went meanwhile, in cores: the server (every thread and
+    process), the generator, and what stayed idle; and the server's CPU a request."""
+    server_before, idle_before, started = server.cpu_seconds(), machine_idle_seconds(), time.monotonic()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    elapsed = time.monotonic() - started
+    if result is None:
+        return None
+    server_cores = (server.cpu_seconds() - server_before) / elapsed
+    generator = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    return {**result, "server_cores": server_cores, "generator_cores": generator / elapsed,
+            "idle_cores": (machine_idle_seconds() - idle_before) / elapsed,
+            "server_us": server_cores * 1e6 / result["rps"] if result["rps"] else float("nan")}
+
+
 # --------------------------------------------------------------------------- in-process ceiling
 
 
@@ -435,8 +460,9 @@ def build(kind: str, workdir: Path) -> tuple[str, Path, str, np.ndarray]:
 
 
 def measure(server, server_name: str, kind: str, layout: Layout, batching: bool, levels: list[int], input_name: str,
-            array: np.ndarray, args: argparse.Namespace, workdir: Path) -> list[dict]:
-    """Every concurrency level over gRPC and HTTP against one running server."""
+            array: np.ndarray, args: argparse.Namespace, workdir: Path, error_floor: bool = False) -> list[dict]:
+    """Every concurrency level over gRPC and HTTP against one running server; with `error_floor`,
+    also unknown-model requests over HTTP at the top level (the request path's bound, see main)."""
     rows = []
     for concurrency in levels:
         before = server.counters()
@@ -445,7 +471,13 @@ def measure(server, server_name: str, kind: str, layout: Layout, batching: bool,
         if concurrency == 1 and figures["grpc"]:
             figures["grpc"]["server_ms"] = server_time_ms(before, server.counters())
         if not args.no_http:
-            figures["http"] = http_load(server.http, "model", input_name, array, concurrency, args.duration, workdir)
+            figures["http"] = with_cpu_split(server, lambda: http_load(server.http, "model", input_name, array,
+                                                                       concurrency, args.duration, workdir))
+            if error_floor and concurrency == max(levels):
+                # the same request for a model the server does not have: parsed, routed and answered
+                # 404 over the same connections, no tensor decoded, batched, run or encoded
+                figures["http-404"] = with_cpu_split(server, lambda: http_load(
+                    server.http, "no-such-model", input_name, array, concurrency, args.duration, workdir))
         if concurrency == 1:
             figures["grpc+shm"] = grpc_shared_memory_load(f"127.0.0.1:{server.grpc}", "model", input_name, array,
                                                           args.duration / 2)
@@ -458,7 +490,9 @@ def measure(server, server_name: str, kind: str, layout: Layout, batching: bool,
             rows.append(row)
             print(f"  {server_name:9s} {kind:9s} {layout.name:10s} batching {row['batching']:3s} c={concurrency:<3d} {protocol:8s} "
                   f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
-                  f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {batch:.1f} over both)",
+                  f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {batch:.1f} over both)"
+                  + (f"\n      CPU, in cores: server {result['server_cores']:.2f} ({result['server_us']:.1f} us a request), "
+                     f"wrk {result['generator_cores']:.2f}, idle {result['idle_cores']:.2f}" if "server_cores" in result else ""),
                   flush=True)
     return rows
 
@@ -503,7 +537,7 @@ def main() -> int:
                     if batching and 1 in layout_levels:
                         summary[kind]["floor"] = grpc_floor(f"127.0.0.1:{server.grpc}", args.duration / 2)
                     rows += measure(server, "plansmith", kind, layout, batching, layout_levels, input_name, array, args,
-                                    workdir)
+                                    workdir, error_floor=kind == "mlp" and batching)
                 finally:
                     server.stop()
                 if args.triton_reference:
@@ -538,6 +572,15 @@ def main() -> int:
         if on and off:
             print(f"  MLP {protocol} c={top}: batching on/off throughput {on['rps'] / off['rps']:.2f}x [>= 5x]; "
                   f"p99 on {on['p99']:.2f} ms vs off {off['p99']:.2f} ms [on lower]")
+            error_replies = find("mlp", "on", top, "http-404")
+            if protocol == "http" and error_replies:
+                print(f"    server CPU a request: {on['server_us']:.1f} us batching on, {off['server_us']:.1f} us off "
+                      f"(its event loop is one thread: {on['server_cores']:.2f} / {off['server_cores']:.2f} cores busy, "
+                      f"{on['idle_cores']:.2f} / {off['idle_cores']:.2f} idle)\n"
+                      f"    bound: the same request for an unknown model, answered 404 over the same connections, "
+                      f"{error_replies['rps']:.0f} req/s at {error_replies['server_us']:.1f} us a request = "
+                      f"{error_replies['rps'] / off['rps']:.2f}x batching off; a request that is also decoded, "
+                      f"batched, run and encoded cannot be served faster")
         for kind in ("small_cnn", "cnn224"):
             for layout in ("default", "throughput"):
                 for batching in ("on", "off"):

@@ -3,6 +3,7 @@ its ports, readiness, the counters of its Prometheus metrics, and a SIGTERM to s
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -51,6 +52,11 @@ class ServedProcess:
             readings.setdefault(uuid, {})[name] = float(value)
         return readings
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system, every thread) of the server and its live descendants (Triton's
+        Python backend runs each model instance in a stub process of its own)."""
+        return sum(process_cpu_seconds(pid) for pid in process_tree(self.process.pid))
+
     def _metrics_text(self) -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics").read().decode()
 
@@ -63,6 +69,36 @@ class ServedProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every live process descending from it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
 
 
 def counted(before: dict[str, float], after: dict[str, float], name: str) -> float:
