@@ -11,7 +11,9 @@ served twice, batching on and off, and driven at each concurrency by
     built once from tritonclient's service_pb2, raw_input_contents) spread over processes;
   - HTTP: `wrk` (Debian package) with a Lua script posting a binary-tensor infer request.
 It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
-  MLP: batching on / off throughput at c=64 (target >= 5x, with lower p99);
+  MLP: batching on / off throughput at c=64 (target >= 5x, with lower p99), and its bound: the rate at
+    which the server answers the same request for an unknown model (404: parsed, routed and answered
+    over the same connections, no tensor work), which no infer request can beat;
   CNNs: served items/s at c=64 / in-process ceiling (direct ONNX Runtime at its best batch size, one
     session on every core or one single-threaded session per core, whichever is faster; target >= 80%),
     in the default layout (one instance, ONNX Runtime's threads, maxBatchSize 32) and, for the models
@@ -23,7 +25,8 @@ It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
 With --triton-reference each engine is also served by a real Triton server (bench/triton_reference.py:
 the tritonserver in nvidia-pytriton's wheel, Python backend wrapping the same ONNX Runtime session, same
 batching settings; fetched once with pip) under the same generators, and every row is compared.
-Everything runs on this machine at once (server, generators, ceiling), side by side in one run.
+Every HTTP row also shows where the CPU went while wrk ran (the server's cores and CPU a request,
+wrk's cores, idle cores). Everything runs on this machine at once (server, generators, ceiling), side by side in one run.
 """
 
 from __future__ import annotations
