@@ -205,15 +205,19 @@ def _grpc_worker(url: str, model_name: str, input_name: str, array: np.ndarray, 
                 except grpc.aio.AioRpcError:
                     errors += 1
 
+        cpu_started = time.process_time()  # every thread of this process, gRPC's own included
         await asyncio.gather(*(loop() for _ in range(concurrency)))
+        cpu_seconds = time.process_time() - cpu_started
         await channel.close()
-        results.put((latencies, errors))
+        results.put((latencies, errors, cpu_seconds))
 
     asyncio.run(main())
 
 
 def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, concurrency: int,
-              duration: float, processes: int) -> dict:
+              duration: float, processes: int, server: ServedProcess | None = None) -> dict:
+    """With `server`, the figures carry cpu_split over the measured window (the generators count
+    their own CPU in it, not their start-up)."""
     processes = max(1, min(processes, concurrency))
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -223,15 +227,23 @@ def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, con
                                                            start_at, results)) for share in shares]
     for worker in workers:
         worker.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    before = CpuReading.now(server) if server else None
     latencies: list[float] = []
     errors = 0
+    generator_seconds = 0.0
     for _ in workers:
-        part, failed = results.get(timeout=duration + 60)
+        part, failed, cpu_seconds = results.get(timeout=duration + 60)
         latencies += part
         errors += failed
+        generator_seconds += cpu_seconds
+    after = CpuReading.now(server) if server else None
     for worker in workers:
         worker.join()
-    return load_figures(latencies, duration, errors)
+    figures = load_figures(latencies, duration, errors)
+    if before and after:
+        figures.update(cpu_split(before, after, generator_seconds, figures["rps"]))
+    return figures
 
 
 def grpc_shared_memory_load(url: str, model_name: str, input_name: str, array: np.ndarray, duration: float) -> dict | None:
@@ -362,22 +374,37 @@ def machine_idle_seconds() -> float:
     return (int(fields[3]) + int(fields[4])) / CLOCK_TICKS
 
 
+@dataclass(frozen=True)
+class CpuReading:
+    server_seconds: float  # CPU time of the server's processes
+    idle_seconds: float  # of the whole machine
+    at: float  # time.monotonic()
+
+    @classmethod
+    def now(cls, server: ServedProcess) -> "CpuReading":
+        return cls(server.cpu_seconds(), machine_idle_seconds(), time.monotonic())
+
+
+def cpu_split(before: CpuReading, after: CpuReading, generator_seconds: float, rps: float) -> dict:
+    """Where the machine's CPU went between two readings, in cores: the server (every thread and
+    process), the load generator, what stayed idle; and the server's CPU a request."""
+    elapsed = after.at - before.at
+    server_cores = (after.server_seconds - before.server_seconds) / elapsed
+    return {"server_cores": server_cores, "generator_cores": generator_seconds / elapsed,
+            "idle_cores": (after.idle_seconds - before.idle_seconds) / elapsed,
+            "server_us": server_cores * 1e6 / rps if rps else float("nan")}
+
+
 def with_cpu_split(server: ServedProcess, run) -> dict | None:
     """`run()`'s figures (a load run by a generator child process that has exited when it returns:
-    wrk) with where the machine's CPU went meanwhile, in cores: the server (every thread and
-    process), the generator, and what stayed idle; and the server's CPU a request."""
-    server_before, idle_before, started = server.cpu_seconds(), machine_idle_seconds(), time.monotonic()
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk) with cpu_split over it."""
+    before, children_before = CpuReading.now(server), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run()
-    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    elapsed = time.monotonic() - started
+    after, children_after = CpuReading.now(server), resource.getrusage(resource.RUSAGE_CHILDREN)
     if result is None:
         return None
-    server_cores = (server.cpu_seconds() - server_before) / elapsed
     generator = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
-    return {**result, "server_cores": server_cores, "generator_cores": generator / elapsed,
-            "idle_cores": (machine_idle_seconds() - idle_before) / elapsed,
-            "server_us": server_cores * 1e6 / result["rps"] if result["rps"] else float("nan")}
+    return {**result, **cpu_split(before, after, generator, result["rps"])}
 
 
 # --------------------------------------------------------------------------- in-process ceiling
@@ -470,7 +497,7 @@ def measure(server, server_name: str, kind: str, layout: Layout, batching: bool,
     for concurrency in levels:
         before = server.counters()
         figures = {"grpc": grpc_load(f"127.0.0.1:{server.grpc}", "model", input_name, array, concurrency,
-                                     args.duration, args.processes)}
+                                     args.duration, args.processes, server)}
         if concurrency == 1 and figures["grpc"]:
             figures["grpc"]["server_ms"] = server_time_ms(before, server.counters())
         if not args.no_http:
@@ -495,7 +522,7 @@ def measure(server, server_name: str, kind: str, layout: Layout, batching: bool,
                   f"{result['rps']:8.0f} req/s  p50 {result['p50']:7.2f} ms  p95 {result['p95']:7.2f} ms  "
                   f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (mean batch {batch:.1f} over both)"
                   + (f"\n      CPU, in cores: server {result['server_cores']:.2f} ({result['server_us']:.1f} us a request), "
-                     f"wrk {result['generator_cores']:.2f}, idle {result['idle_cores']:.2f}" if "server_cores" in result else ""),
+                     f"{'wrk' if protocol.startswith('http') else 'generators'} {result['generator_cores']:.2f}, idle {result['idle_cores']:.2f}" if "server_cores" in result else ""),
                   flush=True)
     return rows
 
