@@ -250,7 +250,7 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
         precision=build.precision,
         quantization=effective_quantization(build),
         effective_precision=built.effective_precision if built.effective_precision != build.precision else None,
-        build_options=build_options(build, spec.model.inputs, backend.name, calibration_sha256=key_sha),
+        build_options=build_options(build, spec.model.inputs, backend.name, target, calibration_sha256=key_sha),
         source=SourceModel(uri=spec.model.uri, sha256=source_sha256, opset=signature.opset),
         inputs=signature.inputs,
         outputs=signature.outputs,

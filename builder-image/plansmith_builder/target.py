@@ -136,9 +136,3 @@ def target_from_override(value: str, detected: DetectedTarget) -> DetectedTarget
         target=EngineTarget(device="gpu", compute_capability=value, gpu_product=product),
         driver_version=detected.driver_version if same else None,
     )
-
-
-def portable_cpu_target(target: EngineTarget) -> bool:
-    """A CPU target named by architecture only (cpu:x86_64): the engine must run on any CPU of that
-    architecture, so nothing tied to this CPU's SIMD extensions may be baked into it."""
-    return target.device == "cpu" and "-" not in (target.cpu_isa or "")

@@ -7,7 +7,9 @@ JSON document of exactly those things, so
 - the same model built the same way for the same target has the same key, in any namespace, on
   any machine, in any process (no dict ordering, no floats, no timestamps in the document);
 - a new TensorRT version, a new GPU type (compute capability), another precision, other shape
-  ranges or other calibration data give a new key, hence a rebuild;
+  ranges or other calibration data give a new key, hence a rebuild; precision and optimization
+  level enter as the backend applies them (ONNX Runtime builds fp16 on a CPU as fp32, and its
+  levels 3-5 are one level), so specs that build the same engine share it;
 - things that do not change the bytes (serving replicas, batching, the accuracy gate, the build
   deadline, the model's URI) do not change the key.
 
@@ -60,6 +62,12 @@ class EngineTarget:
             raise ValueError("a CPU target needs its ISA, e.g. x86_64-avx2")
 
     @property
+    def portable(self) -> bool:
+        """A CPU target named by architecture only (cpu:x86_64): its engine must run on any CPU of that
+        architecture, so nothing tied to one CPU's SIMD extensions may be baked into it."""
+        return self.device == "cpu" and "-" not in (self.cpu_isa or "")
+
+    @property
     def name(self) -> str:
         """A short human name: 'sm90 (NVIDIA-H100-80GB-HBM3)' or 'cpu x86_64-avx2'."""
         if self.device == "cpu":
@@ -80,6 +88,25 @@ def target_document(target: EngineTarget, hardware_compatibility: str) -> dict[s
     return document
 
 
+# ONNX Runtime's graph optimization levels, by the number optimizationLevel maps to
+ONNXRUNTIME_GRAPH_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+
+
+def onnxruntime_graph_level(optimization_level: int, target: EngineTarget) -> int:
+    """The ONNX Runtime graph optimization a build applies (an index of ONNXRUNTIME_GRAPH_LEVELS):
+    optimizationLevel 0 none, 1 basic, 2 extended, 3-5 all. A portable CPU target stops at extended:
+    all adds layout transformations tied to the building CPU's SIMD width (NCHWc blocks), which ONNX
+    Runtime documents as valid on the same hardware only; the runtime applies them online."""
+    level = min(max(optimization_level, 0), len(ONNXRUNTIME_GRAPH_LEVELS) - 1)
+    return min(level, 2) if target.portable else level
+
+
+def onnxruntime_precision(precision: str, target: EngineTarget) -> str:
+    """The precision of the engine ONNX Runtime builds: precision is the lowest its kernels may use,
+    and the CPU kernels are float32, so fp16 on a CPU target builds the float32 engine."""
+    return "fp32" if precision == "fp16" and target.device == "cpu" else precision
+
+
 def effective_quantization(build: BuildSpec) -> str | None:
     """`quantization` with its documented default applied (calibrated when calibration is given)."""
     if build.precision not in ("int8", "fp8"):
@@ -93,19 +120,26 @@ def build_options(
     build: BuildSpec,
     inputs: list[InputShape],
     backend: Backend,
+    target: EngineTarget,
     *,
     calibration_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """The build options that change the engine's bytes for `backend`, as canonical plain data.
+    """The build options that change the engine's bytes for `backend` on `target`, as canonical
+    plain data.
 
     The calibration data enters by content (its sha256), not by URI. TensorRT-only knobs
-    (workspace, hardware compatibility) are left out for ONNX Runtime, where they change nothing.
+    (workspace, hardware compatibility) are left out for ONNX Runtime, where they change nothing,
+    and ONNX Runtime's precision and optimization level enter as the build applies them: specs
+    that build the same engine share its key.
     """
     quantization = effective_quantization(build)
+    precision, level = build.precision, build.optimization_level
+    if backend == "onnxruntime":
+        precision, level = onnxruntime_precision(precision, target), onnxruntime_graph_level(level, target)
     options: dict[str, Any] = {
-        "precision": build.precision,
+        "precision": precision,
         "quantization": quantization,
-        "optimizationLevel": build.optimization_level,
+        "optimizationLevel": level,
         "inputs": [
             {"name": s.name, "minShape": list(s.min_shape), "optShape": list(s.opt_shape), "maxShape": list(s.max_shape)}
             for s in sorted(inputs, key=lambda s: s.name)
@@ -160,7 +194,7 @@ def engine_key(
     """The content address of the engine these inputs produce (32 lowercase hex digits)."""
     document = key_document(
         source_sha256=source_sha256,
-        options=build_options(build, inputs, backend, calibration_sha256=calibration_sha256),
+        options=build_options(build, inputs, backend, target, calibration_sha256=calibration_sha256),
         backend=backend,
         backend_version=backend_version,
         target=target,

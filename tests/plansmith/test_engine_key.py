@@ -67,7 +67,39 @@ def test_irrelevant_changes_keep_the_key():
     assert key(target=EngineTarget(device="gpu", compute_capability="9.0", gpu_product="NVIDIA-H100-PCIe")) == key()
     one = InferenceModelSpec.model_validate({"model": {"uri": "s3://models/a.onnx"}, "serving": {"replicas": 1}})
     two = InferenceModelSpec.model_validate({"model": {"uri": "s3://models/b.onnx"}, "serving": {"replicas": 9}})
-    assert build_options(one.build, one.model.inputs, "tensorrt") == build_options(two.build, two.model.inputs, "tensorrt")
+    assert (build_options(one.build, one.model.inputs, "tensorrt", H100)
+            == build_options(two.build, two.model.inputs, "tensorrt", H100))
+
+
+CPU_AVX2 = EngineTarget(device="cpu", cpu_isa="x86_64-avx2")
+CPU_PORTABLE = EngineTarget(device="cpu", cpu_isa="x86_64")
+
+
+@pytest.mark.parametrize("same, as_this, target", [
+    # ONNX Runtime's CPU kernels are float32: fp16 on a CPU target builds the fp32 engine
+    ({"precision": "fp16"}, {"precision": "fp32"}, CPU_AVX2),
+    # its levels 3-5 are all ORT_ENABLE_ALL
+    ({"optimizationLevel": 5}, {"optimizationLevel": 3}, CPU_AVX2),
+    ({"optimizationLevel": 4}, {"optimizationLevel": 3}, H100),
+    # a portable CPU target stops at ORT_ENABLE_EXTENDED
+    ({"optimizationLevel": 3}, {"optimizationLevel": 2}, CPU_PORTABLE),
+])
+def test_onnxruntime_specs_that_build_one_engine_share_its_key(same, as_this, target):
+    assert key(same, backend="onnxruntime", target=target) == key(as_this, backend="onnxruntime", target=target)
+
+
+@pytest.mark.parametrize("one, other, target", [
+    ({"precision": "fp16"}, {"precision": "fp32"}, H100),  # converted to float16 for CUDA
+    ({"optimizationLevel": 3}, {"optimizationLevel": 2}, CPU_AVX2),
+    ({"optimizationLevel": 1}, {"optimizationLevel": 0}, CPU_PORTABLE),  # simplified, and basic
+])
+def test_onnxruntime_specs_that_build_different_engines_keep_their_keys(one, other, target):
+    assert key(one, backend="onnxruntime", target=target) != key(other, backend="onnxruntime", target=target)
+
+
+def test_tensorrt_keeps_every_level_and_precision():
+    assert key({"optimizationLevel": 4}) != key({"optimizationLevel": 3}) != key({"optimizationLevel": 5})
+    assert key({"precision": "fp16"}) != key({"precision": "fp32"})
 
 
 def test_ampere_plus_drops_the_compute_capability():

@@ -6,7 +6,7 @@ import pytest
 
 from plansmith.engine_key import EngineTarget
 from plansmith.spec import BuildSpec
-from plansmith_builder.backends.ort_plan import graph_level, plan_ort_build
+from plansmith_builder.backends.ort_plan import plan_ort_build
 from plansmith_builder.errors import BuildError
 
 CPU = EngineTarget(device="cpu", cpu_isa="x86_64-avx2")
@@ -18,8 +18,8 @@ def plan(build: dict, target=CPU):
 
 
 def test_optimization_levels_map_to_ort_graph_levels():
-    assert [graph_level(n) for n in range(6)] == ["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED",
-                                                  "ORT_ENABLE_ALL", "ORT_ENABLE_ALL", "ORT_ENABLE_ALL"]
+    assert [plan({"optimizationLevel": n}).graph_level for n in range(6)] == [
+        "ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL", "ORT_ENABLE_ALL", "ORT_ENABLE_ALL"]
     assert plan({"optimizationLevel": 0}).simplify is False
     assert plan({"optimizationLevel": 3}).simplify is True
 

@@ -16,13 +16,13 @@ optimizationLevel maps to ONNX Runtime's graph optimization level: 0 none, 1 bas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
-from plansmith.engine_key import EngineTarget, effective_quantization
+from plansmith.engine_key import (ONNXRUNTIME_GRAPH_LEVELS, EngineTarget, effective_quantization,
+                                  onnxruntime_graph_level, onnxruntime_precision)
 from plansmith.onnxruntime_providers import CPU_PROVIDER, CUDA_PROVIDER
 from plansmith.spec import BuildSpec
 from plansmith_builder.errors import BuildError
-from plansmith_builder.target import portable_cpu_target
 
 
 GraphLevel = Literal["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"]
@@ -39,24 +39,11 @@ class OrtPlan:
     note: str | None = None
 
 
-def graph_level(optimization_level: int) -> GraphLevel:
-    if optimization_level <= 0:
-        return "ORT_DISABLE_ALL"
-    if optimization_level == 1:
-        return "ORT_ENABLE_BASIC"
-    if optimization_level == 2:
-        return "ORT_ENABLE_EXTENDED"
-    return "ORT_ENABLE_ALL"
-
-
 def plan_ort_build(build: BuildSpec, target: EngineTarget) -> OrtPlan:
     gpu = target.device == "gpu"
     provider = CUDA_PROVIDER if gpu else CPU_PROVIDER
-    level = graph_level(build.optimization_level)
-    if level == "ORT_ENABLE_ALL" and portable_cpu_target(target):
-        # ALL adds layout transformations tied to this CPU's SIMD width (NCHWc blocks); ONNX Runtime
-        # documents such saved models as valid on the same hardware only. The runtime applies ALL online.
-        level = "ORT_ENABLE_EXTENDED"
+    # the key's own reading of the level (plansmith.engine_key), so that one engine has one key
+    level = cast(GraphLevel, ONNXRUNTIME_GRAPH_LEVELS[onnxruntime_graph_level(build.optimization_level, target)])
     simplify = build.optimization_level > 0
     precision = build.precision
     if precision in ("bf16", "fp8"):
@@ -65,7 +52,7 @@ def plan_ort_build(build: BuildSpec, target: EngineTarget) -> OrtPlan:
     if precision == "fp32":
         return OrtPlan(provider, level, simplify, False, None, "fp32")
     if precision == "fp16":
-        if gpu:
+        if onnxruntime_precision(precision, target) == "fp16":
             return OrtPlan(provider, level, simplify, True, None, "fp16")
         return OrtPlan(provider, level, simplify, False, None, "fp32",
                        note="fp16 on a CPU target: ONNX Runtime's CPU kernels are float32, the engine stays float32")
