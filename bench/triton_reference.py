@@ -6,24 +6,19 @@ Python-backend model that wraps an ONNX Runtime session, with the same batching 
 so the two are compared on one machine in one run.
 
 Set-up, cached by version under PLANSMITH_CACHE (default /var/cache/plansmith): the wheel is
-downloaded with pip and unpacked (it is not installed: it pins numpy < 2), and the Python backend's
+downloaded with pip and unpacked (bench/tritonserver_wheel.py), and the Python backend's
 stub gets its own site directory with numpy < 2 (the stub is built against numpy 1's ABI; numpy 2
 arrays come back empty) and this environment's onnxruntime version.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 from served_process import ServedProcess
-
-PYTRITON_VERSION = "0.7.0"
-CACHE = Path(os.environ.get("PLANSMITH_CACHE", "/var/cache/plansmith")) / f"triton-reference-{PYTRITON_VERSION}"
+from tritonserver_wheel import CACHE, tritonserver_root
 
 MODEL_PY = '''
 import sys
@@ -63,22 +58,12 @@ class TritonPythonModel:
 
 
 def install() -> Path:
-    """The unpacked wheel's tritonserver directory (downloaded and prepared once)."""
+    """The tritonserver directory (tritonserver_wheel.py), with the Python backend's site directory
+    for this environment's onnxruntime version (prepared once)."""
     import onnxruntime
 
-    root = CACHE / "pytriton" / "tritonserver"
+    root = tritonserver_root()
     site = CACHE / f"site-onnxruntime-{onnxruntime.__version__}"
-    if not (root / "bin" / "tritonserver").exists():
-        download = CACHE / "download"
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"nvidia-pytriton=={PYTRITON_VERSION}",
-                        "-d", str(download)], check=True)
-        wheel = next(download.glob("nvidia_pytriton-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(CACHE)
-        (root / "bin" / "tritonserver").chmod(0o755)
-        stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
-        shutil.copy(stub, root / "backends" / "python" / stub.name)
-        (root / "backends" / "python" / stub.name).chmod(0o755)
     if not (site / "onnxruntime").exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), "numpy<2",
                         f"onnxruntime=={onnxruntime.__version__}"], check=True)

@@ -3,6 +3,8 @@ and an OTLP/HTTP endpoint that keeps the spans OpenTelemetry exporters send it.
 
 Tests that use `control_plane` (or anything built on it) are marked `controlplane`, those that use
 `s3_server` are marked `s3`, so `pytest -m "not controlplane"` runs the fast unit tests alone.
+Tests that use `tritonserver` (a real Triton server binary, fetched with pip once) are marked
+`tritonserver`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVICE_MARKERS = {"control_plane": "controlplane", "s3_server": "s3", "dev_cluster": "cluster"}
+SERVICE_MARKERS = {"control_plane": "controlplane", "s3_server": "s3", "dev_cluster": "cluster",
+                   "tritonserver": "tritonserver"}
 # the dev cluster runs a control plane and S3 too: `-m "not controlplane and not s3"` skips it
 IMPLIED_MARKERS = {"cluster": ("controlplane", "s3")}
 
@@ -30,6 +33,19 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tritonserver() -> Path:
+    """A real tritonserver binary (Triton 2.51, the Python backend alone): bench/tritonserver_wheel.py
+    fetches nvidia-pytriton's wheel once and caches it by version, for the benchmark and the tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tritonserver_wheel", REPO_ROOT / "bench" / "tritonserver_wheel.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tritonserver_root() / "bin" / "tritonserver"
 
 
 @pytest.fixture(scope="session")

@@ -151,3 +151,48 @@ def test_the_init_containers_command_writes_the_repository_and_refuses_a_tampere
     (tmp_path / "a-file").write_text("not a folder")
     assert main(command[:-1] + [str(tmp_path / "a-file" / "repo")]) == 1  # an --out it cannot write
     assert json.loads(capsys.readouterr().out)["reason"] == "NotADirectoryError"
+
+
+def test_a_real_tritonserver_accepts_the_rendered_configs_and_refuses_a_broken_one(engines, tritonserver, tmp_path):
+    """Triton checks a model's config.pbtxt when it polls the repository, before it looks for the
+    model's backend. The tritonserver here has the Python backend alone, so a model whose config
+    Triton accepts gets as far as "unable to find backend library" for onnxruntime or tensorrt; a
+    config it refuses fails at the poll, with its reason. The broken model shows the check can fail."""
+    import json
+    import re
+    import subprocess
+
+    from plansmith.cli import main
+
+    repository = tmp_path / "repo"
+    built = engines["mlp"]
+    spec = {"model": {"uri": f"file://{built.model.path}", "inputs": built.model.spec_inputs()},
+            "serving": {"runtime": "triton", "maxBatchSize": 32, "instances": 2, "warmup": {"iterations": 2},
+                        "dynamicBatching": {"preferredBatchSizes": [8, 16], "maxQueueDelayMicroseconds": 200,
+                                            "maxQueueSize": 64, "timeoutMicroseconds": 5000}}}
+    assert main(["triton-repository", "--manifest", built.manifest_uri, "--model-name", "mlp",
+                 "--spec-json", json.dumps(spec), "--out", str(repository)]) == 0
+    # TensorRT plans for two compute capabilities (cc_model_filenames, instances of kind GPU)
+    plans = render_repository("cnn", SPEC, [manifest(cc="9.0", key="a"), manifest(cc="8.6", key="b")])
+    for relative, text in plans.files.items():
+        (repository / relative).parent.mkdir(parents=True, exist_ok=True)
+        (repository / relative).write_text(text)
+    for relative in plans.engines:
+        (repository / relative).parent.mkdir(parents=True, exist_ok=True)
+        (repository / relative).write_bytes(b"not a plan")
+    broken = (repository / "mlp/config.pbtxt").read_text().replace('name: "mlp"', 'name: "broken"')
+    broken = broken.replace("max_batch_size: 32", "max_batch_size: 4")  # under its preferred sizes
+    (repository / "broken/1").mkdir(parents=True)
+    (repository / "broken/config.pbtxt").write_text(broken)
+
+    run = subprocess.run([str(tritonserver), "--model-repository", str(repository),
+                          "--backend-directory", str(tritonserver.parents[1] / "backends"),
+                          "--allow-http", "false", "--allow-grpc", "false", "--allow-metrics", "false"],
+                         capture_output=True, text=True, timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, log  # no model loads: there is no onnxruntime or tensorrt backend here
+    refused = dict(re.findall(r"Poll failed for model directory '(\w+)': ([^\"]+)", log))
+    reached_backend = dict(re.findall(r"failed to load '(\w+)' version 1: .*unable to find backend library "
+                                      r"for backend '(\w+)'", log))
+    assert refused == {"broken": "dynamic batching preferred size must be <= max batch size for broken"}, log
+    assert reached_backend == {"mlp": "onnxruntime", "cnn": "tensorrt"}, log
