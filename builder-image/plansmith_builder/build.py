@@ -61,6 +61,9 @@ class BuildRequest:
     # the GPU named by `target` is simulated (plansmith dev-cluster): key the engine for it, but build
     # and run it on this machine's CPU, and say so in the manifest
     simulated_gpu: bool = False
+    # the key the caller expects the engine under (the operator's Jobs: PLANSMITH_ENGINE_KEY); a
+    # builder that keys it otherwise (another plansmith version) fails instead of publishing elsewhere
+    expected_key: str | None = None
 
 
 @dataclass
@@ -184,6 +187,10 @@ def _run(request: BuildRequest, workdir: Path, progress: Progress, state: dict) 
                      backend_version=backend_version, target=target, calibration_sha256=key_sha)
     state["key"] = key
     state["manifest_uri"] = manifest_uri(storage_uri, key)
+    if request.expected_key and request.expected_key != key:
+        raise BuildError("KeyMismatch", f"this builder keys the engine {key}, the operator waits for "
+                                        f"{request.expected_key}: the builder image and the operator are "
+                                        "different plansmith versions; use the builder image of the operator's version")
     progress.phase("lookup", key=key)
     existing = find_engine(engine_store, storage_uri, key, workdir)
     if existing.manifest is not None:

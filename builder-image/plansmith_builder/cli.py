@@ -58,6 +58,9 @@ def register(subparsers) -> None:
                              "or a compute capability such as 9.0")
     parser.add_argument("--simulated-gpu", action="store_true",
                         help="the GPU named by --target is simulated: key the engine for it, build and run it on the CPU")
+    parser.add_argument("--expected-key", metavar="KEY", default=os.environ.get("PLANSMITH_ENGINE_KEY") or None,
+                        help="fail with KeyMismatch, publishing nothing, unless the engine's key is KEY "
+                             "(default: $PLANSMITH_ENGINE_KEY, which the operator's build Jobs set)")
     parser.add_argument("--workdir", metavar="DIR", type=Path, help="keep intermediate files here (default: a "
                                                                      "temporary folder, removed afterwards)")
     parser.add_argument("--quick-benchmark", action="store_true",
@@ -115,7 +118,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             if args.quick_benchmark else BenchmarkBudget()
         result = run_build(BuildRequest(spec=spec, store_uri=args.store, endpoint=args.endpoint,
                                         backend=args.backend, target=args.target, workdir=args.workdir,
-                                        simulated_gpu=args.simulated_gpu,
+                                        simulated_gpu=args.simulated_gpu, expected_key=args.expected_key,
                                         benchmark=budget, progress=Progress()))
     line = result.to_json()
     print(line, flush=True)

@@ -23,6 +23,7 @@ Reason = Literal[
     "AccuracyGateFailed",
     "BackendUnavailable",
     "BuildFailed",
+    "KeyMismatch",
 ]
 
 EXIT_OK = 0

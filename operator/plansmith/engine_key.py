@@ -103,8 +103,10 @@ def onnxruntime_graph_level(optimization_level: int, target: EngineTarget) -> in
 
 def onnxruntime_precision(precision: str, target: EngineTarget) -> str:
     """The precision of the engine ONNX Runtime builds: precision is the lowest its kernels may use,
-    and the CPU kernels are float32, so fp16 on a CPU target builds the float32 engine."""
-    return "fp32" if precision == "fp16" and target.device == "cpu" else precision
+    and the CPU kernels are float32, so fp16 on a CPU target builds the float32 engine (a simulated
+    GPU's engine too: it is built and run on the CPU)."""
+    on_the_cpu = target.device == "cpu" or target.simulated
+    return "fp32" if precision == "fp16" and on_the_cpu else precision
 
 
 def effective_quantization(build: BuildSpec) -> str | None:

@@ -73,11 +73,13 @@ def test_irrelevant_changes_keep_the_key():
 
 CPU_AVX2 = EngineTarget(device="cpu", cpu_isa="x86_64-avx2")
 CPU_PORTABLE = EngineTarget(device="cpu", cpu_isa="x86_64")
+SIMULATED_H100 = EngineTarget(device="gpu", compute_capability="9.0", simulated=True)
 
 
 @pytest.mark.parametrize("same, as_this, target", [
     # ONNX Runtime's CPU kernels are float32: fp16 on a CPU target builds the fp32 engine
     ({"precision": "fp16"}, {"precision": "fp32"}, CPU_AVX2),
+    ({"precision": "fp16"}, {"precision": "fp32"}, SIMULATED_H100),  # built and run on the CPU
     # its levels 3-5 are all ORT_ENABLE_ALL
     ({"optimizationLevel": 5}, {"optimizationLevel": 3}, CPU_AVX2),
     ({"optimizationLevel": 4}, {"optimizationLevel": 3}, H100),

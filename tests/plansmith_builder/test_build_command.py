@@ -244,6 +244,28 @@ def test_fp16_on_a_cpu_target_builds_float32_kernels_and_says_so(tmp_path, model
     manifest = parse_manifest((store / "engines" / run.result["key"] / "manifest.json").read_bytes())
     assert manifest.precision == "fp16" and manifest.effective_precision == "fp32"
     assert "float32" in run.result["message"]
+    # the same engine, so the same key: an fp32 spec finds it
+    fp32 = cli(str(write_yaml(tmp_path / "fp32.yaml", models["mlp"].path.as_uri(), inputs=models["mlp"].spec_inputs(),
+                              build={"precision": "fp32"}, storage_uri=store.as_uri())))
+    assert (fp32.result["status"], fp32.result["key"]) == ("hit", run.result["key"])
+
+
+def test_a_builder_keying_the_engine_otherwise_than_the_operator_publishes_nothing(tmp_path, models, cli, write_yaml,
+                                                                                   monkeypatch):
+    """The operator's build Jobs name the key they wait for (PLANSMITH_ENGINE_KEY). A builder image of
+    another plansmith version that keys the engine otherwise fails with KeyMismatch, permanently,
+    instead of publishing an engine under a key no operator looks for."""
+    store, workdir = tmp_path / "store", tmp_path / "work"
+    model = write_yaml(tmp_path / "m.yaml", models["mlp"].path.as_uri(), inputs=models["mlp"].spec_inputs(),
+                       build={"precision": "fp32"}, storage_uri=store.as_uri())
+    monkeypatch.setenv("PLANSMITH_ENGINE_KEY", "0" * 32)
+    refused = cli(str(model), "--workdir", str(workdir))
+    assert refused.exit_code == EXIT_PERMANENT and refused.result["reason"] == "KeyMismatch"
+    assert "0" * 32 in refused.result["message"] and refused.result["key"] in refused.result["message"]
+    assert not (store / "engines").exists() and not (workdir / "build").exists()
+
+    monkeypatch.setenv("PLANSMITH_ENGINE_KEY", refused.result["key"])
+    assert cli(str(model)).result["status"] == "built"
 
 
 def test_cross_target_without_a_gpu_backend_is_backend_unavailable(tmp_path, models, cli, write_yaml):

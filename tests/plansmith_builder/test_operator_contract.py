@@ -18,15 +18,16 @@ from plansmith_builder.backends.ort_plan import plan_ort_build
 from plansmith_builder.errors import EXIT_PERMANENT
 
 
-def job_env_and_args(tmp_path, models, target: Target):
-    """Render the build Job the operator would launch and return (its env, its builder args)."""
+def job_env_and_args(tmp_path, models, target: Target, simulated: bool = False):
+    """Render the build Job the operator would launch, under the key it computes, and return (the spec,
+    the settings, its env, its builder args)."""
     mlp = models["mlp"]
     spec = parse_spec({"model": {"uri": mlp.path.as_uri(), "inputs": mlp.spec_inputs()},
                        "build": {"precision": "fp32", "accuracy": {"samples": 2}},
                        "storage": {"uri": (tmp_path / "store").as_uri()}})
     settings = OperatorSettings(builder_backend="onnxruntime", builder_backend_version=onnxruntime.__version__)
-    job = rendering.render_build_job(name="mlp", namespace="ns", spec=spec, target=target, key="k" * 32,
-                                     settings=settings)
+    job = rendering.render_build_job(name="mlp", namespace="ns", spec=spec, target=target,
+                                     key=operator_key(spec, settings, target, simulated), settings=settings)
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     return spec, settings, env, container["args"]
@@ -42,6 +43,7 @@ def test_cpu_target_job_builds_under_the_operators_key(tmp_path, models, cli, mo
     target = Target("cpu", None, None, None, ("n1",), cpu_arch="x86_64")
     spec, settings, env, args = job_env_and_args(tmp_path, models, target)
     monkeypatch.setenv("PLANSMITH_MODEL", env["PLANSMITH_MODEL"])
+    monkeypatch.setenv("PLANSMITH_ENGINE_KEY", env["PLANSMITH_ENGINE_KEY"])  # the builder checks it is its own
     assert args[0] == "env:PLANSMITH_MODEL"  # arguments of the image's entrypoint, `plansmith build`
     run = cli(*args)
     assert run.exit_code == 0, run.result
@@ -60,8 +62,9 @@ def test_portable_cpu_targets_do_not_bake_in_simd_specific_layouts():
 
 def test_simulated_gpu_is_keyed_for_the_gpu_type_and_runs_on_the_cpu(tmp_path, models, cli, monkeypatch):
     target = Target("gpu", "NVIDIA-H100-80GB-HBM3", "9.0", "nvidia.com/gpu", ("h1",))
-    spec, settings, env, args = job_env_and_args(tmp_path, models, target)
+    spec, settings, env, args = job_env_and_args(tmp_path, models, target, simulated=True)
     monkeypatch.setenv("PLANSMITH_MODEL", env["PLANSMITH_MODEL"])
+    monkeypatch.setenv("PLANSMITH_ENGINE_KEY", env["PLANSMITH_ENGINE_KEY"])  # the builder checks it is its own
     assert args[-2:] == ["--target", "9.0"]
     refused = cli(*args)  # a GPU target on a machine without CUDA, not declared simulated
     assert refused.exit_code == EXIT_PERMANENT and refused.result["reason"] == "BackendUnavailable"
