@@ -22,7 +22,8 @@ CACHE = Path(os.environ.get("PLANSMITH_CACHE", "/var/cache/plansmith")) / f"trit
 def tritonserver_root() -> Path:
     """The unpacked wheel's tritonserver directory (bin/tritonserver, backends/python), fetched once."""
     root = CACHE / "pytriton" / "tritonserver"
-    if not (root / "bin" / "tritonserver").exists():
+    prepared = CACHE / "prepared"  # written last: an interrupted download or unpack is done again
+    if not prepared.exists():
         download = CACHE / "download"
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"nvidia-pytriton=={PYTRITON_VERSION}",
                         "-d", str(download)], check=True)
@@ -33,4 +34,5 @@ def tritonserver_root() -> Path:
         stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
         shutil.copy(stub, root / "backends" / "python" / stub.name)
         (root / "backends" / "python" / stub.name).chmod(0o755)
+        prepared.touch()
     return root

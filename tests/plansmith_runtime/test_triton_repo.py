@@ -61,13 +61,17 @@ def test_plans_for_several_compute_capabilities_use_cc_model_filenames():
     assert repo.engines["cnn/1/model_sm86.plan"].manifest.key == "b"
 
 
+def text_model() -> Manifest:
+    """Token ids, and a tensor of one value an item each way."""
+    return manifest(inputs=[{"name": "input_ids", "dtype": "int64", "shape": [-1, 16]},
+                            {"name": "temperature", "dtype": "float32", "shape": [-1]}],
+                    outputs=[{"name": "label", "dtype": "int64", "shape": [-1]}])
+
+
 def test_a_tensor_of_one_value_an_item_is_dims_1_reshaped_and_token_ids_warm_up_on_zeros():
     """Triton refuses empty dims ("must specify 'dims'"), and random bytes as token ids make an
     embedding's Gather fail every warmup run."""
-    text_model = manifest(inputs=[{"name": "input_ids", "dtype": "int64", "shape": [-1, 16]},
-                                  {"name": "temperature", "dtype": "float32", "shape": [-1]}],
-                          outputs=[{"name": "label", "dtype": "int64", "shape": [-1]}])
-    config = parse(render_repository("text", SPEC, [text_model]).files["text/config.pbtxt"])
+    config = parse(render_repository("text", SPEC, [text_model()]).files["text/config.pbtxt"])
     temperature, label = config.input[1], config.output[0]
     assert list(temperature.dims) == [1] and temperature.HasField("reshape") and not temperature.reshape.shape
     assert list(label.dims) == [1] and label.HasField("reshape")
@@ -155,9 +159,11 @@ def test_the_init_containers_command_writes_the_repository_and_refuses_a_tampere
 
 def test_a_real_tritonserver_accepts_the_rendered_configs_and_refuses_a_broken_one(engines, tritonserver, tmp_path):
     """Triton checks a model's config.pbtxt when it polls the repository, before it looks for the
-    model's backend. The tritonserver here has the Python backend alone, so a model whose config
-    Triton accepts gets as far as "unable to find backend library" for onnxruntime or tensorrt; a
-    config it refuses fails at the poll, with its reason. The broken model shows the check can fail."""
+    model's backend (with auto-complete off, inputs and outputs included: auto-complete would leave
+    them to the backend). The tritonserver here has the Python backend alone, so a model whose
+    config Triton accepts gets as far as "unable to find backend library" for onnxruntime or
+    tensorrt; a config it refuses fails at the poll, with its reason. The broken copies show that
+    the check can fail, on the batching settings and on the tensors."""
     import json
     import re
     import subprocess
@@ -172,21 +178,27 @@ def test_a_real_tritonserver_accepts_the_rendered_configs_and_refuses_a_broken_o
                                             "maxQueueSize": 64, "timeoutMicroseconds": 5000}}}
     assert main(["triton-repository", "--manifest", built.manifest_uri, "--model-name", "mlp",
                  "--spec-json", json.dumps(spec), "--out", str(repository)]) == 0
-    # TensorRT plans for two compute capabilities (cc_model_filenames, instances of kind GPU)
-    plans = render_repository("cnn", SPEC, [manifest(cc="9.0", key="a"), manifest(cc="8.6", key="b")])
-    for relative, text in plans.files.items():
-        (repository / relative).parent.mkdir(parents=True, exist_ok=True)
-        (repository / relative).write_text(text)
-    for relative in plans.engines:
-        (repository / relative).parent.mkdir(parents=True, exist_ok=True)
-        (repository / relative).write_bytes(b"not a plan")
+    # TensorRT plans for two compute capabilities (cc_model_filenames, instances of kind GPU), and a
+    # plan whose tensors hold one value an item (dims [1] reshaped to [])
+    for plans in (render_repository("cnn", SPEC, [manifest(cc="9.0", key="a"), manifest(cc="8.6", key="b")]),
+                  render_repository("text", SPEC, [text_model()])):
+        for relative, text in plans.files.items():
+            (repository / relative).parent.mkdir(parents=True, exist_ok=True)
+            (repository / relative).write_text(text)
+        for relative in plans.engines:
+            (repository / relative).parent.mkdir(parents=True, exist_ok=True)
+            (repository / relative).write_bytes(b"not a plan")
     broken = (repository / "mlp/config.pbtxt").read_text().replace('name: "mlp"', 'name: "broken"')
     broken = broken.replace("max_batch_size: 32", "max_batch_size: 4")  # under its preferred sizes
     (repository / "broken/1").mkdir(parents=True)
     (repository / "broken/config.pbtxt").write_text(broken)
+    broken_tensors = (repository / "mlp/config.pbtxt").read_text().replace('name: "mlp"', 'name: "broken_tensors"')
+    broken_tensors = broken_tensors.replace("dims: 256", "dims: -7")
+    (repository / "broken_tensors/1").mkdir(parents=True)
+    (repository / "broken_tensors/config.pbtxt").write_text(broken_tensors)
 
     run = subprocess.run([str(tritonserver), "--model-repository", str(repository),
-                          "--backend-directory", str(tritonserver.parents[1] / "backends"),
+                          "--backend-directory", str(tritonserver.parents[1] / "backends"), "--disable-auto-complete-config",
                           "--allow-http", "false", "--allow-grpc", "false", "--allow-metrics", "false"],
                          capture_output=True, text=True, timeout=300)
     log = run.stdout + run.stderr
@@ -194,5 +206,7 @@ def test_a_real_tritonserver_accepts_the_rendered_configs_and_refuses_a_broken_o
     refused = dict(re.findall(r"Poll failed for model directory '(\w+)': ([^\"]+)", log))
     reached_backend = dict(re.findall(r"failed to load '(\w+)' version 1: .*unable to find backend library "
                                       r"for backend '(\w+)'", log))
-    assert refused == {"broken": "dynamic batching preferred size must be <= max batch size for broken"}, log
-    assert reached_backend == {"mlp": "onnxruntime", "cnn": "tensorrt"}, log
+    assert refused.pop("broken") == "dynamic batching preferred size must be <= max batch size for broken", log
+    assert refused.pop("broken_tensors").startswith("model input 'input' dimension must be integer >= 1"), log
+    assert not refused, log
+    assert reached_backend == {"mlp": "onnxruntime", "cnn": "tensorrt", "text": "tensorrt"}, log
