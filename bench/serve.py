@@ -13,7 +13,7 @@ served twice, batching on and off, and driven at each concurrency by
 It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
   MLP: batching on / off throughput at c=64 (target >= 5x, with lower p99), and its bound: the rate at
     which the server answers the same request for an unknown model (404: parsed, routed and answered
-    over the same connections, no tensor work), which no infer request can beat;
+    over the same connections, no tensor work), about the most an infer request could reach;
   CNNs: served items/s at c=64 / in-process ceiling (direct ONNX Runtime at its best batch size, one
     session on every core or one single-threaded session per core, whichever is faster; target >= 80%),
     in the default layout (one instance, ONNX Runtime's threads, maxBatchSize 32) and, for the models
@@ -25,8 +25,8 @@ It prints throughput, p50/p95/p99 and the ratios the targets are stated in:
 With --triton-reference each engine is also served by a real Triton server (bench/triton_reference.py:
 the tritonserver in nvidia-pytriton's wheel, Python backend wrapping the same ONNX Runtime session, same
 batching settings; fetched once with pip) under the same generators, and every row is compared.
-Every HTTP row also shows where the CPU went while wrk ran (the server's cores and CPU a request,
-wrk's cores, idle cores). Everything runs on this machine at once (server, generators, ceiling), side by side in one run.
+Every row also shows where the CPU went while it was measured (the server's cores and CPU a
+request, the load generator's cores, idle cores). Everything runs on this machine at once (server, generators, ceiling), side by side in one run.
 """
 
 from __future__ import annotations
@@ -205,19 +205,23 @@ def _grpc_worker(url: str, model_name: str, input_name: str, array: np.ndarray, 
                 except grpc.aio.AioRpcError:
                     errors += 1
 
-        cpu_started = time.process_time()  # every thread of this process, gRPC's own included
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
-        cpu_seconds = time.process_time() - cpu_started
+        cpu = {"started": time.process_time()}  # every thread of this process, gRPC's own included
+
+        async def cpu_at_stop():  # the measured window ends at stop_at, for the server's reading too
+            await asyncio.sleep(max(0.0, stop_at - time.time()))
+            cpu["stopped"] = time.process_time()
+
+        await asyncio.gather(cpu_at_stop(), *(loop() for _ in range(concurrency)))
         await channel.close()
-        results.put((latencies, errors, cpu_seconds))
+        results.put((latencies, errors, cpu["stopped"] - cpu["started"]))
 
     asyncio.run(main())
 
 
 def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, concurrency: int,
               duration: float, processes: int, server: ServedProcess | None = None) -> dict:
-    """With `server`, the figures carry cpu_split over the measured window (the generators count
-    their own CPU in it, not their start-up)."""
+    """With `server`, the figures carry cpu_split over the measured window, from start_at to
+    start_at + duration (the generators count their own CPU in it, not their start-up)."""
     processes = max(1, min(processes, concurrency))
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -229,6 +233,8 @@ def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, con
         worker.start()
     time.sleep(max(0.0, start_at - time.time()))
     before = CpuReading.now(server) if server else None
+    time.sleep(max(0.0, start_at + duration - time.time()))
+    after = CpuReading.now(server) if server else None  # the window the generators count their CPU in
     latencies: list[float] = []
     errors = 0
     generator_seconds = 0.0
@@ -237,7 +243,6 @@ def grpc_load(url: str, model_name: str, input_name: str, array: np.ndarray, con
         latencies += part
         errors += failed
         generator_seconds += cpu_seconds
-    after = CpuReading.now(server) if server else None
     for worker in workers:
         worker.join()
     figures = load_figures(latencies, duration, errors)
@@ -609,8 +614,9 @@ def main() -> int:
                       f"{on['idle_cores']:.2f} / {off['idle_cores']:.2f} idle)\n"
                       f"    bound: the same request for an unknown model, answered 404 over the same connections, "
                       f"{error_replies['rps']:.0f} req/s at {error_replies['server_us']:.1f} us a request = "
-                      f"{error_replies['rps'] / off['rps']:.2f}x batching off; a request that is also decoded, "
-                      f"batched, run and encoded cannot be served faster")
+                      f"{error_replies['rps'] / off['rps']:.2f}x batching off: about the most a request that is "
+                      f"also decoded, batched, run and encoded can be served at (the 404 builds an error body "
+                      f"it does not)")
         for kind in ("small_cnn", "cnn224"):
             for layout in ("default", "throughput"):
                 for batching in ("on", "off"):
