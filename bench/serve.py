@@ -26,7 +26,8 @@ With --triton-reference each engine is also served by a real Triton server (benc
 the tritonserver in nvidia-pytriton's wheel, Python backend wrapping the same ONNX Runtime session, same
 batching settings; fetched once with pip) under the same generators, and every row is compared.
 Every row also shows where the CPU went while it was measured (the server's cores and CPU a
-request, the load generator's cores, idle cores). Everything runs on this machine at once (server, generators, ceiling), side by side in one run.
+request, the load generator's cores, idle cores; the 404 row's errors are its 404s). Everything
+runs on this machine at once (server, generators, ceiling), side by side in one run.
 """
 
 from __future__ import annotations
