@@ -28,7 +28,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from plansmith.spec import BuildSpec, InputShape
 
@@ -88,8 +88,9 @@ def target_document(target: EngineTarget, hardware_compatibility: str) -> dict[s
     return document
 
 
-# ONNX Runtime's graph optimization levels, by the number optimizationLevel maps to
-ONNXRUNTIME_GRAPH_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+# ONNX Runtime's graph optimization levels, in the order of the numbers optimizationLevel maps to
+OnnxRuntimeGraphLevel = Literal["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"]
+ONNXRUNTIME_GRAPH_LEVELS: tuple[OnnxRuntimeGraphLevel, ...] = get_args(OnnxRuntimeGraphLevel)
 
 
 def onnxruntime_graph_level(optimization_level: int, target: EngineTarget) -> int:

@@ -16,22 +16,19 @@ optimizationLevel maps to ONNX Runtime's graph optimization level: 0 none, 1 bas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
-from plansmith.engine_key import (ONNXRUNTIME_GRAPH_LEVELS, EngineTarget, effective_quantization,
-                                  onnxruntime_graph_level, onnxruntime_precision)
+from plansmith.engine_key import (ONNXRUNTIME_GRAPH_LEVELS, EngineTarget, OnnxRuntimeGraphLevel,
+                                  effective_quantization, onnxruntime_graph_level, onnxruntime_precision)
 from plansmith.onnxruntime_providers import CPU_PROVIDER, CUDA_PROVIDER
 from plansmith.spec import BuildSpec
 from plansmith_builder.errors import BuildError
 
 
-GraphLevel = Literal["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"]
-
-
 @dataclass(frozen=True)
 class OrtPlan:
     execution_provider: str
-    graph_level: GraphLevel
+    graph_level: OnnxRuntimeGraphLevel
     simplify: bool  # onnxslim simplification / constant folding first
     convert_fp16: bool
     quantize: Literal["static", "dynamic", "explicit"] | None
@@ -43,7 +40,7 @@ def plan_ort_build(build: BuildSpec, target: EngineTarget) -> OrtPlan:
     gpu = target.device == "gpu"
     provider = CUDA_PROVIDER if gpu else CPU_PROVIDER
     # the key's own reading of the level (plansmith.engine_key), so that one engine has one key
-    level = cast(GraphLevel, ONNXRUNTIME_GRAPH_LEVELS[onnxruntime_graph_level(build.optimization_level, target)])
+    level = ONNXRUNTIME_GRAPH_LEVELS[onnxruntime_graph_level(build.optimization_level, target)]
     simplify = build.optimization_level > 0
     precision = build.precision
     if precision in ("bf16", "fp8"):
