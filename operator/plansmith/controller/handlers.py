@@ -455,7 +455,7 @@ def _observe_kept(observation: Observation, discovery: Discovery, deployments: d
         key = key_for(kept)
         wanted = rendering.render_deployment(name=name, namespace=namespace, spec=spec, target=kept, key=key,
                                              manifest_uri=manifest_uri(storage, key), settings=settings)
-        if deployment["key"] != key or deployment["specHash"] != _spec_hash(wanted):
+        if not _runs_as_rendered(deployment, wanted):
             observation.stale_serving.append(deployment["name"])
             continue
         ready = deployment["readyReplicas"]
@@ -537,7 +537,7 @@ async def _roll_out(operator: Operator, namespace: str, name: str, model: dict[s
         body = rendering.render_deployment(name=name, namespace=namespace, spec=spec, target=target, key=key,
                                            manifest_uri=manifest_uri(storage, key), settings=settings)
         current = deployments.get(target.slug)
-        if current and current.get("specHash") == _spec_hash(body):
+        if current and _runs_as_rendered(current, body):
             continue
         body["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = _spec_hash(body)
         kopf.adopt(body, owner=model)
@@ -563,3 +563,9 @@ async def _roll_out(operator: Operator, namespace: str, name: str, model: dict[s
 
 def _spec_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body["spec"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _runs_as_rendered(deployment: dict[str, Any], body: dict[str, Any]) -> bool:
+    """Whether an indexed Deployment was applied from this rendering: the spec hash covers the pod
+    template, whose annotations name the engine key and manifest."""
+    return deployment.get("specHash") == _spec_hash(body)
