@@ -37,6 +37,7 @@ OPERATOR_CLUSTER_CALLS = {
     *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete", "patch")},
     *{("apps", "deployments", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
     *{("", "services", v) for v in ("get", "list", "watch", "create", "patch")},
+    *{("discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")},
     *{("", "pods", v) for v in ("get", "list", "watch")},
     ("", "pods/log", "get"),
     *{("", "nodes", v) for v in ("get", "list", "watch")},

@@ -95,6 +95,7 @@ ALLOWED = [
     ("create", "batch", "jobs", "anywhere"),
     ("delete", "apps", "deployments", "anywhere"),
     ("create", "", "services", "anywhere"),
+    ("watch", "discovery.k8s.io", "endpointslices", None),
     ("get", "", "pods/log", "anywhere"),
     ("watch", "", "nodes", None),
     ("create", "", "events", "anywhere"),
@@ -108,6 +109,7 @@ DENIED = [
     ("create", "plansmith.io", "inferencemodels", "anywhere"),
     ("create", "", "pods", "anywhere"),
     ("delete", "", "services", "anywhere"),
+    ("create", "discovery.k8s.io", "endpointslices", "anywhere"),  # read only: the control plane writes them
     ("update", "apps", "deployments", "anywhere"),
     ("get", "", "secrets", "chart-other"),
     ("list", "", "secrets", "chart-rbac"),

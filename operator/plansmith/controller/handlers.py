@@ -1,9 +1,9 @@
 """kopf handlers: the operator's wiring of watches, indexes and the reconcile loop.
 
-Watches (no polling): InferenceModels, plansmith's Jobs and Deployments (by label) and Nodes are
-kept in kopf indexes. A model is reconciled when it is created, changed or resumed after a restart,
-when one of its build Jobs or serving Deployments changes, and when the cluster's set of GPU
-types changes. Reconciling reads the indexes (no API calls), looks engines up in storage (cached
+Watches (no polling): InferenceModels, plansmith's Jobs and Deployments (by label), the
+EndpointSlices of its Services and Nodes are kept in kopf indexes. A model is reconciled when it is
+created, changed or resumed after a restart, when one of its build Jobs, serving Deployments or its
+Service's endpoints change, and when the cluster's set of GPU types changes. Reconciling reads the indexes (no API calls), looks engines up in storage (cached
 per key), creates what is missing and writes status only when it differs.
 
 Status is written through the status subresource by `KubeApi.patch_status` rather than kopf's
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import kopf
@@ -43,6 +44,8 @@ SERVING_LABELS = {**rendering.MANAGED_BY, rendering.COMPONENT_LABEL: "serving"}
 NODES = "nodes"  # the single key of the node index
 SPEC_HASH_ANNOTATION = "plansmith.io/spec-hash"
 KSTATUS_CONDITIONS = ("Reconciling", "Stalled")
+# a condition False for one of these is on its way: its Event is Normal, not a Warning
+PROGRESS_REASONS = ("Building", "WaitingForEngines", "RollingOut", "WaitingForEndpoints")
 # a model file or Secret the spec names and storage or the API lacks is looked for again this often
 # (the operator watches neither: it may be uploaded or created after the model)
 MISSING_OBJECT_RETRY_SECONDS = 60.0
@@ -165,9 +168,40 @@ def serving_index(namespace: str, name: str, labels: kopf.Labels, spec: kopf.Spe
     }}
 
 
+@kopf.index("discovery.k8s.io", "endpointslices", labels=SERVING_LABELS)
+def service_endpoint_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    """The serving pods one EndpointSlice of a model's Service routes to. The EndpointSlice
+    controller copies the Service's labels to its slices. No version: the API server's preferred
+    one (v1 from Kubernetes 1.21, v1beta1 before; the fields read here are the same). An endpoint
+    whose `ready` is unset counts as ready, as the API says to; a terminating one is not ready."""
+    ready = [(endpoint.get("targetRef") or {}).get("name") or ",".join(endpoint.get("addresses", []))
+             for endpoint in body.get("endpoints") or [] if (endpoint.get("conditions") or {}).get("ready") is not False]
+    return {(namespace, labels.get(rendering.MODEL_LABEL)): ready}
+
+
 @kopf.index("", "v1", "nodes")
 def node_index(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
     return {NODES: node_info(dict(body))}
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """The kopf indexes a reconcile reads, which kopf passes to every handler by name."""
+
+    nodes: kopf.Index
+    build_jobs: kopf.Index
+    serving: kopf.Index
+    service_endpoints: kopf.Index
+
+    @classmethod
+    def of(cls, handler_kwargs: dict[str, Any]) -> Indexes:
+        return cls(handler_kwargs["node_index"], handler_kwargs["build_job_index"], handler_kwargs["serving_index"],
+                   handler_kwargs["service_endpoint_index"])
+
+    def routed_pods(self, namespace: str, name: str) -> int:
+        """Serving pods of a model that its Service routes to, each once: a dual-stack Service has a
+        slice per address family, and a large one several."""
+        return len({pod for slice_pods in self.service_endpoints.get((namespace, name), []) for pod in slice_pods})
 
 
 # ----------------------------------------------------------------------------- triggers
@@ -176,11 +210,9 @@ def node_index(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-resume", backoff=10)
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL, id="reconcile", backoff=10)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL, id="reconcile-on-change", field="spec", backoff=10)
-async def reconcile_model(namespace: str, name: str, body: kopf.Body, logger: logging.Logger,
-                          node_index: kopf.Index, build_job_index: kopf.Index, serving_index: kopf.Index,
-                          **_: Any) -> None:
+async def reconcile_model(namespace: str, name: str, body: kopf.Body, logger: logging.Logger, **kwargs: Any) -> None:
     model = model_of(body)
-    await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
+    await reconcile(namespace, name, model, logger, Indexes.of(kwargs))
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL, when=lambda type, **_: type == "DELETED")
@@ -195,8 +227,7 @@ def model_deleted(uid: str, **_: Any) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels=BUILD_LABELS)
 async def build_job_changed(namespace: str, name: str, labels: kopf.Labels, type: str | None, logger: logging.Logger,
-                            model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
-                            serving_index: kopf.Index, **_: Any) -> None:
+                            model_index: kopf.Index, **kwargs: Any) -> None:
     """A build Job changed: reconcile every model of the namespace still waiting for an engine
     (models share engines by key), and models anywhere waiting for a build slot."""
     state().job_seen(namespace, name)
@@ -205,24 +236,24 @@ async def build_job_changed(namespace: str, name: str, labels: kopf.Labels, type
     for ns, name, model in indexed_models(model_index):
         waiting = latest_status(model).get("phase") in (None, "Pending", "Building")
         if (ns == namespace and (waiting or name == labels.get(rendering.MODEL_LABEL))) or _waits_for_slot(model):
-            await reconcile_from_event(ns, name, model, logger, model_index, node_index, build_job_index, serving_index)
+            await reconcile_from_event(ns, name, model, logger, model_index, Indexes.of(kwargs))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
+@kopf.on.event("discovery.k8s.io", "endpointslices", labels=SERVING_LABELS)
 async def serving_changed(namespace: str, labels: kopf.Labels, type: str | None, logger: logging.Logger,
-                          model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
-                          serving_index: kopf.Index, **_: Any) -> None:
+                          model_index: kopf.Index, **kwargs: Any) -> None:
+    """A serving Deployment or an EndpointSlice of a model's Service changed: reconcile that model."""
     if type is None:
         return
     name = labels.get(rendering.MODEL_LABEL)
     for model in list(model_index.get((namespace, name), [])):
-        await reconcile_from_event(namespace, name, model, logger, model_index, node_index, build_job_index,
-                                   serving_index)
+        await reconcile_from_event(namespace, name, model, logger, model_index, Indexes.of(kwargs))
 
 
 @kopf.on.event("", "v1", "nodes")
 async def node_changed(type: str | None, logger: logging.Logger, model_index: kopf.Index, node_index: kopf.Index,
-                       build_job_index: kopf.Index, serving_index: kopf.Index, **_: Any) -> None:
+                       **kwargs: Any) -> None:
     """Reconcile every model when anything target discovery reads changes on any node (GPU labels,
     GPU and MIG allocatable, taints, schedulability, readiness); heartbeats change none of it."""
     operator = state()
@@ -233,25 +264,24 @@ async def node_changed(type: str | None, logger: logging.Logger, model_index: ko
     if type is None:
         return
     logger.info("schedulable GPU capacity changed; reconciling every model")
+    indexes = Indexes.of({"node_index": node_index, **kwargs})
     for ns, name, model in indexed_models(model_index):
-        await reconcile_from_event(ns, name, model, logger, model_index, node_index, build_job_index, serving_index)
+        await reconcile_from_event(ns, name, model, logger, model_index, indexes)
 
 
 async def reconcile_from_event(namespace: str, name: str, model: dict[str, Any], logger: logging.Logger,
-                               model_index: kopf.Index, node_index: kopf.Index, build_job_index: kopf.Index,
-                               serving_index: kopf.Index) -> None:
+                               model_index: kopf.Index, indexes: Indexes) -> None:
     """`reconcile` for an event of a model's Job, Deployment or a Node. kopf never retries an event
     handler (the error "is logged and then ignored"): a retryable error (storage unavailable) here
     schedules another reconcile of the model after its delay, of the model as it is then."""
     try:
-        await reconcile(namespace, name, model, logger, node_index, build_job_index, serving_index)
+        await reconcile(namespace, name, model, logger, indexes)
     except kopf.TemporaryError as error:
         logger.warning("reconciling %s/%s again in %ss: %s", namespace, name, error.delay, error)
 
         async def again() -> None:
             for current in list(model_index.get((namespace, name), [])):
-                await reconcile_from_event(namespace, name, current, logger, model_index, node_index,
-                                           build_job_index, serving_index)
+                await reconcile_from_event(namespace, name, current, logger, model_index, indexes)
 
         state().retry_later(namespace, name, error.delay or 30, again)
 
@@ -285,13 +315,12 @@ def _now() -> str:
 
 
 async def reconcile(namespace: str, name: str, model: dict[str, Any], logger: logging.Logger,
-                    node_index: kopf.Index, build_job_index: kopf.Index, serving_index: kopf.Index) -> None:
+                    indexes: Indexes) -> None:
     operator = state()
     async with operator.lock(namespace, name):
         if model["metadata"].get("uid") in operator.deleted:
             return
-        observation = await observe_and_act(operator, namespace, name, model, logger,
-                                            node_index, build_job_index, serving_index)
+        observation = await observe_and_act(operator, namespace, name, model, logger, indexes)
         previous = latest_status(model)
         status = compute_status(observation, previous.get("conditions", []), _now())
         _post_transitions(model, previous, status)
@@ -315,7 +344,7 @@ def _post_transitions(model: dict[str, Any], previous: dict[str, Any], status: d
             continue
         old = before.get(c["type"])
         if old is None or old.get("status") != c["status"] or old.get("reason") != c["reason"]:
-            kind = "Normal" if c["status"] == "True" or c["reason"] in ("Building", "WaitingForEngines", "RollingOut") else "Warning"
+            kind = "Normal" if c["status"] == "True" or c["reason"] in PROGRESS_REASONS else "Warning"
             kopf.event(ref, type=kind, reason=c["reason"], message=f"{c['type']}={c['status']}: {c['message']}")
     old_targets = {t.get("engineKey"): t.get("state") for t in previous.get("targets", [])}
     for target in status.get("targets", []):
@@ -328,8 +357,7 @@ def _post_transitions(model: dict[str, Any], previous: dict[str, Any], status: d
 
 
 async def observe_and_act(operator: Operator, namespace: str, name: str, model: dict[str, Any],
-                          logger: logging.Logger, node_index: kopf.Index, build_job_index: kopf.Index,
-                          serving_index: kopf.Index) -> Observation:
+                          logger: logging.Logger, indexes: Indexes) -> Observation:
     settings = operator.settings
     generation = model["metadata"].get("generation", 1)
     name_problem = rendering.model_name_problem(name)
@@ -348,7 +376,7 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                            invalid_message=f"build.backend {spec.build.backend} requested, but the builder image "
                                            f"{settings.builder_image} builds with {settings.builder_backend}")
 
-    discovery = discover_targets(node_index.get(NODES, []), spec, settings)
+    discovery = discover_targets(indexes.nodes.get(NODES, []), spec, settings)
     endpoint = spec.storage.endpoint or settings.s3_endpoint
     try:
         credentials = await _credentials(operator, namespace, spec)
@@ -365,7 +393,8 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
         raise kopf.TemporaryError(f"cannot read the model from storage: {error}", delay=30) from None
 
     observation = Observation(generation, unmatched=discovery.unmatched,
-                              endpoint=f"{rendering.service_name(name)}.{namespace}.svc:{rendering.HTTP_PORT}")
+                              endpoint=f"{rendering.service_name(name)}.{namespace}.svc:{rendering.HTTP_PORT}",
+                              routed_pods=indexes.routed_pods(namespace, name))
     plans: list[tuple[Target, str, Manifest | None]] = []
 
     def key_for(target: Target) -> str:
@@ -392,7 +421,7 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
         except CatalogError as error:
             raise kopf.TemporaryError(str(error), delay=30) from None
         job_name = rendering.job_name(key)
-        job = next(iter(build_job_index.get((namespace, job_name), [])), None)
+        job = next(iter(indexes.build_jobs.get((namespace, job_name), [])), None)
         if manifest is not None:
             _record_engine(record, manifest, spec)
             if job:
@@ -412,11 +441,11 @@ async def observe_and_act(operator: Operator, namespace: str, name: str, model: 
                     record["message"] = result.get("message") or job["failureMessage"] or "the build Job failed"
         else:
             record.update(await _launch_build(operator, namespace, name, model, spec, target, key,
-                                              build_job_index, logger))
+                                              indexes.build_jobs, logger))
         plans.append((target, key, manifest if record.get("state") == "Built" else None))
         observation.targets.append(TargetObservation(target.slug, {k: v for k, v in record.items() if v is not None}))
 
-    deployments = {d["target"]: d for d in serving_index.get((namespace, name), [])}
+    deployments = {d["target"]: d for d in indexes.serving.get((namespace, name), [])}
     all_built = bool(plans) and all(m is not None for _, _, m in plans)
     applied: set[str] = set()
     if all_built:

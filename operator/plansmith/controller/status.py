@@ -30,6 +30,8 @@ class Observation:
     targets: list[TargetObservation] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     endpoint: str | None = None
+    # serving pods the model's Service routes to: ready endpoints of its EndpointSlices
+    routed_pods: int = 0
     # Deployments kept on nodes that take no new pods (cordoned, NotReady) serving an older engine
     stale_serving: list[str] = field(default_factory=list)
     retry_seconds: float | None = None  # look again after this long (a missing object may appear)
@@ -98,6 +100,11 @@ def compute_status(obs: Observation, previous_conditions: list[dict[str, Any]], 
         serving = cond("ServingReady", False, "StaleServing",
                        f"{', '.join(obs.stale_serving)} still serve an older engine: their nodes take no new pods "
                        "(cordoned or not Ready), and they are updated once the nodes do")
+    elif all_served and obs.routed_pods < wanted:
+        # a pod that turned ready is listed by the Service's EndpointSlices a moment later; a client
+        # told Ready before that would be refused
+        serving = cond("ServingReady", False, "WaitingForEndpoints",
+                       f"{ready}/{wanted} serving replicas ready; the Service routes to {obs.routed_pods} of them")
     elif all_served:
         serving = cond("ServingReady", True, "ReplicasReady", f"{ready}/{wanted} serving replicas ready")
     elif len(built) < total or not obs.targets:

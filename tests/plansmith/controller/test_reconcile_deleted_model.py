@@ -42,12 +42,13 @@ def test_a_reconcile_queued_behind_a_deleted_model_creates_nothing(operator_stat
              "spec": {"model": {"uri": source.path.as_uri(), "inputs": source.spec_inputs()},
                       "storage": {"uri": (tmp_path / "engines").as_uri()}},
              "status": {}}
-    indexes = {"node_index": {handlers.NODES: [node_info(GPU_NODE)]}, "build_job_index": {}, "serving_index": {}}
+    indexes = handlers.Indexes(nodes={handlers.NODES: [node_info(GPU_NODE)]}, build_jobs={}, serving={},
+                               service_endpoints={})
 
     async def scenario():
         lock = operator_state.lock(NAMESPACE, "gone")
         await lock.acquire()  # a reconcile of the model is running
-        queued = asyncio.create_task(handlers.reconcile(NAMESPACE, "gone", model, logging.getLogger("test"), **indexes))
+        queued = asyncio.create_task(handlers.reconcile(NAMESPACE, "gone", model, logging.getLogger("test"), indexes))
         await asyncio.sleep(0.1)  # another one queues behind it
         handlers.model_deleted(uid=model["metadata"]["uid"])  # kopf calls it for DELETED events
         lock.release()

@@ -78,6 +78,7 @@ class Model:
             "metadata": {"name": self.name}, "spec": spec})
         self.nodes = [node_info(H100_NODE)]
         self.deployments: list[dict[str, Any]] = []  # the serving index
+        self.endpoint_slices: list[list[str]] = []  # the Service's EndpointSlices: the pods each routes to
 
     def change_serving(self, **serving: Any) -> None:
         self.body = self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, NAMESPACE, PLURAL, self.name)
@@ -89,9 +90,10 @@ class Model:
 
     def reconcile(self) -> dict[str, Any]:
         model = {**self.body, "status": {}}
-        indexes = {"node_index": {handlers.NODES: self.nodes}, "build_job_index": {},
-                   "serving_index": {(NAMESPACE, self.name): self.deployments}}
-        asyncio.run(handlers.reconcile(NAMESPACE, self.name, model, logging.getLogger("test"), **indexes))
+        indexes = handlers.Indexes(nodes={handlers.NODES: self.nodes}, build_jobs={},
+                                   serving={(NAMESPACE, self.name): self.deployments},
+                                   service_endpoints={(NAMESPACE, self.name): self.endpoint_slices})
+        asyncio.run(handlers.reconcile(NAMESPACE, self.name, model, logging.getLogger("test"), indexes))
         return handlers.state().written_status[self.body["metadata"]["uid"]]
 
     def publish_engine(self, key: str, compute_capability: str, gpu_product: str) -> None:
@@ -112,14 +114,17 @@ class Model:
     def deployment(self, target: str = H100) -> client.V1Deployment:
         return self.apps.read_namespaced_deployment(f"{self.name}-{target}", NAMESPACE)
 
-    def rolled_out(self) -> None:
-        """The serving index as the Deployment watch shows it once its pods are ready."""
+    def rolled_out(self, routed: bool = True) -> None:
+        """The indexes as the watches show them once the Deployments' pods are ready and, if `routed`,
+        the Service's EndpointSlices list them (one slice per Deployment here)."""
         listed = self.apps.list_namespaced_deployment(NAMESPACE, label_selector=f"{rendering.MODEL_LABEL}={self.name}")
         self.deployments = [{
             "name": deployment.metadata.name, "target": deployment.metadata.labels[rendering.TARGET_LABEL],
             "key": deployment.spec.template.metadata.annotations[rendering.KEY_LABEL],
             "replicas": deployment.spec.replicas, "readyReplicas": deployment.spec.replicas, "rolledOut": True,
             "specHash": deployment.metadata.annotations[handlers.SPEC_HASH_ANNOTATION]} for deployment in listed.items]
+        self.endpoint_slices = [[f"{deployment.metadata.name}-pod-{i}" for i in range(deployment.spec.replicas)]
+                                for deployment in listed.items] if routed else []
 
 
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -137,6 +142,21 @@ def serving_model(operator_state, kube_client, tmp_path, serving: dict[str, Any]
     model.rolled_out()
     assert conditions(model.reconcile())["Ready"] == ("True", "Serving")
     return model
+
+
+def test_a_rolled_out_model_is_not_ready_until_its_service_routes_to_every_replica(operator_state, kube_client,
+                                                                                   tmp_path):
+    model = serving_model(operator_state, kube_client, tmp_path, {"replicas": 2})
+    model.rolled_out(routed=False)  # pods ready; the EndpointSlice controller has not listed them yet
+    status = model.reconcile()
+    assert conditions(status)["ServingReady"] == ("False", "WaitingForEndpoints")
+    assert conditions(status)["Ready"] == ("False", "WaitingForEndpoints") and status["phase"] == "Deploying"
+    assert next(c["message"] for c in status["conditions"] if c["type"] == "ServingReady") == (
+        "2/2 serving replicas ready; the Service routes to 0 of them")
+    model.endpoint_slices = [[f"{model.name}-{H100}-pod-0"], [f"{model.name}-{H100}-pod-0"]]  # one pod, two slices
+    assert conditions(model.reconcile())["ServingReady"] == ("False", "WaitingForEndpoints")
+    model.rolled_out()
+    assert conditions(model.reconcile())["Ready"] == ("True", "Serving")
 
 
 def test_removing_a_sidecar_and_a_node_selector_removes_them_from_the_deployment(operator_state, kube_client, tmp_path):

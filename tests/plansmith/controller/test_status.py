@@ -39,7 +39,13 @@ def test_building_then_deploying_then_ready():
 
     for t in built:
         t.serving_ready = 2
-    ready = compute_status(Observation(1, targets=built, endpoint="m.ns.svc:8000"), deploying["conditions"], "T3")
+    unrouted = compute_status(Observation(1, targets=built, endpoint="m.ns.svc:8000", routed_pods=3),
+                              deploying["conditions"], "T3")
+    assert unrouted["phase"] == "Deploying" and conditions(unrouted)["Ready"] == ("False", "WaitingForEndpoints")
+    assert next(c for c in unrouted["conditions"] if c["type"] == "ServingReady")["message"] == (
+        "4/4 serving replicas ready; the Service routes to 3 of them")
+    ready = compute_status(Observation(1, targets=built, endpoint="m.ns.svc:8000", routed_pods=4),
+                           unrouted["conditions"], "T3")
     assert ready["phase"] == "Ready" and conditions(ready)["Ready"] == ("True", "Serving")
     assert ready["serving"] == {"endpoint": "m.ns.svc:8000", "replicas": 4, "readyReplicas": 4}
     engines = next(c for c in ready["conditions"] if c["type"] == "EnginesReady")
@@ -86,11 +92,13 @@ def test_kstatus_reads_building_as_in_progress_failures_as_failed_and_serving_as
         "accuracy gate failed": Observation(1, targets=[target("Failed", reason="AccuracyGateFailed", message="cosine 0.2")]),
         "no nodes": Observation(1, unmatched=["no schedulable node with gpuProduct=NVIDIA-L4"]),
         "rolling out": Observation(1, targets=[target("Built")]),
-        "serving": Observation(1, targets=[built], endpoint="m.ns.svc:8000"),
+        "not routed yet": Observation(1, targets=[built], endpoint="m.ns.svc:8000"),
+        "serving": Observation(1, targets=[built], endpoint="m.ns.svc:8000", routed_pods=1),
     }
     seen = {name: kstatus(compute_status(obs, [], "T")) for name, obs in cases.items()}
     assert seen == {"invalid": "Failed", "building": "InProgress", "accuracy gate failed": "Failed",
-                    "no nodes": "Failed", "rolling out": "InProgress", "serving": "Current"}
+                    "no nodes": "Failed", "rolling out": "InProgress", "not routed yet": "InProgress",
+                    "serving": "Current"}
     stalled = compute_status(cases["accuracy gate failed"], [], "T")
     assert conditions(stalled)["Stalled"] == ("True", "AccuracyGateFailed")
     assert all(c["observedGeneration"] == 1 for c in stalled["conditions"])
