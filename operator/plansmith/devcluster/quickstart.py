@@ -26,6 +26,7 @@ from plansmith import testmodels
 from plansmith.devcluster import cluster
 from plansmith.devcluster.binaries import REPO_ROOT
 from plansmith.devcluster.helm import helm_binary
+from plansmith.devcluster.service_route import wait_until_routed
 from plansmith.validation import load_models
 
 EXAMPLE = REPO_ROOT / "deploy" / "examples" / "model.yaml"
@@ -146,6 +147,9 @@ def ask(host: str, name: str, model: testmodels.TestModel) -> None:
     import tritonclient.http as httpclient
 
     batch = np.random.default_rng(2026).standard_normal((4, 3, 32, 32), dtype=np.float32)
+    waited = wait_until_routed(host, name)
+    if waited >= 1:
+        print(f"(the Service routed to the model {waited:.0f} s after Ready: kube-proxy's rules follow its endpoints)")
     triton = httpclient.InferenceServerClient(f"{host}:8000")
     metadata = triton.get_model_metadata(name)
     request = httpclient.InferInput("input", list(batch.shape), "FP32")

@@ -23,6 +23,7 @@ from kubernetes import client, config
 
 from plansmith import testmodels
 from plansmith.devcluster.operator_process import OperatorProcess
+from plansmith.devcluster.service_route import wait_until_routed
 from plansmith.spec import API_GROUP, API_VERSION, PLURAL
 
 BUCKET = "plansmith-models"
@@ -201,6 +202,7 @@ def test_model_is_built_per_gpu_type_served_and_answers(e2e):
     service = client.CoreV1Api(e2e["api"]).read_namespaced_service("cnn", NAMESPACE)
     batch = np.random.default_rng(7).standard_normal((3, 3, 32, 32), dtype=np.float32)
     expected = onnxruntime.InferenceSession(str(e2e["model"].path)).run(None, {"input": batch})[0]
+    wait_until_routed(service.spec.cluster_ip, "cnn")  # kube-proxy's rules follow the endpoints a moment later
     for _ in range(4):  # the Service spreads requests over both GPU types' pods
         np.testing.assert_allclose(infer(service.spec.cluster_ip, "cnn", batch), expected, rtol=1e-4, atol=1e-4)
 
@@ -287,6 +289,7 @@ def test_a_second_model_with_the_same_engine_inputs_builds_nothing(e2e, dev_clus
     import tritonclient.http as httpclient
 
     service = client.CoreV1Api(e2e["api"]).read_namespaced_service("cnn-copy", NAMESPACE)
+    wait_until_routed(service.spec.cluster_ip, "cnn-copy")
     triton = httpclient.InferenceServerClient(f"{service.spec.cluster_ip}:8000")
     batch = np.zeros((1, 3, 32, 32), np.float32)
     inputs = [httpclient.InferInput("input", list(batch.shape), "FP32")]
