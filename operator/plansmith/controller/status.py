@@ -104,7 +104,7 @@ def compute_status(obs: Observation, previous_conditions: list[dict[str, Any]], 
         # a pod that turned ready is listed by the Service's EndpointSlices a moment later; a client
         # told Ready before that would be refused
         serving = cond("ServingReady", False, "WaitingForEndpoints",
-                       f"{ready}/{wanted} serving replicas ready; the Service routes to {obs.routed_pods} of them")
+                       f"{ready}/{wanted} serving replicas ready; the Service routes to {obs.routed_pods} pods")
     elif all_served:
         serving = cond("ServingReady", True, "ReplicasReady", f"{ready}/{wanted} serving replicas ready")
     elif len(built) < total or not obs.targets:

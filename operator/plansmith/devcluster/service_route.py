@@ -22,11 +22,12 @@ def wait_until_routed(host: str, model: str, *, port: int = 8000, timeout: float
     """Seconds until `GET /v2/models/{model}/ready` on host:port answered 200 (KServe v2's "model
     ready"); NotRouted after `timeout`."""
     url = f"http://{host}:{port}/v2/models/{model}/ready"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a cluster IP, never through HTTP_PROXY
     started = time.monotonic()
     last = "no answer yet"
-    while time.monotonic() - started < timeout:
+    while (left := timeout - (time.monotonic() - started)) > 0:
         try:
-            with urllib.request.urlopen(url, timeout=5):  # raises HTTPError unless the answer is 2xx
+            with direct.open(url, timeout=min(5.0, left)):  # raises HTTPError unless the answer is 2xx
                 return time.monotonic() - started
         except OSError as error:  # refused, unreachable, timed out, or an HTTP error: the model is not ready in it
             last = str(error)

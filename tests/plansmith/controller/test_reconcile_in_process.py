@@ -152,7 +152,7 @@ def test_a_rolled_out_model_is_not_ready_until_its_service_routes_to_every_repli
     assert conditions(status)["ServingReady"] == ("False", "WaitingForEndpoints")
     assert conditions(status)["Ready"] == ("False", "WaitingForEndpoints") and status["phase"] == "Deploying"
     assert next(c["message"] for c in status["conditions"] if c["type"] == "ServingReady") == (
-        "2/2 serving replicas ready; the Service routes to 0 of them")
+        "2/2 serving replicas ready; the Service routes to 0 pods")
     model.endpoint_slices = [[f"{model.name}-{H100}-pod-0"], [f"{model.name}-{H100}-pod-0"]]  # one pod, two slices
     assert conditions(model.reconcile())["ServingReady"] == ("False", "WaitingForEndpoints")
     model.rolled_out()

@@ -43,7 +43,7 @@ def test_building_then_deploying_then_ready():
                               deploying["conditions"], "T3")
     assert unrouted["phase"] == "Deploying" and conditions(unrouted)["Ready"] == ("False", "WaitingForEndpoints")
     assert next(c for c in unrouted["conditions"] if c["type"] == "ServingReady")["message"] == (
-        "4/4 serving replicas ready; the Service routes to 3 of them")
+        "4/4 serving replicas ready; the Service routes to 3 pods")
     ready = compute_status(Observation(1, targets=built, endpoint="m.ns.svc:8000", routed_pods=4),
                            unrouted["conditions"], "T3")
     assert ready["phase"] == "Ready" and conditions(ready)["Ready"] == ("True", "Serving")
