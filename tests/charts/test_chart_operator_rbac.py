@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
@@ -183,5 +184,16 @@ def test_operator_under_the_charts_rbac_reconciles_a_model(kube_client, operator
     # storage Secret in the model's namespace, create the build Job (watches may start later)
     assert {("plansmith.io", "inferencemodels", "list"), ("plansmith.io", "inferencemodels/status", "patch"),
             ("", "nodes", "list"), ("", "secrets", "get"), ("batch", "jobs", "create")} <= {c.rule for c in used}
+    # its children are listed and watched by their labels on the server, not every one in the cluster
+    children = [event for event in events if event.get("user", {}).get("username") == ACCOUNT
+                and event.get("verb") in ("list", "watch")
+                and (event.get("objectRef") or {}).get("resource") in ("jobs", "deployments", "endpointslices")]
+    assert {event["objectRef"]["resource"] for event in children} == {"jobs", "deployments", "endpointslices"}
+    selectors = {(event["objectRef"]["resource"], parse_qs(urlsplit(event["requestURI"]).query).get(
+        "labelSelector", [""])[0]) for event in children}
+    assert selectors == {
+        ("jobs", "app.kubernetes.io/component=build,app.kubernetes.io/managed-by=plansmith"),
+        ("deployments", "app.kubernetes.io/component=serving,app.kubernetes.io/managed-by=plansmith"),
+        ("endpointslices", "app.kubernetes.io/component=serving,app.kubernetes.io/managed-by=plansmith")}
     unused = sorted(granted - {call.rule for call in used})
     print(f"granted but not used in this scenario (serving, deletion, logs): {unused}")

@@ -1,9 +1,10 @@
 """kopf handlers: the operator's wiring of watches, indexes and the reconcile loop.
 
-Watches (no polling): InferenceModels, plansmith's Jobs and Deployments (by label), the
-EndpointSlices of its Services and Nodes are kept in kopf indexes. A model is reconciled when it is
-created, changed or resumed after a restart, when one of its build Jobs, serving Deployments or its
-Service's endpoints change, and when the cluster's set of GPU types changes. Reconciling reads the indexes (no API calls), looks engines up in storage (cached
+Watches (no polling): InferenceModels, plansmith's Jobs and Deployments and the EndpointSlices of
+its Services (selected by label on the server) and Nodes are kept in kopf indexes. A model is
+reconciled when it is created, changed or resumed after a restart, when one of its build Jobs,
+serving Deployments or its Service's endpoints change, and when the cluster's set of GPU types
+changes. Reconciling reads the indexes (no API calls), looks engines up in storage (cached
 per key), creates what is missing and writes status only when it differs.
 
 Status is written through the status subresource by `KubeApi.patch_status` rather than kopf's
@@ -44,6 +45,9 @@ SERVING_LABELS = {**rendering.MANAGED_BY, rendering.COMPONENT_LABEL: "serving"}
 NODES = "nodes"  # the single key of the node index
 SPEC_HASH_ANNOTATION = "plansmith.io/spec-hash"
 KSTATUS_CONDITIONS = ("Reconciling", "Stalled")
+# (group, plural) of the children the operator watches, and the labels that select plansmith's own
+WATCHED_CHILDREN = {("batch", "jobs"): BUILD_LABELS, ("apps", "deployments"): SERVING_LABELS,
+                    ("discovery.k8s.io", "endpointslices"): SERVING_LABELS}
 # a condition False for one of these is on its way: its Event is Normal, not a Warning
 PROGRESS_REASONS = ("Building", "WaitingForEngines", "RollingOut", "WaitingForEndpoints")
 # a model file or Secret the spec names and storage or the API lacks is looked for again this often
@@ -109,6 +113,10 @@ OPERATOR: Operator | None = None
 LAUNCH_VISIBLE_SECONDS = 60.0
 
 
+def label_selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
 def state() -> Operator:
     assert OPERATOR is not None, "the startup handler creates the operator state"
     return OPERATOR
@@ -124,6 +132,11 @@ async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 8
+    # children are selected by their labels on the server: only plansmith's Jobs, Deployments and its
+    # Services' EndpointSlices stream to the operator, not every one in the cluster (kopf's `labels=`
+    # on a handler filters after the watch has delivered an object)
+    for resource, labels in WATCHED_CHILDREN.items():
+        settings.watching.label_selectors[resource] = label_selector(labels)
     logger.info("plansmith operator: builder %s (%s %s), runtime %s, storage %s",
                 OPERATOR.settings.builder_image, OPERATOR.settings.builder_backend,
                 OPERATOR.settings.builder_backend_version, OPERATOR.settings.runtime_image,
@@ -171,9 +184,10 @@ def serving_index(namespace: str, name: str, labels: kopf.Labels, spec: kopf.Spe
 @kopf.index("discovery.k8s.io", "endpointslices", labels=SERVING_LABELS)
 def service_endpoint_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     """The serving pods one EndpointSlice of a model's Service routes to. The EndpointSlice
-    controller copies the Service's labels to its slices. No version: the API server's preferred
-    one (v1 from Kubernetes 1.21, v1beta1 before; the fields read here are the same). An endpoint
-    whose `ready` is unset counts as ready, as the API says to; a terminating one is not ready."""
+    controller copies the Service's labels to its slices (from Kubernetes 1.20, the chart's oldest).
+    No version: the API server's preferred one (v1 from 1.21, v1beta1 before; the fields read here
+    are the same). An endpoint whose `ready` is unset counts as ready, as the API says to; a
+    terminating one is not ready."""
     ready = [(endpoint.get("targetRef") or {}).get("name") or ",".join(endpoint.get("addresses", []))
              for endpoint in body.get("endpoints") or [] if (endpoint.get("conditions") or {}).get("ready") is not False]
     return {(namespace, labels.get(rendering.MODEL_LABEL)): ready}
@@ -252,26 +266,25 @@ async def serving_changed(namespace: str, labels: kopf.Labels, type: str | None,
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_changed(type: str | None, logger: logging.Logger, model_index: kopf.Index, node_index: kopf.Index,
-                       **kwargs: Any) -> None:
+async def node_changed(type: str | None, logger: logging.Logger, model_index: kopf.Index, **kwargs: Any) -> None:
     """Reconcile every model when anything target discovery reads changes on any node (GPU labels,
     GPU and MIG allocatable, taints, schedulability, readiness); heartbeats change none of it."""
     operator = state()
-    signature = frozenset(_discovery_signature(n) for n in node_index.get(NODES, []))
+    indexes = Indexes.of(kwargs)
+    signature = frozenset(_discovery_signature(n) for n in indexes.nodes.get(NODES, []))
     if signature == operator.node_signature:
         return
     operator.node_signature = signature
     if type is None:
         return
     logger.info("schedulable GPU capacity changed; reconciling every model")
-    indexes = Indexes.of({"node_index": node_index, **kwargs})
     for ns, name, model in indexed_models(model_index):
         await reconcile_from_event(ns, name, model, logger, model_index, indexes)
 
 
 async def reconcile_from_event(namespace: str, name: str, model: dict[str, Any], logger: logging.Logger,
                                model_index: kopf.Index, indexes: Indexes) -> None:
-    """`reconcile` for an event of a model's Job, Deployment or a Node. kopf never retries an event
+    """`reconcile` for an event of a model's Job, Deployment, EndpointSlice or a Node. kopf never retries an event
     handler (the error "is logged and then ignored"): a retryable error (storage unavailable) here
     schedules another reconcile of the model after its delay, of the model as it is then."""
     try:
