@@ -188,8 +188,12 @@ def service_endpoint_index(namespace: str, labels: kopf.Labels, body: kopf.Body,
     No version: the API server's preferred one (v1 from 1.21, v1beta1 before; the fields read here
     are the same). An endpoint whose `ready` is unset counts as ready, as the API says to; a
     terminating one is not ready."""
-    ready = [(endpoint.get("targetRef") or {}).get("name") or ",".join(endpoint.get("addresses", []))
-             for endpoint in body.get("endpoints") or [] if (endpoint.get("conditions") or {}).get("ready") is not False]
+    ready = []
+    for endpoint in body.get("endpoints") or []:  # null, not [], in a slice without endpoints
+        if (endpoint.get("conditions") or {}).get("ready") is False:
+            continue
+        pod = (endpoint.get("targetRef") or {}).get("name")
+        ready.append(pod or ",".join(endpoint.get("addresses", [])))
     return {(namespace, labels.get(rendering.MODEL_LABEL)): ready}
 
 
@@ -284,9 +288,10 @@ async def node_changed(type: str | None, logger: logging.Logger, model_index: ko
 
 async def reconcile_from_event(namespace: str, name: str, model: dict[str, Any], logger: logging.Logger,
                                model_index: kopf.Index, indexes: Indexes) -> None:
-    """`reconcile` for an event of a model's Job, Deployment, EndpointSlice or a Node. kopf never retries an event
-    handler (the error "is logged and then ignored"): a retryable error (storage unavailable) here
-    schedules another reconcile of the model after its delay, of the model as it is then."""
+    """`reconcile` for an event of a model's Job, Deployment, EndpointSlice or a Node. kopf never
+    retries an event handler (the error "is logged and then ignored"): a retryable error (storage
+    unavailable) here schedules another reconcile of the model after its delay, of the model as it
+    is then."""
     try:
         await reconcile(namespace, name, model, logger, indexes)
     except kopf.TemporaryError as error:

@@ -43,5 +43,6 @@ def test_a_service_with_no_endpoints_yet_routes_to_no_pod():
 def test_a_pod_in_two_slices_is_routed_to_once():
     ipv4 = ["cnn-a-1", "cnn-a-2"]
     ipv6 = ["cnn-a-1", "cnn-a-2"]  # a dual-stack Service: one slice per address family
-    indexes = handlers.Indexes(nodes={}, build_jobs={}, serving={}, service_endpoints={(NAMESPACE, "cnn"): [ipv4, ipv6]})
+    indexes = handlers.Indexes(nodes={}, build_jobs={}, serving={},
+                               service_endpoints={(NAMESPACE, "cnn"): [ipv4, ipv6]})
     assert indexes.routed_pods(NAMESPACE, "cnn") == 2
