@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plansmith.devcluster.processes import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served_process import CLOCK_TICKS, ServedProcess, mean_batch, server_time_ms  # noqa: E402
 
@@ -103,14 +105,6 @@ done = function(summary, latency, requests)
     summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_figures(latencies: list[float], duration: float, errors: int = 0) -> dict:

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 
 import pytest
 
+from plansmith.devcluster.processes import free_port
 from plansmith.devcluster.service_route import NotRouted, wait_until_routed
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_waits_through_refused_connections_and_not_ready_answers():
